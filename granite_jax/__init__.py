@@ -1,0 +1,10 @@
+"""granite_jax: train, tune, evaluate and convert IBM Granite 4.0 models in JAX/Flax."""
+
+from granite_jax.config import ConfigError, ModelConfig, load_preset
+from granite_jax.convert import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from granite_jax.model import CausalLMOutput, GraniteForCausalLM
+
+__all__ = [
+    "CausalLMOutput", "CheckpointError", "ConfigError", "GraniteForCausalLM", "ModelConfig",
+    "load_hf_checkpoint", "load_preset", "save_hf_checkpoint",
+]

@@ -1,0 +1,215 @@
+"""Hugging Face safetensors checkpoints ⇄ `GraniteForCausalLM`.
+
+Names: our parameter path `model.layers.3.mamba.in_proj.kernel` is the on-disk `model.layers.3.mamba.in_proj.weight`
+transposed; `hf_tensor_name` holds the few exceptions (router, experts, conv). Loading builds the model
+abstractly and fills it one tensor at a time, so peak host memory stays near one copy of the model. Pickle
+checkpoints (`*.bin`, `*.pt`, ...) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from granite_jax.config import ModelConfig
+from granite_jax.model.granite import GraniteForCausalLM
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing files or tensors, has unexpected ones, or has the wrong shapes."""
+
+
+# ---------------------------------------------------------------------------------------------- naming
+def _transpose(a):
+    return np.swapaxes(a, -1, -2)
+
+
+def _conv_to_hf(kernel):  # (K, C) -> (C, 1, K)
+    return np.ascontiguousarray(kernel.T[:, None, :])
+
+
+def _conv_from_hf(weight):  # (C, 1, K) -> (K, C)
+    return np.ascontiguousarray(weight[:, 0, :].T)
+
+
+_identity = np.asarray
+
+
+def hf_tensor_name(path: tuple) -> tuple[str, Callable, Callable]:
+    """(HF name, ours→HF transform, HF→ours transform) for a parameter path of `GraniteForCausalLM`."""
+    parts = [str(p) for p in path]
+    name, leaf = ".".join(parts[:-1]), parts[-1]
+    if parts[-2:] == ["conv1d", "kernel"]:
+        return f"{name}.weight", _conv_to_hf, _conv_from_hf
+    if parts[-2:] == ["router", "kernel"]:
+        return f"{name}.layer.weight", _transpose, _transpose
+    if parts[-2] == "block_sparse_moe" and leaf in ("input_linear", "output_linear"):
+        return f"{name}.{leaf}.weight", _transpose, _transpose  # (E, in, out) <-> (E, out, in)
+    if leaf == "kernel":
+        return f"{name}.weight", _transpose, _transpose
+    if leaf == "embed_tokens":
+        return "model.embed_tokens.weight", _identity, _identity
+    if leaf in ("bias", "weight"):
+        return f"{name}.{leaf}", _identity, _identity
+    return ".".join(parts), _identity, _identity  # dt_bias, A_log, D
+
+
+def _param_paths(state) -> Iterator[tuple[tuple, nnx.Variable]]:
+    for path, variable in nnx.to_flat_state(state):
+        yield path, variable
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _resolve_dtype(dtype) -> str:
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in _NUMPY_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_NUMPY_DTYPES)}")
+    return name
+
+
+def safetensors_files(directory: str) -> list[str]:
+    """The safetensors files of an HF checkpoint directory, from its index if it has one."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+    index_path = os.path.join(directory, SAFE_INDEX)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: no 'weight_map' mapping tensor names to files")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+        if missing:
+            raise CheckpointError(f"{index_path} lists shard files that are not in {directory!r}: {missing}")
+        return [os.path.join(directory, f) for f in files]
+    entries = sorted(os.listdir(directory))
+    shards = [e for e in entries if e.endswith(".safetensors")]
+    if shards:
+        return [os.path.join(directory, e) for e in shards]
+    pickles = [e for e in entries if e.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise CheckpointError(
+            f"{directory!r} holds only pickle checkpoint files {pickles}. Loading a pickle can execute arbitrary "
+            "code, so granite_jax refuses it. Convert it once, in an environment you trust, with transformers: "
+            "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)`.")
+    raise CheckpointError(f"{directory!r} has no *.safetensors files (and no {SAFE_INDEX})")
+
+
+def load_hf_checkpoint(directory: str | os.PathLike, dtype="float32", *, param_dtype="float32",
+                       **config_overrides) -> GraniteForCausalLM:
+    """A ready `GraniteForCausalLM` from an HF directory (`config.json` + safetensors, single or sharded).
+
+    `dtype` is the compute dtype (a dtype or its name); parameters are stored in `param_dtype` (float32 master
+    weights by default; pass "bfloat16" to halve memory for inference).
+    """
+    directory = os.fspath(directory)
+    files = safetensors_files(directory)
+    config = ModelConfig.from_hf(directory, dtype=_resolve_dtype(dtype), param_dtype=_resolve_dtype(param_dtype),
+                                 **config_overrides)
+    abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    expected = {}
+    for path, variable in _param_paths(state):
+        hf_name, to_hf, from_hf = hf_tensor_name(path)
+        hf_shape = to_hf(np.empty(variable.shape, np.bool_)).shape
+        expected[hf_name] = (path, variable, hf_shape, from_hf)
+
+    loaded, unexpected = set(), []
+    for file in files:
+        with safe_open(file, framework="numpy") as reader:
+            for name in reader.keys():
+                if name not in expected:
+                    if name == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # a redundant copy of the tied embedding
+                    unexpected.append(name)
+                    continue
+                path, variable, hf_shape, from_hf = expected[name]
+                shape = tuple(reader.get_slice(name).get_shape())
+                if shape != hf_shape:
+                    raise CheckpointError(
+                        f"{os.path.basename(file)}: tensor {name!r} has shape {shape}; the config implies {hf_shape}")
+                value = from_hf(reader.get_tensor(name))
+                variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+                loaded.add(name)
+    if unexpected:
+        raise CheckpointError(f"{directory!r}: unexpected tensors not used by the model: {sorted(unexpected)}")
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise CheckpointError(f"{directory!r}: missing tensors: {missing}")
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, *, dtype=None,
+                       max_shard_size: int | str = "5GB") -> list[str]:
+    """Write `config.json` and safetensors that transformers' `from_pretrained` loads.
+
+    dtype: tensor dtype on disk; default the `torch_dtype`/`dtype` recorded in the source config.json if any,
+    else the parameters' dtype. Files hold at most `max_shard_size` bytes (more than one file adds
+    `model.safetensors.index.json`). Returns the written safetensors paths.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    config = model.config
+    if dtype is None:
+        dtype = config.extra.get("torch_dtype") or config.extra.get("dtype") or config.param_dtype
+    np_dtype = _NUMPY_DTYPES[_resolve_dtype(dtype)]
+    limit = _parse_size(max_shard_size)
+
+    tensors = sorted((hf_tensor_name(path)[0], hf_tensor_name(path)[1], variable)
+                     for path, variable in _param_paths(nnx.state(model, nnx.Param)))
+    shards, current, size = [], [], 0
+    for name, to_hf, variable in tensors:
+        nbytes = int(np.prod(variable.shape)) * np.dtype(np_dtype).itemsize
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, to_hf, variable))
+        size += nbytes
+    if current:
+        shards.append(current)
+
+    for stale in os.listdir(directory):  # leftovers of an earlier save would shadow or contradict this one
+        if stale == SAFE_INDEX or stale.endswith(".safetensors"):
+            os.remove(os.path.join(directory, stale))
+    weight_map, written, total = {}, [], 0
+    for i, shard in enumerate(shards):
+        filename = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        arrays = {}  # one shard in host memory at a time
+        for name, to_hf, variable in shard:
+            arrays[name] = np.ascontiguousarray(to_hf(np.asarray(jax.device_get(variable[...])))).astype(np_dtype)
+            weight_map[name] = filename
+            total += arrays[name].nbytes
+        save_file(arrays, os.path.join(directory, filename), metadata={"format": "pt"})
+        written.append(os.path.join(directory, filename))
+    if len(shards) > 1:
+        with open(os.path.join(directory, SAFE_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    hf_config = config.replace(extra={**config.extra, "torch_dtype": _resolve_dtype(dtype)})
+    hf_config.save_hf(directory)
+    return written

@@ -1,0 +1,101 @@
+"""The Mamba-2 mixer of Granite 4.0 (`mamba`): in_proj → segment-aware causal conv → SSD → gated norm → out_proj."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from granite_jax.model.norms import GatedRMSNorm
+from granite_jax.model.ssd import ssd_chunked
+from granite_jax.model.linear import make_linear
+from granite_jax.parallel import logical_param
+
+
+def causal_depthwise_conv(x, kernel, bias, runs, initial_state=None):
+    """Depthwise causal conv over time that does not look across document starts.
+
+    x (b, T, C); kernel (K, C) with tap K-1 on the current token; bias (C,) or None; runs (b, T) document-run
+    index (see `ssd.document_runs`). `initial_state` (b, C, K) holds the K inputs before the row (transformers'
+    conv-state layout), continuing the row's first document. Returns (y (b, T, C), final_state (b, C, K)),
+    where final_state keeps only the last document's inputs (zeros before it).
+    """
+    b, T, C = x.shape
+    K = kernel.shape[0]
+    if initial_state is None:
+        history = jnp.zeros((b, K, C), x.dtype)
+    else:
+        history = jnp.swapaxes(initial_state, 1, 2).astype(x.dtype)
+    padded = jnp.concatenate([history, x], axis=1)                       # (b, K + T, C)
+    padded_runs = jnp.concatenate([jnp.zeros((b, K), runs.dtype), runs], axis=1)
+    y = jnp.zeros((b, T, C), x.dtype)
+    for tap in range(K):                                                 # K = 4: unrolled taps, not a loop over data
+        offset = tap + 1                                                 # padded index of token t's input at this tap
+        same_doc = padded_runs[:, offset:offset + T] == runs
+        y = y + jnp.where(same_doc[..., None], padded[:, offset:offset + T], 0) * kernel[tap]
+    if bias is not None:
+        y = y + bias
+    tail, tail_runs = padded[:, -K:], padded_runs[:, -K:]
+    final_state = jnp.where((tail_runs == runs[:, -1:])[..., None], tail, 0)
+    return y, jnp.swapaxes(final_state, 1, 2)
+
+
+class DepthwiseConv1d(nnx.Module):
+    """`conv1d` parameters: kernel (K, C) (transformers stores (C, 1, K)) and optional bias (C,)."""
+
+    def __init__(self, channels: int, width: int, *, use_bias: bool, init_std: float, param_dtype, rngs: nnx.Rngs):
+        kernel = nnx.initializers.normal(init_std)(rngs.params(), (width, channels), param_dtype)
+        self.kernel = logical_param(kernel, ("conv_width", "ssm_conv_dim"))
+        self.bias = logical_param(jnp.zeros((channels,), param_dtype), ("ssm_conv_dim",)) if use_bias else None
+
+
+class Mamba2Mixer(nnx.Module):
+    """Granite's Mamba-2 layer. in_proj rows are [z | x | B | C | dt]; the conv acts on [x | B | C]."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        H = config.hidden_size
+        self.n_heads, self.head_dim = config.mamba_n_heads, config.mamba_d_head
+        self.n_groups, self.d_state = config.mamba_n_groups, config.mamba_d_state
+        self.d_inner, self.conv_dim = config.mamba_d_inner, config.mamba_conv_dim
+        self.chunk_size = config.mamba_chunk_size
+        self.time_step_limit = config.time_step_limit
+        self.dtype = config.dtype
+        linear = functools.partial(make_linear, config, use_bias=config.mamba_proj_bias, rngs=rngs)
+
+        self.in_proj = linear(H, config.mamba_in_proj_dim, ("embed", "ssm_in_proj"))
+        self.conv1d = DepthwiseConv1d(self.conv_dim, config.mamba_d_conv, use_bias=config.mamba_conv_bias,
+                                      init_std=config.initializer_range, param_dtype=config.param_dtype, rngs=rngs)
+        per_head = lambda values: logical_param(jnp.asarray(values, config.param_dtype), ("ssm_heads",))  # noqa: E731
+        n = self.n_heads
+        self.dt_bias = per_head(np.ones(n))               # transformers' init: dt_bias 1, A = -(1..n), D 1
+        self.A_log = per_head(np.log(np.arange(1, n + 1)))
+        self.D = per_head(np.ones(n))
+        self.norm = GatedRMSNorm(self.d_inner, n_groups=self.n_groups, eps=config.rms_norm_eps,
+                                 dtype=config.dtype, param_dtype=config.param_dtype)
+        self.out_proj = linear(self.d_inner, H, ("ssm_inner", "embed"))
+
+    def __call__(self, u: jax.Array, *, runs: jax.Array) -> jax.Array:
+        """u (b, T, hidden); runs (b, T) document-run index of every token."""
+        b, T, _ = u.shape
+        z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
+        bias = None if self.conv1d.bias is None else self.conv1d.bias[...].astype(self.dtype)
+        xBC, _ = causal_depthwise_conv(xBC, self.conv1d.kernel[...].astype(self.dtype), bias, runs)
+        xBC = jax.nn.silu(xBC)
+        x, B, C = jnp.split(xBC, [self.d_inner, self.d_inner + self.n_groups * self.d_state], axis=-1)
+        x = x.reshape(b, T, self.n_heads, self.head_dim)
+        B = B.reshape(b, T, self.n_groups, self.d_state)
+        C = C.reshape(b, T, self.n_groups, self.d_state)
+
+        # Δ = softplus(dt + dt_bias) in the compute dtype (as transformers does), then float32.
+        dt = jax.nn.softplus(dt + self.dt_bias[...].astype(self.dtype)).astype(jnp.float32)
+        lo, hi = self.time_step_limit
+        if (lo, hi) != (0.0, float("inf")):
+            dt = jnp.clip(dt, lo, hi)
+        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        y, _ = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=runs)
+        y = y + self.D[...].astype(jnp.float32)[:, None] * x.astype(jnp.float32)
+        y = self.norm(y.reshape(b, T, self.d_inner), z)
+        return self.out_proj(y)
