@@ -28,7 +28,8 @@ _LAYER_TYPE_ALIASES = {
 _DTYPES = ("float32", "bfloat16", "float16")
 _MOE_IMPLS = ("auto", "ragged_dot", "tiled")
 # Fields that say how we compute, not what the model is: never written to config.json.
-COMPUTE_FIELDS = ("dtype", "param_dtype", "moe_impl", "attention_block_size")
+COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_block_size", "remat_policy")
+REMAT_POLICIES = ("none", "full", "save_dots")
 
 
 class ConfigError(ValueError):
@@ -84,10 +85,13 @@ class ModelConfig:
     mamba_proj_bias: bool = False
     time_step_limit: tuple[float, float] = (0.0, math.inf)
     # --- ours, not HF's: how to compute -------------------------------------------------------------
-    dtype: str = "float32"  # compute dtype of activations and matmuls
+    compute_dtype: str = "float32"  # dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (float32 master weights by default)
     moe_impl: str = "auto"  # grouped matmul of the experts: "ragged_dot", "tiled", or "auto" (tiled on CPU)
     attention_block_size: int = 512  # queries per block of the memory-bounded attention
+    # Activation checkpointing of each decoder layer: "none" keeps every intermediate for the backward pass,
+    # "full" keeps only layer inputs and recomputes the rest, "save_dots" also keeps matmul outputs.
+    remat_policy: str = "none"
     # Keys of a config.json that are not fields (e.g. `torch_dtype`, `normalization_function`), kept so that
     # a round trip writes them back. Not part of equality or the hash.
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
@@ -190,12 +194,14 @@ class ModelConfig:
         lo, hi = self.time_step_limit
         if not (len(self.time_step_limit) == 2 and 0.0 <= lo < hi):
             raise ConfigError(f"time_step_limit={self.time_step_limit} must be (low, high) with 0 <= low < high")
-        for name in ("dtype", "param_dtype"):
+        for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {_DTYPES}")
         if self.moe_impl not in _MOE_IMPLS:
             raise ConfigError(f"moe_impl={self.moe_impl!r} is not one of {_MOE_IMPLS}")
         _require_positive("attention_block_size", self.attention_block_size)
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"pad_token_id={self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})")
 
@@ -204,7 +210,7 @@ class ModelConfig:
     def from_hf(cls, source: str | os.PathLike | Mapping[str, Any], **overrides) -> "ModelConfig":
         """Build from an HF checkpoint directory, a `config.json` path, or an already-parsed dict.
 
-        `overrides` set our own fields (`dtype`, `param_dtype`) or replace HF ones.
+        `overrides` set our own fields (`compute_dtype`, `param_dtype`, ...) or replace HF ones.
         """
         if isinstance(source, Mapping):
             raw = dict(source)
@@ -255,7 +261,6 @@ class ModelConfig:
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
-        out["time_step_limit"] = [_encode_float(v) for v in self.time_step_limit]
         if self.head_dim is None:
             del out["head_dim"]
         out["model_type"] = "granitemoehybrid"
@@ -266,14 +271,14 @@ class ModelConfig:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "config.json")
         with open(path, "w") as f:
-            json.dump(self.to_hf(), f, indent=2, sort_keys=True)
+            json.dump(_json_safe(self.to_hf()), f, indent=2, sort_keys=True)
             f.write("\n")
         return path
 
     # --------------------------------------------------------------------------------------- presets
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> "ModelConfig":
-        """A preset in `configs/models/*.yaml`: HF field names, plus optional `dtype`/`param_dtype`."""
+        """A preset in `configs/models/*.yaml`: HF field names, plus optional compute fields (`COMPUTE_FIELDS`)."""
         with open(path) as f:
             raw = yaml.safe_load(f)
         if not isinstance(raw, Mapping):
@@ -314,8 +319,15 @@ def _decode_float(value) -> float:
         raise ConfigError(f"time_step_limit entry {value!r} is not a number") from None
 
 
-def _encode_float(value: float):
-    return value if math.isfinite(value) else {"__float__": repr(value).replace("inf", "Infinity")}
+def _json_safe(value):
+    """Non-finite floats as transformers 5 writes them ({"__float__": "Infinity"}): strict JSON has no inf."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value).replace("inf", "Infinity")}
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _as_list(name: str, value) -> list:

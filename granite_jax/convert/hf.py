@@ -118,8 +118,8 @@ def load_hf_checkpoint(directory: str | os.PathLike, dtype="float32", *, param_d
     """
     directory = os.fspath(directory)
     files = safetensors_files(directory)
-    config = ModelConfig.from_hf(directory, dtype=_resolve_dtype(dtype), param_dtype=_resolve_dtype(param_dtype),
-                                 **config_overrides)
+    config = ModelConfig.from_hf(directory, compute_dtype=_resolve_dtype(dtype),
+                                 param_dtype=_resolve_dtype(param_dtype), **config_overrides)
     abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     expected = {}
@@ -210,6 +210,8 @@ def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, 
     if len(shards) > 1:
         with open(os.path.join(directory, SAFE_INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-    hf_config = config.replace(extra={**config.extra, "torch_dtype": _resolve_dtype(dtype)})
+    # transformers 5 records the dtype as "dtype", 4.x as "torch_dtype"; 5 reads both.
+    dtype_keys = {"torch_dtype"} | ({"dtype"} & set(config.extra))
+    hf_config = config.replace(extra={**config.extra, **{k: _resolve_dtype(dtype) for k in dtype_keys}})
     hf_config.save_hf(directory)
     return written

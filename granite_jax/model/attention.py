@@ -3,8 +3,9 @@
 A query attends to keys at or before it *in the same document* (same segment id). Scores are scaled by
 `attention_multiplier` (not 1/sqrt(head_dim)) and normalised in float32, as transformers does.
 
-Memory stays linear in the sequence length per query block: queries are processed `block_size` at a time
-under `jax.checkpoint`, so neither the forward nor the backward pass holds the full (T x T) score matrix.
+Memory stays linear in the sequence length per query block: queries are processed a block at a time under
+`jax.checkpoint`, so neither the forward nor the backward pass holds the full (T x T) score matrix. (Long
+context beyond tens of thousands of tokens needs a flash-style kernel or context parallelism: not yet.)
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from flax import nnx
 
 from granite_jax.model.linear import make_linear
 
-# Finite "minus infinity": a fully masked row (only padding rows added to fill the last block) then gets
-# uniform weights instead of NaNs, which would otherwise leak into dk/dv in the backward pass.
+# Finite "minus infinity": softmax of a row with every key masked gives uniform weights, not NaNs that would
+# leak into dk/dv in the backward pass. (Every real query sees itself, so this only guards degenerate rows.)
 _MASKED = -1e30
 
 
@@ -37,33 +38,37 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
-def segment_causal_attention(q, k, v, segment_ids, *, scale: float, block_size: int) -> jax.Array:
+def _attend(q, k, v, q_segments, k_segments, q_index, k_index, scale):
+    """One query block against a key prefix. q (b, Tq, n_kv, group, d), k/v (b, Tk, n_kv, d)."""
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * scale
+    visible = (q_segments[:, :, None] == k_segments[:, None, :]) & (q_index[:, None] >= k_index[None, :])
+    scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+
+
+def segment_causal_attention(q, k, v, segment_ids, *, scale: float, block_size: int,
+                             max_blocks: int = 32) -> jax.Array:
     """softmax(scale * q k^T + mask) v with a same-document causal mask.
 
     q (b, T, n_h, d), k/v (b, T, n_kv, d), segment_ids (b, T). Returns (b, T, n_h, d) in q's dtype.
+
+    Queries are split into blocks (of `block_size`, or more so that there are at most `max_blocks`); block i
+    only reads the keys up to its own end, which skips the masked upper triangle (about half the work), and is
+    recomputed in the backward pass (`jax.checkpoint`), so only one block's scores are alive at a time.
     """
     b, T, n_h, d = q.shape
     n_kv = k.shape[2]
-    group = n_h // n_kv
-    block = min(block_size, T)
-    n_blocks = -(-T // block)
-    pad = n_blocks * block - T
-    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n_blocks, block, n_kv, group, d)
-    q_segments = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(b, n_blocks, block)
-    q_index = jnp.arange(n_blocks * block).reshape(n_blocks, block)
-    k_index = jnp.arange(T)
-
-    @jax.checkpoint
-    def one_block(inputs):
-        q_blk, seg_blk, idx_blk = inputs                       # (b, block, n_kv, group, d), (b, block), (block,)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k) * scale
-        visible = (seg_blk[:, :, None] == segment_ids[:, None, :]) & (idx_blk[:, None] >= k_index[None, :])
-        scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-
-    out = jax.lax.map(one_block, (jnp.moveaxis(q, 1, 0), jnp.moveaxis(q_segments, 1, 0), q_index))
-    return jnp.moveaxis(out, 0, 1).reshape(b, n_blocks * block, n_h, d)[:, :T]
+    q = q.reshape(b, T, n_kv, n_h // n_kv, d)
+    block = max(min(block_size, T), -(-T // max_blocks))
+    index = jnp.arange(T)
+    attend = jax.checkpoint(functools.partial(_attend, scale=scale))
+    outputs = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        outputs.append(attend(q[:, start:end], k[:, :end], v[:, :end], segment_ids[:, start:end],
+                              segment_ids[:, :end], index[start:end], index[:end]))
+    return jnp.concatenate(outputs, axis=1).reshape(b, T, n_h, d)
 
 
 class Attention(nnx.Module):
@@ -76,7 +81,7 @@ class Attention(nnx.Module):
         self.use_rope = config.uses_rope
         self.rope_theta = config.rope_theta
         self.block_size = config.attention_block_size
-        self.dtype = config.dtype
+        self.dtype = config.compute_dtype
         linear = functools.partial(make_linear, config, use_bias=config.attention_bias, rngs=rngs)
 
         self.q_proj = linear(H, self.n_heads * d, ("embed", "heads"))

@@ -44,7 +44,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
         self.layer_type = layer_type
         self.residual_multiplier = config.residual_multiplier
-        norm = lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=config.dtype,  # noqa: E731
+        norm = lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=config.compute_dtype,  # noqa: E731
                                param_dtype=config.param_dtype)
         self.input_layernorm = norm()
         if layer_type == MAMBA:
@@ -82,7 +82,7 @@ class GraniteModel(nnx.Module):
             embedding = embedding.at[config.pad_token_id].set(0)
         self.embed_tokens = logical_param(embedding, ("vocab", "embed"))
         self.layers = nnx.List([DecoderLayer(config, kind, rngs=rngs) for kind in config.layer_types])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=config.dtype,
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=config.compute_dtype,
                             param_dtype=config.param_dtype)
 
     def __call__(self, input_ids, segment_ids=None, positions=None) -> tuple[jax.Array, RouterStats | None]:
@@ -94,13 +94,27 @@ class GraniteModel(nnx.Module):
         attention_segments = runs if segment_ids is None else segment_ids
         token_mask = None if segment_ids is None else segment_ids > 0
 
-        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(config.dtype) * config.embedding_multiplier
+        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(config.compute_dtype) * config.embedding_multiplier
+        run_layer = _with_remat(config.remat_policy)
         total = None
         for layer in self.layers:
-            h, stats = layer(h, runs=runs, segment_ids=attention_segments, positions=positions, token_mask=token_mask)
+            h, stats = run_layer(layer, h, runs, attention_segments, positions, token_mask)
             if stats is not None:
                 total = stats if total is None else jax.tree.map(jnp.add, total, stats)
         return self.norm(h), total
+
+
+def _call_layer(layer, h, runs, segment_ids, positions, token_mask):
+    return layer(h, runs=runs, segment_ids=segment_ids, positions=positions, token_mask=token_mask)
+
+
+def _with_remat(policy: str):
+    """The layer call, under `jax.checkpoint` with the configured policy (see `ModelConfig.remat_policy`)."""
+    if policy == "none":
+        return _call_layer
+    save = {"full": jax.checkpoint_policies.nothing_saveable,
+            "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
+    return nnx.remat(_call_layer, policy=save)
 
 
 class GraniteForCausalLM(nnx.Module):
@@ -120,7 +134,7 @@ class GraniteForCausalLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Output head on final hidden states: (h @ W_lm) / logits_scaling, in the compute dtype."""
         if self.lm_head is None:
-            weight = self.model.embed_tokens[...].astype(self.config.dtype)
+            weight = self.model.embed_tokens[...].astype(self.config.compute_dtype)
             logits = jnp.einsum("...h,vh->...v", hidden, weight)
         else:
             logits = self.lm_head(hidden)

@@ -14,6 +14,6 @@ def make_linear(config, n_in: int, n_out: int, axes: tuple[str | None, str | Non
     transformers stores the same weight as (n_out, n_in); conversion transposes it.
     """
     return nnx.Linear(
-        n_in, n_out, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype,
+        n_in, n_out, use_bias=use_bias, dtype=config.compute_dtype, param_dtype=config.param_dtype,
         kernel_init=partitioned(nnx.initializers.normal(config.initializer_range), axes),
         bias_init=partitioned(nnx.initializers.zeros, axes[1:]), rngs=rngs)

@@ -96,7 +96,7 @@ class MoE(nnx.Module):
     def __init__(self, config, *, rngs: nnx.Rngs):
         E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.num_experts, self.top_k = E, config.num_experts_per_tok
-        self.dtype = config.dtype
+        self.dtype = config.compute_dtype
         self.grouped_matmul_impl = config.moe_impl
         self.router = make_linear(config, H, E, ("embed", None), use_bias=False, rngs=rngs)
         init = nnx.initializers.normal(config.initializer_range)

@@ -121,7 +121,7 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size: int, segment_ids=None, initial_st
     # 2. The state each chunk hands on, from a zero entering state; only its last document survives the chunk.
     in_last_doc = runs == runs[:, :, -1:]
     to_end = jnp.exp(jnp.where(in_last_doc[..., None], a_cum[:, :, -1:] - a_cum, -jnp.inf))  # (b, nc, Q, H)
-    chunk_states = jnp.einsum("bcsgn,bcsgjp,bcsgj->bcgjpn", B, xdt, group_heads(to_end))
+    chunk_states = jnp.einsum("bcsgn,bcsgjp->bcgjpn", B, xdt * group_heads(to_end)[..., None])
     chunk_states = chunk_states.reshape(b, nc, H, P, N)
 
     # 3. Chain the chunks: S_in[c+1] = carry[c] * S_in[c] + chunk_states[c], as an associative scan over

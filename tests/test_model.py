@@ -1,0 +1,110 @@
+"""Model API, logical axis names, MoE grouped matmuls and input validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import granite_jax
+from granite_jax import GraniteForCausalLM, load_preset
+from granite_jax.model.moe import MoE, grouped_matmul
+from granite_jax.parallel import LOGICAL_AXES
+
+
+def test_public_api():
+    for name in ("ModelConfig", "GraniteForCausalLM", "load_hf_checkpoint", "save_hf_checkpoint"):
+        assert hasattr(granite_jax, name)
+    config = load_preset("tiny-hybrid-moe")
+    out = GraniteForCausalLM(config, rngs=nnx.Rngs(0))(jnp.zeros((2, 5), jnp.int32))
+    assert out.logits.shape == (2, 5, config.vocab_size) and out.aux_loss.shape == ()
+
+
+@pytest.mark.parametrize("preset", ["tiny-hybrid-moe", "tiny-dense-rope"])
+def test_every_parameter_has_logical_axes(preset):
+    model = nnx.eval_shape(lambda: GraniteForCausalLM(load_preset(preset), rngs=nnx.Rngs(0)))
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = variable.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == len(variable.shape), path
+        assert all(n is None or n in LOGICAL_AXES for n in names), (path, names)
+    assert model.model.embed_tokens.get_metadata()["out_sharding"] == ("vocab", "embed")
+    if preset != "tiny-hybrid-moe":
+        return
+    layer = model.model.layers[0]
+    assert layer.mamba.in_proj.kernel.get_metadata()["out_sharding"] == ("embed", "ssm_in_proj")
+    assert layer.block_sparse_moe.input_linear.get_metadata()["out_sharding"] == ("expert", "embed", "mlp")
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled"])
+def test_grouped_matmul_matches_per_group_product(impl):
+    rng = np.random.default_rng(0)
+    sizes = np.array([5, 0, 17, 1, 9])
+    x = jnp.asarray(rng.normal(size=(sizes.sum(), 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(5, 6, 3)), jnp.float32)
+    expected = np.concatenate([np.asarray(x[s - n:s]) @ np.asarray(w[g]) for g, (n, s) in enumerate(zip(sizes, np.cumsum(sizes)))])
+    out = grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), impl=impl, tile=4)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda w: jnp.sum(grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), impl=impl, tile=4) ** 2))(w)
+    grad_ref = jax.grad(lambda w: jnp.sum(jax.lax.ragged_dot(x, w, jnp.asarray(sizes, jnp.int32)) ** 2))(w)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_moe_matches_a_loop_over_tokens():
+    config = load_preset("tiny-hybrid-moe").replace(hidden_size=16, mamba_d_head=4, intermediate_size=8, num_local_experts=4,
+                                                    num_experts_per_tok=2, moe_impl="tiled")
+    moe = MoE(config, rngs=nnx.Rngs(1))
+    u = jnp.asarray(np.random.default_rng(2).normal(size=(2, 7, 16)), jnp.float32)
+    out, stats = moe(u)
+    w_r, w_in, w_out = (np.asarray(p[...]) for p in (moe.router.kernel, moe.input_linear, moe.output_linear))
+    for token, expected in zip(np.asarray(u).reshape(-1, 16), np.asarray(out).reshape(-1, 16)):
+        logits = token @ w_r
+        top = np.argsort(-logits)[:2]
+        gates = np.exp(logits[top] - logits[top].max())
+        gates /= gates.sum()
+        acc = np.zeros(16)
+        for g, e in zip(gates, top):
+            gate, up = np.split(token @ w_in[e], 2)
+            acc += g * ((gate / (1 + np.exp(-gate)) * up) @ w_out[e])
+        np.testing.assert_allclose(expected, acc, rtol=1e-4, atol=1e-5)
+    assert float(stats.tokens) == 14 and float(stats.assignments.sum()) == 28
+
+
+def test_moe_stats_skip_padding():
+    config = load_preset("tiny-hybrid-moe").replace(hidden_size=16, mamba_d_head=4, intermediate_size=8)
+    moe = MoE(config, rngs=nnx.Rngs(1))
+    u = jnp.ones((1, 6, 16))
+    mask = jnp.asarray([[True, True, True, False, False, False]])
+    _, stats = moe(u, mask)
+    assert float(stats.tokens) == 3 and float(stats.assignments.sum()) == 3 * config.num_experts_per_tok
+
+
+def test_gradients_are_finite_with_packing_and_padding():
+    config = load_preset("tiny-hybrid-moe").replace(mamba_chunk_size=8, attention_block_size=8)
+    model = GraniteForCausalLM(config, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 21)), jnp.int32)
+    segments = jnp.asarray([[1] * 9 + [2] * 8 + [0] * 4, [3] * 21])
+
+    @nnx.jit
+    def loss_and_grad(model):
+        def loss(model):
+            out = model(ids, segments)
+            return jnp.mean(jax.nn.log_softmax(out.logits)[..., 0]) + out.aux_loss
+        return nnx.value_and_grad(loss)(model)
+
+    value, grads = loss_and_grad(model)
+    assert np.isfinite(float(value))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(input_ids=jnp.zeros((5,), jnp.int32)), r"input_ids must have shape \(batch, seq_len\); got shape \(5,\)"),
+    (dict(input_ids=jnp.zeros((1, 5))), "input_ids must be integers; got dtype float32"),
+    (dict(input_ids=jnp.full((1, 5), 4096, jnp.int32)), r"input_ids has values in \[4096, 4096\]; expected \[0, 4096\)"),
+    (dict(input_ids=jnp.zeros((1, 5), jnp.int32), segment_ids=jnp.zeros((1, 4), jnp.int32)),
+     r"segment_ids has shape \(1, 4\); expected input_ids' shape \(1, 5\)"),
+    (dict(input_ids=jnp.zeros((1, 5), jnp.int32), positions=jnp.zeros((1, 5))), "positions must be integers"),
+])
+def test_bad_inputs_are_reported(kwargs, message):
+    model = GraniteForCausalLM(load_preset("tiny-dense-rope"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=message):
+        model(**kwargs)
