@@ -1,5 +1,10 @@
 """granite_jax: train, tune, evaluate and convert IBM Granite 4.0 models in JAX/Flax."""
 
+from granite_jax.runtime import configure_xla_flags
+
+configure_xla_flags()  # before anything below imports jax
+
+
 from granite_jax.config import ConfigError, ModelConfig, load_preset
 from granite_jax.convert import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from granite_jax.model import CausalLMOutput, GraniteForCausalLM

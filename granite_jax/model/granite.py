@@ -55,12 +55,12 @@ class DecoderLayer(nnx.Module):
         self.block_sparse_moe = MoE(config, rngs=rngs) if config.is_moe else None
         self.shared_mlp = SharedMLP(config, rngs=rngs)
 
-    def __call__(self, h, *, runs, segment_ids, positions, token_mask):
+    def __call__(self, h, *, runs, positions, token_mask):
         u = self.input_layernorm(h)
         if self.layer_type == MAMBA:
             u = self.mamba(u, runs=runs)
         else:
-            u = self.self_attn(u, segment_ids=segment_ids, positions=positions)
+            u = self.self_attn(u, runs=runs, positions=positions)
         h = h + u * self.residual_multiplier
         u = self.post_attention_layernorm(h)
         f = self.shared_mlp(u)
@@ -91,21 +91,20 @@ class GraniteModel(nnx.Module):
         runs = document_runs(segment_ids, input_ids.shape)
         if positions is None:
             positions = positions_within_documents(runs)
-        attention_segments = runs if segment_ids is None else segment_ids
         token_mask = None if segment_ids is None else segment_ids > 0
 
         h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(config.compute_dtype) * config.embedding_multiplier
         run_layer = _with_remat(config.remat_policy)
         total = None
         for layer in self.layers:
-            h, stats = run_layer(layer, h, runs, attention_segments, positions, token_mask)
+            h, stats = run_layer(layer, h, runs, positions, token_mask)
             if stats is not None:
                 total = stats if total is None else jax.tree.map(jnp.add, total, stats)
         return self.norm(h), total
 
 
-def _call_layer(layer, h, runs, segment_ids, positions, token_mask):
-    return layer(h, runs=runs, segment_ids=segment_ids, positions=positions, token_mask=token_mask)
+def _call_layer(layer, h, runs, positions, token_mask):
+    return layer(h, runs=runs, positions=positions, token_mask=token_mask)
 
 
 def _with_remat(policy: str):

@@ -47,6 +47,40 @@ def _resolve_impl(impl: str) -> str:
     return impl
 
 
+@jax.custom_vjp
+def _per_tile_matmul(tiles, weights, tile_group):
+    """tiles (n, m, K) @ weights[tile_group] (n, K, N) -> (n, m, N), one `lax.scan` step per tile.
+
+    A hand-written VJP: autodiff of the scan would keep every tile's (K, N) weight slice as a residual, an
+    (n, K, N) stack per matmul and layer; here the backward pass slices the weights again and accumulates the
+    weight gradient in place in an (E, K, N) carry.
+    """
+    def one_tile(_, inputs):
+        rows, group = inputs
+        return None, rows @ weights[group]
+
+    return jax.lax.scan(one_tile, None, (tiles, tile_group))[1]
+
+
+def _per_tile_matmul_fwd(tiles, weights, tile_group):
+    return _per_tile_matmul(tiles, weights, tile_group), (tiles, weights, tile_group)
+
+
+def _per_tile_matmul_bwd(residuals, grad):
+    tiles, weights, tile_group = residuals
+
+    def one_tile(d_weights, inputs):
+        rows, g, group = inputs
+        d_weights = d_weights.at[group].add(rows.T @ g)
+        return d_weights, g @ weights[group].T
+
+    d_weights, d_tiles = jax.lax.scan(one_tile, jnp.zeros_like(weights), (tiles, grad, tile_group))
+    return d_tiles, d_weights, None
+
+
+_per_tile_matmul.defvjp(_per_tile_matmul_fwd, _per_tile_matmul_bwd)
+
+
 def _tiled_grouped_matmul(x, weights, group_sizes, tile: int):
     """x (M, K) rows sorted by group; weights (E, K, N); group_sizes (E,) summing to M. Returns (M, N)."""
     M, K = x.shape
@@ -60,12 +94,7 @@ def _tiled_grouped_matmul(x, weights, group_sizes, tile: int):
     buffer = jnp.zeros((n_tiles * tile, K), x.dtype).at[dest].set(x, unique_indices=True)
     tile_group = jnp.searchsorted(padded_starts + padded_sizes, jnp.arange(n_tiles) * tile, side="right")
     tile_group = jnp.minimum(tile_group, E - 1)                   # trailing empty tiles: any expert, discarded
-
-    def one_tile(_, inputs):
-        rows, group = inputs
-        return None, jnp.dot(rows, weights[group], preferred_element_type=x.dtype)
-
-    _, out = jax.lax.scan(one_tile, None, (buffer.reshape(n_tiles, tile, K), tile_group))
+    out = _per_tile_matmul(buffer.reshape(n_tiles, tile, K), weights, tile_group)
     return out.reshape(n_tiles * tile, -1)[dest]
 
 

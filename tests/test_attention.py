@@ -1,0 +1,65 @@
+"""Block-wise attention against a dense softmax reference: values and gradients, packed documents, GQA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from granite_jax.model.attention import apply_rope, rope_cos_sin
+from granite_jax.model.flash import flash_attention
+from granite_jax.model.ssd import document_runs
+
+
+def dense_attention(q, k, v, runs, scale):
+    """The whole (T x T) score matrix, same-document causal mask, float64-free but straightforward."""
+    T, group = q.shape[1], q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bqhd,bshd->bhqs", q, k) * scale
+    visible = (runs[:, :, None] == runs[:, None, :]) & jnp.tril(jnp.ones((T, T), bool))
+    probs = jax.nn.softmax(jnp.where(visible[:, None], scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bhqs,bshd->bqhd", probs, v)
+
+
+def _inputs(T=37, n_h=4, n_kv=2, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+    return f32(2, T, n_h, d), f32(2, T, n_kv, d), f32(2, T, n_kv, d)
+
+
+@pytest.mark.parametrize("block", [8, 16, 512])
+@pytest.mark.parametrize("packed", [False, True])
+def test_flash_matches_dense(block, packed):
+    q, k, v = _inputs()
+    seg = jnp.asarray(np.repeat([[1, 2, 3, 4], [5, 5, 6, 0]], [10, 1, 17, 9], axis=1)) if packed else None
+    runs = document_runs(seg, (2, 37))
+    np.testing.assert_allclose(flash_attention(q, k, v, runs, scale=0.3, block_size=block),
+                               dense_attention(q, k, v, runs, 0.3), rtol=1e-5, atol=1e-5)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * w)  # noqa: E731
+    grads = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, runs, scale=0.3, block_size=block)),
+                     argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(loss(lambda q, k, v: dense_attention(q, k, v, runs, 0.3)), argnums=(0, 1, 2))(q, k, v)
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_flash_bfloat16_close_to_float32():
+    q, k, v = _inputs(T=64)
+    runs = document_runs(None, (2, 64))
+    out = flash_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), runs, scale=0.3, block_size=16)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), dense_attention(q, k, v, runs, 0.3), atol=5e-2)
+
+
+def test_rope_depends_only_on_relative_position():
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+
+    def score(pos_q, pos_k):
+        cq, sq = rope_cos_sin(jnp.asarray([[pos_q]]), 16, 10000.0, jnp.float32)
+        ck, sk = rope_cos_sin(jnp.asarray([[pos_k]]), 16, 10000.0, jnp.float32)
+        return float(jnp.sum(apply_rope(q, cq, sq) * apply_rope(k, ck, sk)))
+
+    assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
+    assert score(7, 3) != pytest.approx(score(7, 5), rel=1e-2)
