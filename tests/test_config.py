@@ -98,6 +98,8 @@ BASE = dict(hidden_size=64, num_hidden_layers=2, layer_types=["mamba", "attentio
     (dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported"),
     (dict(compute_dtype="float64"), r"compute_dtype='float64' is not one of"),
     (dict(moe_impl="dense"), r"moe_impl='dense' is not one of"),
+    (dict(remat_policy="some"), r"remat_policy='some' is not one of"),
+    (dict(attention_block_size=0), r"attention_block_size=0 must be a positive integer"),
     (dict(hidden_size=0), r"hidden_size=0 must be a positive integer"),
     (dict(pad_token_id=40000), r"pad_token_id=40000 is outside the vocabulary"),
     (dict(time_step_limit=(1.0, 0.5)), r"time_step_limit=\(1.0, 0.5\) must be \(low, high\)"),

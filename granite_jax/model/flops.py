@@ -1,0 +1,41 @@
+"""FLOP accounting for model FLOPs utilisation (MFU): what one token of training costs, counted from the config.
+
+Conventions (MaxText's for attention, Megatron's for Mamba; matmul FLOPs only, 2 per multiply-add):
+- Dense and routed weights: 2·N_active forward, 4·N_active backward, so 6·N_active per token. Routed experts
+  count k/E of their weights (the expected, as-routed share); the router, embeddings lookup and norms count
+  nothing except the output head, which is a matmul.
+- Causal attention: q·kᵀ and p·v over a causal prefix, T/2 keys per query on average:
+  2·2·n_heads·head_dim·(T/2) forward per token, times 3 for training.
+- SSD (chunk length Q): C·Bᵀ (2·Q·G·N), scores·x (2·Q·H·P), chunk states (2·H·P·N) and state→output
+  (2·H·P·N) forward per token, times 3 for training. Q is counted in full (the implementation computes the
+  whole chunk and masks).
+Rematerialisation is not counted (MFU measures useful work).
+"""
+
+from __future__ import annotations
+
+from granite_jax.config import ModelConfig
+
+
+def active_matmul_params(config: ModelConfig) -> float:
+    """Weights a token multiplies by, forward: projections, MLPs, k/E of the routed experts, the output head."""
+    H = config.hidden_size
+    d, n_h, n_kv = config.attention_head_dim, config.num_attention_heads, config.num_key_value_heads
+    attention = H * d * (2 * n_h + 2 * n_kv)
+    mamba = H * config.mamba_in_proj_dim + config.mamba_d_inner * H + config.mamba_conv_dim * config.mamba_d_conv
+    ffn = 3 * H * config.shared_intermediate_size
+    if config.is_moe:
+        ffn += config.num_experts_per_tok * 3 * H * config.intermediate_size + H * config.num_local_experts
+    per_layer = sum(attention if kind == "attention" else mamba for kind in config.layer_types)
+    return per_layer + config.num_hidden_layers * ffn + H * config.vocab_size
+
+
+def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Forward + backward FLOPs per token of a packed row of `seq_len` tokens (one document: worst case)."""
+    flops = 6.0 * active_matmul_params(config)
+    attention_fwd = 2 * 2 * config.num_attention_heads * config.attention_head_dim * (seq_len / 2)
+    Q = min(config.mamba_chunk_size, seq_len)
+    G, N, H, P = config.mamba_n_groups, config.mamba_d_state, config.mamba_n_heads, config.mamba_d_head
+    ssd_fwd = 2 * Q * G * N + 2 * Q * H * P + 4 * H * P * N
+    flops += 3 * (config.num_attention_layers * attention_fwd + config.num_mamba_layers * ssd_fwd)
+    return flops
