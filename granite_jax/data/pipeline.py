@@ -1,0 +1,62 @@
+"""The pretraining input pipeline (Grain): documents → tokens → packed rows → batches.
+
+    source (this host's slice) → shuffle (new order every epoch) → tokenize (+ EOS) →
+    ConcatThenSplit packing into rows of seq_len → next-token targets inside each row → batch
+
+Every token of the corpus lands in exactly one row per epoch. A document longer than what is left of a row
+continues in the next row as a new segment (segment ids restart, positions restart at 0). Targets never cross
+a segment boundary: the last token of each segment piece has weight 0. That is the documented remainder:
+one target per document piece (and the final partial batch of an infinite stream never happens).
+
+Rows carry `input_ids`, `segment_ids` (0 = padding), `positions`, `targets` and `loss_weights`. The iterator's
+`get_state()` is a small JSON-serialisable dict saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from granite_jax.data.sources import DataError
+from granite_jax.data.tokenizer import Tokenizer
+
+
+class TokenizeDocument(grain.transforms.Map):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+
+    def map(self, text: str) -> dict:
+        ids = np.asarray(self.tokenizer.encode(text) + [self.tokenizer.eos_id], np.int32)
+        if ids.max() >= self.vocab_size or ids.min() < 0:
+            raise DataError(f"token id {int(ids.max())} is outside the model's vocabulary [0, {self.vocab_size}): "
+                            f"the tokenizer ({self.tokenizer.vocab_size} tokens) does not fit the model")
+        return {"input_ids": ids}
+
+
+def add_targets(row: dict) -> dict:
+    """Next-token targets and weights from a packed row; a target must be in the same segment as its input."""
+    ids, segments = row["input_ids"], row["input_ids_segment_ids"]
+    targets = np.zeros_like(ids)
+    targets[:-1] = ids[1:]
+    same = np.zeros(ids.shape, bool)
+    same[:-1] = (segments[1:] == segments[:-1]) & (segments[:-1] > 0)
+    return {"input_ids": ids, "segment_ids": segments, "positions": row["input_ids_positions"],
+            "targets": targets, "loss_weights": same.astype(np.float32)}
+
+
+def pretraining_dataset(documents: list[str], tokenizer: Tokenizer, *, vocab_size: int, seq_len: int,
+                        batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
+                        num_epochs: int | None = None) -> grain.IterDataset:
+    """Batches of packed rows (numpy, leading dim `batch_size`) for this host; infinite unless `num_epochs`."""
+    if seq_len < 2:
+        raise DataError(f"seq_len={seq_len} must be at least 2")
+    if tokenizer.vocab_size > vocab_size:
+        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+    source = grain.MapDataset.source(documents)[shard_index::shard_count]
+    if len(source) == 0:
+        raise DataError(f"host {shard_index} of {shard_count} has no documents: fewer documents than hosts")
+    rows = (source.shuffle(seed=seed).repeat(num_epochs).map(TokenizeDocument(tokenizer, vocab_size))
+            .to_iter_dataset())
+    rows = grain.experimental.ConcatThenSplitIterDataset(rows, length_struct={"input_ids": seq_len})
+    return rows.map(add_targets).batch(batch_size, drop_remainder=True)

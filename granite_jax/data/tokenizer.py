@@ -1,0 +1,116 @@
+"""Tokenizers behind one interface: sentencepiece models and Hugging Face `tokenizer.json` (the released
+Granite 4.0 tokenizer is a byte-level BPE in `tokenizer.json`; point at the checkpoint directory).
+
+`python -m granite_jax.data.tokenizer train --input data/kjv/kjv.jsonl.gz --vocab-size 4096 --out PREFIX`
+trains a sentencepiece model (PREFIX.model) on a text / JSONL corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Protocol, Sequence
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+    pad_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: str):
+        import sentencepiece
+
+        self.path = path
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        self.vocab_size = self._sp.get_piece_size()
+        self.eos_id = self._sp.eos_id()
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
+        if self.eos_id < 0:
+            raise ValueError(f"{path}: the sentencepiece model has no end-of-sequence id (train it with eos_id >= 0)")
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode(list(ids))
+
+
+class HFTokenizer:
+    """`tokenizer.json` via the `tokenizers` library; EOS/pad from `tokenizer_config.json` when present."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        self.path = file
+        self._tok = _Tokenizer.from_file(file)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        settings = {}
+        config_path = os.path.join(directory, "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                settings = json.load(f)
+        token_id = lambda t: None if t is None else self._tok.token_to_id(t if isinstance(t, str) else t["content"])  # noqa: E731
+        self.eos_id = token_id(settings.get("eos_token")) if settings.get("eos_token") else token_id("<|end_of_text|>")
+        self.pad_id = token_id(settings.get("pad_token"))
+        if self.eos_id is None:
+            raise ValueError(f"{file}: cannot tell the end-of-text token (set eos_token in tokenizer_config.json)")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A `.model` sentencepiece file, a `tokenizer.json`, or a directory holding `tokenizer.json`."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer {path!r} does not exist")
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(path)
+    if path.endswith(".json") or os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return HFTokenizer(path)
+    raise ValueError(f"tokenizer {path!r}: expected a sentencepiece .model, a tokenizer.json, or a directory with one")
+
+
+def train_sentencepiece(inputs: list[str], vocab_size: int, out_prefix: str, text_field: str = "text") -> str:
+    """Train a BPE sentencepiece model on text/JSONL files; ids: pad 0, bos 1, eos 2, unk 3."""
+    import sentencepiece
+
+    from granite_jax.data.sources import read_documents
+
+    def documents():
+        for path in inputs:
+            yield from read_documents(path, text_field)
+
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=documents(), model_prefix=out_prefix, vocab_size=vocab_size, model_type="bpe",
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True, character_coverage=1.0,
+        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+    return out_prefix + ".model"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a sentencepiece model")
+    train.add_argument("--input", nargs="+", required=True, help="text (.txt[.gz]) or JSONL (.jsonl[.gz]) files")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
+    train.add_argument("--text-field", default="text")
+    args = parser.parse_args(argv)
+    path = train_sentencepiece(args.input, args.vocab_size, args.out, args.text_field)
+    print(f"wrote {path} (vocab {load_tokenizer(path).vocab_size})")
+
+
+if __name__ == "__main__":
+    main()

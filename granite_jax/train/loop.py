@@ -1,0 +1,190 @@
+"""The training loop: config → model → data → jitted step → metrics / evaluation / checkpoints.
+
+Resumes automatically from the newest checkpoint of `run_dir` (params, optimizer state, step and the data
+iterator's position, so the losses continue exactly as if never interrupted). SIGTERM and SIGINT save a
+checkpoint before exiting. A non-finite loss stops the run with a message; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from granite_jax.config import ModelConfig, load_preset
+from granite_jax.convert import load_hf_checkpoint
+from granite_jax.data.pipeline import pretraining_dataset
+from granite_jax.data.sources import load_documents
+from granite_jax.data.tokenizer import load_tokenizer
+from granite_jax.model import GraniteForCausalLM
+from granite_jax.model.flops import training_flops_per_token
+from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
+from granite_jax.train.config import RunConfig, save_run_config
+from granite_jax.train.metrics import TensorBoardWriter, console_line, print_line
+from granite_jax.train.optim import learning_rate_schedule, make_optimizer
+from granite_jax.train.step import TrainState, make_eval_step, make_train_step
+
+log = logging.getLogger("granite_jax.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class _StopSignal:
+    """Remembers SIGTERM/SIGINT so the loop can checkpoint and exit between steps."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _peak_tflops(config: RunConfig) -> float | None:
+    if config.peak_tflops is not None:
+        return config.peak_tflops
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return 0.08  # measured float32 jnp.dot peak of the 2-core reference machine (reference/stack-notes.md)
+    if "H100" in getattr(device, "device_kind", ""):
+        return 989.0
+    return None
+
+
+def build_model_config(config: RunConfig) -> ModelConfig:
+    overrides = dict(config.model_overrides, compute_dtype=config.compute_dtype)
+    if config.init_from:
+        return ModelConfig.from_hf(config.init_from[len("hf:"):], **overrides)
+    return load_preset(config.model, **overrides)
+
+
+def _init_params(config: RunConfig, model_config: ModelConfig):
+    if config.init_from:
+        model = load_hf_checkpoint(config.init_from[len("hf:"):], dtype=model_config.compute_dtype,
+                                   **{k: v for k, v in config.model_overrides.items()})
+    else:
+        model = GraniteForCausalLM(model_config, rngs=nnx.Rngs(config.seed))
+    return nnx.split(model, nnx.Param)
+
+
+def _to_host(metrics) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def evaluate(eval_step, params, dataset, batches: int) -> float:
+    total, tokens = 0.0, 0.0
+    iterator = iter(dataset)
+    for _ in range(batches):
+        loss_sum, count = eval_step(params, next(iterator))
+        total, tokens = total + float(loss_sum), tokens + float(count)
+    return total / max(tokens, 1.0)
+
+
+def train(config: RunConfig) -> list[float]:
+    """Run (or resume) training; returns the per-step training losses of the steps run in this call."""
+    model_config = build_model_config(config)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    documents = load_documents(config.data.train, config.data.text_field)
+    pipeline = dict(tokenizer=tokenizer, vocab_size=model_config.vocab_size, seq_len=config.data.seq_len,
+                    batch_size=config.data.batch_size, shard_index=jax.process_index(),
+                    shard_count=jax.process_count())
+    train_data = pretraining_dataset(documents, seed=config.data.shuffle_seed, **pipeline)
+    eval_data = (pretraining_dataset(load_documents(config.data.validation, config.data.text_field), seed=0,
+                                     **pipeline) if config.data.validation else None)
+
+    graphdef, params = _init_params(config, model_config)
+    tx = make_optimizer(config.optimizer, config.steps)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    schedule = learning_rate_schedule(config.optimizer, config.steps)
+
+    os.makedirs(config.run_dir, exist_ok=True)
+    save_run_config(config, config.run_dir)
+    checkpoints = RunCheckpoints(config.run_dir, keep=config.checkpoint.keep,
+                                 every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
+    iterator = iter(train_data)
+    try:
+        restored = checkpoints.restore_latest(abstract_like(state))
+    except CheckpointMismatchError:
+        checkpoints.close()
+        raise
+    if restored is not None:
+        step, state, data_state, _ = restored
+        iterator.set_state(data_state)
+        print_line(f"resumed from {checkpoints.directory}/{step}")
+    start = int(state.step)
+
+    train_step = make_train_step(graphdef, tx, aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,
+                                 chunk=config.loss_chunk_tokens)
+    eval_step = make_eval_step(graphdef, chunk=config.loss_chunk_tokens)
+    writer = TensorBoardWriter(os.path.join(config.run_dir, "tensorboard")) if jax.process_index() == 0 else None
+    flops_per_token = training_flops_per_token(model_config, config.data.seq_len)
+    peak = _peak_tflops(config)
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    meta = dict(model=model_config.to_hf(), run=config.to_dict())
+    losses: list[float] = []
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    print_line(f"training {config.model if not config.init_from else config.init_from} "
+               f"({n_params:,} parameters) for steps {start + 1}..{config.steps}; "
+               f"batch {config.data.batch_size} x {config.data.seq_len} tokens; run dir {config.run_dir}")
+
+    window_start, window_steps = time.perf_counter(), 0
+    with _StopSignal() as stop:
+        try:
+            for step in range(start + 1, config.steps + 1):
+                data_state = iterator.get_state()  # the position *before* this step's batch
+                state, metrics = train_step(state, next(iterator))
+                metrics = _to_host(metrics)
+                losses.append(metrics["loss"])
+                if not np.isfinite(metrics["loss"]):
+                    raise NonFiniteLossError(
+                        f"loss is {metrics['loss']} at step {step}; stopping. The last good checkpoint is kept "
+                        f"in {checkpoints.directory}; lower optimizer.lr or check the data.")
+                window_steps += 1
+                checkpoints.save(step, state, iterator.get_state(), meta)
+                if step % config.log_every == 0 or step == config.steps:
+                    elapsed = time.perf_counter() - window_start
+                    metrics["lr"] = float(schedule(step - 1))
+                    metrics["tokens_per_s"] = window_steps * tokens_per_step / elapsed
+                    if peak:
+                        metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / (peak * 1e12)
+                    eta = (config.steps - step) * elapsed / window_steps
+                    if writer:
+                        writer.scalars(step, metrics, prefix="train/")
+                    print_line(console_line(step, config.steps, metrics, eta))
+                    window_start, window_steps = time.perf_counter(), 0
+                if eval_data is not None and (step % config.eval_every == 0 or step == config.steps):
+                    eval_loss = evaluate(eval_step, state.params, eval_data, config.eval_batches)
+                    if writer:
+                        writer.scalars(step, {"loss": eval_loss}, prefix="eval/")
+                    print_line(f"eval step {step}: loss {eval_loss:.4f} ({config.eval_batches} batches)")
+                    window_start, window_steps = time.perf_counter(), 0
+                if stop.received is not None:
+                    checkpoints.save(step, state, iterator.get_state(), meta, force=True)
+                    checkpoints.wait()
+                    print_line(f"received signal {stop.received}: saved step {step} to {checkpoints.directory}")
+                    break
+            else:
+                checkpoints.save(config.steps, state, iterator.get_state(), meta, force=True)
+            del data_state
+        finally:
+            checkpoints.close()
+            if writer:
+                writer.close()
+    return losses

@@ -1,0 +1,44 @@
+"""Where step metrics go: a live console line and TensorBoard event files (no TensorFlow needed)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+class TensorBoardWriter:
+    def __init__(self, log_dir: str):
+        self._writer = EventFileWriter(log_dir)
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=prefix + k, simple_value=float(v))
+                                             for k, v in values.items()])
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def console_line(step: int, total: int, metrics: dict[str, float], eta_s: float | None) -> str:
+    parts = [f"step {step:>{len(str(total))}d}/{total}", f"loss {metrics['loss']:.4f}"]
+    if "aux_loss" in metrics:
+        parts.append(f"aux {metrics['aux_loss']:.3f}")
+    parts += [f"gnorm {metrics['grad_norm']:.2f}", f"lr {metrics['lr']:.2e}", f"{metrics['tokens_per_s']:,.0f} tok/s"]
+    if "mfu" in metrics:
+        parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    if eta_s is not None:
+        parts.append(f"eta {format_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+def print_line(text: str) -> None:
+    print(text, file=sys.stdout, flush=True)

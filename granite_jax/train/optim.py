@@ -1,0 +1,48 @@
+"""Optimizer and learning-rate schedules (optax): AdamW with decoupled weight decay, global-norm clipping,
+warmup then cosine or WSD decay, gradient accumulation."""
+
+from __future__ import annotations
+
+import jax
+import optax
+from flax import nnx
+
+from granite_jax.train.config import OptimizerConfig
+
+# Parameters that are never decayed: norms, biases and the Mamba per-head constants.
+_NO_DECAY_LEAVES = {"bias", "A_log", "D", "dt_bias"}
+
+
+def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    peak, floor = config.lr, config.lr * config.min_lr_ratio
+    warmup = min(config.warmup_steps, total_steps)
+    rest = max(total_steps - warmup, 1)
+    if config.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif config.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, rest, alpha=config.min_lr_ratio)
+    else:  # wsd: hold the peak, then decay linearly over the last `decay_fraction` of the steps
+        decay = max(int(rest * config.decay_fraction), 1)
+        after = optax.join_schedules(
+            [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)], [rest - decay])
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def decay_mask(params: nnx.State) -> nnx.State:
+    """True for weights that get weight decay: matrices and embeddings, not norms, biases or A_log/D/dt_bias."""
+    def wants_decay(path, leaf):
+        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        return leaf.ndim >= 2 and not _NO_DECAY_LEAVES & set(names) and not any("norm" in n for n in names)
+    return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(config, total_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
+                    mask=decay_mask),
+    )
+    if config.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    return tx
