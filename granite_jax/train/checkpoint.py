@@ -20,17 +20,20 @@ class CheckpointMismatchError(ValueError):
 
 
 class RunCheckpoints:
-    def __init__(self, run_dir: str, *, keep: int, every_steps: int, async_save: bool):
+    def __init__(self, run_dir: str, *, keep: int, async_save: bool):
         self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps,
-                                                 enable_async_checkpointing=async_save, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                 create=True))
 
-    def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(
+    def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+        """Start saving `step` (the caller decides when); returns before the write finishes if async."""
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)),
-            force=force)
+            force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -39,22 +42,36 @@ class RunCheckpoints:
         """(step, state, data_state, meta) of the newest checkpoint that restores, or None if there is none."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
+                self._check_parameters_fit(step, abstract_state)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: let the restore below report it
+                log.debug("could not read the metadata of step %d: %s", step, e)
+            try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                     meta=ocp.args.JsonRestore()))
-            except (ValueError, KeyError) as e:
-                if _is_shape_mismatch(e):
-                    raise CheckpointMismatchError(
-                        f"checkpoint {self.directory}/{step} does not fit this model: {_first_line(e)}") from None
-                log.warning("checkpoint at step %d could not be restored (%s); trying the previous one",
-                            step, _first_line(e))
-                continue
             except Exception as e:  # noqa: BLE001 - any failure to read one checkpoint means: try the previous
                 log.warning("checkpoint at step %d could not be restored (%s: %s); trying the previous one",
                             step, type(e).__name__, _first_line(e))
                 continue
             return step, restored["state"], restored["data"], restored["meta"]
         return None
+
+    def _check_parameters_fit(self, step: int, abstract_state) -> None:
+        """Compare the stored parameter names and shapes with the model's, naming the first difference."""
+        metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+        stored = _parameter_shapes(getattr(metadata, "item_metadata", metadata))
+        expected = _parameter_shapes(abstract_state)
+        where = f"checkpoint {self.directory}/{step} does not fit this model"
+        for name in sorted(set(expected) | set(stored)):
+            if name not in stored:
+                raise CheckpointMismatchError(f"{where}: it has no parameter {name}")
+            if name not in expected:
+                raise CheckpointMismatchError(f"{where}: it has a parameter {name} that the model does not")
+            if tuple(stored[name]) != tuple(expected[name]):
+                raise CheckpointMismatchError(f"{where}: parameter {name} has shape {tuple(stored[name])} in the "
+                                              f"checkpoint, {tuple(expected[name])} in the model")
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -65,9 +82,14 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
-def _is_shape_mismatch(e: Exception) -> bool:
-    text = str(e)
-    return "shape" in text.lower() and ("mismatch" in text.lower() or "expected" in text.lower())
+def _parameter_shapes(tree) -> dict[str, tuple]:
+    """{"model.layers.0.mamba.in_proj.kernel": shape} for the `params` part of a train-state tree."""
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        if names and names[0] == "params" and hasattr(leaf, "shape"):
+            shapes[".".join(n for n in names[1:] if n != "value")] = leaf.shape
+    return shapes
 
 
 def abstract_like(tree):

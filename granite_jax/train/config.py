@@ -115,6 +115,11 @@ def _check_type(key: str, value: Any, annotation) -> Any:
         return [_check_type(f"{key}[{i}]", v, typing.get_args(annotation)[0]) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is dict and isinstance(value, dict):
         return value
     if annotation in (int, float, str, bool) and (type(value) is annotation):

@@ -7,6 +7,7 @@ checkpoint before exiting. A non-finite loss stops the run with a message; the l
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -116,8 +117,7 @@ def train(config: RunConfig) -> list[float]:
 
     os.makedirs(config.run_dir, exist_ok=True)
     save_run_config(config, config.run_dir)
-    checkpoints = RunCheckpoints(config.run_dir, keep=config.checkpoint.keep,
-                                 every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
+    checkpoints = RunCheckpoints(config.run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     iterator = iter(train_data)
     try:
         restored = checkpoints.restore_latest(abstract_like(state))
@@ -134,6 +134,8 @@ def train(config: RunConfig) -> list[float]:
                                  chunk=config.loss_chunk_tokens)
     eval_step = make_eval_step(graphdef, chunk=config.loss_chunk_tokens)
     writer = TensorBoardWriter(os.path.join(config.run_dir, "tensorboard")) if jax.process_index() == 0 else None
+    # Every step's metrics at full precision, appended across resumptions (the last line of a step wins).
+    metrics_file = open(os.path.join(config.run_dir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
     flops_per_token = training_flops_per_token(model_config, config.data.seq_len)
     peak = _peak_tflops(config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -148,7 +150,6 @@ def train(config: RunConfig) -> list[float]:
     with _StopSignal() as stop:
         try:
             for step in range(start + 1, config.steps + 1):
-                data_state = iterator.get_state()  # the position *before* this step's batch
                 state, metrics = train_step(state, next(iterator))
                 metrics = _to_host(metrics)
                 losses.append(metrics["loss"])
@@ -157,7 +158,11 @@ def train(config: RunConfig) -> list[float]:
                         f"loss is {metrics['loss']} at step {step}; stopping. The last good checkpoint is kept "
                         f"in {checkpoints.directory}; lower optimizer.lr or check the data.")
                 window_steps += 1
-                checkpoints.save(step, state, iterator.get_state(), meta)
+                if metrics_file:
+                    metrics_file.write(json.dumps(dict(step=step, **metrics)) + "\n")
+                    metrics_file.flush()
+                if step % config.checkpoint.every_steps == 0:
+                    checkpoints.save(step, state, iterator.get_state(), meta)
                 if step % config.log_every == 0 or step == config.steps:
                     elapsed = time.perf_counter() - window_start
                     metrics["lr"] = float(schedule(step - 1))
@@ -176,15 +181,17 @@ def train(config: RunConfig) -> list[float]:
                     print_line(f"eval step {step}: loss {eval_loss:.4f} ({config.eval_batches} batches)")
                     window_start, window_steps = time.perf_counter(), 0
                 if stop.received is not None:
-                    checkpoints.save(step, state, iterator.get_state(), meta, force=True)
+                    checkpoints.save(step, state, iterator.get_state(), meta)
                     checkpoints.wait()
                     print_line(f"received signal {stop.received}: saved step {step} to {checkpoints.directory}")
                     break
             else:
-                checkpoints.save(config.steps, state, iterator.get_state(), meta, force=True)
-            del data_state
+                if config.steps > start:
+                    checkpoints.save(config.steps, state, iterator.get_state(), meta)
         finally:
             checkpoints.close()
             if writer:
                 writer.close()
+            if metrics_file:
+                metrics_file.close()
     return losses

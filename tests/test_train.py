@@ -1,0 +1,205 @@
+"""Pretraining: run config, data pipeline invariants, exact resume after SIGKILL / SIGTERM, error paths."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from granite_jax.data.pipeline import pretraining_dataset
+from granite_jax.data.sources import DataError, load_documents
+from granite_jax.train.config import RunConfigError, load_run_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A 2-layer hybrid MoE on short rows: small enough to compile and run a few dozen steps quickly.
+SMALL = ["model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}",
+         "data.seq_len=64", "data.batch_size=2", "log_every=5", "eval_every=1000", "data.validation=[]",
+         "optimizer.warmup_steps=2", "checkpoint.every_steps=5", "checkpoint.keep=10"]
+
+
+class DigitTokenizer:
+    """Test tokenizer: a document "5 6 7" is the ids [5, 6, 7]."""
+    vocab_size, eos_id, pad_id = 1000, 1, 0
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+# ------------------------------------------------------------------------------------------- config
+def test_yaml_and_overrides():
+    config = load_run_config(os.path.join(ROOT, "configs/pretrain-tiny.yaml"),
+                             ["steps=7", "optimizer.lr=1e-4", "data.batch_size=3", "init_from=hf:/x"])
+    assert (config.steps, config.optimizer.lr, config.data.batch_size, config.init_from) == (7, 1e-4, 3, "hf:/x")
+    assert config.model == "tiny-hybrid-moe"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["stepz=3"], r"unknown config key 'stepz'"),
+    (["optimizer.lrr=3"], r"unknown config key 'optimizer.lrr'"),
+    (["steps=abc"], r"steps='abc' has type str; expected int"),
+    (["data.train=file.jsonl"], r"data.train='file.jsonl' must be a list"),
+    (["steps"], r"override 'steps' is not of the form key=value"),
+    (["steps=0"], r"steps=0 must be positive"),
+    (["optimizer.schedule=linear"], r"optimizer.schedule='linear'"),
+    (["init_from=/some/dir"], r"init_from='/some/dir': expected 'hf:DIRECTORY'"),
+])
+def test_bad_config_is_reported(override, message):
+    with pytest.raises(RunConfigError, match=message):
+        load_run_config(None, override)
+
+
+# --------------------------------------------------------------------------------------------- data
+def _docs(lengths):
+    """Document i holds the ids 10*(i+1)*100 + j: distinct per document, so a token names its document."""
+    return [" ".join(str(1000 * (i + 1) + j) for j in range(n)) for i, n in enumerate(lengths)]
+
+
+def test_packed_targets_stay_in_their_document_and_every_token_is_seen_once():
+    lengths = [5, 40, 1, 17, 64, 3, 90, 12]
+    docs = _docs(lengths)
+    tokenizer = DigitTokenizer()
+    ds = pretraining_dataset(docs, tokenizer, vocab_size=10**6, seq_len=32, batch_size=1, seed=3, num_epochs=1)
+    seen = []
+    for batch in ds:
+        ids, seg, tgt, w = (batch[k][0] for k in ("input_ids", "segment_ids", "targets", "loss_weights"))
+        seen += [int(t) for t, s in zip(ids, seg) if s > 0]
+        for i in np.nonzero(w)[0]:
+            assert seg[i] > 0 and seg[i + 1] == seg[i] and tgt[i] == ids[i + 1]
+            if tgt[i] != tokenizer.eos_id:  # a target comes from the same document as its input
+                assert tgt[i] // 1000 == ids[i] // 1000
+        positions = batch["positions"][0]
+        for i in range(1, 32):  # positions restart at every segment start
+            if seg[i] > 0:
+                assert positions[i] == (positions[i - 1] + 1 if seg[i] == seg[i - 1] else 0)
+    expected = [int(t) for d in docs for t in d.split()] + [tokenizer.eos_id] * len(docs)
+    assert sorted(seen) == sorted(expected)  # each token exactly once in the epoch (batch 1: no remainder)
+
+
+def test_shuffle_changes_between_epochs_and_is_seeded():
+    docs = _docs([8] * 6)
+    first = lambda seed: [tuple(b["input_ids"][0]) for b in pretraining_dataset(  # noqa: E731
+        docs, DigitTokenizer(), vocab_size=10**6, seq_len=9, batch_size=1, seed=seed, num_epochs=2)]
+    a = first(0)
+    assert a == first(0) and a != first(1)
+    assert a[:6] != a[6:12]  # the second epoch is in another order
+
+
+def test_token_ids_outside_the_vocabulary():
+    with pytest.raises(DataError, match="outside the model's vocabulary"):
+        next(iter(pretraining_dataset(["5 6 7000"], DigitTokenizer(), vocab_size=6000, seq_len=8, batch_size=1,
+                                      seed=0)))
+    with pytest.raises(DataError, match="tokenizer has 1000 tokens but the model's vocab_size is 500"):
+        pretraining_dataset(["5"], DigitTokenizer(), vocab_size=500, seq_len=8, batch_size=1, seed=0)
+
+
+def test_missing_empty_and_malformed_data(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_documents([str(tmp_path / "nope.jsonl")])
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="empty corpus"):
+        load_documents([str(tmp_path / "empty.jsonl")])
+    with gzip.open(tmp_path / "bad.jsonl.gz", "wt") as f:
+        f.write('{"text": "ok"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl.gz:2: not valid JSON"):
+        load_documents([str(tmp_path / "bad.jsonl.gz")])
+    (tmp_path / "x.csv").write_text("a")
+    with pytest.raises(DataError, match="unknown format"):
+        load_documents([str(tmp_path / "x.csv")])
+
+
+# ----------------------------------------------------------------------------------- runs & resume
+def _train(run_dir, *overrides, wait=True):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *SMALL, *overrides]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+        return out
+    return proc
+
+
+def _losses(run_dir):
+    losses = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            losses[record["step"]] = record["loss"]  # a resumed step's last record wins
+    return [losses[s] for s in sorted(losses)]
+
+
+def _wait_for_checkpoint(run_dir, step, proc, timeout=300):
+    path = os.path.join(run_dir, "checkpoints", str(step))
+    deadline = time.time() + timeout
+    while not (os.path.isdir(path) and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, f"no checkpoint {path}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("reference"))
+    _train(run_dir, "steps=40")
+    return _losses(run_dir)
+
+
+def test_sigkill_then_resume_repeats_the_losses_bit_for_bit(tmp_path, reference_run):
+    run_dir = str(tmp_path)
+    proc = _train(run_dir, "steps=40", wait=False)
+    _wait_for_checkpoint(run_dir, 10, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = _train(run_dir, "steps=40")
+    assert "resumed from" in out
+    assert len(reference_run) == 40
+    assert _losses(run_dir) == reference_run  # exact float equality, every step
+
+
+def test_sigterm_saves_and_resumes(tmp_path, reference_run):
+    run_dir = str(tmp_path)
+    proc = _train(run_dir, "steps=40", wait=False)
+    _wait_for_checkpoint(run_dir, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "received signal" in out, out
+    saved = max(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
+    if saved < 40:
+        assert saved % 5 != 0 or "saved step" in out
+        _train(run_dir, "steps=40")
+    assert _losses(run_dir) == reference_run
+
+
+def test_corrupted_latest_checkpoint_falls_back(tmp_path, reference_run):
+    run_dir = str(tmp_path)
+    proc = _train(run_dir, "steps=40", wait=False)
+    _wait_for_checkpoint(run_dir, 10, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = max(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
+    state_dir = os.path.join(run_dir, "checkpoints", str(newest), "state")
+    for name in os.listdir(state_dir):  # truncate every file of the newest checkpoint's state
+        path = os.path.join(state_dir, name)
+        if os.path.isfile(path):
+            open(path, "w").close()
+    out = _train(run_dir, "steps=40")
+    assert "resumed from" in out and out.count("could not be restored") >= 1
+    assert _losses(run_dir) == reference_run
+
+
+def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
+    run_dir = str(tmp_path)
+    _train(run_dir, "steps=5")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *SMALL, "steps=10",
+           "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32, "
+           "shared_intermediate_size: 128}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "does not fit this model" in proc.stderr and "shared_mlp" in proc.stderr, proc.stderr
