@@ -203,3 +203,68 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert "does not fit this model" in proc.stderr and "shared_mlp" in proc.stderr, proc.stderr
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={tmp_path}", *SMALL, "steps=10",
+           "optimizer.lr=1e30", "optimizer.warmup_steps=0"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "loss is nan at step 2; stopping" in proc.stderr, proc.stderr
+
+
+def test_missing_data_path_is_reported_by_train(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={tmp_path}", *SMALL, "steps=2",
+           f"data.train=[{tmp_path}/missing.jsonl]"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "missing.jsonl' does not exist" in proc.stderr, proc.stderr
+
+
+def test_weight_decay_skips_norms_biases_and_ssm_constants():
+    from flax import nnx
+
+    from granite_jax import GraniteForCausalLM, load_preset
+    from granite_jax.train.optim import decay_mask
+
+    model = GraniteForCausalLM(load_preset("tiny-hybrid-moe").replace(mamba_proj_bias=True), rngs=nnx.Rngs(0))
+    _, params = nnx.split(model, nnx.Param)
+    mask = {".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): v
+            for path, v in __import__("jax").tree_util.tree_leaves_with_path(decay_mask(params))}
+    mamba = "model.layers.0.mamba"
+    assert mask[f"{mamba}.in_proj.kernel.value"] and mask["model.embed_tokens.value"]
+    for name in ("A_log", "D", "dt_bias", "in_proj.bias", "norm.weight", "conv1d.bias"):
+        assert not mask[f"{mamba}.{name}.value"], name
+    assert not mask["model.layers.0.input_layernorm.weight.value"]
+
+
+def test_schedules():
+    from granite_jax.train.config import OptimizerConfig
+    from granite_jax.train.optim import learning_rate_schedule
+
+    wsd = learning_rate_schedule(OptimizerConfig(lr=1.0, schedule="wsd", warmup_steps=10, decay_fraction=0.2,
+                                                 min_lr_ratio=0.1), 110)
+    assert float(wsd(0)) == 0.0 and float(wsd(10)) == 1.0 and float(wsd(85)) == 1.0
+    assert float(wsd(110)) == pytest.approx(0.1)
+    cosine = learning_rate_schedule(OptimizerConfig(lr=1.0, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1), 110)
+    assert float(cosine(10)) == 1.0 and float(cosine(60)) == pytest.approx(0.55) and float(cosine(110)) == pytest.approx(0.1)
+
+
+def test_init_from_hf_checkpoint(tmp_path):
+    """Continued pretraining starts from the converted weights: step 1's loss is the loaded model's loss."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from granite_jax import GraniteForCausalLM, load_preset, save_hf_checkpoint
+
+    config = load_preset("tiny-hybrid-moe").replace(num_hidden_layers=2, layer_types=("mamba", "attention"))
+    save_hf_checkpoint(GraniteForCausalLM(config, rngs=nnx.Rngs(42)), tmp_path / "hf")
+    runs = []
+    for seed in (0, 1):  # the run seed must not matter: the weights come from the checkpoint
+        run_dir = tmp_path / f"run{seed}"
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *SMALL, "steps=2",
+               f"seed={seed}", f"init_from=hf:{tmp_path / 'hf'}", "model_overrides={}"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(_losses(str(run_dir)))
+    assert runs[0] == runs[1]
+    assert jnp.isfinite(jnp.asarray(runs[0])).all()
