@@ -268,3 +268,13 @@ def test_init_from_hf_checkpoint(tmp_path):
         runs.append(_losses(str(run_dir)))
     assert runs[0] == runs[1]
     assert jnp.isfinite(jnp.asarray(runs[0])).all()
+
+
+def test_parquet_and_text_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["first doc", "second doc"]}), tmp_path / "d.parquet")
+    assert load_documents([str(tmp_path / "d.parquet")], text_field="content") == ["first doc", "second doc"]
+    (tmp_path / "d.txt").write_text("para one\nline two\n\n\npara two\n")
+    assert load_documents([str(tmp_path / "d.txt")]) == ["para one\nline two", "para two"]
