@@ -69,6 +69,9 @@ class RunConfig:
     eval_every: int = 100
     eval_batches: int = 4
     peak_tflops: float | None = None  # MFU denominator; None: 0.08 on CPU (measured), 989 on H100, else no MFU
+    # Device mesh sizes per axis (data, fsdp, tensor, expert); -1 = the remaining devices.
+    mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
+    sharding_rules: str = "fsdp"  # a preset of granite_jax.parallel.mesh.RULES
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
@@ -85,6 +88,10 @@ class RunConfig:
             raise RunConfigError(f"optimizer.schedule={self.optimizer.schedule!r}: expected cosine, wsd or constant")
         if self.init_from is not None and not self.init_from.startswith("hf:"):
             raise RunConfigError(f"init_from={self.init_from!r}: expected 'hf:DIRECTORY'")
+        from granite_jax.parallel.mesh import RULES
+
+        if self.sharding_rules not in RULES:
+            raise RunConfigError(f"sharding_rules={self.sharding_rules!r}: expected one of {sorted(RULES)}")
         if not self.data.train:
             raise RunConfigError("data.train is empty: give at least one training file")
 

@@ -25,6 +25,7 @@ from granite_jax.data.sources import load_documents
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.flops import training_flops_per_token
+from granite_jax.parallel.mesh import RULES, batch_sharding, check_batch, make_mesh, parameter_shardings
 from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
 from granite_jax.train.config import RunConfig, save_run_config
 from granite_jax.train.metrics import TensorBoardWriter, console_line, print_line
@@ -89,11 +90,11 @@ def _to_host(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(eval_step, params, dataset, batches: int) -> float:
+def evaluate(eval_step, params, dataset, batches: int, sharding) -> float:
     total, tokens = 0.0, 0.0
     iterator = iter(dataset)
     for _ in range(batches):
-        loss_sum, count = eval_step(params, next(iterator))
+        loss_sum, count = eval_step(params, jax.device_put(next(iterator), sharding))
         total, tokens = total + float(loss_sum), tokens + float(count)
     return total / max(tokens, 1.0)
 
@@ -110,9 +111,14 @@ def train(config: RunConfig) -> list[float]:
     eval_data = (pretraining_dataset(load_documents(config.data.validation, config.data.text_field), seed=0,
                                      **pipeline) if config.data.validation else None)
 
+    mesh = make_mesh(config.mesh)
+    check_batch(config.data.batch_size, mesh)
     graphdef, params = _init_params(config, model_config)
+    params = jax.device_put(params, parameter_shardings(params, mesh, RULES[config.sharding_rules]))
     tx = make_optimizer(config.optimizer, config.steps)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    # Optimizer moments take their parameters' shardings (GSPMD propagation through zeros_like).
+    state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params))
+    data_sharding = batch_sharding(mesh)
     schedule = learning_rate_schedule(config.optimizer, config.steps)
 
     os.makedirs(config.run_dir, exist_ok=True)
@@ -150,7 +156,7 @@ def train(config: RunConfig) -> list[float]:
     with _StopSignal() as stop:
         try:
             for step in range(start + 1, config.steps + 1):
-                state, metrics = train_step(state, next(iterator))
+                state, metrics = train_step(state, jax.device_put(next(iterator), data_sharding))
                 metrics = _to_host(metrics)
                 losses.append(metrics["loss"])
                 if not np.isfinite(metrics["loss"]):
@@ -175,7 +181,7 @@ def train(config: RunConfig) -> list[float]:
                     print_line(console_line(step, config.steps, metrics, eta))
                     window_start, window_steps = time.perf_counter(), 0
                 if eval_data is not None and (step % config.eval_every == 0 or step == config.steps):
-                    eval_loss = evaluate(eval_step, state.params, eval_data, config.eval_batches)
+                    eval_loss = evaluate(eval_step, state.params, eval_data, config.eval_batches, data_sharding)
                     if writer:
                         writer.scalars(step, {"loss": eval_loss}, prefix="eval/")
                     print_line(f"eval step {step}: loss {eval_loss:.4f} ({config.eval_batches} batches)")

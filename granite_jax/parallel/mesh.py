@@ -1,0 +1,86 @@
+"""Device meshes and the one table that maps logical axis names to mesh axes.
+
+The model names what each dimension means (`granite_jax/parallel/logical.py`); the rules below say which
+mesh axes split it. Under `jax.jit`, XLA's SPMD partitioner inserts whatever communication the shardings
+imply, so the rules change speed and memory, never the result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")  # the batch dimension is split over every axis that is not tensor
+
+# Rule presets: logical axis -> mesh axis (or None: replicated). The distributed issue adds EP/TP variants.
+RULES = {
+    "fsdp": {"embed": "fsdp", "vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
+             "expert": "expert", "ssm_heads": None, "ssm_inner": "tensor", "ssm_in_proj": None,
+             "ssm_conv_dim": None, "conv_width": None},
+}
+
+
+class MeshError(ValueError):
+    """Mesh sizes that do not fit the devices, or shapes that do not divide over the mesh."""
+
+
+def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
+    """A mesh with axes MESH_AXES; a size of -1 means "the remaining devices" (at most one axis)."""
+    devices = list(jax.devices() if devices is None else devices)
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise MeshError(f"unknown mesh axes {unknown}; expected some of {MESH_AXES}")
+    shape = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
+    free = [axis for axis, n in shape.items() if n == -1]
+    if len(free) > 1:
+        raise MeshError(f"mesh axes {free} are all -1; at most one axis can take the remaining devices")
+    fixed = math.prod(n for n in shape.values() if n != -1)
+    if any(n == 0 or n < -1 for n in shape.values()):
+        raise MeshError(f"mesh sizes {shape} must be positive (or -1)")
+    if free:
+        if len(devices) % fixed:
+            raise MeshError(f"mesh {shape}: {len(devices)} devices are not divisible by the fixed axes' {fixed}")
+        shape[free[0]] = len(devices) // fixed
+    if math.prod(shape.values()) != len(devices):
+        raise MeshError(f"mesh {shape} has {math.prod(shape.values())} devices; there are {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(tuple(shape.values())), MESH_AXES)
+
+
+def logical_to_spec(names: tuple[str | None, ...], rules: dict[str, str | None]) -> PartitionSpec:
+    """Map logical names to mesh axes, using each mesh axis at most once per array."""
+    used, spec = set(), []
+    for name in names:
+        axis = rules.get(name) if name is not None else None
+        spec.append(axis if axis is not None and axis not in used else None)
+        used.add(axis)
+    return PartitionSpec(*spec)
+
+
+def parameter_shardings(params: nnx.State, mesh: Mesh, rules: dict[str, str | None]):
+    """NamedShardings for a parameter State from each Variable's logical axes, replicated where the
+    dimension does not divide by the mesh axis size."""
+    def sharding(variable):
+        names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+        spec = list(logical_to_spec(tuple(names), rules))
+        for i, axis in enumerate(spec):
+            if axis is not None and variable.shape[i] % mesh.shape[axis]:
+                spec[i] = None
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+    ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if batch_size % ways:
+        raise MeshError(f"data.batch_size={batch_size} is not divisible by the {ways} batch shards of mesh "
+                        f"{dict(mesh.shape)} (axes {BATCH_AXES})")
