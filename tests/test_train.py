@@ -278,3 +278,18 @@ def test_parquet_and_text_sources(tmp_path):
     assert load_documents([str(tmp_path / "d.parquet")], text_field="content") == ["first doc", "second doc"]
     (tmp_path / "d.txt").write_text("para one\nline two\n\n\npara two\n")
     assert load_documents([str(tmp_path / "d.txt")]) == ["para one\nline two", "para two"]
+
+
+def test_pretokenized_arrayrecord_gives_the_same_batches(tmp_path):
+    from granite_jax.data.pretokenize import pretokenize
+    from granite_jax.data.tokenizer import load_tokenizer
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["In the beginning", "God said", "light"] * 4))
+    tokenizer_path = os.path.join(ROOT, "data/kjv/kjv-bpe4096.model")
+    assert pretokenize([str(jsonl)], tokenizer_path, str(tmp_path / "docs.arrayrecord")) == 12
+    tokenizer = load_tokenizer(tokenizer_path)
+    batches = lambda docs: [b["input_ids"].tolist() for b in pretraining_dataset(  # noqa: E731
+        docs, tokenizer, vocab_size=4096, seq_len=16, batch_size=1, seed=0, num_epochs=1)]
+    from_text = batches(load_documents([str(jsonl)]))
+    assert batches(load_documents([str(tmp_path / "docs.arrayrecord")])) == from_text and len(from_text) > 1

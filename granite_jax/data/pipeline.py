@@ -1,6 +1,7 @@
 """The pretraining input pipeline (Grain): documents → tokens → packed rows → batches.
 
-    source (this host's slice) → shuffle (new order every epoch) → tokenize (+ EOS) →
+    source (this host's slice) → shuffle (new order every epoch) → tokenize (+ EOS; or read pre-tokenized
+    ArrayRecord ids) →
     ConcatThenSplit packing into rows of seq_len → next-token targets inside each row → batch
 
 Every token of the corpus lands in exactly one row per epoch. A document longer than what is left of a row
@@ -17,6 +18,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from granite_jax.data.pretokenize import decode_record
 from granite_jax.data.sources import DataError
 from granite_jax.data.tokenizer import Tokenizer
 
@@ -26,8 +28,11 @@ class TokenizeDocument(grain.transforms.Map):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
 
-    def map(self, text: str) -> dict:
-        ids = np.asarray(self.tokenizer.encode(text) + [self.tokenizer.eos_id], np.int32)
+    def map(self, document: str | bytes) -> dict:
+        if isinstance(document, bytes):  # a pre-tokenized record (already ends with EOS)
+            ids = decode_record(document)
+        else:
+            ids = np.asarray(self.tokenizer.encode(document) + [self.tokenizer.eos_id], np.int32)
         if ids.max() >= self.vocab_size or ids.min() < 0:
             raise DataError(f"token id {int(ids.max())} is outside the model's vocabulary [0, {self.vocab_size}): "
                             f"the tokenizer ({self.tokenizer.vocab_size} tokens) does not fit the model")
@@ -45,10 +50,13 @@ def add_targets(row: dict) -> dict:
             "targets": targets, "loss_weights": same.astype(np.float32)}
 
 
-def pretraining_dataset(documents: list[str], tokenizer: Tokenizer, *, vocab_size: int, seq_len: int,
+def pretraining_dataset(documents, tokenizer: Tokenizer, *, vocab_size: int, seq_len: int,
                         batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
                         num_epochs: int | None = None) -> grain.IterDataset:
-    """Batches of packed rows (numpy, leading dim `batch_size`) for this host; infinite unless `num_epochs`."""
+    """Batches of packed rows (numpy, leading dim `batch_size`) for this host; infinite unless `num_epochs`.
+
+    `documents`: a sequence of texts, or a random-access source of pre-tokenized records (bytes).
+    """
     if seq_len < 2:
         raise DataError(f"seq_len={seq_len} must be at least 2")
     if tokenizer.vocab_size > vocab_size:

@@ -54,7 +54,21 @@ def read_documents(path: str, text_field: str = "text") -> Iterator[str]:
         raise DataError(f"data file {path!r}: unknown format; expected .jsonl, .json, .txt or .parquet (optionally .gz)")
 
 
-def load_documents(paths: list[str], text_field: str = "text") -> list[str]:
+def load_documents(paths: list[str], text_field: str = "text"):
+    """All documents of `paths`: a list of strings, or, when every path is an `.arrayrecord` file of
+    pre-tokenized documents (`granite_jax.data.pretokenize`), a random-access source of their records."""
+    if paths and all(p.endswith(".arrayrecord") for p in paths):
+        import grain
+
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise DataError(f"data files {missing} do not exist")
+        source = grain.sources.ArrayRecordDataSource(list(paths))
+        if len(source) == 0:
+            raise DataError(f"no documents in {paths} (empty corpus)")
+        return source
+    if any(p.endswith(".arrayrecord") for p in paths):
+        raise DataError(f"data paths {paths} mix pre-tokenized .arrayrecord files with text files")
     docs = [doc for path in paths for doc in read_documents(path, text_field) if doc.strip()]
     if not docs:
         raise DataError(f"no documents in {paths} (empty corpus)")
