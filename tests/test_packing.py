@@ -7,8 +7,7 @@ import pytest
 
 from conftest import forward, hf_logits, max_rel_error, random_ids
 from granite_jax import load_hf_checkpoint
-from granite_jax.model.granite import positions_within_documents
-from granite_jax.model.ssd import document_runs
+from granite_jax.model.documents import document_runs, positions_within_documents
 
 # With chunk size 8: a document filling chunk 0 exactly, one starting at a chunk boundary, a length-1
 # document, one crossing a boundary, then padding (segment id 0).

@@ -144,6 +144,15 @@ def _wait_for_checkpoint(run_dir, step, proc, timeout=300):
         time.sleep(0.05)
 
 
+def _kill_after_checkpoint(run_dir, step):
+    """Start a 40-step run, SIGKILL it once checkpoint `step` is complete; returns the newest checkpoint."""
+    proc = _train(run_dir, "steps=40", wait=False)
+    _wait_for_checkpoint(run_dir, step, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return max(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("reference"))
@@ -153,10 +162,7 @@ def reference_run(tmp_path_factory):
 
 def test_sigkill_then_resume_repeats_the_losses_bit_for_bit(tmp_path, reference_run):
     run_dir = str(tmp_path)
-    proc = _train(run_dir, "steps=40", wait=False)
-    _wait_for_checkpoint(run_dir, 10, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after_checkpoint(run_dir, 10)
     out = _train(run_dir, "steps=40")
     assert "resumed from" in out
     assert len(reference_run) == 40
@@ -179,11 +185,7 @@ def test_sigterm_saves_and_resumes(tmp_path, reference_run):
 
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, reference_run):
     run_dir = str(tmp_path)
-    proc = _train(run_dir, "steps=40", wait=False)
-    _wait_for_checkpoint(run_dir, 10, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    newest = max(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
+    newest = _kill_after_checkpoint(run_dir, 10)
     state_dir = os.path.join(run_dir, "checkpoints", str(newest), "state")
     for name in os.listdir(state_dir):  # truncate every file of the newest checkpoint's state
         path = os.path.join(state_dir, name)

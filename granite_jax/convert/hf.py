@@ -181,7 +181,7 @@ def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, 
     np_dtype = _NUMPY_DTYPES[_resolve_dtype(dtype)]
     limit = _parse_size(max_shard_size)
 
-    tensors = sorted((hf_tensor_name(path)[0], hf_tensor_name(path)[1], variable)
+    tensors = sorted((*hf_tensor_name(path)[:2], variable)
                      for path, variable in _param_paths(nnx.state(model, nnx.Param)))
     shards, current, size = [], [], 0
     for name, to_hf, variable in tensors:

@@ -15,18 +15,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from granite_jax.model.documents import document_bounds
+
 _NEG = -1e30  # finite: keeps fully masked rows of a block free of inf - inf
-
-
-def _document_bounds(runs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """For each token, the index where its document run starts and where it ends (exclusive)."""
-    T = runs.shape[1]
-    index = jnp.broadcast_to(jnp.arange(T), runs.shape)
-    is_start = jnp.concatenate([jnp.ones_like(runs[:, :1], bool), runs[:, 1:] != runs[:, :-1]], axis=1)
-    start = jax.lax.cummax(jnp.where(is_start, index, 0), axis=1)
-    is_end = jnp.concatenate([runs[:, 1:] != runs[:, :-1], jnp.ones_like(runs[:, :1], bool)], axis=1)
-    end = jax.lax.cummin(jnp.where(is_end, index + 1, T), axis=1, reverse=True)
-    return start, end
 
 
 def _scores(q_blk, k_blk, runs_q, runs_k, q0, k0, scale):
@@ -47,7 +38,7 @@ def _forward(q, k, v, runs, scale, block):
     """q (b,kv,g,T,d), k/v (b,kv,T,d), runs (b,T); T a multiple of block. Returns out (like q), lse (b,kv,g,T)."""
     b, n_kv, g, T, d = q.shape
     n_blocks = T // block
-    doc_start, _ = _document_bounds(runs)
+    doc_start, _ = document_bounds(runs)
 
     def query_block(i):
         q_i = _block(q, i, block, 3)
@@ -91,7 +82,7 @@ def _flash_bwd(scale, block, residuals, d_out):
     q, k, v, runs, out, lse = residuals
     b, n_kv, g, T, d = q.shape
     n_blocks = T // block
-    _, doc_end = _document_bounds(runs)
+    _, doc_end = document_bounds(runs)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (b,kv,g,T)
 
     def key_block(d_q, j):

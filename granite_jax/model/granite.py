@@ -15,26 +15,17 @@ from flax import nnx
 
 from granite_jax.config import MAMBA, ModelConfig
 from granite_jax.model.attention import Attention
+from granite_jax.model.documents import document_runs, positions_within_documents
 from granite_jax.model.linear import make_linear
 from granite_jax.model.mamba import Mamba2Mixer
 from granite_jax.model.moe import MoE, RouterStats, SharedMLP, load_balancing_loss
 from granite_jax.model.norms import RMSNorm
-from granite_jax.model.ssd import document_runs
 from granite_jax.parallel import logical_param
 
 
 class CausalLMOutput(NamedTuple):
     logits: jax.Array  # (b, T, vocab), compute dtype, already divided by logits_scaling
     aux_loss: jax.Array  # () MoE load-balancing loss (0 for dense models), not yet multiplied by its coefficient
-
-
-def positions_within_documents(runs: jax.Array) -> jax.Array:
-    """Position of each token inside its document run, restarting at 0 at each run: (b, T) int32."""
-    T = runs.shape[1]
-    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), runs.shape)
-    is_start = jnp.concatenate([jnp.ones_like(runs[:, :1], bool), runs[:, 1:] != runs[:, :-1]], axis=1)
-    run_start = jax.lax.cummax(jnp.where(is_start, index, 0), axis=1)
-    return index - run_start
 
 
 class DecoderLayer(nnx.Module):

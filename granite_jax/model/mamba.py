@@ -49,7 +49,7 @@ def causal_depthwise_conv(x, kernel, bias, runs, initial_state=None):
     """Depthwise causal conv over time that does not look across document starts.
 
     x (b, T, C); kernel (K, C) with tap K-1 on the current token; bias (C,) or None; runs (b, T) document-run
-    index (see `ssd.document_runs`). `initial_state` (b, C, K) holds the K inputs before the row (transformers'
+    index (see `documents.document_runs`). `initial_state` (b, C, K) holds the K inputs before the row (transformers'
     conv-state layout), continuing the row's first document. Returns (y (b, T, C), final_state (b, C, K)),
     where final_state keeps only the last document's inputs (zeros before it).
     """

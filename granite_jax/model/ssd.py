@@ -26,17 +26,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from granite_jax.model.documents import document_runs
+
 _F32 = jnp.float32
-
-
-def document_runs(segment_ids: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
-    """Index of the contiguous document run of each token, 0 for the first run of each row: (b, T) int32."""
-    if segment_ids is None:
-        return jnp.zeros(shape, jnp.int32)
-    starts = jnp.concatenate(
-        [jnp.zeros_like(segment_ids[:, :1], dtype=jnp.int32),
-         (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)], axis=1)
-    return jnp.cumsum(starts, axis=1, dtype=jnp.int32)
 
 
 def _heads_per_group(B: jax.Array, n_heads: int) -> int:
