@@ -101,8 +101,6 @@ class RunConfig:
 
 def _check_type(key: str, value: Any, annotation) -> Any:
     """Coerce ints to floats where a float is wanted; otherwise the value must already have the type."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing) | {"dict": dict, "list": list})  # from `from __future__`
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -136,6 +134,7 @@ def _check_type(key: str, value: Any, annotation) -> Any:
 
 def _apply(obj, updates: dict, prefix: str = "") -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    types_ = typing.get_type_hints(type(obj))
     for key, value in updates.items():
         path = f"{prefix}{key}"
         if key not in fields:
@@ -146,7 +145,7 @@ def _apply(obj, updates: dict, prefix: str = "") -> None:
                 raise RunConfigError(f"{path} must be a mapping of its fields, got {value!r}")
             _apply(current, value, prefix=f"{path}.")
         else:
-            setattr(obj, key, _check_type(path, value, fields[key].type))
+            setattr(obj, key, _check_type(path, value, types_[key]))
 
 
 def parse_overrides(pairs: list[str]) -> dict:

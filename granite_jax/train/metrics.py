@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+import jax
+
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -41,4 +43,6 @@ def console_line(step: int, total: int, metrics: dict[str, float], eta_s: float 
 
 
 def print_line(text: str) -> None:
-    print(text, file=sys.stdout, flush=True)
+    """Console output, from the first process only (every process of a multi-host run would repeat it)."""
+    if jax.process_index() == 0:
+        print(text, file=sys.stdout, flush=True)
