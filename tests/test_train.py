@@ -295,3 +295,28 @@ def test_pretokenized_arrayrecord_gives_the_same_batches(tmp_path):
         docs, tokenizer, vocab_size=4096, seq_len=16, batch_size=1, seed=0, num_epochs=1)]
     from_text = batches(load_documents([str(jsonl)]))
     assert batches(load_documents([str(tmp_path / "docs.arrayrecord")])) == from_text and len(from_text) > 1
+
+
+def test_export_run_to_transformers(tmp_path):
+    """A run's checkpoint → `python -m granite_jax.convert export` → transformers gives our logits."""
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from granite_jax.convert.__main__ import load_run_model
+
+    run_dir = str(tmp_path / "run")
+    _train(run_dir, "steps=3")
+    proc = subprocess.run([sys.executable, "-m", "granite_jax.convert", "export", run_dir, str(tmp_path / "hf")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "exported step 3" in proc.stdout, proc.stderr
+    ours, _, step = load_run_model(run_dir)
+    ids = np.random.default_rng(0).integers(0, 4096, (1, 40))
+    expected = np.asarray(ours(jnp.asarray(ids)).logits)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        actual = hf(torch.tensor(ids), use_cache=False).logits.numpy()
+    assert step == 3 and np.max(np.abs(actual - expected)) <= 1e-4 * np.max(np.abs(expected))
+    bad = subprocess.run([sys.executable, "-m", "granite_jax.convert", "export", str(tmp_path / "nope"), "x"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "has no checkpoints directory" in bad.stderr

@@ -100,6 +100,7 @@ def _tiled_grouped_matmul(x, weights, group_sizes, tile: int):
 
 def grouped_matmul(x, weights, group_sizes, *, impl: str = "auto", tile: int = 128):
     """Multiply each contiguous group of rows of `x` by its group's weight matrix."""
+    x, weights = jnp.asarray(x), jnp.asarray(weights)
     if _resolve_impl(impl) == "ragged_dot":
         return jax.lax.ragged_dot(x, weights, group_sizes)
     return _tiled_grouped_matmul(x, weights, group_sizes, tile)

@@ -1,0 +1,86 @@
+"""`python -m granite_jax.convert export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16]`
+
+Exports the parameters of a training run's checkpoint (the newest, or `--step`) to a Hugging Face directory
+(`config.json` + safetensors) that `transformers.AutoModelForCausalLM.from_pretrained` loads. When the run's
+tokenizer is an HF tokenizer (a `tokenizer.json` or a checkpoint directory), its files are copied too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from granite_jax.config import ModelConfig
+from granite_jax.convert.hf import save_hf_checkpoint
+from granite_jax.model import GraniteForCausalLM
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+def load_run_model(run_dir: str, step: int | None = None) -> tuple[GraniteForCausalLM, dict, int]:
+    """The model of a run's checkpoint (newest unless `step`), its saved run config, and the step."""
+    directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{run_dir!r} has no checkpoints directory")
+    manager = ocp.CheckpointManager(directory)
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"{directory!r} holds no checkpoint")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise ValueError(f"--step {step}: the run has checkpoints at steps {sorted(steps)}")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    config = ModelConfig.from_hf(meta["model"])
+    abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    restored = ocp.PyTreeCheckpointer().restore(  # the parameters only, not the optimizer state
+        os.path.join(directory, str(step), "state"),
+        args=ocp.args.PyTreeRestore({"params": params}, partial_restore=True,
+                                    restore_args=ocp.checkpoint_utils.construct_restore_args({"params": params})))
+    manager.close()
+    return nnx.merge(graphdef, restored["params"]), meta["run"], step
+
+
+def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None) -> str:
+    model, run, step = load_run_model(run_dir, step)
+    save_hf_checkpoint(model, out_dir, dtype=dtype)
+    tokenizer = run["data"]["tokenizer"]
+    source = tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
+    copied = []
+    if tokenizer.endswith(".json") or os.path.isdir(tokenizer):
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copy(os.path.join(source, name), out_dir)
+                copied.append(name)
+    note = f"; tokenizer files copied: {copied}" if copied else (
+        f"; the run's tokenizer {tokenizer!r} is not an HF tokenizer, so none was copied")
+    return f"exported step {step} of {run_dir} to {out_dir}{note}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m granite_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="a run's checkpoint → an HF directory")
+    ex.add_argument("run_dir")
+    ex.add_argument("out_dir")
+    ex.add_argument("--step", type=int, default=None)
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    args = parser.parse_args(argv)
+    try:
+        print(export(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
