@@ -26,7 +26,7 @@ _LAYER_TYPE_ALIASES = {
     "full_attention": ATTENTION,
 }
 _DTYPES = ("float32", "bfloat16", "float16")
-_MOE_IMPLS = ("auto", "ragged_dot", "tiled")
+MOE_IMPLS = ("auto", "ragged_dot", "tiled")  # see granite_jax/model/moe.py
 # Fields that say how we compute, not what the model is: never written to config.json.
 COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_block_size", "remat_policy")
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -197,8 +197,8 @@ class ModelConfig:
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {_DTYPES}")
-        if self.moe_impl not in _MOE_IMPLS:
-            raise ConfigError(f"moe_impl={self.moe_impl!r} is not one of {_MOE_IMPLS}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ConfigError(f"moe_impl={self.moe_impl!r} is not one of {MOE_IMPLS}")
         _require_positive("attention_block_size", self.attention_block_size)
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from granite_jax.config import MOE_IMPLS
 from granite_jax.model.linear import make_linear
 from granite_jax.parallel import logical_param
 
-GROUPED_MATMUL_IMPLS = ("auto", "ragged_dot", "tiled")
 
 
 class RouterStats(NamedTuple):
@@ -40,8 +40,8 @@ def load_balancing_loss(stats: RouterStats, num_experts: int) -> jax.Array:
 
 
 def _resolve_impl(impl: str) -> str:
-    if impl not in GROUPED_MATMUL_IMPLS:
-        raise ValueError(f"grouped matmul impl={impl!r}; expected one of {GROUPED_MATMUL_IMPLS}")
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"grouped matmul impl={impl!r}; expected one of {MOE_IMPLS}")
     if impl == "auto":
         return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
     return impl
