@@ -335,3 +335,24 @@ def test_sharded_mesh_matches_one_device(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         losses[name] = _losses(run_dir)
     np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-5)
+
+
+def test_gradient_accumulation_averages_micro_steps():
+    """grad_accum_steps=2: two micro-steps update the parameters once, with the mean of their gradients."""
+    import jax.numpy as jnp
+    import optax
+
+    from granite_jax.train.config import OptimizerConfig
+    from granite_jax.train.optim import make_optimizer
+
+    params = {"w": jnp.ones((3, 2))}
+    g1, g2 = {"w": jnp.full((3, 2), 0.3)}, {"w": jnp.full((3, 2), -0.1)}
+    accumulate = make_optimizer(OptimizerConfig(grad_accum_steps=2, warmup_steps=0, schedule="constant"), 10)
+    state = accumulate.init(params)
+    updates, state = accumulate.update(g1, state, params)
+    assert float(jnp.abs(updates["w"]).max()) == 0.0  # no update after the first micro-step
+    updates, state = accumulate.update(g2, state, params)
+    single = make_optimizer(OptimizerConfig(warmup_steps=0, schedule="constant"), 10)
+    expected, _ = single.update({"w": (g1["w"] + g2["w"]) / 2}, single.init(params), params)
+    np.testing.assert_allclose(optax.apply_updates(params, updates)["w"],
+                               optax.apply_updates(params, expected)["w"], rtol=1e-6)
