@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +68,6 @@ def hf_tensor_name(path: tuple) -> tuple[str, Callable, Callable]:
     return ".".join(parts), _identity, _identity  # dt_bias, A_log, D
 
 
-def _param_paths(state) -> Iterator[tuple[tuple, nnx.Variable]]:
-    for path, variable in nnx.to_flat_state(state):
-        yield path, variable
-
-
 # --------------------------------------------------------------------------------------------- loading
 def _resolve_dtype(dtype) -> str:
     name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
@@ -123,7 +118,7 @@ def load_hf_checkpoint(directory: str | os.PathLike, dtype="float32", *, param_d
     abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     expected = {}
-    for path, variable in _param_paths(state):
+    for path, variable in nnx.to_flat_state(state):
         hf_name, to_hf, from_hf = hf_tensor_name(path)
         hf_shape = to_hf(np.empty(variable.shape, np.bool_)).shape
         expected[hf_name] = (path, variable, hf_shape, from_hf)
@@ -182,7 +177,7 @@ def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, 
     limit = _parse_size(max_shard_size)
 
     tensors = sorted((*hf_tensor_name(path)[:2], variable)
-                     for path, variable in _param_paths(nnx.state(model, nnx.Param)))
+                     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     shards, current, size = [], [], 0
     for name, to_hf, variable in tensors:
         nbytes = int(np.prod(variable.shape)) * np.dtype(np_dtype).itemsize

@@ -12,6 +12,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from granite_jax.tree import path_names
+
 log = logging.getLogger("granite_jax.checkpoint")
 
 
@@ -88,7 +90,7 @@ def _parameter_shapes(tree) -> dict[str, tuple]:
     """{"model.layers.0.mamba.in_proj.kernel": shape} for the `params` part of a train-state tree."""
     shapes = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        names = path_names(path)
         if names and names[0] == "params" and hasattr(leaf, "shape"):
             shapes[".".join(n for n in names[1:] if n != "value")] = leaf.shape
     return shapes

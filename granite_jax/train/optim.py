@@ -8,6 +8,7 @@ import optax
 from flax import nnx
 
 from granite_jax.train.config import OptimizerConfig
+from granite_jax.tree import path_names
 
 # Parameters that are never decayed: norms, biases and the Mamba per-head constants.
 _NO_DECAY_LEAVES = {"bias", "A_log", "D", "dt_bias"}
@@ -31,7 +32,7 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
 def decay_mask(params: nnx.State) -> nnx.State:
     """True for weights that get weight decay: matrices and embeddings, not norms, biases or A_log/D/dt_bias."""
     def wants_decay(path, leaf):
-        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        names = path_names(path)
         return leaf.ndim >= 2 and not _NO_DECAY_LEAVES & set(names) and not any("norm" in n for n in names)
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
