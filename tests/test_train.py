@@ -288,7 +288,7 @@ def test_pretokenized_arrayrecord_gives_the_same_batches(tmp_path):
 
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["In the beginning", "God said", "light"] * 4))
-    tokenizer_path = os.path.join(ROOT, "data/kjv/kjv-bpe4096.model")
+    tokenizer_path = os.path.join(ROOT, "data/tokenizer")
     assert pretokenize([str(jsonl)], tokenizer_path, str(tmp_path / "docs.arrayrecord")) == 12
     tokenizer = load_tokenizer(tokenizer_path)
     batches = lambda docs: [b["input_ids"].tolist() for b in pretraining_dataset(  # noqa: E731
@@ -303,7 +303,7 @@ def test_export_run_to_transformers(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from granite_jax.convert.__main__ import load_run_model
+    from granite_jax.train.checkpoint import load_run_model
 
     run_dir = str(tmp_path / "run")
     _train(run_dir, "steps=3")

@@ -13,39 +13,11 @@ import shutil
 import sys
 
 import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
-import orbax.checkpoint as ocp
-from flax import nnx
-
-from granite_jax.config import ModelConfig
 from granite_jax.convert.hf import save_hf_checkpoint
-from granite_jax.model import GraniteForCausalLM
+from granite_jax.train.checkpoint import load_run_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "chat_template.jinja", "generation_config.json")
-
-
-def load_run_model(run_dir: str, step: int | None = None) -> tuple[GraniteForCausalLM, dict, int]:
-    """The model of a run's checkpoint (newest unless `step`), its saved run config, and the step."""
-    directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{run_dir!r} has no checkpoints directory")
-    manager = ocp.CheckpointManager(directory)
-    steps = manager.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"{directory!r} holds no checkpoint")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise ValueError(f"--step {step}: the run has checkpoints at steps {sorted(steps)}")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    config = ModelConfig.from_hf(meta["model"])
-    abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract, nnx.Param)
-    restored = ocp.PyTreeCheckpointer().restore(  # the parameters only, not the optimizer state
-        os.path.join(directory, str(step), "state"),
-        args=ocp.args.PyTreeRestore({"params": params}, partial_restore=True,
-                                    restore_args=ocp.checkpoint_utils.construct_restore_args({"params": params})))
-    manager.close()
-    return nnx.merge(graphdef, restored["params"]), meta["run"], step
 
 
 def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None) -> str:

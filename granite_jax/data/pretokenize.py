@@ -1,6 +1,6 @@
 """Pre-tokenize a corpus into ArrayRecord files, so training reads token ids instead of tokenizing text.
 
-    python -m granite_jax.data.pretokenize --input data/kjv/kjv.jsonl.gz --tokenizer data/kjv/kjv-bpe4096.model \\
+    python -m granite_jax.data.pretokenize --input data/kjv/kjv.jsonl.gz --tokenizer data/tokenizer \\
         --out data/kjv/kjv.arrayrecord
 
 Each record is one document's token ids followed by the tokenizer's EOS, as little-endian int32 bytes. Point

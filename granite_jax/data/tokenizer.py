@@ -1,8 +1,14 @@
 """Tokenizers behind one interface: sentencepiece models and Hugging Face `tokenizer.json` (the released
 Granite 4.0 tokenizer is a byte-level BPE in `tokenizer.json`; point at the checkpoint directory).
 
-`python -m granite_jax.data.tokenizer train --input data/kjv/kjv.jsonl.gz --vocab-size 4096 --out PREFIX`
-trains a sentencepiece model (PREFIX.model) on a text / JSONL corpus.
+    python -m granite_jax.data.tokenizer train --input FILES --vocab-size 4096 --out DIR
+        a byte-level BPE like Granite's, as an HF tokenizer directory (tokenizer.json, tokenizer_config.json
+        with the Granite special tokens and chat template) that transformers' AutoTokenizer loads
+    python -m granite_jax.data.tokenizer train --kind sentencepiece --input FILES --vocab-size 4096 --out PREFIX
+        a sentencepiece BPE model, PREFIX.model
+
+The bundled tokenizer, data/tokenizer/, is the first kind, trained on the bundled corpora
+(scripts/make_chat_corpus.py says how).
 """
 
 from __future__ import annotations
@@ -82,6 +88,43 @@ def load_tokenizer(path: str) -> Tokenizer:
     raise ValueError(f"tokenizer {path!r}: expected a sentencepiece .model, a tokenizer.json, or a directory with one")
 
 
+# The Granite 4.0 special tokens (reference/granite4-architecture.md §7), first in the vocabulary of a
+# tokenizer trained here: <|pad|> = 0, <|end_of_text|> = 1 (BOS = EOS, as Granite), then the chat roles and FIM.
+GRANITE_SPECIAL_TOKENS = ("<|pad|>", "<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<|fim_prefix|>",
+                          "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>")
+
+
+def train_byte_level_bpe(texts, vocab_size: int, out_dir: str) -> str:
+    """Train a GPT-2 style byte-level BPE on an iterable of texts and write an HF tokenizer directory.
+
+    `tokenizer_config.json` names EOS (<|end_of_text|>) and pad (<|pad|>), adds no BOS (as Granite) and
+    carries the built-in Granite 4.0 chat template, so `AutoTokenizer.from_pretrained(out_dir)` and
+    `apply_chat_template` work on it.
+    """
+    from tokenizers import Tokenizer as _Tokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from granite_jax.data.chat_template import BUILTIN_TEMPLATE_PATH
+
+    tokenizer = _Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(GRANITE_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(BUILTIN_TEMPLATE_PATH, encoding="utf-8") as f:
+        template = f.read()
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|end_of_text|>",
+                "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>", "add_bos_token": False,
+                "model_max_length": 1 << 20, "chat_template": template}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return out_dir
+
+
 def train_sentencepiece(inputs: list[str], vocab_size: int, out_prefix: str, text_field: str = "text") -> str:
     """Train a BPE sentencepiece model on text/JSONL files; ids: pad 0, bos 1, eos 2, unk 3."""
     import sentencepiece
@@ -102,13 +145,21 @@ def train_sentencepiece(inputs: list[str], vocab_size: int, out_prefix: str, tex
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a sentencepiece model")
+    train = sub.add_parser("train", help="train a tokenizer")
+    train.add_argument("--kind", choices=["byte-level-bpe", "sentencepiece"], default="byte-level-bpe")
     train.add_argument("--input", nargs="+", required=True, help="text (.txt[.gz]) or JSONL (.jsonl[.gz]) files")
     train.add_argument("--vocab-size", type=int, required=True)
-    train.add_argument("--out", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
+    train.add_argument("--out", required=True,
+                       help="byte-level-bpe: output directory; sentencepiece: prefix of PREFIX.model / PREFIX.vocab")
     train.add_argument("--text-field", default="text")
     args = parser.parse_args(argv)
-    path = train_sentencepiece(args.input, args.vocab_size, args.out, args.text_field)
+    if args.kind == "sentencepiece":
+        path = train_sentencepiece(args.input, args.vocab_size, args.out, args.text_field)
+    else:
+        from granite_jax.data.sources import read_documents
+
+        texts = (doc for p in args.input for doc in read_documents(p, args.text_field))
+        path = train_byte_level_bpe(texts, args.vocab_size, args.out)
     print(f"wrote {path} (vocab {load_tokenizer(path).vocab_size})")
 
 

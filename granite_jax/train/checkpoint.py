@@ -11,7 +11,10 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
+from granite_jax.config import ModelConfig
+from granite_jax.model import GraniteForCausalLM
 from granite_jax.tree import path_names
 
 log = logging.getLogger("granite_jax.checkpoint")
@@ -98,3 +101,30 @@ def _parameter_shapes(tree) -> dict[str, tuple]:
 
 def abstract_like(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def load_run_model(run_dir: str, step: int | None = None, **model_overrides) -> tuple[GraniteForCausalLM, dict, int]:
+    """The model of a run's checkpoint (newest unless `step`), its saved run config, and the step.
+
+    Only the parameters are read (not the optimizer state); `model_overrides` set compute-only fields such as
+    `compute_dtype` or `remat_policy`."""
+    directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{run_dir!r} has no checkpoints directory")
+    manager = ocp.CheckpointManager(directory)
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"{directory!r} holds no checkpoint")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise ValueError(f"--step {step}: the run has checkpoints at steps {sorted(steps)}")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    config = ModelConfig.from_hf(meta["model"], **model_overrides)
+    abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    restored = ocp.PyTreeCheckpointer().restore(  # the parameters only, not the optimizer state
+        os.path.join(directory, str(step), "state"),
+        args=ocp.args.PyTreeRestore({"params": params}, partial_restore=True,
+                                    restore_args=ocp.checkpoint_utils.construct_restore_args({"params": params})))
+    manager.close()
+    return nnx.merge(graphdef, restored["params"]), meta["run"], step

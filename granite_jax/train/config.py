@@ -23,13 +23,22 @@ class RunConfigError(ValueError):
 
 @dataclasses.dataclass
 class DataConfig:
+    format: str = "text"  # "text": documents for pretraining; "chat": conversations for SFT (granite_jax.data.sft)
     train: list[str] = dataclasses.field(default_factory=lambda: ["data/kjv/kjv.jsonl.gz"])
     validation: list[str] = dataclasses.field(default_factory=lambda: ["data/kjv/kjv-validation.jsonl.gz"])
     text_field: str = "text"
-    tokenizer: str = "data/kjv/kjv-bpe4096.model"  # sentencepiece .model, tokenizer.json, or an HF directory
+    # sentencepiece .model, tokenizer.json, or an HF directory; null: the tokenizer of init_from
+    tokenizer: str | None = "data/tokenizer"
     seq_len: int = 256
     batch_size: int = 8  # global batch, rows per optimizer micro-step
     shuffle_seed: int = 0
+    # chat only: "auto" (the tokenizer's own template, else the built-in Granite 4.0 format), "builtin", or a
+    # Jinja file; what to do with a malformed line ("error" or "skip", counted); with a sample longer than
+    # seq_len + 1 tokens ("truncate" or "drop", counted); how many rows first-fit packing fills at once.
+    chat_template: str = "auto"
+    bad_lines: str = "error"
+    overlong: str = "truncate"
+    packing_bins: int = 16
 
 
 @dataclasses.dataclass
@@ -58,7 +67,9 @@ class CheckpointConfig:
 class RunConfig:
     model: str = "tiny-hybrid-moe"  # a preset name or a model YAML
     model_overrides: dict = dataclasses.field(default_factory=dict)  # e.g. {remat_policy: full}
-    init_from: str | None = None  # "hf:DIR" to start from converted HF weights (continued pretraining)
+    # Start from other weights: "hf:DIR" (an HF checkpoint directory) or "run:DIR" (the newest checkpoint of
+    # one of our runs, e.g. runs/pretrain-tiny); the optimizer starts fresh.
+    init_from: str | None = None
     run_dir: str = "runs/pretrain-tiny"
     steps: int = 200
     seed: int = 0
@@ -81,13 +92,23 @@ class RunConfig:
                             ("data.batch_size", self.data.batch_size), ("log_every", self.log_every),
                             ("eval_every", self.eval_every), ("checkpoint.every_steps", self.checkpoint.every_steps),
                             ("checkpoint.keep", self.checkpoint.keep), ("loss_chunk_tokens", self.loss_chunk_tokens),
-                            ("optimizer.grad_accum_steps", self.optimizer.grad_accum_steps)]:
+                            ("optimizer.grad_accum_steps", self.optimizer.grad_accum_steps),
+                            ("data.packing_bins", self.data.packing_bins)]:
             if value <= 0:
                 raise RunConfigError(f"{name}={value} must be positive")
         if self.optimizer.schedule not in ("cosine", "wsd", "constant"):
             raise RunConfigError(f"optimizer.schedule={self.optimizer.schedule!r}: expected cosine, wsd or constant")
-        if self.init_from is not None and not self.init_from.startswith("hf:"):
-            raise RunConfigError(f"init_from={self.init_from!r}: expected 'hf:DIRECTORY'")
+        if self.init_from is not None and not self.init_from.startswith(("hf:", "run:")):
+            raise RunConfigError(f"init_from={self.init_from!r}: expected 'hf:DIRECTORY' or 'run:RUN_DIR'")
+        choices = {"data.format": (self.data.format, ("text", "chat")),
+                   "data.bad_lines": (self.data.bad_lines, ("error", "skip")),
+                   "data.overlong": (self.data.overlong, ("truncate", "drop"))}
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise RunConfigError(f"{name}={value!r}: expected one of {list(allowed)}")
+        if self.data.tokenizer is None and self.init_from is None:
+            raise RunConfigError("data.tokenizer is null (the tokenizer of init_from) but init_from is not set: "
+                                 "give data.tokenizer or init_from=hf:DIR")
         from granite_jax.parallel.mesh import RULES
 
         if self.sharding_rules not in RULES:

@@ -7,6 +7,7 @@ checkpoint before exiting. A non-finite loss stops the run with a message; the l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,17 +17,20 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from flax import nnx
 
-from granite_jax.config import ModelConfig, load_preset
+from granite_jax.config import load_preset
 from granite_jax.convert import load_hf_checkpoint
+from granite_jax.data.chat_template import chat_format
 from granite_jax.data.pipeline import pretraining_dataset
+from granite_jax.data.sft import load_sft_samples, sft_dataset
 from granite_jax.data.sources import load_documents
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.flops import training_flops_per_token
 from granite_jax.parallel.mesh import RULES, batch_sharding, check_batch, make_mesh, parameter_shardings
-from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
+from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like, load_run_model
 from granite_jax.train.config import RunConfig, save_run_config
 from granite_jax.train.metrics import TensorBoardWriter, console_line, print_line
 from granite_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -70,20 +74,61 @@ def _peak_tflops(config: RunConfig) -> float | None:
     return None
 
 
-def build_model_config(config: RunConfig) -> ModelConfig:
+def initial_model(config: RunConfig) -> GraniteForCausalLM:
+    """A fresh model from the preset, or the weights named by `init_from` (hf:DIR or run:DIR)."""
     overrides = dict(config.model_overrides, compute_dtype=config.compute_dtype)
-    if config.init_from:
-        return ModelConfig.from_hf(config.init_from[len("hf:"):], **overrides)
-    return load_preset(config.model, **overrides)
+    if config.init_from and config.init_from.startswith("hf:"):
+        return load_hf_checkpoint(config.init_from[len("hf:"):], dtype=config.compute_dtype,
+                                  **config.model_overrides)
+    if config.init_from and config.init_from.startswith("run:"):
+        return load_run_model(_init_run_dir(config.init_from), **overrides)[0]
+    return GraniteForCausalLM(load_preset(config.model, **overrides), rngs=nnx.Rngs(config.seed))
 
 
-def _init_params(config: RunConfig, model_config: ModelConfig):
-    if config.init_from:
-        model = load_hf_checkpoint(config.init_from[len("hf:"):], dtype=model_config.compute_dtype,
-                                   **{k: v for k, v in config.model_overrides.items()})
-    else:
-        model = GraniteForCausalLM(model_config, rngs=nnx.Rngs(config.seed))
-    return nnx.split(model, nnx.Param)
+def _init_run_dir(init_from: str) -> str:
+    run_dir = init_from[len("run:"):]
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        raise FileNotFoundError(f"init_from={init_from!r}: {run_dir!r} is not a run directory with checkpoints "
+                                "(train it first, e.g. `python train.py` for runs/pretrain-tiny)")
+    return run_dir
+
+
+def resolve_tokenizer(config: RunConfig) -> str:
+    """`data.tokenizer`, or when it is null the tokenizer that came with `init_from`."""
+    if config.data.tokenizer is not None:
+        return config.data.tokenizer
+    if config.init_from.startswith("hf:"):
+        return config.init_from[len("hf:"):]
+    with open(os.path.join(_init_run_dir(config.init_from), "config.yaml")) as f:
+        return yaml.safe_load(f)["data"]["tokenizer"]
+
+
+def build_datasets(config: RunConfig, vocab_size: int):
+    """(training batches, validation batches or None) for this host, as the config's data format says."""
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    data = config.data
+    hosts = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    if data.format == "chat":
+        chat = chat_format(data.chat_template, data.tokenizer)
+        print_line(f"chat format: {chat.origin}")
+
+        def load(paths, split):
+            samples, stats = load_sft_samples(paths, chat, tokenizer, seq_len=data.seq_len, vocab_size=vocab_size,
+                                              bad_lines=data.bad_lines, overlong=data.overlong, progress=print_line)
+            print_line(f"{split} data: {stats.summary(data.seq_len)}")
+            for line in stats.bad_lines[:10]:
+                log.warning("skipped %s", line)
+            return samples
+
+        rows = dict(seq_len=data.seq_len, batch_size=data.batch_size, packing_bins=data.packing_bins, **hosts)
+        train_data = sft_dataset(load(data.train, "train"), seed=data.shuffle_seed, **rows)
+        eval_data = sft_dataset(load(data.validation, "validation"), seed=0, **rows) if data.validation else None
+        return train_data, eval_data
+    rows = dict(tokenizer=tokenizer, vocab_size=vocab_size, seq_len=data.seq_len, batch_size=data.batch_size, **hosts)
+    train_data = pretraining_dataset(load_documents(data.train, data.text_field), seed=data.shuffle_seed, **rows)
+    eval_data = (pretraining_dataset(load_documents(data.validation, data.text_field), seed=0, **rows)
+                 if data.validation else None)
+    return train_data, eval_data
 
 
 def _to_host(metrics) -> dict[str, float]:
@@ -101,19 +146,15 @@ def evaluate(eval_step, params, dataset, batches: int, sharding) -> float:
 
 def train(config: RunConfig) -> list[float]:
     """Run (or resume) training; returns the per-step training losses of the steps run in this call."""
-    model_config = build_model_config(config)
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    documents = load_documents(config.data.train, config.data.text_field)
-    pipeline = dict(tokenizer=tokenizer, vocab_size=model_config.vocab_size, seq_len=config.data.seq_len,
-                    batch_size=config.data.batch_size, shard_index=jax.process_index(),
-                    shard_count=jax.process_count())
-    train_data = pretraining_dataset(documents, seed=config.data.shuffle_seed, **pipeline)
-    eval_data = (pretraining_dataset(load_documents(config.data.validation, config.data.text_field), seed=0,
-                                     **pipeline) if config.data.validation else None)
-
+    # Saved resolved, so that export finds the tokenizer files.
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=resolve_tokenizer(config)))
     mesh = make_mesh(config.mesh)
     check_batch(config.data.batch_size, mesh)
-    graphdef, params = _init_params(config, model_config)
+    model = initial_model(config)
+    model_config = model.config
+    train_data, eval_data = build_datasets(config, model_config.vocab_size)
+    graphdef, params = nnx.split(model, nnx.Param)
+    del model
     params = jax.device_put(params, parameter_shardings(params, mesh, RULES[config.sharding_rules]))
     tx = make_optimizer(config.optimizer, config.steps)
     # Optimizer moments take their parameters' shardings (GSPMD propagation through zeros_like).

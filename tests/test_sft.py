@@ -1,0 +1,132 @@
+"""SFT end to end: packed conversations stay independent, and a random HF checkpoint fine-tuned here and
+exported back loads in transformers with our logits and its tokenizer files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+from conftest import forward, max_rel_error
+from granite_jax.config import load_preset
+from granite_jax.data.chat_template import chat_format
+from granite_jax.data.sft import load_sft_samples, sft_dataset
+from granite_jax.data.tokenizer import load_tokenizer
+from granite_jax.model import GraniteForCausalLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
+CHAT_TRAIN = os.path.join(ROOT, "data", "chat", "train.jsonl.gz")
+
+
+def _first_conversations(count: int) -> list[str]:
+    with gzip.open(CHAT_TRAIN, "rt", encoding="utf-8") as f:
+        return [next(f) for _ in range(count)]
+
+
+def test_packed_conversations_do_not_see_each_other(tmp_path):
+    """Logits of a packed SFT row equal each of its conversations run alone (attention and SSM state reset)."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(_first_conversations(24)))
+    samples, _ = load_sft_samples([str(path)], chat_format("auto", TOKENIZER), load_tokenizer(TOKENIZER),
+                                  seq_len=384, vocab_size=4096)
+    rows = iter(sft_dataset(samples, seq_len=384, batch_size=1, seed=0, num_epochs=1))
+    row = max(({k: v[0] for k, v in batch.items()} for batch in rows), key=lambda r: r["segment_ids"].max())
+    segments = row["segment_ids"]
+    assert segments.max() >= 3, "the row should pack several conversations"
+    model = GraniteForCausalLM(load_preset("tiny-hybrid-moe", mamba_chunk_size=16), rngs=nnx.Rngs(0))
+    packed = np.asarray(forward(model, jnp.asarray(row["input_ids"])[None], jnp.asarray(segments)[None],
+                                jnp.asarray(row["positions"])[None]).logits[0])
+    for segment in range(1, int(segments.max()) + 1):
+        where = np.flatnonzero(segments == segment)
+        alone = np.asarray(forward(model, jnp.asarray(row["input_ids"][where])[None]).logits[0])
+        assert max_rel_error(packed[where], alone) < 1e-5, segment
+        # Targets stay inside the conversation: each one is the next input of the same segment, or unweighted.
+        inside = row["targets"][where][:-1] == row["input_ids"][where][1:]
+        assert inside.all() and row["loss_weights"][where[-1]] in (0.0, 1.0)
+    assert not row["loss_weights"][segments == 0].any()
+
+
+def _run(cmd, **kwargs):
+    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=900, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkpoint):
+    """Random tiny HF checkpoint (+ the bundled tokenizer) → SFT a few steps → export → transformers loads
+    the directory, its logits equal ours, and its tokenizer renders the chat template as we do."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from granite_jax.data.chat import parse_conversation, render_text
+    from granite_jax.train.checkpoint import load_run_model
+
+    source, _ = hf_checkpoint(vocab_size=4096, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    for name in os.listdir(TOKENIZER):
+        shutil.copy(os.path.join(TOKENIZER, name), source)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(_first_conversations(40)))
+    run_dir = tmp_path / "run"
+    proc = _run(["train.py", "--config", "configs/sft-tiny.yaml", f"init_from=hf:{source}", f"run_dir={run_dir}",
+                 f"data.train=[{data}]", f"data.validation=[{data}]", "steps=3", "eval_every=3", "eval_batches=1",
+                 "data.seq_len=256", "data.batch_size=2", "checkpoint.every_steps=3"])
+    assert "chat format: " + os.path.join(source, "tokenizer_config.json") in proc.stdout
+    # 40 lines: some truncated to 257 tokens, those cut before their first assistant token dropped; counted.
+    report = re.search(r"train data: (\d+) conversations.*; (\d+) truncated.* (\d+) dropped with no assistant", proc.stdout)
+    kept, truncated, dropped = map(int, report.groups())
+    assert kept + dropped == 40 and truncated > 0 and "eval step 3" in proc.stdout
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["data"]["tokenizer"] == source  # data.tokenizer: null → the checkpoint directory's
+
+    out = tmp_path / "exported"
+    proc = _run(["-m", "granite_jax.convert", "export", str(run_dir), str(out)])
+    assert "tokenizer files copied" in proc.stdout
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
+
+    ours, _, step = load_run_model(str(run_dir))
+    ids = np.random.default_rng(0).integers(0, 4096, (2, 48))
+    expected = np.asarray(ours(jnp.asarray(ids)).logits)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        actual = hf(torch.tensor(ids), use_cache=False).logits.numpy()
+    assert step == 3 and max_rel_error(actual, expected) <= 1e-4
+    # The weights moved away from the source checkpoint (training happened).
+    original = AutoModelForCausalLM.from_pretrained(source).eval()
+    with torch.no_grad():
+        before = original(torch.tensor(ids), use_cache=False).logits.numpy()
+    assert max_rel_error(actual, before) > 1e-3
+
+    conversation = json.loads(_first_conversations(1)[0])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = tokenizer.apply_chat_template(conversation["messages"], tools=conversation.get("tools"), tokenize=False)
+    assert text == render_text(parse_conversation(conversation))
+
+
+def test_sft_from_a_pretraining_run(tmp_path):
+    """init_from=run:DIR starts from our own run's newest checkpoint and takes its tokenizer."""
+    pretrain = tmp_path / "pretrain"
+    small = "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}"
+    _run(["train.py", f"run_dir={pretrain}", small, "steps=2", "data.seq_len=64", "data.batch_size=2",
+          "eval_every=100", "checkpoint.every_steps=2"])
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(_first_conversations(10)))
+    run_dir = tmp_path / "sft"
+    proc = _run(["train.py", "--config", "configs/sft-tiny.yaml", f"init_from=run:{pretrain}", f"run_dir={run_dir}",
+                 f"data.train=[{data}]", "data.validation=[]", "steps=2", "data.seq_len=256", "data.batch_size=2",
+                 "checkpoint.every_steps=2"])
+    assert f"training run:{pretrain}" in proc.stdout
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["tokenizer"] == "data/tokenizer"
+    missing = subprocess.run([sys.executable, "train.py", "--config", "configs/sft-tiny.yaml",
+                              f"init_from=run:{tmp_path / 'nothing'}", f"run_dir={tmp_path / 'x'}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "is not a run directory with checkpoints" in missing.stderr
