@@ -8,6 +8,7 @@ block-wise kernel of `flash.py`: memory linear in the sequence length, work prop
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from flax import nnx
 
 from granite_jax.model.flash import flash_attention
 from granite_jax.model.linear import make_linear
+
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables (b, T, head_dim) for the half-split ("NeoX") rotary convention, computed in float32."""
@@ -29,6 +31,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class KVCache(NamedTuple):
+    """An attention layer's keys and values, preallocated for `max_len` tokens: (b, max_len, kv_heads, head_dim)
+    each, in the compute dtype (after RoPE, so a decode step never recomputes them)."""
+
+    k: jax.Array
+    v: jax.Array
 
 
 class Attention(nnx.Module):
@@ -49,8 +59,7 @@ class Attention(nnx.Module):
         self.v_proj = linear(H, self.n_kv_heads * d, ("embed", "kv_heads"))
         self.o_proj = linear(self.n_heads * d, H, ("heads", "embed"))
 
-    def __call__(self, u: jax.Array, *, runs: jax.Array, positions: jax.Array) -> jax.Array:
-        """u (b, T, hidden); runs (b, T) document-run index; positions (b, T), used by RoPE only."""
+    def _qkv(self, u, positions):
         b, T, _ = u.shape
         q = self.q_proj(u).reshape(b, T, self.n_heads, self.head_dim)
         k = self.k_proj(u).reshape(b, T, self.n_kv_heads, self.head_dim)
@@ -58,5 +67,34 @@ class Attention(nnx.Module):
         if self.use_rope:
             cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, self.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def __call__(self, u: jax.Array, *, runs: jax.Array, positions: jax.Array, cache: KVCache | None = None):
+        """u (b, T, hidden); runs (b, T) document-run index; positions (b, T), used by RoPE only. With a
+        `cache`, the keys and values are also written to its first T slots (a prefill) and it is returned."""
+        b, T, _ = u.shape
+        q, k, v = self._qkv(u, positions)
         out = flash_attention(q, k, v, runs, scale=self.scale, block_size=self.block_size)
-        return self.o_proj(out.reshape(b, T, self.n_heads * self.head_dim))
+        out = self.o_proj(out.reshape(b, T, self.n_heads * self.head_dim))
+        if cache is None:
+            return out
+        return out, KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), 0, axis=1),
+                            jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), 0, axis=1))
+
+    def decode(self, u: jax.Array, *, index: jax.Array, start: jax.Array, positions: jax.Array,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One token per row at cache slot `index` (a scalar, the same for every row); it attends to slots
+        start[b] ≤ j ≤ index (slots before `start` hold a left-padded prompt's padding). u (b, 1, hidden)."""
+        b = u.shape[0]
+        q, k, v = self._qkv(u, positions)
+        cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), index, axis=1),
+                        jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), index, axis=1))
+        group = self.n_heads // self.n_kv_heads
+        q = q.reshape(b, self.n_kv_heads, group, self.head_dim)
+        scores = jnp.einsum("bkgd,bjkd->bkgj", q, cache.k.astype(self.dtype)).astype(jnp.float32) * self.scale
+        slots = jnp.arange(cache.k.shape[1])
+        visible = (slots[None, :] <= index) & (slots[None, :] >= start[:, None])          # (b, max_len)
+        scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgj,bjkd->bkgd", weights, cache.v.astype(self.dtype))
+        return self.o_proj(out.reshape(b, 1, self.n_heads * self.head_dim)), cache

@@ -14,10 +14,10 @@ import numpy as np
 from flax import nnx
 
 from granite_jax.config import MAMBA, ModelConfig
-from granite_jax.model.attention import Attention
+from granite_jax.model.attention import Attention, KVCache
 from granite_jax.model.documents import document_runs, positions_within_documents
 from granite_jax.model.linear import make_linear
-from granite_jax.model.mamba import Mamba2Mixer
+from granite_jax.model.mamba import Mamba2Mixer, MambaState
 from granite_jax.model.moe import MoE, RouterStats, SharedMLP, load_balancing_loss
 from granite_jax.model.norms import RMSNorm
 from granite_jax.parallel import logical_param
@@ -26,6 +26,31 @@ from granite_jax.parallel import logical_param
 class CausalLMOutput(NamedTuple):
     logits: jax.Array  # (b, T, vocab), compute dtype, already divided by logits_scaling
     aux_loss: jax.Array  # () MoE load-balancing loss (0 for dense models), not yet multiplied by its coefficient
+
+
+class DecodeCache(NamedTuple):
+    """Everything decoding needs besides the parameters. `layers[i]` is a `MambaState` (constant size) or a
+    `KVCache` (preallocated for `max_len` tokens); `index` () is the next free cache slot (prompt, including
+    its left padding, plus the tokens generated so far, the same for every row); `start` (b,) is the slot of
+    each row's first real token."""
+
+    layers: tuple
+    index: jax.Array
+    start: jax.Array
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> DecodeCache:
+    """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
+    layers = []
+    for kind in config.layer_types:
+        if kind == MAMBA:
+            layers.append(MambaState(
+                jnp.zeros((batch, config.mamba_conv_dim, config.mamba_d_conv), jnp.float32),
+                jnp.zeros((batch, config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state), jnp.float32)))
+        else:
+            shape = (batch, max_len, config.num_key_value_heads, config.attention_head_dim)
+            layers.append(KVCache(jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype)))
+    return DecodeCache(tuple(layers), jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
 
 class DecoderLayer(nnx.Module):
@@ -52,7 +77,27 @@ class DecoderLayer(nnx.Module):
             u = self.mamba(u, runs=runs)
         else:
             u = self.self_attn(u, runs=runs, positions=positions)
-        h = h + u * self.residual_multiplier
+        return self._ffn(h + u * self.residual_multiplier, token_mask)
+
+    def prefill(self, h, *, runs, positions, state):
+        """As `__call__` on a (left-padded) prompt, also returning this layer's decoding state."""
+        u = self.input_layernorm(h)
+        if self.layer_type == MAMBA:
+            u, state = self.mamba(u, runs=runs, return_state=True)
+        else:
+            u, state = self.self_attn(u, runs=runs, positions=positions, cache=state)
+        return self._ffn(h + u * self.residual_multiplier, None)[0], state
+
+    def decode(self, h, *, index, start, positions, state):
+        """One token per row, h (b, 1, hidden)."""
+        u = self.input_layernorm(h)
+        if self.layer_type == MAMBA:
+            u, state = self.mamba.decode(u, state)
+        else:
+            u, state = self.self_attn.decode(u, index=index, start=start, positions=positions, cache=state)
+        return self._ffn(h + u * self.residual_multiplier, None)[0], state
+
+    def _ffn(self, h, token_mask):
         u = self.post_attention_layernorm(h)
         f = self.shared_mlp(u)
         stats = None
@@ -84,7 +129,7 @@ class GraniteModel(nnx.Module):
             positions = positions_within_documents(runs)
         token_mask = None if segment_ids is None else segment_ids > 0
 
-        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(config.compute_dtype) * config.embedding_multiplier
+        h = self.embed(input_ids)
         run_layer = _with_remat(config.remat_policy)
         total = None
         for layer in self.layers:
@@ -92,6 +137,34 @@ class GraniteModel(nnx.Module):
             if stats is not None:
                 total = stats if total is None else jax.tree.map(jnp.add, total, stats)
         return self.norm(h), total
+
+    def embed(self, input_ids):
+        return (jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.compute_dtype)
+                * self.config.embedding_multiplier)
+
+    def prefill(self, input_ids, start, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+        """Run left-padded prompts (b, T) whose real tokens begin at `start` (b,); returns the final hidden
+        state of the last position (b, hidden) and the cache filled with the prompts."""
+        b, T = input_ids.shape
+        segment_ids = (jnp.arange(T)[None, :] >= start[:, None]).astype(jnp.int32)  # padding = its own run
+        runs = document_runs(segment_ids, (b, T))
+        positions = positions_within_documents(runs)
+        h = self.embed(input_ids)
+        states = []
+        for layer, state in zip(self.layers, cache.layers):
+            h, state = layer.prefill(h, runs=runs, positions=positions, state=state)
+            states.append(state)
+        return self.norm(h[:, -1]), DecodeCache(tuple(states), jnp.asarray(T, jnp.int32), start.astype(jnp.int32))
+
+    def decode(self, tokens, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+        """One token per row, tokens (b,), written at slot `cache.index`; returns hidden (b, hidden)."""
+        h = self.embed(tokens[:, None])
+        positions = (cache.index - cache.start)[:, None]
+        states = []
+        for layer, state in zip(self.layers, cache.layers):
+            h, state = layer.decode(h, index=cache.index, start=cache.start, positions=positions, state=state)
+            states.append(state)
+        return self.norm(h[:, 0]), DecodeCache(tuple(states), cache.index + 1, cache.start)
 
 
 def _call_layer(layer, h, runs, positions, token_mask):
@@ -138,6 +211,16 @@ class GraniteForCausalLM(nnx.Module):
     def __call__(self, input_ids, segment_ids=None, positions=None) -> CausalLMOutput:
         hidden, stats = self.model(input_ids, segment_ids, positions)
         return CausalLMOutput(logits=self.logits(hidden), aux_loss=self.aux_loss(stats))
+
+    def prefill(self, input_ids, start, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+        """Left-padded prompts (b, T), real tokens from `start` (b,) on → (next-token logits (b, vocab), cache)."""
+        hidden, cache = self.model.prefill(input_ids, start, cache)
+        return self.logits(hidden), cache
+
+    def decode(self, tokens, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+        """tokens (b,) → (next-token logits (b, vocab), cache advanced by one slot)."""
+        hidden, cache = self.model.decode(tokens, cache)
+        return self.logits(hidden), cache
 
 
 def _check_inputs(config: ModelConfig, input_ids, segment_ids, positions) -> None:

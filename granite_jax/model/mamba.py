@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from granite_jax.model.norms import GatedRMSNorm
-from granite_jax.model.ssd import ssd_chunked
+from granite_jax.model.ssd import ssd_chunked, ssd_decode_step
 from granite_jax.model.linear import make_linear
 from granite_jax.parallel import logical_param
 
@@ -71,6 +72,14 @@ def causal_depthwise_conv(x, kernel, bias, runs, initial_state=None):
     return y, jnp.swapaxes(final_state, 1, 2)
 
 
+class MambaState(NamedTuple):
+    """A Mamba layer's decoding state, constant in size whatever the context length (transformers' layout):
+    conv (b, conv_dim, d_conv), the last d_conv pre-conv inputs; ssm (b, heads, head_dim, d_state). Both float32."""
+
+    conv: jax.Array
+    ssm: jax.Array
+
+
 class DepthwiseConv1d(nnx.Module):
     """`conv1d` parameters: kernel (K, C) (transformers stores (C, 1, K)) and optional bias (C,)."""
 
@@ -105,25 +114,57 @@ class Mamba2Mixer(nnx.Module):
                                  dtype=config.compute_dtype, param_dtype=config.param_dtype)
         self.out_proj = linear(self.d_inner, H, ("ssm_inner", "embed"))
 
-    def __call__(self, u: jax.Array, *, runs: jax.Array) -> jax.Array:
-        """u (b, T, hidden); runs (b, T) document-run index of every token."""
+    def __call__(self, u: jax.Array, *, runs: jax.Array, return_state: bool = False):
+        """u (b, T, hidden); runs (b, T) document-run index of every token. With `return_state`, also the
+        `MambaState` after the row's last document (a prefill for decoding)."""
         b, T, _ = u.shape
         z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
-        bias = None if self.conv1d.bias is None else self.conv1d.bias[...].astype(self.dtype)
-        xBC, _ = causal_depthwise_conv(xBC, self.conv1d.kernel[...].astype(self.dtype), bias, runs)
-        xBC = jax.nn.silu(xBC)
-        x, B, C = jnp.split(xBC, [self.d_inner, self.d_inner + self.n_groups * self.d_state], axis=-1)
-        x = x.reshape(b, T, self.n_heads, self.head_dim)
-        B = B.reshape(b, T, self.n_groups, self.d_state)
-        C = C.reshape(b, T, self.n_groups, self.d_state)
+        xBC, conv_state = causal_depthwise_conv(xBC, self._conv_kernel(), self._conv_bias(), runs)
+        x, B, C, dt = self._ssm_inputs(jax.nn.silu(xBC), dt)
+        y, ssm_state = ssd_chunked(x.reshape(b, T, self.n_heads, self.head_dim), dt, self._A(),
+                                   B.reshape(b, T, self.n_groups, self.d_state),
+                                   C.reshape(b, T, self.n_groups, self.d_state),
+                                   chunk_size=self.chunk_size, segment_ids=runs)
+        out = self._output(y.reshape(b, T, self.d_inner), x, z)
+        if return_state:
+            return out, MambaState(conv_state.astype(jnp.float32), ssm_state)
+        return out
 
-        # Δ = softplus(dt + dt_bias) in the compute dtype (as transformers does), then float32.
+    def decode(self, u: jax.Array, state: MambaState) -> tuple[jax.Array, MambaState]:
+        """One token per row: u (b, 1, hidden) → (out (b, 1, hidden), the next state)."""
+        b = u.shape[0]
+        z, xBC, dt = jnp.split(self.in_proj(u[:, 0]), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
+        conv = jnp.concatenate([state.conv[:, :, 1:], xBC.astype(jnp.float32)[:, :, None]], axis=-1)
+        xBC = jnp.einsum("bck,kc->bc", conv.astype(self.dtype), self._conv_kernel())
+        if self.conv1d.bias is not None:
+            xBC = xBC + self._conv_bias()
+        x, B, C, dt = self._ssm_inputs(jax.nn.silu(xBC), dt)
+        y, ssm = ssd_decode_step(state.ssm, x.reshape(b, self.n_heads, self.head_dim), dt, self._A(),
+                                 B.reshape(b, self.n_groups, self.d_state), C.reshape(b, self.n_groups, self.d_state))
+        out = self._output(y.reshape(b, self.d_inner), x, z)
+        return out[:, None], MambaState(conv, ssm)
+
+    def _conv_kernel(self):
+        return self.conv1d.kernel[...].astype(self.dtype)
+
+    def _conv_bias(self):
+        return None if self.conv1d.bias is None else self.conv1d.bias[...].astype(self.dtype)
+
+    def _A(self):
+        return -jnp.exp(self.A_log[...].astype(jnp.float32))
+
+    def _ssm_inputs(self, xBC, dt):
+        """Split the conv output into x, B, C and discretise the step: Δ = softplus(dt + dt_bias) in the
+        compute dtype (as transformers does), then float32, clipped to time_step_limit."""
+        x, B, C = jnp.split(xBC, [self.d_inner, self.d_inner + self.n_groups * self.d_state], axis=-1)
         dt = jax.nn.softplus(dt + self.dt_bias[...].astype(self.dtype)).astype(jnp.float32)
         lo, hi = self.time_step_limit
         if (lo, hi) != (0.0, float("inf")):
             dt = jnp.clip(dt, lo, hi)
-        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        y, _ = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=runs)
-        y = y + self.D[...].astype(jnp.float32)[:, None] * x.astype(jnp.float32)
-        y = self.norm(y.reshape(b, T, self.d_inner), z)
-        return self.out_proj(y)
+        return x, B, C, dt
+
+    def _output(self, y, x, z):
+        """Skip connection D·x, gated norm, out_proj; y and x have the heads flattened (..., d_inner)."""
+        D = jnp.repeat(self.D[...].astype(jnp.float32), self.head_dim)
+        y = y + D * x.astype(jnp.float32)
+        return self.out_proj(self.norm(y, z))

@@ -1,0 +1,152 @@
+"""Evaluate a Granite 4.0 checkpoint: an HF directory or one of our training runs (its newest checkpoint).
+
+    python eval.py generate   --checkpoint runs/sft-tiny --chat --prompt "What is 12 + 30?"
+    python eval.py perplexity --checkpoint runs/pretrain-tiny --data data/kjv/kjv-validation.jsonl.gz
+    python eval.py choice     --checkpoint runs/pretrain-tiny --task data/eval/kjv-next-verse.jsonl
+    python eval.py lm-eval    --checkpoint runs/sft-tiny --tasks kjv_next_verse --include-path data/eval/lm_eval
+
+`generate` streams the tokens of a single prompt to the terminal (several --prompt flags are batched and
+printed at the end). Results of `perplexity`, `choice` and `lm-eval` are printed as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="HF checkpoint directory or training run directory")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the checkpoint's own)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+
+
+def _generate(args) -> dict | None:
+    from granite_jax.data.chat import Conversation, render_text
+    from granite_jax.data.chat_template import chat_format
+    from granite_jax.eval.checkpoints import load_for_eval
+    from granite_jax.eval.generate import Generator, SamplingConfig
+
+    model, tokenizer, tokenizer_path = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+    prompts = args.prompt
+    if args.chat:
+        formatter = chat_format("auto", tokenizer_path)
+        messages = lambda p: ([{"role": "system", "content": args.system}] if args.system else []) + [  # noqa: E731
+            {"role": "user", "content": p}]
+        prompts = [formatter.render_text(Conversation(messages(p)), add_generation_prompt=True) for p in prompts]
+    ids = [tokenizer.encode(p) for p in prompts]
+    generator = Generator(model, pad_id=tokenizer.pad_id or 0)
+    streamed: list[int] = []
+    printed = [""]
+
+    def stream(row: int, token: int) -> None:
+        streamed.append(token)
+        text = tokenizer.decode(streamed)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    result = generator.generate(ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                eos_id=None if args.ignore_eos else tokenizer.eos_id, stop_strings=args.stop,
+                                tokenizer=tokenizer, max_len=args.max_len, seed=args.seed,
+                                on_token=stream if len(ids) == 1 and not args.stop else None)
+    if len(ids) == 1 and not args.stop:
+        print()
+    else:
+        for prompt, text in zip(args.prompt, result.texts):
+            print(f"--- {prompt}\n{text}")
+    return None
+
+
+def _perplexity(args) -> dict:
+    from granite_jax.eval.checkpoints import load_for_eval
+    from granite_jax.eval.scoring import Scorer, perplexity_of_files
+
+    model, tokenizer, _ = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+    result = perplexity_of_files(Scorer(model, seq_len=args.seq_len, batch_size=args.batch_size), args.data,
+                                 tokenizer, args.text_field)
+    return dict(documents=result.documents, windows=result.windows, tokens=result.tokens, bytes=result.bytes,
+                loss=result.loss, perplexity=result.perplexity, bits_per_byte=result.bits_per_byte)
+
+
+def _choice(args) -> dict:
+    from granite_jax.eval.checkpoints import load_for_eval
+    from granite_jax.eval.scoring import Scorer, multiple_choice, read_choice_task
+
+    model, tokenizer, _ = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+    result = multiple_choice(Scorer(model, seq_len=args.seq_len, batch_size=args.batch_size),
+                             read_choice_task(args.task), tokenizer)
+    return dict(task=args.task, questions=result.questions, accuracy=result.accuracy,
+                accuracy_norm=result.accuracy_norm)
+
+
+def _lm_eval(args) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from granite_jax.eval.lm_eval_adapter import GraniteLM
+
+    model = GraniteLM(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, seq_len=args.seq_len,
+                      batch_size=args.batch_size)
+    manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+    results = lm_eval.simple_evaluate(model=model, tasks=args.tasks.split(","), task_manager=manager,
+                                      limit=args.limit, num_fewshot=args.num_fewshot, log_samples=False,
+                                      bootstrap_iters=0)
+    return {"results": results["results"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from prompts")
+    _common(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    gen.add_argument("--system", default=None, help="with --chat: a system prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
+    gen.add_argument("--max-len", type=int, default=None, help="cache capacity in tokens (default: just enough)")
+    gen.add_argument("--seed", type=int, default=0)
+
+    for name, help_text in [("perplexity", "perplexity and bits per byte of text / JSONL files"),
+                            ("choice", "multiple-choice accuracy on a JSONL task"),
+                            ("lm-eval", "run lm-eval tasks on the model")]:
+        p = sub.add_parser(name, help=help_text)
+        _common(p)
+        p.add_argument("--seq-len", type=int, default=2048)
+        p.add_argument("--batch-size", type=int, default=8)
+        if name == "perplexity":
+            p.add_argument("--data", nargs="+", required=True)
+            p.add_argument("--text-field", default="text")
+        elif name == "choice":
+            p.add_argument("--task", required=True, help='JSONL of {"context", "choices", "answer"}')
+        else:
+            p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+            p.add_argument("--include-path", default=None, help="a directory of extra lm-eval task YAMLs")
+            p.add_argument("--limit", type=int, default=None)
+            p.add_argument("--num-fewshot", type=int, default=None)
+
+    args = parser.parse_args(argv)
+    run = {"generate": _generate, "perplexity": _perplexity, "choice": _choice, "lm-eval": _lm_eval}[args.command]
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

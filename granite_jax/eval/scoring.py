@@ -1,0 +1,200 @@
+"""Log-likelihood scoring: perplexity / bits-per-byte of a corpus, and multiple-choice tasks.
+
+Everything is built on one primitive, `Scorer.score(requests)`: for (context ids, continuation ids) pairs, the
+summed log-probability of the continuation given the context and whether greedy decoding would have produced
+it. Requests are packed several to a row (each its own document: `segment_ids`, no attention or SSM state
+across them) into fixed-shape batches, so one compilation serves a whole task.
+
+- perplexity: every document is scored as `<eos> + text + <eos>` (Granite's BOS is its EOS), so every token of
+  the text and the closing EOS is predicted; a document longer than the row is scored in consecutive windows,
+  each window starting fresh (reported as `windows`). Bits per byte = total nats / ln 2 / UTF-8 bytes.
+- multiple choice: JSON lines `{"context": str, "choices": [str, ...], "answer": int}`; accuracy by summed
+  log-likelihood and by log-likelihood per byte of the choice (lm-eval's `acc` and `acc_norm`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from granite_jax.data.sources import DataError, read_documents
+from granite_jax.model.granite import GraniteForCausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    context: tuple[int, ...]  # at least one token (the first continuation token needs something to follow)
+    continuation: tuple[int, ...]
+
+
+def pack_requests(requests: Sequence[Request], seq_len: int) -> list[list[tuple[int, int]]]:
+    """Group request indices into rows of at most `seq_len` input tokens (first fit, in order of length).
+    Each entry is (request index, offset in the row). A request's input is context + continuation[:-1]."""
+    order = sorted(range(len(requests)), key=lambda i: -_input_len(requests[i]))
+    rows: list[list[tuple[int, int]]] = []
+    fill: list[int] = []
+    for index in order:
+        length = _input_len(requests[index])
+        if length > seq_len:
+            raise DataError(f"request {index} needs {length} tokens, more than seq_len={seq_len}")
+        for row, used in enumerate(fill):
+            if used + length <= seq_len:
+                rows[row].append((index, used))
+                fill[row] += length
+                break
+        else:
+            rows.append([(index, 0)])
+            fill.append(length)
+    return rows
+
+
+def _input_len(request: Request) -> int:
+    return len(request.context) + len(request.continuation) - 1
+
+
+class Scorer:
+    """Batched log-likelihoods of continuations; `batch_size` rows of `seq_len` tokens per forward pass."""
+
+    def __init__(self, model: GraniteForCausalLM, *, seq_len: int = 2048, batch_size: int = 8):
+        self.seq_len, self.batch_size = seq_len, batch_size
+        graphdef, params = nnx.split(model)
+        self.params = params
+
+        @jax.jit
+        def token_scores(params, ids, segment_ids, targets):
+            logits = nnx.merge(graphdef, params)(ids, segment_ids).logits.astype(jnp.float32)
+            logprobs = jax.nn.log_softmax(logits, axis=-1)
+            chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+            return chosen, jnp.argmax(logits, axis=-1) == targets
+
+        self._token_scores = token_scores
+
+    def score(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), continuation is the greedy choice) per request."""
+        for index, request in enumerate(requests):
+            if not request.context or not request.continuation:
+                raise DataError(f"request {index}: context and continuation must both have at least one token")
+        rows = pack_requests(requests, self.seq_len)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for first in range(0, len(rows), self.batch_size):
+            batch = rows[first:first + self.batch_size]
+            shape = (self.batch_size, self.seq_len)
+            ids, segments, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+            for r, row in enumerate(batch):
+                for segment, (index, offset) in enumerate(row, 1):
+                    tokens = requests[index].context + requests[index].continuation
+                    n = len(tokens) - 1
+                    ids[r, offset:offset + n] = tokens[:-1]
+                    targets[r, offset:offset + n] = tokens[1:]
+                    segments[r, offset:offset + n] = segment
+            chosen, greedy = jax.device_get(self._token_scores(self.params, ids, segments, targets))
+            for r, row in enumerate(batch):
+                for index, offset in row:
+                    request = requests[index]
+                    end = offset + _input_len(request)
+                    span = slice(end - len(request.continuation), end)
+                    results[index] = (float(chosen[r, span].sum(dtype=np.float64)), bool(greedy[r, span].all()))
+        return results  # type: ignore[return-value]
+
+
+@dataclasses.dataclass
+class PerplexityResult:
+    documents: int
+    windows: int
+    tokens: int  # predicted tokens
+    bytes: int
+    nats: float
+
+    @property
+    def loss(self) -> float:
+        return self.nats / max(self.tokens, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / math.log(2) / max(self.bytes, 1)
+
+
+def perplexity(scorer: Scorer, documents: Iterable[str], tokenizer) -> PerplexityResult:
+    requests, n_docs, n_bytes = [], 0, 0
+    window = scorer.seq_len
+    for text in documents:
+        ids = tokenizer.encode(text) + [tokenizer.eos_id]
+        n_docs += 1
+        n_bytes += len(text.encode("utf-8"))
+        context = [tokenizer.eos_id]
+        for start in range(0, len(ids), window):
+            piece = ids[start:start + window]
+            requests.append(Request(tuple(context), tuple(piece)))
+            context = [piece[-1]]  # a fresh window: only the previous token as context
+    if not requests:
+        raise DataError("no documents to score")
+    scores = scorer.score(requests)
+    return PerplexityResult(documents=n_docs, windows=len(requests), tokens=sum(len(r.continuation) for r in requests),
+                            bytes=n_bytes, nats=-sum(s for s, _ in scores))
+
+
+def perplexity_of_files(scorer: Scorer, paths: Sequence[str], tokenizer, text_field: str = "text") -> PerplexityResult:
+    return perplexity(scorer, (doc for path in paths for doc in read_documents(path, text_field) if doc.strip()),
+                      tokenizer)
+
+
+@dataclasses.dataclass
+class ChoiceResult:
+    questions: int
+    accuracy: float  # argmax of summed log-likelihood
+    accuracy_norm: float  # argmax of log-likelihood per UTF-8 byte of the choice
+
+
+def read_choice_task(path: str) -> list[dict]:
+    """JSON lines of {"context": str, "choices": [str, ...], "answer": int}; errors name the line."""
+    from granite_jax.data.sources import _open_text
+
+    items = []
+    with _open_text(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not (isinstance(item, dict) and isinstance(item.get("context"), str)
+                    and isinstance(item.get("choices"), list) and len(item["choices"]) >= 2
+                    and all(isinstance(c, str) and c for c in item["choices"])
+                    and isinstance(item.get("answer"), int) and 0 <= item["answer"] < len(item["choices"])):
+                raise DataError(f"{path}:{number}: expected {{\"context\": str, \"choices\": [at least two non-empty "
+                                f"strings], \"answer\": index of the right choice}}")
+            items.append(item)
+    if not items:
+        raise DataError(f"{path}: no questions")
+    return items
+
+
+def multiple_choice(scorer: Scorer, items: Sequence[dict], tokenizer) -> ChoiceResult:
+    requests = []
+    for item in items:
+        context = tuple([tokenizer.eos_id] + tokenizer.encode(item["context"]))
+        for choice in item["choices"]:
+            requests.append(Request(context, tuple(tokenizer.encode(choice))))
+    scores = [s for s, _ in scorer.score(requests)]
+    correct = correct_norm = 0
+    position = 0
+    for item in items:
+        k = len(item["choices"])
+        sums = scores[position:position + k]
+        per_byte = [s / len(c.encode("utf-8")) for s, c in zip(sums, item["choices"])]
+        correct += int(np.argmax(sums) == item["answer"])
+        correct_norm += int(np.argmax(per_byte) == item["answer"])
+        position += k
+    return ChoiceResult(len(items), correct / len(items), correct_norm / len(items))

@@ -1,0 +1,151 @@
+"""Scoring (perplexity, multiple choice), the lm-eval adapter on local tasks, and `eval.py`'s command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import forward
+from granite_jax.convert import load_hf_checkpoint
+from granite_jax.data.tokenizer import load_tokenizer
+from granite_jax.eval.scoring import Request, Scorer, multiple_choice, perplexity, read_choice_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
+WITH_TOKENIZER = dict(vocab_size=4096, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+
+
+@pytest.fixture
+def checkpoint_with_tokenizer(hf_checkpoint):
+    """A random tiny HF checkpoint with the bundled tokenizer's files beside it, as a released one has."""
+    directory, _ = hf_checkpoint(**WITH_TOKENIZER)
+    for name in os.listdir(TOKENIZER):
+        shutil.copy(os.path.join(TOKENIZER, name), directory)
+    return directory
+
+
+def _direct_logprob(model, context, continuation) -> float:
+    ids = jnp.asarray([list(context) + list(continuation)], jnp.int32)
+    logprobs = jax.nn.log_softmax(np.asarray(forward(model, ids).logits, np.float64)[0], axis=-1)
+    n = len(context)
+    return float(sum(logprobs[n - 1 + i, t] for i, t in enumerate(continuation)))
+
+
+def test_packed_scores_equal_one_request_at_a_time(hf_checkpoint):
+    directory, _ = hf_checkpoint(tie_word_embeddings=False)
+    model = load_hf_checkpoint(directory)
+    rng = np.random.default_rng(0)
+    requests = [Request(tuple(rng.integers(0, 128, rng.integers(1, 9)).tolist()),
+                        tuple(rng.integers(0, 128, rng.integers(1, 7)).tolist())) for _ in range(11)]
+    scores = Scorer(model, seq_len=32, batch_size=2).score(requests)  # several requests per row, several batches
+    for request, (logprob, _) in zip(requests, scores):
+        assert logprob == pytest.approx(_direct_logprob(model, request.context, request.continuation), rel=1e-4)
+    # is_greedy: a continuation made of the argmax tokens is greedy.
+    context = (5, 6, 7)
+    greedy = int(np.argmax(np.asarray(forward(model, jnp.asarray([context])).logits)[0, -1]))
+    assert Scorer(model, seq_len=16, batch_size=1).score([Request(context, (greedy,))])[0][1] is True
+
+
+def test_perplexity_and_bits_per_byte(checkpoint_with_tokenizer):
+    model = load_hf_checkpoint(checkpoint_with_tokenizer)
+    tokenizer = load_tokenizer(checkpoint_with_tokenizer)
+    documents = ["In the beginning God created the heaven and the earth.", "And God said, Let there be light."]
+    result = perplexity(Scorer(model, seq_len=64, batch_size=2), documents, tokenizer)
+    expected = -sum(_direct_logprob(model, [tokenizer.eos_id], tokenizer.encode(d) + [tokenizer.eos_id])
+                    for d in documents)
+    assert result.nats == pytest.approx(expected, rel=1e-4)
+    assert result.tokens == sum(len(tokenizer.encode(d)) + 1 for d in documents) and result.windows == 2
+    assert result.bits_per_byte == pytest.approx(expected / math.log(2) / sum(len(d) for d in documents), rel=1e-4)
+    # A document longer than the window is scored in several windows.
+    assert perplexity(Scorer(model, seq_len=8, batch_size=2), documents, tokenizer).windows > 2
+
+
+def test_multiple_choice_accuracy(checkpoint_with_tokenizer):
+    model = load_hf_checkpoint(checkpoint_with_tokenizer)
+    tokenizer = load_tokenizer(checkpoint_with_tokenizer)
+    items = read_choice_task(os.path.join(ROOT, "data", "eval", "kjv-next-verse.jsonl"))[:6]
+    scorer = Scorer(model, seq_len=256, batch_size=4)
+    result = multiple_choice(scorer, items, tokenizer)
+    right = norm_right = 0
+    for item in items:
+        context = [tokenizer.eos_id] + tokenizer.encode(item["context"])
+        sums = [_direct_logprob(model, context, tokenizer.encode(c)) for c in item["choices"]]
+        right += int(np.argmax(sums) == item["answer"])
+        norm_right += int(np.argmax([s / len(c.encode()) for s, c in zip(sums, item["choices"])]) == item["answer"])
+    assert result.questions == 6 and result.accuracy == right / 6 and result.accuracy_norm == norm_right / 6
+
+
+def _task_dir(tmp_path):
+    """The repository's lm-eval task YAMLs with their data paths made absolute (tests run from anywhere)."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name in ("kjv_next_verse.yaml", "kjv_complete.yaml"):
+        text = open(os.path.join(ROOT, "data", "eval", "lm_eval", name)).read()
+        (tasks / name).write_text(text.replace("test: data/eval/", f"test: {ROOT}/data/eval/"))
+    return str(tasks)
+
+
+def test_lm_eval_adapter_runs_local_tasks(checkpoint_with_tokenizer, tmp_path, monkeypatch):
+    """lm-eval's own evaluator drives our model through a local multiple-choice and a local generation task."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from granite_jax.eval.lm_eval_adapter import GraniteLM
+
+    lm = GraniteLM(checkpoint_with_tokenizer, seq_len=256, batch_size=4, max_gen_toks=8)
+    results = lm_eval.simple_evaluate(model=lm, tasks=["kjv_next_verse", "kjv_complete"], limit=4,
+                                      task_manager=TaskManager(include_path=_task_dir(tmp_path)),
+                                      log_samples=True, bootstrap_iters=0)
+    choice, generation = results["results"]["kjv_next_verse"], results["results"]["kjv_complete"]
+    assert 0.0 <= choice["acc,none"] <= 1.0 and 0.0 <= choice["acc_norm,none"] <= 1.0
+    assert generation["exact_match,none"] == 0.0  # a random model does not complete verses
+    # The multiple-choice answers lm-eval scored are the ones our Scorer gives.
+    tokenizer = load_tokenizer(checkpoint_with_tokenizer)
+    items = read_choice_task(os.path.join(ROOT, "data", "eval", "kjv-next-verse.jsonl"))[:4]
+    ours = multiple_choice(Scorer(load_hf_checkpoint(checkpoint_with_tokenizer), seq_len=256), items, tokenizer)
+    assert choice["acc,none"] == ours.accuracy
+    # Generations went through our generator: each is what greedy generation gives for the prompt.
+    sample = results["samples"]["kjv_complete"][0]
+    prompt = tokenizer.encode(sample["arguments"]["gen_args_0"]["arg_0"])
+    direct = lm.generator.generate([prompt], max_new_tokens=8, eos_id=tokenizer.eos_id, stop_strings=["\n"],
+                                   tokenizer=tokenizer).texts[0]
+    assert sample["resps"][0][0] == direct
+    assert lm.loglikelihood_rolling([type("R", (), {"args": ("In the beginning",)})()])[0] < 0
+
+
+def _eval(*args):
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+
+
+def test_eval_command_line(checkpoint_with_tokenizer, tmp_path, hf_checkpoint):
+    out = _eval("generate", "--checkpoint", checkpoint_with_tokenizer, "--chat", "--prompt", "What is 2 + 2?",
+                "--max-new-tokens", "6", "--ignore-eos")
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
+    out = _eval("perplexity", "--checkpoint", checkpoint_with_tokenizer, "--data",
+                os.path.join(ROOT, "data", "eval", "kjv-complete.jsonl"), "--text-field", "prompt", "--seq-len", "128")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0 and result["documents"] == 50 and result["bits_per_byte"] > 0
+    out = _eval("choice", "--checkpoint", checkpoint_with_tokenizer, "--task",
+                os.path.join(ROOT, "data", "eval", "kjv-next-verse.jsonl"), "--seq-len", "256")
+    assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["questions"] == 100
+
+    missing = _eval("generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    other, _ = hf_checkpoint(name="vocab128")  # 128-token vocabulary: the bundled tokenizer does not fit it
+    wrong = _eval("generate", "--checkpoint", other, "--tokenizer", TOKENIZER, "--prompt", "x")
+    assert wrong.returncode == 2 and "has 4096 tokens but the model's vocabulary has 128" in wrong.stderr
+    empty = _eval("generate", "--checkpoint", checkpoint_with_tokenizer, "--prompt", "")
+    assert empty.returncode == 2 and "prompt 0 is empty" in empty.stderr
+    long = _eval("generate", "--checkpoint", checkpoint_with_tokenizer, "--prompt", "word " * 50, "--max-len", "40")
+    assert long.returncode == 2 and "but max_len=40" in long.stderr
