@@ -116,8 +116,9 @@ def test_lm_eval_adapter_runs_local_tasks(checkpoint_with_tokenizer, tmp_path, m
     assert choice["acc,none"] == ours.accuracy
     # Generations went through our generator: each is what greedy generation gives for the prompt.
     sample = results["samples"]["kjv_complete"][0]
-    prompt = tokenizer.encode(sample["arguments"]["gen_args_0"]["arg_0"])
-    direct = lm.generator.generate([prompt], max_new_tokens=8, eos_id=tokenizer.eos_id, stop_strings=["\n"],
+    prompt = tokenizer.encode(sample["doc"]["prompt"])  # doc_to_text is "{{prompt}}"
+    direct = lm.generator.generate([prompt], max_new_tokens=32,  # the task's max_gen_toks
+                                   eos_id=tokenizer.eos_id, stop_strings=["\n"],
                                    tokenizer=tokenizer).texts[0]
     assert sample["resps"][0][0] == direct
     assert lm.loglikelihood_rolling([type("R", (), {"args": ("In the beginning",)})()])[0] < 0
