@@ -3,8 +3,9 @@ same size (same hidden size, heads and layer count, every layer attention), in o
 
 State memory is the decoding cache: per Mamba layer the conv and SSM states (float32, constant in the
 context length), per attention layer the keys and values of every context token (compute dtype). It is
-computed from the cache's array shapes for every (context, batch) point, and measured on the device
-(`bytes_in_use` before and after allocating the cache) where the model and cache fit; rows say which.
+computed from the cache's array shapes for every (context, batch) point, and measured where the model and
+cache fit (the device allocator's `bytes_in_use` before and after allocating the cache; on a GPU/TPU only);
+rows say which.
 
 Decode speed: the cache is allocated for `context + steps` tokens and marked as holding `context` tokens
 (its contents do not change the work of a decode step), then `steps` compiled decode steps are timed.
@@ -56,9 +57,11 @@ def param_bytes(config) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(shapes, nnx.Param)))
 
 
-def device_bytes_in_use() -> int | None:
+def bytes_in_use() -> int | None:
+    """The device allocator's bytes in use; None on CPU, where XLA keeps no allocator statistics (and the
+    process's resident-memory delta is unreliable: freed buffers are reused)."""
     stats = jax.devices()[0].memory_stats()
-    return None if not stats else stats.get("bytes_in_use")
+    return stats.get("bytes_in_use") if stats else None
 
 
 def measure(model, config, batch: int, context: int, steps: int) -> dict:
@@ -75,10 +78,11 @@ def measure(model, config, batch: int, context: int, steps: int) -> dict:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
 
     decode = jax.jit(decode.__wrapped__, donate_argnums=(2,))
-    before = device_bytes_in_use()
+    make_cache.lower().compile()  # compile first, so that only the cache's allocation is counted
+    before = bytes_in_use()
     cache = make_cache()
     jax.block_until_ready(cache)
-    after = device_bytes_in_use()
+    after = bytes_in_use()
     tokens = jnp.ones((batch,), jnp.int32)
     tokens, cache = decode(params, tokens, cache)  # compile + warm up
     jax.block_until_ready(tokens)

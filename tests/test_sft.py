@@ -126,6 +126,10 @@ def test_sft_from_a_pretraining_run(tmp_path):
                  "checkpoint.every_steps=2"])
     assert f"training run:{pretrain}" in proc.stdout
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["tokenizer"] == "data/tokenizer"
+    # eval.py reads a run directory as well as an HF one (newest checkpoint, the run's tokenizer).
+    generated = _run(["eval.py", "generate", "--checkpoint", str(run_dir), "--chat", "--prompt", "What is 2 + 2?",
+                      "--max-new-tokens", "4", "--ignore-eos"])
+    assert generated.stdout.strip()
     missing = subprocess.run([sys.executable, "train.py", "--config", "configs/sft-tiny.yaml",
                               f"init_from=run:{tmp_path / 'nothing'}", f"run_dir={tmp_path / 'x'}"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
