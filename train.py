@@ -3,28 +3,47 @@
     python train.py                                           # configs/pretrain-tiny.yaml
     python train.py --config configs/pretrain-tiny.yaml steps=400 optimizer.lr=1e-3
     python train.py init_from=hf:path/to/granite-4.0-h-tiny    # continued pretraining from HF weights
+    python train.py --config configs/sft-tiny.yaml            # SFT of runs/pretrain-tiny on the bundled chats
+    python train.py --dry-run --simulate-devices 64 model=granite-4.0-h-small \\
+        "mesh={data: 1, fsdp: 8, tensor: 1, expert: 8}" data.seq_len=4096 data.batch_size=64
 
 Any `key=value` overrides a field of the run config (nested with dots). Re-running with the same run_dir
-resumes from its newest checkpoint.
+resumes from its newest checkpoint. `--dry-run` compiles the train step for the mesh without allocating the
+model and prints per-device memory, FLOPs and collectives (`--simulate-devices N`: on N virtual CPU devices).
 """
 
 import argparse
 import logging
+import os
 import sys
-
-import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
-from granite_jax.train import load_run_config, train
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/pretrain-tiny.yaml", help="run config YAML")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="compile the train step for the mesh and report per-device memory; no training")
+    parser.add_argument("--simulate-devices", type=int, default=None, metavar="N",
+                        help="run on N virtual CPU devices (to dry-run a pod's mesh on one machine)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 optimizer.lr=1e-3")
     args = parser.parse_args(argv)
+    if args.simulate_devices:  # before JAX starts
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.simulate_devices}").strip()
+
+    import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
+    from granite_jax.train import load_run_config, train
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_run_config(args.config, args.overrides)
-        train(config)
+        if args.dry_run:
+            from granite_jax.train.dry_run import dry_run
+
+            print(dry_run(config).render())
+        else:
+            train(config)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -158,7 +158,7 @@ def report(rows: list[dict], args, machine: str) -> None:
         for context in args.contexts:
             h, a = [next(r for r in rows if r["model"] == m and r["batch"] == batch and r["context"] == context)
                     for m in ("hybrid", "all-attention")]
-            speed = lambda r: f"{r['decode_tokens_per_s']:,.0f}" if "decode_tokens_per_s" in r else "—"  # noqa: E731
+            speed = lambda r: f"{r['decode_tokens_per_s']:,.2f}" if "decode_tokens_per_s" in r else "—"  # noqa: E731
             print(f"| {batch} | {context:,} | {h['state_gib']:.3f} GiB | {a['state_gib']:.3f} GiB | "
                   f"{1 - h['state_gib'] / a['state_gib']:.1%} | {speed(h)} | {speed(a)} |")
     try:

@@ -17,11 +17,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")  # the batch dimension is split over every axis that is not tensor
 
-# Rule presets: logical axis -> mesh axis (or None: replicated). The distributed issue adds EP/TP variants.
+# Rule presets: logical axis -> mesh axis (absent: replicated). Choose one with `sharding_rules`; the mesh
+# sizes decide how many ways each axis splits (an axis of size 1 splits nothing).
+_TENSOR = {"vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "ssm_inner": "tensor"}
 RULES = {
-    "fsdp": {"embed": "fsdp", "vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
-             "expert": "expert", "ssm_heads": None, "ssm_inner": "tensor", "ssm_in_proj": None,
-             "ssm_conv_dim": None, "conv_width": None},
+    # FSDP over `fsdp` (the hidden dimension of every weight), tensor parallelism over `tensor` (heads, MLP
+    # width, vocabulary, Mamba inner width), experts over `expert`. The default.
+    "fsdp_tp": {"embed": "fsdp", "expert": "expert", **_TENSOR},
+    # FSDP only: weights split over `fsdp` (experts over `expert`); nothing uses `tensor`.
+    "fsdp": {"embed": "fsdp", "expert": "expert"},
+    # Experts spread over the data-parallel axis (no separate expert axis), FSDP + TP as fsdp_tp.
+    "ep_over_data": {"embed": "fsdp", "expert": "data", **_TENSOR},
 }
 
 
@@ -73,6 +79,39 @@ def parameter_shardings(params: nnx.State, mesh: Mesh, rules: dict[str, str | No
         return NamedSharding(mesh, PartitionSpec(*spec))
 
     return jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def optimizer_state_shardings(tx, params, param_shardings, mesh: Mesh):
+    """Shardings for `tx`'s state: every parameter-shaped part (moments, accumulated gradients) sharded like
+    its parameter, everything else (step counts) replicated. `params` may be abstract."""
+    import optax
+
+    per_leaf = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(param_shardings))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_utils.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
+                                            per_leaf, transform_non_params=lambda _: replicated)
+
+
+def check_model_fits_mesh(config, mesh: Mesh, rules: dict[str, str | None]) -> None:
+    """Every model dimension the rules split must divide by its mesh axis; otherwise a MeshError naming the
+    config field, the axis and its size (rather than a silently replicated or unevenly split weight)."""
+    from granite_jax.config import ATTENTION, MAMBA
+
+    has_attention, has_mamba = ATTENTION in config.layer_types, MAMBA in config.layer_types
+    dimensions = [("num_local_experts", config.num_local_experts, "expert", config.num_local_experts > 0),
+                  ("num_attention_heads", config.num_attention_heads, "heads", has_attention),
+                  ("num_key_value_heads", config.num_key_value_heads, "kv_heads", has_attention),
+                  ("mamba_n_heads", config.mamba_n_heads, "ssm_heads", has_mamba),
+                  ("mamba_d_inner", config.mamba_d_inner, "ssm_inner", has_mamba),
+                  ("intermediate_size", config.intermediate_size, "mlp", config.num_local_experts > 0),
+                  ("shared_intermediate_size", config.shared_intermediate_size, "mlp", True),
+                  ("vocab_size", config.vocab_size, "vocab", True),
+                  ("hidden_size", config.hidden_size, "embed", True)]
+    for field, value, logical, used in dimensions:
+        axis = rules.get(logical)
+        if used and axis is not None and value % mesh.shape[axis]:
+            raise MeshError(f"{field}={value} is not divisible by the {axis!r} mesh axis of size {mesh.shape[axis]} "
+                            f"(the sharding rules split {logical!r} over {axis!r}); change the mesh or sharding_rules")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

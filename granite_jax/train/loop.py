@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from granite_jax.config import load_preset
 from granite_jax.convert import load_hf_checkpoint
@@ -29,7 +30,8 @@ from granite_jax.data.sources import load_documents
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.flops import training_flops_per_token
-from granite_jax.parallel.mesh import RULES, batch_sharding, check_batch, make_mesh, parameter_shardings
+from granite_jax.parallel.mesh import (RULES, batch_sharding, check_batch, check_model_fits_mesh, make_mesh,
+                                      optimizer_state_shardings, parameter_shardings)
 from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like, load_run_model
 from granite_jax.train.config import RunConfig, save_run_config
 from granite_jax.train.metrics import TensorBoardWriter, console_line, print_line
@@ -152,13 +154,17 @@ def train(config: RunConfig) -> list[float]:
     check_batch(config.data.batch_size, mesh)
     model = initial_model(config)
     model_config = model.config
+    check_model_fits_mesh(model_config, mesh, RULES[config.sharding_rules])
     train_data, eval_data = build_datasets(config, model_config.vocab_size)
     graphdef, params = nnx.split(model, nnx.Param)
     del model
-    params = jax.device_put(params, parameter_shardings(params, mesh, RULES[config.sharding_rules]))
+    param_shardings = parameter_shardings(params, mesh, RULES[config.sharding_rules])
+    params = jax.device_put(params, param_shardings)
     tx = make_optimizer(config.optimizer, config.steps)
-    # Optimizer moments take their parameters' shardings (GSPMD propagation through zeros_like).
-    state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params))
+    # Moments and accumulated gradients sharded like their parameters (jit alone would leave them unsharded).
+    opt_state = jax.jit(tx.init, out_shardings=optimizer_state_shardings(tx, params, param_shardings, mesh))(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
     data_sharding = batch_sharding(mesh)
     schedule = learning_rate_schedule(config.optimizer, config.steps)
 

@@ -1,0 +1,152 @@
+"""`python train.py --dry-run`: compile the train step ahead of time for a target mesh and report what one
+device would hold, without allocating the model.
+
+Parameters, optimizer state and the batch are abstract (`jax.ShapeDtypeStruct` with their shardings); the
+step is lowered and compiled with `jax.jit(...).lower(...).compile()`. Without the real devices, run it on
+virtual CPU devices (`--simulate-devices N`): the SPMD partitioning, hence the per-device memory and the
+collectives, is the target's; kernels and fusion are XLA:CPU's, so temporaries are an estimate.
+
+Reported per device: parameter and optimizer-state bytes (from the shardings, exact), the batch, XLA's
+temporaries (activations, gradients, workspace), the compiled step's FLOPs (XLA's cost analysis) next to the
+model FLOPs of `granite_jax/model/flops.py`, and the collectives in the compiled program with the bytes they
+move.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from granite_jax.config import ModelConfig, load_preset
+from granite_jax.model import GraniteForCausalLM
+from granite_jax.model.flops import training_flops_per_token
+from granite_jax.parallel.mesh import (RULES, batch_sharding, check_batch, check_model_fits_mesh, make_mesh,
+                                      optimizer_state_shardings, parameter_shardings)
+from granite_jax.train.config import RunConfig
+from granite_jax.train.optim import make_optimizer
+from granite_jax.train.step import TrainState, make_train_step
+
+GiB = 2**30
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8}
+
+
+@dataclasses.dataclass
+class DryRunReport:
+    model: str
+    mesh: dict
+    devices: int
+    platform: str
+    parameters: int
+    params_bytes: int  # per device
+    opt_state_bytes: int  # per device
+    batch_bytes: int  # per device
+    temp_bytes: int  # per device: XLA temporaries (activations, gradients, workspace)
+    step_flops: float  # per device, XLA cost analysis
+    model_flops: float  # per device, 6N + attention accounting
+    collectives: dict  # kind -> (count, bytes) per device per step
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.params_bytes + self.opt_state_bytes + self.batch_bytes + self.temp_bytes
+
+    def render(self) -> str:
+        lines = [f"dry run: {self.model} ({self.parameters:,} parameters) on mesh {self.mesh} = {self.devices} "
+                 f"devices ({self.platform})",
+                 "per device:",
+                 f"  parameters        {self.params_bytes / GiB:9.2f} GiB",
+                 f"  optimizer state   {self.opt_state_bytes / GiB:9.2f} GiB",
+                 f"  batch             {self.batch_bytes / GiB:9.2f} GiB",
+                 f"  temporaries       {self.temp_bytes / GiB:9.2f} GiB  (activations, gradients, workspace)",
+                 f"  total             {self.peak_bytes / GiB:9.2f} GiB",
+                 f"  FLOPs per step    {self.step_flops:.3e} compiled (XLA), {self.model_flops:.3e} model "
+                 "(granite_jax/model/flops.py)",
+                 "  collectives per step:"]
+        if not self.collectives:
+            lines.append("    none")
+        for kind, (count, size) in sorted(self.collectives.items()):
+            lines.append(f"    {kind:18s} {count:5d} ops, {size / GiB:9.3f} GiB")
+        return "\n".join(lines)
+
+
+def _with_shardings(abstract, shardings):
+    """The abstract tree with each leaf given its sharding (`shardings` may be a prefix-shaped tree whose
+    leaves line up with `abstract`'s, e.g. one NamedSharding per nnx Variable)."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                                        for x, s in zip(leaves, jax.tree.leaves(shardings))])
+
+
+def _shard_bytes(abstract, shardings) -> int:
+    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+               for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
+
+
+def collective_traffic(hlo_text: str) -> dict[str, tuple[int, int]]:
+    """Count the collectives of a compiled (per-device) HLO module and the bytes of their results."""
+    traffic: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    pattern = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+    for match in pattern.finditer(hlo_text):
+        shapes, kind = match.group(1), match.group(2)
+        size = 0
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shapes):
+            if dtype in _DTYPE_BYTES:
+                size += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+        traffic[kind][0] += 1
+        traffic[kind][1] += size
+    return {k: (v[0], v[1]) for k, v in traffic.items()}
+
+
+def dry_run(config: RunConfig) -> DryRunReport:
+    overrides = dict(config.model_overrides, compute_dtype=config.compute_dtype)
+    if config.init_from and config.init_from.startswith("hf:"):
+        model_config = ModelConfig.from_hf(config.init_from[len("hf:"):], **overrides)
+    else:
+        model_config = load_preset(config.model, **overrides)
+    mesh = make_mesh(config.mesh)
+    rules = RULES[config.sharding_rules]
+    check_batch(config.data.batch_size, mesh)
+    check_model_fits_mesh(model_config, mesh, rules)
+
+    abstract = nnx.eval_shape(lambda: GraniteForCausalLM(model_config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    param_shardings = parameter_shardings(params, mesh, rules)
+    params = _with_shardings(params, param_shardings)
+    tx = make_optimizer(config.optimizer, config.steps)
+    opt_shardings = optimizer_state_shardings(tx, params, param_shardings, mesh)
+    opt_state = _with_shardings(jax.eval_shape(tx.init, params), opt_shardings)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state)
+    rows = batch_sharding(mesh)
+    shape = (config.data.batch_size, config.data.seq_len)
+    batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for name, dtype in
+             [("input_ids", jnp.int32), ("segment_ids", jnp.int32), ("positions", jnp.int32),
+              ("targets", jnp.int32), ("loss_weights", jnp.float32)]}
+
+    step = make_train_step(graphdef, tx, aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,
+                           chunk=config.loss_chunk_tokens)
+    compiled = step.lower(state, batch).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    devices = mesh.devices.size
+    tokens = config.data.batch_size * config.data.seq_len
+    return DryRunReport(
+        model=config.init_from or config.model, mesh=dict(mesh.shape), devices=devices,
+        platform=f"{jax.devices()[0].platform}, {jax.device_count()} devices",
+        parameters=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+        params_bytes=_shard_bytes(params, param_shardings),
+        opt_state_bytes=_shard_bytes(opt_state, opt_shardings),
+        batch_bytes=_shard_bytes(batch, [rows] * len(batch)),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        step_flops=float((cost or {}).get("flops", 0.0)),
+        model_flops=training_flops_per_token(model_config, config.data.seq_len) * tokens / devices,
+        collectives=collective_traffic(compiled.as_text()),
+    )
