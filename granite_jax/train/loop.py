@@ -133,6 +133,16 @@ def build_datasets(config: RunConfig, vocab_size: int):
     return train_data, eval_data
 
 
+def sharded_train_state(params, tx, mesh, rules) -> TrainState:
+    """Step 0: parameters placed by the rules, optimizer moments (and accumulated gradients) sharded like
+    their parameters — `jax.jit(tx.init)` alone would leave them on one device — and the step replicated."""
+    param_shardings = parameter_shardings(params, mesh, rules)
+    params = jax.device_put(params, param_shardings)
+    opt_state = jax.jit(tx.init, out_shardings=optimizer_state_shardings(tx, params, param_shardings, mesh))(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
+    return TrainState(step, params, opt_state)
+
+
 def _to_host(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -158,13 +168,8 @@ def train(config: RunConfig) -> list[float]:
     train_data, eval_data = build_datasets(config, model_config.vocab_size)
     graphdef, params = nnx.split(model, nnx.Param)
     del model
-    param_shardings = parameter_shardings(params, mesh, RULES[config.sharding_rules])
-    params = jax.device_put(params, param_shardings)
     tx = make_optimizer(config.optimizer, config.steps)
-    # Moments and accumulated gradients sharded like their parameters (jit alone would leave them unsharded).
-    opt_state = jax.jit(tx.init, out_shardings=optimizer_state_shardings(tx, params, param_shardings, mesh))(params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
+    state = sharded_train_state(params, tx, mesh, RULES[config.sharding_rules])
     data_sharding = batch_sharding(mesh)
     schedule = learning_rate_schedule(config.optimizer, config.steps)
 

@@ -1,0 +1,94 @@
+"""Sharding on several devices: parameters and optimizer state placed as the rules say, model/mesh checks,
+and the ahead-of-time dry run. Multi-device parts run in subprocesses with virtual CPU devices."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+from granite_jax import load_preset
+from granite_jax.parallel.mesh import RULES, MeshError, check_model_fits_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mesh(**sizes):
+    """Stand-in for a Mesh: the checks read only its axis sizes."""
+    return types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, **sizes})
+
+
+@pytest.mark.parametrize("sizes, rules, message", [
+    (dict(expert=3), "fsdp_tp", r"num_local_experts=8 is not divisible by the 'expert' mesh axis of size 3"),
+    (dict(tensor=3), "fsdp_tp", r"num_attention_heads=4 is not divisible by the 'tensor' mesh axis of size 3"),
+    (dict(data=3), "ep_over_data", r"num_local_experts=8 is not divisible by the 'data' mesh axis of size 3"),
+    (dict(fsdp=3), "fsdp", r"hidden_size=256 is not divisible by the 'fsdp' mesh axis of size 3"),
+])
+def test_model_dimensions_must_divide_their_mesh_axes(sizes, rules, message):
+    with pytest.raises(MeshError, match=message):
+        check_model_fits_mesh(load_preset("tiny-hybrid-moe"), _mesh(**sizes), RULES[rules])
+    check_model_fits_mesh(load_preset("tiny-hybrid-moe"), _mesh(fsdp=2, tensor=2, expert=2), RULES["fsdp_tp"])
+    check_model_fits_mesh(load_preset("tiny-hybrid-moe"), _mesh(tensor=3), RULES["fsdp"])  # fsdp leaves tensor unused
+
+
+def _run_with_devices(code: str, devices: int = 8) -> str:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                                            "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say():
+    out = _run_with_devices("""
+        import granite_jax, jax
+        from flax import nnx
+        from granite_jax import GraniteForCausalLM, load_preset
+        from granite_jax.parallel.mesh import RULES, make_mesh
+        from granite_jax.train.config import OptimizerConfig
+        from granite_jax.train.loop import sharded_train_state
+        from granite_jax.train.optim import make_optimizer
+
+        model = GraniteForCausalLM(load_preset("tiny-hybrid-moe"), rngs=nnx.Rngs(0))
+        _, params = nnx.split(model, nnx.Param)
+        mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2, "expert": 2})
+        tx = make_optimizer(OptimizerConfig(grad_accum_steps=2), 10)
+        state = sharded_train_state(params, tx, mesh, RULES["fsdp_tp"])
+        experts = state.params["model"]["layers"][0]["block_sparse_moe"]["input_linear"]
+        print("experts", tuple(experts[...].sharding.spec), experts[...].addressable_shards[0].data.shape)
+        q = state.params["model"]["layers"][2]["self_attn"]["q_proj"]["kernel"]
+        print("q_proj", tuple(q[...].sharding.spec))
+        specs = {tuple(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim == 3}
+        print("moments", sorted(specs))
+        print("scalars", {tuple(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim == 0})
+        """)
+    # (experts 8, hidden 256, 2 x intermediate 256) split 2 x 2 x 2.
+    assert "experts ('expert', 'fsdp', 'tensor') (4, 128, 256)" in out
+    assert "q_proj ('fsdp', 'tensor')" in out
+    # Adam moments and the accumulated gradients of the experts are sharded like the expert weights.
+    assert "moments [('expert', 'fsdp', 'tensor'), ('expert', 'tensor', 'fsdp')]" in out
+    assert "scalars {()}" in out
+
+
+def test_dry_run_reports_per_device_memory_without_training(tmp_path):
+    cmd = [sys.executable, "train.py", "--dry-run", "--simulate-devices", "8", "mesh={data: 2, fsdp: 2, tensor: 2}",
+           "data.batch_size=8", "data.seq_len=128", f"run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "on mesh {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1} = 8 devices" in out
+    params = float(re.search(r"parameters\s+([\d.]+) GiB", out).group(1))
+    optimizer = float(re.search(r"optimizer state\s+([\d.]+) GiB", out).group(1))
+    # 9.58M float32 parameters split 4 ways (fsdp x tensor; the rest replicated): about 0.01 GiB; Adam: 2x.
+    assert 0.005 < params < 0.02 and 1.5 * params <= optimizer <= 2.5 * params
+    assert re.search(r"all-reduce\s+\d+ ops", out) and "FLOPs per step" in out
+    assert not os.path.exists(tmp_path / "run")  # nothing trained, nothing written
+
+    bad = subprocess.run([sys.executable, "train.py", "--dry-run", "--simulate-devices", "6", "mesh={tensor: 3, data: 2}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "num_attention_heads=4 is not divisible by the 'tensor' mesh axis of size 3" in bad.stderr
