@@ -10,6 +10,9 @@
 Any `key=value` overrides a field of the run config (nested with dots). Re-running with the same run_dir
 resumes from its newest checkpoint. `--dry-run` compiles the train step for the mesh without allocating the
 model and prints per-device memory, FLOPs and collectives (`--simulate-devices N`: on N virtual CPU devices).
+
+Several processes (e.g. two on one machine, each with its devices):
+    python train.py --coordinator-address 127.0.0.1:8476 --num-processes 2 --process-id 0 ...   # and id 1
 """
 
 import argparse
@@ -25,6 +28,11 @@ def main(argv=None) -> int:
                         help="compile the train step for the mesh and report per-device memory; no training")
     parser.add_argument("--simulate-devices", type=int, default=None, metavar="N",
                         help="run on N virtual CPU devices (to dry-run a pod's mesh on one machine)")
+    parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                        help="multi-process: the address of process 0 (with --num-processes, --process-id); "
+                             "TPU pods, Slurm and Open MPI launches are detected without flags")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 optimizer.lr=1e-3")
     args = parser.parse_args(argv)
     if args.simulate_devices:  # before JAX starts
@@ -37,6 +45,9 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from granite_jax.parallel.distributed import initialize
+
+        initialize(args.coordinator_address, args.num_processes, args.process_id)
         config = load_run_config(args.config, args.overrides)
         if args.dry_run:
             from granite_jax.train.dry_run import dry_run

@@ -322,21 +322,6 @@ def test_export_run_to_transformers(tmp_path):
     assert bad.returncode == 2 and "has no checkpoints directory" in bad.stderr
 
 
-def test_sharded_mesh_matches_one_device(tmp_path):
-    """The same run on 8 virtual CPU devices (data 2 x fsdp 2 x tensor 2) and on one device: same losses."""
-    losses = {}
-    for name, mesh, flags in [("one", "{data: -1}", ""),
-                              ("eight", "{data: 2, fsdp: 2, tensor: 2}", "--xla_force_host_platform_device_count=8")]:
-        run_dir = str(tmp_path / name)
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *SMALL, "steps=3",
-               "data.batch_size=4", f"mesh={mesh}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "XLA_FLAGS": flags})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        losses[name] = _losses(run_dir)
-    np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-5)
-
-
 def test_gradient_accumulation_averages_micro_steps():
     """grad_accum_steps=2: two micro-steps update the parameters once, with the mean of their gradients."""
     import jax.numpy as jnp

@@ -68,3 +68,41 @@ def pretraining_dataset(documents, tokenizer: Tokenizer, *, vocab_size: int, seq
             .to_iter_dataset())
     rows = grain.experimental.ConcatThenSplitIterDataset(rows, length_struct={"input_ids": seq_len})
     return rows.map(add_targets).batch(batch_size, drop_remainder=True)
+
+
+class _InterleavedIterator:
+    """Batches of several stream iterators concatenated row-wise; its state is the list of their states."""
+
+    def __init__(self, iterators):
+        self.iterators = iterators
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict:
+        return {"streams": [it.get_state() for it in self.iterators]}
+
+    def set_state(self, state: dict) -> None:
+        if len(state["streams"]) != len(self.iterators):
+            raise DataError(f"the checkpoint's data position has {len(state['streams'])} streams per process, this "
+                            f"run {len(self.iterators)}: keep data.streams and the process count of the run")
+        for it, s in zip(self.iterators, state["streams"]):
+            it.set_state(s)
+
+
+class _Interleaved:
+    def __init__(self, datasets):
+        self.datasets = datasets
+
+    def __iter__(self):
+        return _InterleavedIterator([iter(d) for d in self.datasets])
+
+
+def interleave_streams(datasets):
+    """One batch stream from several (each giving its share of the rows of every batch). A single dataset is
+    returned as it is."""
+    return datasets[0] if len(datasets) == 1 else _Interleaved(datasets)

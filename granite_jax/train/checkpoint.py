@@ -6,10 +6,12 @@ one that fails (truncated, corrupted) is reported and the one before it is tried
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import jax
+import grain
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -22,6 +24,23 @@ log = logging.getLogger("granite_jax.checkpoint")
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model being trained (a different shape or parameter set)."""
+
+
+class _DataPosition:
+    """One process's data-iterator state as it was when `save` was called, in the shape Grain's Orbax handler
+    stores: one `process_{i}-of-{n}.json` per process, so every host resumes its own shard of the data."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, raw: bytes) -> None:
+        self.state = json.loads(raw)
+
+    def start_prefetch(self) -> None:
+        pass
 
 
 class RunCheckpoints:
@@ -37,7 +56,8 @@ class RunCheckpoints:
         if step in self.manager.all_steps():
             return
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)),
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_DataPosition(data_state)),
+            meta=ocp.args.JsonSave(meta)),
             force=True)
 
     def wait(self) -> None:
@@ -54,13 +74,13 @@ class RunCheckpoints:
                 log.debug("could not read the metadata of step %d: %s", step, e)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore()))
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(_DataPosition()), meta=ocp.args.JsonRestore()))
             except Exception as e:  # noqa: BLE001 - any failure to read one checkpoint means: try the previous
                 log.warning("checkpoint at step %d could not be restored (%s: %s); trying the previous one",
                             step, type(e).__name__, _first_line(e))
                 continue
-            return step, restored["state"], restored["data"], restored["meta"]
+            return step, restored["state"], restored["data"].state, restored["meta"]
         return None
 
     def _check_parameters_fit(self, step: int, abstract_state) -> None:

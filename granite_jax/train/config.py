@@ -32,6 +32,9 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 8  # global batch, rows per optimizer micro-step
     shuffle_seed: int = 0
+    # Independent data streams (each its own shard of the files, batch_size / streams rows of each batch);
+    # null: one per process. Fix it to resume a run on a different number of processes.
+    streams: int | None = None
     # chat only: "auto" (the tokenizer's own template, else the built-in Granite 4.0 format), "builtin", or a
     # Jinja file; what to do with a malformed line ("error" or "skip", counted); with a sample longer than
     # seq_len + 1 tokens ("truncate" or "drop", counted); how many rows first-fit packing fills at once.

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from granite_jax.config import load_preset
 from granite_jax.convert import load_hf_checkpoint
 from granite_jax.data.chat_template import chat_format
-from granite_jax.data.pipeline import pretraining_dataset
+from granite_jax.data.pipeline import interleave_streams, pretraining_dataset
 from granite_jax.data.sft import load_sft_samples, sft_dataset
 from granite_jax.data.sources import load_documents
 from granite_jax.data.tokenizer import load_tokenizer
@@ -33,7 +33,7 @@ from granite_jax.model.flops import training_flops_per_token
 from granite_jax.parallel.mesh import (RULES, batch_sharding, check_batch, check_model_fits_mesh, make_mesh,
                                       optimizer_state_shardings, parameter_shardings)
 from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like, load_run_model
-from granite_jax.train.config import RunConfig, save_run_config
+from granite_jax.train.config import RunConfig, RunConfigError, save_run_config
 from granite_jax.train.metrics import TensorBoardWriter, console_line, print_line
 from granite_jax.train.optim import learning_rate_schedule, make_optimizer
 from granite_jax.train.step import TrainState, make_eval_step, make_train_step
@@ -106,10 +106,22 @@ def resolve_tokenizer(config: RunConfig) -> str:
 
 
 def build_datasets(config: RunConfig, vocab_size: int):
-    """(training batches, validation batches or None) for this host, as the config's data format says."""
+    """(training batches, validation batches or None) of this process, as the config's data format says.
+
+    The data is split into `data.streams` independent streams (default: one per process), each reading its
+    own shard of the files and giving batch_size / streams rows of every global batch; a process reads only
+    its streams. A global batch therefore depends on the stream count, not on how many processes share it:
+    one process with data.streams=2 sees exactly the batches of a two-process run.
+    """
     tokenizer = load_tokenizer(config.data.tokenizer)
     data = config.data
-    hosts = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    streams = data.streams or jax.process_count()
+    if streams % jax.process_count() or data.batch_size % streams:
+        raise RunConfigError(f"data.streams={streams} must be a multiple of the {jax.process_count()} processes and "
+                             f"divide data.batch_size={data.batch_size}")
+    per_process = streams // jax.process_count()
+    mine = range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+    rows = dict(seq_len=data.seq_len, batch_size=data.batch_size // streams, shard_count=streams)
     if data.format == "chat":
         chat = chat_format(data.chat_template, data.tokenizer)
         print_line(f"chat format: {chat.origin}")
@@ -122,15 +134,26 @@ def build_datasets(config: RunConfig, vocab_size: int):
                 log.warning("skipped %s", line)
             return samples
 
-        rows = dict(seq_len=data.seq_len, batch_size=data.batch_size, packing_bins=data.packing_bins, **hosts)
-        train_data = sft_dataset(load(data.train, "train"), seed=data.shuffle_seed, **rows)
-        eval_data = sft_dataset(load(data.validation, "validation"), seed=0, **rows) if data.validation else None
+        def make(samples, seed):
+            return interleave_streams([sft_dataset(samples, seed=seed, shard_index=i, packing_bins=data.packing_bins,
+                                                   **rows) for i in mine])
+
+        train_data = make(load(data.train, "train"), data.shuffle_seed)
+        eval_data = make(load(data.validation, "validation"), 0) if data.validation else None
         return train_data, eval_data
-    rows = dict(tokenizer=tokenizer, vocab_size=vocab_size, seq_len=data.seq_len, batch_size=data.batch_size, **hosts)
-    train_data = pretraining_dataset(load_documents(data.train, data.text_field), seed=data.shuffle_seed, **rows)
-    eval_data = (pretraining_dataset(load_documents(data.validation, data.text_field), seed=0, **rows)
-                 if data.validation else None)
+
+    def make(documents, seed):
+        return interleave_streams([pretraining_dataset(documents, tokenizer, vocab_size=vocab_size, seed=seed,
+                                                       shard_index=i, **rows) for i in mine])
+
+    train_data = make(load_documents(data.train, data.text_field), data.shuffle_seed)
+    eval_data = make(load_documents(data.validation, data.text_field), 0) if data.validation else None
     return train_data, eval_data
+
+
+def global_batch(local: dict, sharding) -> dict:
+    """This process's rows of a batch → arrays over the whole mesh (every process passes its own rows)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
 def sharded_train_state(params, tx, mesh, rules) -> TrainState:
@@ -151,7 +174,7 @@ def evaluate(eval_step, params, dataset, batches: int, sharding) -> float:
     total, tokens = 0.0, 0.0
     iterator = iter(dataset)
     for _ in range(batches):
-        loss_sum, count = eval_step(params, jax.device_put(next(iterator), sharding))
+        loss_sum, count = eval_step(params, global_batch(next(iterator), sharding))
         total, tokens = total + float(loss_sum), tokens + float(count)
     return total / max(tokens, 1.0)
 
@@ -208,7 +231,7 @@ def train(config: RunConfig) -> list[float]:
     with _StopSignal() as stop:
         try:
             for step in range(start + 1, config.steps + 1):
-                state, metrics = train_step(state, jax.device_put(next(iterator), data_sharding))
+                state, metrics = train_step(state, global_batch(next(iterator), data_sharding))
                 metrics = _to_host(metrics)
                 losses.append(metrics["loss"])
                 if not np.isfinite(metrics["loss"]):
