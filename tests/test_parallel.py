@@ -125,3 +125,53 @@ def test_meshes_give_the_one_device_losses(tmp_path):
     assert len(reference) == 3 and set(sharded) == set(MESHES)
     for name, losses in sharded.items():
         np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=name)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(run_dir, steps: int, processes: int) -> None:
+    """`train.py` as `processes` processes sharing 8 virtual CPU devices, with the data in 2 streams."""
+    args = ["train.py", f"run_dir={run_dir}", f"steps={steps}", "data.streams=2", "mesh={data: 2, fsdp: 4}",
+            "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}",
+            "data.seq_len=64", "data.batch_size=8", "data.validation=[]", "log_every=1", "eval_every=1000",
+            "optimizer.warmup_steps=1", "checkpoint.every_steps=2", "checkpoint.async_save=false"]
+    devices = 8 // processes
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    port = _free_port()
+    distributed = (lambda i: [f"--coordinator-address=127.0.0.1:{port}", f"--num-processes={processes}",
+                              f"--process-id={i}"]) if processes > 1 else (lambda i: [])
+    procs = [subprocess.Popen([sys.executable, *args[:1], *distributed(i), *args[1:]], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    if processes > 1:  # only process 0 logs
+        assert "| loss " in outputs[0] and "| loss " not in outputs[1]
+
+
+def _metrics(run_dir) -> list[float]:
+    losses = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            losses[record["step"]] = record["loss"]
+    return [losses[s] for s in sorted(losses)]
+
+
+def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
+    """2 processes x 4 CPU devices (gloo) train 2 steps, checkpoint, are restarted and resume to step 4: the
+    losses equal one process with 8 devices, and each process checkpointed its own data position."""
+    _launch(tmp_path / "one", steps=4, processes=1)
+    _launch(tmp_path / "two", steps=2, processes=2)
+    _launch(tmp_path / "two", steps=4, processes=2)  # resumes from the step-2 checkpoint
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(one) == 4 and len(two) == 4
+    np.testing.assert_allclose(two, one, rtol=2e-5)
+    data_files = sorted(f for f in os.listdir(tmp_path / "two" / "checkpoints" / "2" / "data") if f.endswith(".json"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
