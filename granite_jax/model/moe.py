@@ -12,6 +12,7 @@ implementations of the grouped matmul compute the same thing:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -21,6 +22,8 @@ from flax import nnx
 from granite_jax.config import MOE_IMPLS
 from granite_jax.model.linear import make_linear
 from granite_jax.parallel import logical_param
+from granite_jax.parallel.expert import active as expert_parallel_setting
+from granite_jax.parallel.expert import expert_parallel_moe
 
 
 
@@ -30,6 +33,7 @@ class RouterStats(NamedTuple):
     assignments: jax.Array  # (E,) number of (token, slot) pairs routed to each expert
     probabilities: jax.Array  # (E,) sum over tokens of softmax(router logits)
     tokens: jax.Array  # () number of tokens counted
+    dropped: jax.Array  # () (token, slot) copies dropped by expert parallelism's capacity (0 when dropless)
 
 
 def load_balancing_loss(stats: RouterStats, num_experts: int) -> jax.Array:
@@ -141,6 +145,14 @@ class MoE(nnx.Module):
         b, T, H = u.shape
         E, k = self.num_experts, self.top_k
         tokens = u.reshape(b * T, H)
+        weight = jnp.ones((b * T,), jnp.float32) if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
+        setting = expert_parallel_setting()
+        if setting is not None:  # tokens travel to the experts' devices (granite_jax/parallel/expert.py)
+            out, stats = expert_parallel_moe(
+                setting, tokens, self.router.kernel[...], self.input_linear[...], self.output_linear[...], top_k=k,
+                dtype=self.dtype, token_weight=weight,
+                grouped_matmul=functools.partial(grouped_matmul, impl=self.grouped_matmul_impl))
+            return out.reshape(b, T, H), RouterStats(*stats)
         logits = self.router(tokens).astype(jnp.float32)                       # (n, E)
         top_logits, top_experts = jax.lax.top_k(logits, k)                     # (n, k)
         gates = jax.nn.softmax(top_logits, axis=-1).astype(self.dtype)
@@ -157,12 +169,12 @@ class MoE(nnx.Module):
         expert_out = jnp.zeros_like(expert_out).at[order].set(expert_out, unique_indices=True)
         out = jnp.einsum("nkh,nk->nh", expert_out.reshape(b * T, k, H), gates)
 
-        weight = jnp.ones((b * T,), jnp.float32) if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
         # transformers takes the top-k of the softmax for the statistics; same choice as top-k of the logits.
         stats = RouterStats(
             assignments=jnp.zeros((E,), jnp.float32).at[flat_experts].add(jnp.repeat(weight, k)),
             probabilities=jnp.sum(probs * weight[:, None], axis=0),
             tokens=jnp.sum(weight),
+            dropped=jnp.zeros((), jnp.float32),
         )
         return out.reshape(b, T, H), stats

@@ -85,6 +85,9 @@ class RunConfig:
     peak_tflops: float | None = None  # MFU denominator; None: 0.08 on CPU (measured), 989 on H100, else no MFU
     # Device mesh sizes per axis (data, fsdp, tensor, expert); -1 = the remaining devices.
     mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
+    # Expert parallelism (when the rules' expert axis has > 1 device): copies one device may send to one expert
+    # shard, as a multiple of its even share; null = dropless. Dropped copies are counted (moe_dropped).
+    moe_capacity_factor: float | None = None
     sharding_rules: str = "fsdp_tp"  # a preset of granite_jax.parallel.mesh.RULES: fsdp_tp, fsdp, ep_over_data
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)

@@ -58,7 +58,8 @@ def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: i
     ce = ce_sum / tokens
     aux = model.aux_loss(stats)
     total = ce + aux_coef * aux + z_loss * z_sum / tokens
-    return total, dict(loss=ce, aux_loss=aux, z=z_sum / tokens, tokens=jnp.sum(weights))
+    dropped = jnp.zeros((), jnp.float32) if stats is None else stats.dropped
+    return total, dict(loss=ce, aux_loss=aux, z=z_sum / tokens, tokens=jnp.sum(weights), moe_dropped=dropped)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_coef: float, z_loss: float, chunk: int):
