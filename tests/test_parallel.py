@@ -230,3 +230,34 @@ def test_expert_parallel_moe_equals_the_unsharded_moe():
     assert result["capped_dropped"] == result["expected_dropped"] > 0
     assert result["untouched_error"] < 1e-5 and result["touched_changed"]
     assert result["stats_error"] < 1e-4
+
+
+def test_tensor_parallel_mamba_layer_normalises_over_the_full_width():
+    """A Mamba layer whose inner width is split over 4 tensor shards (out_proj rows, gated-norm weight): the
+    norm's RMS must be taken over all shards (one group), so the output equals the unsharded layer's; the
+    same with two groups."""
+    out = _run_with_devices("""
+        import json
+        import granite_jax, jax, jax.numpy as jnp, numpy as np
+        from flax import nnx
+        from granite_jax.config import load_preset
+        from granite_jax.model.mamba import Mamba2Mixer
+        from granite_jax.parallel.mesh import RULES, make_mesh, parameter_shardings
+
+        errors = {}
+        for groups in (1, 2):
+            layer = Mamba2Mixer(load_preset("tiny-hybrid-moe", mamba_n_groups=groups), rngs=nnx.Rngs(0))
+            u = jnp.asarray(np.random.default_rng(0).normal(size=(2, 40, 256)), jnp.float32)
+            runs = jnp.zeros((2, 40), jnp.int32)
+            reference = nnx.jit(lambda m, u: m(u, runs=runs))(layer, u)
+            mesh = make_mesh({"data": 2, "tensor": 4})
+            graphdef, params = nnx.split(layer, nnx.Param)
+            shardings = parameter_shardings(params, mesh, RULES["fsdp_tp"])
+            params = jax.device_put(params, shardings)
+            assert params["norm"]["weight"][...].sharding.spec == jax.sharding.PartitionSpec("tensor")
+            sharded = jax.jit(lambda p, u: nnx.merge(graphdef, p)(u, runs=runs))(params, u)
+            errors[groups] = float(jnp.max(jnp.abs(sharded - reference)) / jnp.max(jnp.abs(reference)))
+        print(json.dumps(errors))
+        """)
+    errors = json.loads(out.strip().splitlines()[-1])
+    assert errors["1"] < 1e-5 and errors["2"] < 1e-5

@@ -12,7 +12,7 @@ by the training loop as `moe_dropped`). `capacity_factor ≥ expert shards` can 
 bounded `all_to_all` runs everywhere.
 
 `expert_parallel(mesh, capacity_factor, axis)` is a context: inside it, every `MoE` layer of a model called under
-`jax.jit` takes this path when the mesh's expert axis has more than one device. It is read when the function is
+`jax.jit` takes this path when the mesh has more than one device. It is read when the function is
 traced (it is not part of jit's cache key): trace a function under one setting only.
 """
 
@@ -52,9 +52,11 @@ def expert_parallel(mesh: Mesh, capacity_factor: float | None = None, axis: str 
 
 
 def active() -> ExpertParallel | None:
-    """The expert-parallel setting in force, if its mesh splits the experts."""
+    """The setting in force when its mesh has several devices. With an expert axis of size 1 the same path
+    keeps routing local to each device (every device runs all experts on its own tokens), where a global sort
+    of all tokens by expert would make XLA replicate the tokens on every device."""
     setting = _ACTIVE.get()
-    return setting if setting is not None and setting.mesh.shape[setting.axis] > 1 else None
+    return setting if setting is not None and setting.mesh.devices.size > 1 else None
 
 
 def capacity(copies: int, shards: int, capacity_factor: float) -> int:
