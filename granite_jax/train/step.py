@@ -22,23 +22,26 @@ class TrainState(NamedTuple):
 
 
 def chunked_cross_entropy(hidden, head, targets, weights, *, chunk: int, z_loss: float = 0.0):
-    """Σ weights · CE and Σ weights · logsumexp² over all tokens, logits built `chunk` tokens at a time.
+    """Σ weights · CE and Σ weights · logsumexp² over all tokens, logits built for about `chunk` tokens at a time.
 
-    hidden (N, H); head maps (n, H) → (n, V) logits; targets, weights (N,). Returns (ce_sum, z_sum).
+    hidden (B, T, H); head maps (..., H) → (..., V) logits; targets, weights (B, T). Returns (ce_sum, z_sum).
+    The chunks are slices of the sequence, every row at once (B × chunk/B tokens), so that the batch dimension
+    keeps its sharding: chunking the flattened batch would put each chunk on one device.
     """
-    N, H = hidden.shape
-    chunk = min(chunk, N)
-    pad = -N % chunk
-    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, H)
-    targets = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
-    weights = jnp.pad(weights, (0, pad)).reshape(-1, chunk)
+    B, T, H = hidden.shape
+    length = max(1, min(T, chunk // B))
+    pad = -T % length
+    n = (T + pad) // length
+    split = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731
+        B, n, length, *x.shape[2:]), 1, 0)
+    hidden, targets, weights = split(hidden), split(targets), split(weights)
 
     @jax.checkpoint
     def one_chunk(carry, inputs):
         h, t, w = inputs
         logits = head(h).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         ce, z = carry
         return (ce + jnp.sum(w * (lse - target_logit)), z + jnp.sum(w * lse**2)), None
 
@@ -51,9 +54,8 @@ def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: i
     """Mean token cross-entropy + aux_coef · MoE load-balancing loss + z_loss · mean logsumexp²."""
     model = nnx.merge(graphdef, params)
     hidden, stats = model.model(batch["input_ids"], batch["segment_ids"], batch["positions"])
-    weights = batch["loss_weights"].reshape(-1)
-    ce_sum, z_sum = chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.logits,
-                                          batch["targets"].reshape(-1), weights, chunk=chunk)
+    weights = batch["loss_weights"]
+    ce_sum, z_sum = chunked_cross_entropy(hidden, model.logits, batch["targets"], weights, chunk=chunk)
     tokens = jnp.maximum(jnp.sum(weights), 1.0)
     ce = ce_sum / tokens
     aux = model.aux_loss(stats)
