@@ -188,7 +188,7 @@ def test_expert_parallel_moe_equals_the_unsharded_moe():
         from flax import nnx
         from granite_jax.config import load_preset
         from granite_jax.model.moe import MoE
-        from granite_jax.parallel.expert import expert_parallel
+        from granite_jax.parallel.context import parallelism
         from granite_jax.parallel.mesh import make_mesh
 
         moe = MoE(load_preset("tiny-hybrid-moe"), rngs=nnx.Rngs(0))       # 8 experts, top-2
@@ -198,7 +198,7 @@ def test_expert_parallel_moe_equals_the_unsharded_moe():
         mesh = make_mesh({"data": 2, "expert": 4})
         results = {}
         for factor in (None, 1.0):
-            with expert_parallel(mesh, factor):  # read when tracing: a fresh jit per setting
+            with parallelism(mesh, factor):  # read when tracing: a fresh jit per setting
                 out, stats = nnx.jit(lambda m, u: m(u))(moe, u)
             results[str(factor)] = (out, stats)
 

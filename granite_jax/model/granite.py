@@ -21,6 +21,7 @@ from granite_jax.model.mamba import Mamba2Mixer, MambaState
 from granite_jax.model.moe import MoE, RouterStats, SharedMLP, load_balancing_loss
 from granite_jax.model.norms import RMSNorm
 from granite_jax.parallel import logical_param
+from granite_jax.parallel.context import constrain_rows
 
 
 class CausalLMOutput(NamedTuple):
@@ -129,11 +130,12 @@ class GraniteModel(nnx.Module):
             positions = positions_within_documents(runs)
         token_mask = None if segment_ids is None else segment_ids > 0
 
-        h = self.embed(input_ids)
+        h = constrain_rows(self.embed(input_ids))
         run_layer = _with_remat(config.remat_policy)
         total = None
         for layer in self.layers:
             h, stats = run_layer(layer, h, runs, positions, token_mask)
+            h = constrain_rows(h)
             if stats is not None:
                 total = stats if total is None else jax.tree.map(jnp.add, total, stats)
         return self.norm(h), total

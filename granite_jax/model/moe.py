@@ -22,7 +22,7 @@ from flax import nnx
 from granite_jax.config import MOE_IMPLS
 from granite_jax.model.linear import make_linear
 from granite_jax.parallel import logical_param
-from granite_jax.parallel.expert import active as expert_parallel_setting
+from granite_jax.parallel.context import active as parallelism_setting
 from granite_jax.parallel.expert import expert_parallel_moe
 
 
@@ -146,7 +146,7 @@ class MoE(nnx.Module):
         E, k = self.num_experts, self.top_k
         tokens = u.reshape(b * T, H)
         weight = jnp.ones((b * T,), jnp.float32) if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
-        setting = expert_parallel_setting()
+        setting = parallelism_setting()
         if setting is not None:  # tokens travel to the experts' devices (granite_jax/parallel/expert.py)
             out, stats = expert_parallel_moe(
                 setting, tokens, self.router.kernel[...], self.input_linear[...], self.output_linear[...], top_k=k,

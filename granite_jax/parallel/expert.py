@@ -11,52 +11,21 @@ by the training loop as `moe_dropped`). `capacity_factor ≥ expert shards` can 
 `jax.lax.ragged_all_to_all` would exchange exactly the routed copies, but XLA:CPU does not implement it; this
 bounded `all_to_all` runs everywhere.
 
-`expert_parallel(mesh, capacity_factor, axis)` is a context: inside it, every `MoE` layer of a model called under
-`jax.jit` takes this path when the mesh has more than one device. It is read when the function is
-traced (it is not part of jit's cache key): trace a function under one setting only.
+Inside `granite_jax.parallel.context.parallelism(mesh, capacity_factor, expert_axis)` every `MoE` layer takes
+this path when the mesh has more than one device (with an expert axis of size 1 it keeps routing local to
+each device: a global sort of all tokens by expert would make XLA replicate the tokens everywhere).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
+from granite_jax.parallel.context import Parallelism
 from granite_jax.parallel.mesh import BATCH_AXES
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertParallel:
-    mesh: Mesh
-    capacity_factor: float | None  # None: dropless (the number of expert shards)
-    axis: str = "expert"  # the mesh axis the experts are split over (sharding rules' "expert")
-
-
-_ACTIVE: contextvars.ContextVar[ExpertParallel | None] = contextvars.ContextVar("expert_parallel", default=None)
-
-
-@contextlib.contextmanager
-def expert_parallel(mesh: Mesh, capacity_factor: float | None = None, axis: str = "expert"):
-    if capacity_factor is not None and capacity_factor <= 0:
-        raise ValueError(f"moe_capacity_factor={capacity_factor} must be positive (or null: dropless)")
-    token = _ACTIVE.set(ExpertParallel(mesh, capacity_factor, axis))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-def active() -> ExpertParallel | None:
-    """The setting in force when its mesh has several devices. With an expert axis of size 1 the same path
-    keeps routing local to each device (every device runs all experts on its own tokens), where a global sort
-    of all tokens by expert would make XLA replicate the tokens on every device."""
-    setting = _ACTIVE.get()
-    return setting if setting is not None and setting.mesh.devices.size > 1 else None
 
 
 def capacity(copies: int, shards: int, capacity_factor: float) -> int:
@@ -73,14 +42,14 @@ def dispatch_slots(destination: jax.Array, shards: int, cap: int) -> tuple[jax.A
     return slot, slot < cap
 
 
-def expert_parallel_moe(setting: ExpertParallel, tokens, router_kernel, w_in, w_out, *, top_k: int, dtype,
+def expert_parallel_moe(setting: Parallelism, tokens, router_kernel, w_in, w_out, *, top_k: int, dtype,
                         grouped_matmul, token_weight):
     """tokens (N, H) global; router_kernel (H, E); w_in (E, H, 2I); w_out (E, I, H); token_weight (N,) 1 for
     real tokens, 0 for padding. Returns (out (N, H), (assignments (E,), probabilities (E,), tokens (), dropped ()))
     with the statistics summed over all devices."""
     mesh = setting.mesh
     E = w_in.shape[0]
-    axis = setting.axis
+    axis = setting.expert_axis
     shards = mesh.shape[axis]
     factor = shards if setting.capacity_factor is None else setting.capacity_factor
     local_experts = E // shards

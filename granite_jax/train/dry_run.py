@@ -15,7 +15,6 @@ move.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import re
 
@@ -27,7 +26,7 @@ from flax import nnx
 from granite_jax.config import ModelConfig, load_preset
 from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.flops import training_flops_per_token
-from granite_jax.parallel.expert import expert_parallel
+from granite_jax.parallel.context import parallelism
 from granite_jax.parallel.mesh import (RULES, batch_sharding, check_batch, check_model_fits_mesh, make_mesh,
                                       optimizer_state_shardings, parameter_shardings)
 from granite_jax.train.config import RunConfig
@@ -134,8 +133,7 @@ def dry_run(config: RunConfig) -> DryRunReport:
 
     step = make_train_step(graphdef, tx, aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,
                            chunk=config.loss_chunk_tokens)
-    expert_axis = rules.get("expert")
-    with expert_parallel(mesh, config.moe_capacity_factor, expert_axis) if expert_axis else contextlib.nullcontext():
+    with parallelism(mesh, config.moe_capacity_factor, rules.get("expert", "expert")):
         compiled = step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

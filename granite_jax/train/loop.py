@@ -7,7 +7,6 @@ checkpoint before exiting. A non-finite loss stops the run with a message; the l
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -31,7 +30,7 @@ from granite_jax.data.sources import load_documents
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.flops import training_flops_per_token
-from granite_jax.parallel.expert import expert_parallel
+from granite_jax.parallel.context import parallelism
 from granite_jax.parallel.mesh import (RULES, batch_sharding, check_batch, check_model_fits_mesh, make_mesh,
                                       optimizer_state_shardings, parameter_shardings)
 from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like, load_run_model
@@ -230,10 +229,9 @@ def train(config: RunConfig) -> list[float]:
                f"batch {config.data.batch_size} x {config.data.seq_len} tokens; run dir {config.run_dir}")
 
     window_start, window_steps = time.perf_counter(), 0
-    expert_axis = RULES[config.sharding_rules].get("expert")
-    moe = (expert_parallel(mesh, config.moe_capacity_factor, expert_axis) if expert_axis
-           else contextlib.nullcontext())
-    with _StopSignal() as stop, moe:
+    # Traced inside: activation shardings and local MoE routing for the mesh (granite_jax/parallel/context.py).
+    sharded = parallelism(mesh, config.moe_capacity_factor, RULES[config.sharding_rules].get("expert", "expert"))
+    with _StopSignal() as stop, sharded:
         try:
             for step in range(start + 1, config.steps + 1):
                 state, metrics = train_step(state, global_batch(next(iterator), data_sharding))

@@ -1,0 +1,55 @@
+"""The device mesh a model is being traced for, and the activation shardings that follow from it.
+
+`parallelism(mesh, ...)` is a context set by the training loop (and the dry run) around tracing: inside it,
+the residual stream is pinned to "rows over the batch axes, everything else whole" at every layer boundary
+(`constrain_rows`), so that XLA gathers FSDP-sharded weights for each layer instead of resharding activations
+to match the weights; and the MoE layers route locally (`granite_jax/parallel/expert.py`). It is read when a
+function is traced, not part of jit's cache key: trace a function under one setting only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from granite_jax.parallel.mesh import BATCH_AXES
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallelism:
+    mesh: Mesh
+    capacity_factor: float | None = None  # expert parallelism: None = dropless (see expert.py)
+    expert_axis: str = "expert"  # the mesh axis the experts are split over (the sharding rules' "expert")
+
+
+_ACTIVE: contextvars.ContextVar[Parallelism | None] = contextvars.ContextVar("parallelism", default=None)
+
+
+@contextlib.contextmanager
+def parallelism(mesh: Mesh, capacity_factor: float | None = None, expert_axis: str = "expert"):
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise ValueError(f"moe_capacity_factor={capacity_factor} must be positive (or null: dropless)")
+    token = _ACTIVE.set(Parallelism(mesh, capacity_factor, expert_axis))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active() -> Parallelism | None:
+    """The setting in force when its mesh has more than one device."""
+    setting = _ACTIVE.get()
+    return setting if setting is not None and setting.mesh.devices.size > 1 else None
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """Pin an activation (batch, ...) to rows over the batch axes, other dimensions whole; no-op on one device."""
+    setting = active()
+    if setting is None:
+        return x
+    spec = PartitionSpec(tuple(a for a in BATCH_AXES if a in setting.mesh.shape), *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(setting.mesh, spec))
