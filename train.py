@@ -9,7 +9,8 @@
 
 Any `key=value` overrides a field of the run config (nested with dots). Re-running with the same run_dir
 resumes from its newest checkpoint. `--dry-run` compiles the train step for the mesh without allocating the
-model and prints per-device memory, FLOPs and collectives (`--simulate-devices N`: on N virtual CPU devices).
+model and prints per-device memory, FLOPs and collectives: `--topology v5p:4x4x4` compiles with the TPU compiler
+for a TPU slice that is not here (needs libtpu), `--simulate-devices N` on N virtual CPU devices (an estimate).
 
 Several processes (e.g. two on one machine, each with its devices):
     python train.py --coordinator-address 127.0.0.1:8476 --num-processes 2 --process-id 0 ...   # and id 1
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
                         help="compile the train step for the mesh and report per-device memory; no training")
     parser.add_argument("--simulate-devices", type=int, default=None, metavar="N",
                         help="run on N virtual CPU devices (to dry-run a pod's mesh on one machine)")
+    parser.add_argument("--topology", default=None, metavar="TPU_TOPOLOGY",
+                        help="dry-run for a TPU slice compiled without it, e.g. v5p:4x4x4 (64 chips; needs libtpu)")
     parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                         help="multi-process: the address of process 0 (with --num-processes, --process-id); "
                              "TPU pods, Slurm and Open MPI launches are detected without flags")
@@ -35,6 +38,12 @@ def main(argv=None) -> int:
     parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 optimizer.lr=1e-3")
     args = parser.parse_args(argv)
+    if args.topology and args.simulate_devices:
+        parser.error("--topology and --simulate-devices are two ways to stand in for the target; pick one")
+    args.dry_run = args.dry_run or bool(args.topology)
+    if args.topology:  # the TPU compiler is used through the topology; JAX itself stays on CPU
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU here to guard: several dry runs at once
     if args.simulate_devices:  # before JAX starts
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -50,9 +59,11 @@ def main(argv=None) -> int:
         initialize(args.coordinator_address, args.num_processes, args.process_id)
         config = load_run_config(args.config, args.overrides)
         if args.dry_run:
+            from granite_jax.parallel.topology import tpu_topology_devices
             from granite_jax.train.dry_run import dry_run
 
-            print(dry_run(config).render())
+            devices = tpu_topology_devices(args.topology) if args.topology else None
+            print(dry_run(config, devices).render())
         else:
             train(config)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

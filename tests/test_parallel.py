@@ -71,7 +71,7 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say():
         """)
     # (experts 8, hidden 256, 2 x intermediate 256) split 2 x 2 x 2.
     assert "experts ('expert', 'fsdp', 'tensor') (4, 128, 256)" in out
-    assert "q_proj ('fsdp', 'tensor')" in out
+    assert "q_proj (('fsdp', 'expert'), 'tensor')" in out  # non-expert weights: FSDP over fsdp and expert
     # Adam moments and the accumulated gradients of the experts are sharded like the expert weights.
     assert "moments [('expert', 'fsdp', 'tensor'), ('expert', 'tensor', 'fsdp')]" in out
     assert "scalars {()}" in out
@@ -179,7 +179,7 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
 
 def test_expert_parallel_moe_equals_the_unsharded_moe():
     """The shard_map MoE (all-to-all over the expert axis) against the plain MoE on the same inputs: dropless
-    is equal to float tolerance; with capacity factor 1 the dropped copies are exactly those past capacity in
+    is equal to float tolerance, forward and backward; with capacity factor 1 the dropped copies are exactly those past capacity in
     (token, slot) order per device and destination, the tokens that lost none are unchanged, and the router
     statistics (hence the aux loss) are the unsharded ones."""
     out = _run_with_devices("""
@@ -201,6 +201,13 @@ def test_expert_parallel_moe_equals_the_unsharded_moe():
             with parallelism(mesh, factor):  # read when tracing: a fresh jit per setting
                 out, stats = nnx.jit(lambda m, u: m(u))(moe, u)
             results[str(factor)] = (out, stats)
+        loss = lambda m, u: jnp.sum(jnp.sin(m(u)[0]))
+        grad = lambda: jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(moe, u))
+        reference_grads = grad()
+        with parallelism(mesh, None):
+            dropless_grads = grad()
+        grad_error = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                         for a, b in zip(dropless_grads, reference_grads))
 
         # The drop rule recounted: 8 devices x 16 tokens, 2 experts per shard, capacity ceil(32 / 4) = 8.
         tokens = np.asarray(u).reshape(-1, 256)
@@ -218,7 +225,7 @@ def test_expert_parallel_moe_equals_the_unsharded_moe():
         dropless, capped = results["None"], results["1.0"]
         print(json.dumps({
             "dropless_error": float(jnp.max(jnp.abs(dropless[0] - reference))),
-            "dropless_dropped": float(dropless[1].dropped),
+            "dropless_dropped": float(dropless[1].dropped), "grad_error": grad_error,
             "capped_dropped": float(capped[1].dropped), "expected_dropped": int((~kept).sum()),
             "untouched_error": float(jnp.max(jnp.abs(capped[0] - reference)[whole])),
             "touched_changed": bool((jnp.max(jnp.abs(capped[0] - reference), axis=-1)[~whole] > 1e-6).all()),
@@ -227,6 +234,7 @@ def test_expert_parallel_moe_equals_the_unsharded_moe():
         """)
     result = json.loads(out.strip().splitlines()[-1])
     assert result["dropless_error"] < 1e-5 and result["dropless_dropped"] == 0
+    assert result["grad_error"] < 1e-5  # gradients of the input and of every weight
     assert result["capped_dropped"] == result["expected_dropped"] > 0
     assert result["untouched_error"] < 1e-5 and result["touched_changed"]
     assert result["stats_error"] < 1e-4

@@ -21,6 +21,7 @@ from flax import nnx
 
 from granite_jax.config import MOE_IMPLS
 from granite_jax.model.linear import make_linear
+from granite_jax.model.permute import inverse_permutation, move_rows
 from granite_jax.parallel import logical_param
 from granite_jax.parallel.context import active as parallelism_setting
 from granite_jax.parallel.expert import expert_parallel_moe
@@ -43,11 +44,13 @@ def load_balancing_loss(stats: RouterStats, num_experts: int) -> jax.Array:
     return num_experts * jnp.sum((stats.assignments / tokens) * (stats.probabilities / tokens))
 
 
-def _resolve_impl(impl: str) -> str:
+def _resolve_impl(impl: str, platform: str | None = None) -> str:
+    """`auto`: `tiled` on CPU, `ragged_dot` on accelerators; `platform` is the target's (a dry run compiles
+    for TPU devices from a CPU host), by default JAX's default backend."""
     if impl not in MOE_IMPLS:
         raise ValueError(f"grouped matmul impl={impl!r}; expected one of {MOE_IMPLS}")
     if impl == "auto":
-        return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+        return "tiled" if (platform or jax.default_backend()) == "cpu" else "ragged_dot"
     return impl
 
 
@@ -94,18 +97,20 @@ def _tiled_grouped_matmul(x, weights, group_sizes, tile: int):
     padded_starts = jnp.cumsum(padded_sizes) - padded_sizes
     starts = jnp.cumsum(group_sizes) - group_sizes
     group_of_row = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=M)
-    dest = padded_starts[group_of_row] + jnp.arange(M) - starts[group_of_row]
-    buffer = jnp.zeros((n_tiles * tile, K), x.dtype).at[dest].set(x, unique_indices=True)
+    dest = padded_starts[group_of_row] + jnp.arange(M) - starts[group_of_row]        # (M,) buffer row of x's row
+    source = jnp.full((n_tiles * tile,), M, jnp.int32).at[dest].set(jnp.arange(M, dtype=jnp.int32),
+                                                                     unique_indices=True)  # M: padding
+    buffer = move_rows(x, source[:, None], dest[:, None])
     tile_group = jnp.searchsorted(padded_starts + padded_sizes, jnp.arange(n_tiles) * tile, side="right")
     tile_group = jnp.minimum(tile_group, E - 1)                   # trailing empty tiles: any expert, discarded
-    out = _per_tile_matmul(buffer.reshape(n_tiles, tile, K), weights, tile_group)
-    return out.reshape(n_tiles * tile, -1)[dest]
+    out = _per_tile_matmul(buffer.reshape(n_tiles, tile, K), weights, tile_group).reshape(n_tiles * tile, -1)
+    return move_rows(out, dest[:, None], source[:, None])
 
 
-def grouped_matmul(x, weights, group_sizes, *, impl: str = "auto", tile: int = 128):
+def grouped_matmul(x, weights, group_sizes, *, impl: str = "auto", tile: int = 128, platform: str | None = None):
     """Multiply each contiguous group of rows of `x` by its group's weight matrix."""
     x, weights = jnp.asarray(x), jnp.asarray(weights)
-    if _resolve_impl(impl) == "ragged_dot":
+    if _resolve_impl(impl, platform) == "ragged_dot":
         return jax.lax.ragged_dot(x, weights, group_sizes)
     return _tiled_grouped_matmul(x, weights, group_sizes, tile)
 
@@ -151,7 +156,8 @@ class MoE(nnx.Module):
             out, stats = expert_parallel_moe(
                 setting, tokens, self.router.kernel[...], self.input_linear[...], self.output_linear[...], top_k=k,
                 dtype=self.dtype, token_weight=weight,
-                grouped_matmul=functools.partial(grouped_matmul, impl=self.grouped_matmul_impl))
+                grouped_matmul=functools.partial(grouped_matmul, impl=self.grouped_matmul_impl,
+                                                 platform=setting.mesh.devices.flat[0].platform))
             return out.reshape(b, T, H), RouterStats(*stats)
         logits = self.router(tokens).astype(jnp.float32)                       # (n, E)
         top_logits, top_experts = jax.lax.top_k(logits, k)                     # (n, k)
@@ -159,14 +165,15 @@ class MoE(nnx.Module):
 
         # Sort the n*k (token, slot) copies by expert, run each expert on its group, and undo the sort.
         flat_experts = top_experts.reshape(-1)
-        order = jnp.argsort(flat_experts, stable=True)
+        order = jnp.argsort(flat_experts, stable=True)                          # sorted position -> copy
+        position = inverse_permutation(order)                                  # copy -> sorted position
         group_sizes = jnp.bincount(flat_experts, length=E).astype(jnp.int32)
-        rows = tokens[order // k]
+        rows = move_rows(tokens, (order // k)[:, None], position.reshape(b * T, k))
         w_in = self.input_linear[...].astype(self.dtype)
         w_out = self.output_linear[...].astype(self.dtype)
         gate, up = jnp.split(grouped_matmul(rows, w_in, group_sizes, impl=self.grouped_matmul_impl), 2, axis=-1)
         expert_out = grouped_matmul(jax.nn.silu(gate) * up, w_out, group_sizes, impl=self.grouped_matmul_impl)
-        expert_out = jnp.zeros_like(expert_out).at[order].set(expert_out, unique_indices=True)
+        expert_out = move_rows(expert_out, position[:, None], order[:, None])     # back to (token, slot) order
         out = jnp.einsum("nkh,nk->nh", expert_out.reshape(b * T, k, H), gates)
 
         probs = jax.nn.softmax(logits, axis=-1)

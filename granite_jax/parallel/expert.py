@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from granite_jax.model.permute import inverse_permutation, move_rows
 from granite_jax.parallel.context import Parallelism
 from granite_jax.parallel.mesh import BATCH_AXES
 
@@ -57,6 +58,7 @@ def expert_parallel_moe(setting: Parallelism, tokens, router_kernel, w_in, w_out
 
     def local(tokens, router_kernel, w_in, w_out, weight):
         n, H = tokens.shape
+        tokens = tokens.astype(dtype)  # the exchanged buffers in the compute dtype
         logits = (tokens @ router_kernel.astype(tokens.dtype)).astype(jnp.float32)     # (n, E)
         top_logits, top_experts = jax.lax.top_k(logits, top_k)
         gates = jax.nn.softmax(top_logits, axis=-1).astype(dtype)
@@ -64,29 +66,33 @@ def expert_parallel_moe(setting: Parallelism, tokens, router_kernel, w_in, w_out
         destination = experts // local_experts
         cap = capacity(n * top_k, shards, factor)
         slot, kept = dispatch_slots(destination, shards, cap)
-        # Scatter the kept copies into (shards, cap) buffers; dropped ones go to a spill row that is cut off.
-        row = jnp.where(kept, destination * cap + slot, shards * cap)
-        copies = jnp.repeat(tokens, top_k, axis=0)
-        send = jnp.zeros((shards * cap + 1, H), tokens.dtype).at[row].set(copies)[:-1].reshape(shards, cap, H)
-        send_expert = jnp.full((shards * cap + 1,), -1, jnp.int32).at[row].set(experts % local_experts)
-        send_expert = send_expert[:-1].reshape(shards, cap)
-        received = jax.lax.all_to_all(send, axis, 0, 0, tiled=False)               # (shards, cap, H)
-        received_expert = jax.lax.all_to_all(send_expert, axis, 0, 0, tiled=False)  # -1 = empty slot
+        # Buffer slot of every copy (shards * cap = dropped) and copy of every slot (n k = empty): the two
+        # directions of one map, so every move below is a gather forward and backward (model/permute.py).
+        slots = shards * cap
+        slot_of_copy = jnp.where(kept, destination * cap + slot, slots).astype(jnp.int32)
+        copy_of_slot = jnp.full((slots + 1,), n * top_k, jnp.int32).at[slot_of_copy].set(
+            jnp.arange(n * top_k, dtype=jnp.int32))[:-1]
+        token_of_slot = jnp.where(copy_of_slot < n * top_k, copy_of_slot // top_k, n)
+        send = move_rows(tokens, token_of_slot[:, None], slot_of_copy.reshape(n, top_k))
+        send_expert = jnp.append(experts % local_experts, -1)[copy_of_slot]                 # -1: empty slot
+        received = jax.lax.all_to_all(send.reshape(shards, cap, H), axis, 0, 0, tiled=False)
+        received_expert = jax.lax.all_to_all(send_expert.reshape(shards, cap), axis, 0, 0, tiled=False)
 
         # Run the local experts on what arrived, grouped by expert (empty slots last, in a dummy group).
         flat, flat_expert = received.reshape(-1, H), received_expert.reshape(-1)
         group = jnp.where(flat_expert < 0, local_experts, flat_expert)
         order = jnp.argsort(group, stable=True)
+        position = inverse_permutation(order)
         sizes = jnp.bincount(group, length=local_experts + 1).astype(jnp.int32)
         pad = lambda w: jnp.concatenate([w, jnp.zeros((1,) + w.shape[1:], w.dtype)])  # noqa: E731  dummy expert
-        gate_up = grouped_matmul(flat[order], pad(w_in.astype(dtype)), sizes)
+        gate_up = grouped_matmul(move_rows(flat, order[:, None], position[:, None]), pad(w_in.astype(dtype)), sizes)
         gate, up = jnp.split(gate_up, 2, axis=-1)
         out_sorted = grouped_matmul(jax.nn.silu(gate) * up, pad(w_out.astype(dtype)), sizes)
-        result = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)
-        back = jax.lax.all_to_all(result.reshape(shards, cap, H), axis, 0, 0, tiled=False)
+        result = move_rows(out_sorted, position[:, None], order[:, None])
+        back = jax.lax.all_to_all(result.reshape(shards, cap, H), axis, 0, 0, tiled=False).reshape(slots, H)
 
         # Each copy's result from its buffer slot (zero if dropped), weighted by its gate, summed per token.
-        gathered = jnp.concatenate([back.reshape(-1, H), jnp.zeros((1, H), back.dtype)])[row]
+        gathered = move_rows(back, slot_of_copy[:, None], copy_of_slot[:, None])
         out = jnp.einsum("nkh,nk->nh", gathered.reshape(n, top_k, H), gates)
 
         probs = jax.nn.softmax(logits, axis=-1)

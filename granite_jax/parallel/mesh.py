@@ -17,15 +17,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")  # the batch dimension is split over every axis that is not tensor
 
-# Rule presets: logical axis -> mesh axis (absent: replicated). Choose one with `sharding_rules`; the mesh
-# sizes decide how many ways each axis splits (an axis of size 1 splits nothing).
+# Rule presets: logical axis -> mesh axis, or a tuple of mesh axes splitting it jointly (absent: replicated).
+# Within one array a mesh axis is used once, by the first dimension that claims it: an expert weight
+# (expert, embed, mlp) takes `expert` for its experts, so its `embed` is split over `fsdp` alone, while every
+# other weight's `embed` is split over `fsdp` and `expert` together. Choose a preset with `sharding_rules`;
+# the mesh sizes decide how many ways each axis splits (an axis of size 1 splits nothing).
 _TENSOR = {"vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "ssm_inner": "tensor"}
 RULES = {
-    # FSDP over `fsdp` (the hidden dimension of every weight), tensor parallelism over `tensor` (heads, MLP
-    # width, vocabulary, Mamba inner width), experts over `expert`. The default.
-    "fsdp_tp": {"embed": "fsdp", "expert": "expert", **_TENSOR},
-    # FSDP only: weights split over `fsdp` (experts over `expert`); nothing uses `tensor`.
-    "fsdp": {"embed": "fsdp", "expert": "expert"},
+    # FSDP over `fsdp` and `expert` (the hidden dimension of every weight: the expert axis is data-parallel
+    # for everything but the experts), tensor parallelism over `tensor` (heads, MLP width, vocabulary, Mamba
+    # inner width), experts over `expert`. The default.
+    "fsdp_tp": {"embed": ("fsdp", "expert"), "expert": "expert", **_TENSOR},
+    # FSDP only: weights split over `fsdp` and `expert` (experts over `expert`); nothing uses `tensor`.
+    "fsdp": {"embed": ("fsdp", "expert"), "expert": "expert"},
     # Experts spread over the data-parallel axis (no separate expert axis), FSDP + TP as fsdp_tp.
     "ep_over_data": {"embed": "fsdp", "expert": "data", **_TENSOR},
 }
@@ -57,25 +61,36 @@ def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(tuple(shape.values())), MESH_AXES)
 
 
-def logical_to_spec(names: tuple[str | None, ...], rules: dict[str, str | None]) -> PartitionSpec:
-    """Map logical names to mesh axes, using each mesh axis at most once per array."""
+def mesh_axes(rule) -> tuple[str, ...]:
+    """A rule's mesh axes as a tuple: None -> (), "fsdp" -> ("fsdp",), ("fsdp", "expert") unchanged."""
+    return () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
+
+
+def axes_size(mesh: Mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in mesh_axes(axes))
+
+
+def logical_to_spec(names: tuple[str | None, ...], rules: dict) -> PartitionSpec:
+    """Map logical names to mesh axes, using each mesh axis at most once per array (first claim wins)."""
     used, spec = set(), []
     for name in names:
-        axis = rules.get(name) if name is not None else None
-        spec.append(axis if axis is not None and axis not in used else None)
-        used.add(axis)
+        axes = tuple(a for a in mesh_axes(rules.get(name) if name is not None else None) if a not in used)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*spec)
 
 
-def parameter_shardings(params: nnx.State, mesh: Mesh, rules: dict[str, str | None]):
-    """NamedShardings for a parameter State from each Variable's logical axes, replicated where the
-    dimension does not divide by the mesh axis size."""
+def parameter_shardings(params: nnx.State, mesh: Mesh, rules: dict):
+    """NamedShardings for a parameter State from each Variable's logical axes. A dimension that does not
+    divide by its mesh axes keeps the longest leading run of them that it divides by (none: replicated)."""
     def sharding(variable):
         names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
         spec = list(logical_to_spec(tuple(names), rules))
-        for i, axis in enumerate(spec):
-            if axis is not None and variable.shape[i] % mesh.shape[axis]:
-                spec[i] = None
+        for i, axes in enumerate(spec):
+            axes = mesh_axes(axes)
+            while axes and variable.shape[i] % axes_size(mesh, axes):
+                axes = axes[:-1]
+            spec[i] = None if not axes else axes[0] if len(axes) == 1 else axes
         return NamedSharding(mesh, PartitionSpec(*spec))
 
     return jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -92,7 +107,7 @@ def optimizer_state_shardings(tx, params, param_shardings, mesh: Mesh):
                                             per_leaf, transform_non_params=lambda _: replicated)
 
 
-def check_model_fits_mesh(config, mesh: Mesh, rules: dict[str, str | None]) -> None:
+def check_model_fits_mesh(config, mesh: Mesh, rules: dict) -> None:
     """Every model dimension the rules split must divide by its mesh axis; otherwise a MeshError naming the
     config field, the axis and its size (rather than a silently replicated or unevenly split weight)."""
     from granite_jax.config import ATTENTION, MAMBA
@@ -108,10 +123,12 @@ def check_model_fits_mesh(config, mesh: Mesh, rules: dict[str, str | None]) -> N
                   ("vocab_size", config.vocab_size, "vocab", True),
                   ("hidden_size", config.hidden_size, "embed", True)]
     for field, value, logical, used in dimensions:
-        axis = rules.get(logical)
-        if used and axis is not None and value % mesh.shape[axis]:
-            raise MeshError(f"{field}={value} is not divisible by the {axis!r} mesh axis of size {mesh.shape[axis]} "
-                            f"(the sharding rules split {logical!r} over {axis!r}); change the mesh or sharding_rules")
+        axes = tuple(a for a in mesh_axes(rules.get(logical)) if mesh.shape[a] > 1)
+        if used and axes and value % axes_size(mesh, axes):
+            where = (f"the {axes[0]!r} mesh axis of size {mesh.shape[axes[0]]}" if len(axes) == 1 else
+                     f"the mesh axes {axes} of sizes {[mesh.shape[a] for a in axes]} (together {axes_size(mesh, axes)})")
+            raise MeshError(f"{field}={value} is not divisible by {where} (the sharding rules split {logical!r} "
+                            f"over {axes if len(axes) > 1 else axes[0]!r}); change the mesh or sharding_rules")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -2,9 +2,12 @@
 device would hold, without allocating the model.
 
 Parameters, optimizer state and the batch are abstract (`jax.ShapeDtypeStruct` with their shardings); the
-step is lowered and compiled with `jax.jit(...).lower(...).compile()`. Without the real devices, run it on
-virtual CPU devices (`--simulate-devices N`): the SPMD partitioning, hence the per-device memory and the
-collectives, is the target's; kernels and fusion are XLA:CPU's, so temporaries are an estimate.
+step is lowered and compiled with `jax.jit(...).lower(...).compile()`. Without the real devices:
+- TPU pods (`--topology v5p:4x4x4`): the devices of a deviceless TPU topology (`granite_jax/parallel/
+  topology.py`, needs libtpu) and the real TPU compiler: the figures are the TPU's own.
+- anything else (`--simulate-devices N`): N virtual CPU devices. The SPMD partitioning, hence the sharded
+  parameter and optimizer bytes and the collectives, is the target's; kernels and fusion are XLA:CPU's, which
+  computes bf16 matmuls in float32 and fuses less than a GPU compiler, so temporaries are an upper estimate.
 
 Reported per device: parameter and optimizer-state bytes (from the shardings, exact), the batch, XLA's
 temporaries (activations, gradients, workspace), the compiled step's FLOPs (XLA's cost analysis) next to the
@@ -29,6 +32,7 @@ from granite_jax.model.flops import training_flops_per_token
 from granite_jax.parallel.context import parallelism
 from granite_jax.parallel.mesh import (RULES, batch_sharding, check_batch, check_model_fits_mesh, make_mesh,
                                       optimizer_state_shardings, parameter_shardings)
+from granite_jax.parallel.topology import device_memory
 from granite_jax.train.config import RunConfig
 from granite_jax.train.optim import make_optimizer
 from granite_jax.train.step import TrainState, make_train_step
@@ -44,7 +48,8 @@ class DryRunReport:
     model: str
     mesh: dict
     devices: int
-    platform: str
+    platform: str  # the target devices' kind, and how the figures were obtained
+    device_bytes: int | None  # one device's memory, where known
     parameters: int
     params_bytes: int  # per device
     opt_state_bytes: int  # per device
@@ -58,6 +63,12 @@ class DryRunReport:
     def peak_bytes(self) -> int:
         return self.params_bytes + self.opt_state_bytes + self.batch_bytes + self.temp_bytes
 
+    def _fit(self) -> str:
+        if self.device_bytes is None:
+            return ""
+        verdict = "fits" if self.peak_bytes <= self.device_bytes else "does NOT fit"
+        return f"  ({verdict} in {self.device_bytes / GiB:.0f} GiB per device)"
+
     def render(self) -> str:
         lines = [f"dry run: {self.model} ({self.parameters:,} parameters) on mesh {self.mesh} = {self.devices} "
                  f"devices ({self.platform})",
@@ -66,7 +77,7 @@ class DryRunReport:
                  f"  optimizer state   {self.opt_state_bytes / GiB:9.2f} GiB",
                  f"  batch             {self.batch_bytes / GiB:9.2f} GiB",
                  f"  temporaries       {self.temp_bytes / GiB:9.2f} GiB  (activations, gradients, workspace)",
-                 f"  total             {self.peak_bytes / GiB:9.2f} GiB",
+                 f"  total             {self.peak_bytes / GiB:9.2f} GiB{self._fit()}",
                  f"  FLOPs per step    {self.step_flops:.3e} compiled (XLA), {self.model_flops:.3e} model "
                  "(granite_jax/model/flops.py)",
                  "  collectives per step:"]
@@ -105,13 +116,15 @@ def collective_traffic(hlo_text: str) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in traffic.items()}
 
 
-def dry_run(config: RunConfig) -> DryRunReport:
+def dry_run(config: RunConfig, devices=None) -> DryRunReport:
+    """Compile `config`'s train step for its mesh over `devices` (default: this process's JAX devices; a
+    deviceless TPU topology's for `--topology`) and report one device's share."""
     overrides = dict(config.model_overrides, compute_dtype=config.compute_dtype)
     if config.init_from and config.init_from.startswith("hf:"):
         model_config = ModelConfig.from_hf(config.init_from[len("hf:"):], **overrides)
     else:
         model_config = load_preset(config.model, **overrides)
-    mesh = make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, devices)
     rules = RULES[config.sharding_rules]
     check_batch(config.data.batch_size, mesh)
     check_model_fits_mesh(model_config, mesh, rules)
@@ -142,7 +155,8 @@ def dry_run(config: RunConfig) -> DryRunReport:
     tokens = config.data.batch_size * config.data.seq_len
     return DryRunReport(
         model=config.init_from or config.model, mesh=dict(mesh.shape), devices=devices,
-        platform=f"{jax.devices()[0].platform}, {jax.device_count()} devices",
+        platform=_describe(mesh.devices.flat[0]),
+        device_bytes=device_memory(mesh.devices.flat[0]),
         parameters=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
         params_bytes=_shard_bytes(params, param_shardings),
         opt_state_bytes=_shard_bytes(opt_state, opt_shardings),
@@ -152,3 +166,11 @@ def dry_run(config: RunConfig) -> DryRunReport:
         model_flops=training_flops_per_token(model_config, config.data.seq_len) * tokens / devices,
         collectives=collective_traffic(compiled.as_text()),
     )
+
+
+def _describe(device) -> str:
+    if device.platform == "cpu":
+        return f"simulated on {jax.device_count()} virtual CPU devices: XLA:CPU's estimate"
+    if device not in jax.devices():
+        return f"{device.device_kind}, deviceless topology: the {device.platform.upper()} compiler's figures"
+    return f"{device.device_kind}: compiled for these devices"
