@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import importlib.util
 import json
 import types
 
@@ -94,6 +95,27 @@ def test_dry_run_reports_per_device_memory_without_training(tmp_path):
     bad = subprocess.run([sys.executable, "train.py", "--dry-run", "--simulate-devices", "6", "mesh={tensor: 3, data: 2}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "num_attention_heads=4 is not divisible by the 'tensor' mesh axis of size 3" in bad.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install -r benchmarks/requirements-tpu.txt); not a test dependency")
+def test_dry_run_compiles_for_a_tpu_topology_with_the_ragged_exchange():
+    """`--topology`: the TPU compiler, no TPU. The `ragged` exchange lowers to ragged-all-to-all there."""
+    cmd = [sys.executable, "train.py", "--topology", "v5p:2x2x1", "model=tiny-hybrid-moe", "mesh={expert: 4}",
+           "data.batch_size=8", "data.seq_len=256", "compute_dtype=bfloat16", "moe_exchange=ragged"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "= 4 devices (TPU v5, deviceless topology: the TPU compiler's figures)" in proc.stdout
+    assert "fits in 95 GiB per device" in proc.stdout
+    assert re.search(r"ragged-all-to-all\s+16 ops", proc.stdout)  # 4 MoE layers x 2 exchanges x (fwd + bwd)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed here")
+def test_topology_without_libtpu_says_what_to_install():
+    proc = subprocess.run([sys.executable, "train.py", "--topology", "v5p:4x4x4"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "--topology v5p:4x4x4 compiles with the TPU compiler, which needs libtpu: pip install 'libtpu" in proc.stderr
 
 
 MESHES = {"data x fsdp": {"data": 2, "fsdp": 4}, "fsdp x tensor": {"fsdp": 4, "tensor": 2},
@@ -238,6 +260,81 @@ def test_expert_parallel_moe_equals_the_unsharded_moe():
     assert result["capped_dropped"] == result["expected_dropped"] > 0
     assert result["untouched_error"] < 1e-5 and result["touched_changed"]
     assert result["stats_error"] < 1e-4
+
+
+def test_ragged_exchange_equals_the_unsharded_moe():
+    """The `ragged` exchange (jax.lax.ragged_all_to_all, which XLA:CPU lacks) with the collective emulated from
+    all_gather by its documented semantics: dropless equals the plain MoE forward and backward; with capacity
+    factor 0.5 the dropped copies are exactly those the documented rule drops (each receiver fills its buffer
+    by source device, each source's copies sorted by expert)."""
+    out = _run_with_devices("""
+        import json
+        import granite_jax, jax, jax.numpy as jnp, numpy as np
+        from flax import nnx
+        from granite_jax.config import load_preset
+        from granite_jax.model.moe import MoE
+        from granite_jax.parallel.context import parallelism
+        from granite_jax.parallel.mesh import make_mesh
+
+        def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                       axis_name):
+            # Source i's rows [input_offsets_i[me], + send_sizes_i[me]) land at output_offsets_i[me] in mine.
+            everything = jax.lax.all_gather(operand, axis_name)
+            sources, rows = everything.shape[0], everything.shape[1]
+            me = jax.lax.axis_index(axis_name)
+            starts = jax.lax.all_gather(output_offsets, axis_name)[:, me]
+            sizes = jax.lax.all_gather(send_sizes, axis_name)[:, me]
+            reads = jax.lax.all_gather(input_offsets, axis_name)[:, me]
+            r = jnp.arange(output.shape[0])
+            inside = (r[None] >= starts[:, None]) & (r[None] < (starts + sizes)[:, None])
+            source = jnp.argmax(inside, axis=0)
+            taken = everything.reshape(sources * rows, -1)[
+                jnp.where(inside.any(0), source * rows + reads[source] + r - starts[source], 0)]
+            return jnp.where(inside.any(0)[:, None], taken, output)
+
+        jax.lax.ragged_all_to_all = emulated_ragged_all_to_all
+        moe = MoE(load_preset("tiny-hybrid-moe"), rngs=nnx.Rngs(0))       # 8 experts, top-2
+        u = jnp.asarray(np.random.default_rng(0).normal(size=(8, 16, 256)), jnp.float32)
+        reference, _ = nnx.jit(lambda m, u: m(u))(moe, u)
+        loss = lambda m, u: jnp.sum(jnp.sin(m(u)[0]))
+        grad = lambda: jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(moe, u))
+        reference_grads = grad()
+        mesh = make_mesh({"data": 2, "expert": 4})
+        with parallelism(mesh, None, exchange="ragged"):
+            dropless, dropless_stats = nnx.jit(lambda m, u: m(u))(moe, u)
+            grads = grad()
+        with parallelism(mesh, 0.5, exchange="ragged"):
+            capped, capped_stats = nnx.jit(lambda m, u: m(u))(moe, u)
+
+        # The drop rule recounted: device (d, e) holds row 4d + e (16 tokens, 32 copies); buffers of 16 rows.
+        tokens = np.asarray(u).reshape(-1, 256)
+        top = np.argsort(-(tokens @ np.asarray(moe.router.kernel[...])), axis=-1)[:, :2]
+        kept = np.ones(top.shape, bool)
+        for d in range(2):
+            for receiver in range(4):
+                filled = 0
+                for source in range(4):
+                    first = (4 * d + source) * 16
+                    mine = [(top[t, k], t, k) for t in range(first, first + 16) for k in range(2)
+                            if top[t, k] // 2 == receiver]
+                    for _, t, k in sorted(mine):
+                        kept[t, k] = filled < 16
+                        filled += 1
+        whole = kept.all(axis=1).reshape(8, 16)
+        print(json.dumps({
+            "dropless_error": float(jnp.max(jnp.abs(dropless - reference))),
+            "dropless_dropped": float(dropless_stats.dropped),
+            "grad_error": max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(grads, reference_grads)),
+            "capped_dropped": float(capped_stats.dropped), "expected_dropped": int((~kept).sum()),
+            "untouched_error": float(jnp.max(jnp.abs(capped - reference)[whole])),
+            "touched_changed": bool((jnp.max(jnp.abs(capped - reference), axis=-1)[~whole] > 1e-6).all()),
+        }))
+        """)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["dropless_error"] < 1e-5 and result["dropless_dropped"] == 0
+    assert result["grad_error"] < 1e-5
+    assert result["capped_dropped"] == result["expected_dropped"] > 0
+    assert result["untouched_error"] < 1e-5 and result["touched_changed"]
 
 
 def test_tensor_parallel_mamba_layer_normalises_over_the_full_width():

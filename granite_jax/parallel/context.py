@@ -24,16 +24,18 @@ class Parallelism:
     mesh: Mesh
     capacity_factor: float | None = None  # expert parallelism: None = dropless (see expert.py)
     expert_axis: str = "expert"  # the mesh axis the experts are split over (the sharding rules' "expert")
+    exchange: str = "auto"  # expert parallelism's token exchange: auto | all_to_all | ragged (see expert.py)
 
 
 _ACTIVE: contextvars.ContextVar[Parallelism | None] = contextvars.ContextVar("parallelism", default=None)
 
 
 @contextlib.contextmanager
-def parallelism(mesh: Mesh, capacity_factor: float | None = None, expert_axis: str = "expert"):
+def parallelism(mesh: Mesh, capacity_factor: float | None = None, expert_axis: str = "expert",
+                exchange: str = "auto"):
     if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"moe_capacity_factor={capacity_factor} must be positive (or null: dropless)")
-    token = _ACTIVE.set(Parallelism(mesh, capacity_factor, expert_axis))
+    token = _ACTIVE.set(Parallelism(mesh, capacity_factor, expert_axis, exchange))
     try:
         yield
     finally:

@@ -1,19 +1,24 @@
 """Expert parallelism: the MoE block under `shard_map`, moving tokens to the experts instead of experts to tokens.
 
-Each device routes its own tokens, then an all-to-all over the `expert` mesh axis sends every (token, slot)
-copy to the device holding its expert; that device runs its local experts (grouped matmul), and a second
-all-to-all brings the results back, where they are weighted by the router gates and summed.
+Each device routes its own tokens, then an exchange over the `expert` mesh axis sends every (token, slot) copy
+to the device holding its expert; that device runs its local experts (grouped matmul), and the reverse
+exchange brings the results back, where they are weighted by the router gates and summed. Two exchanges
+(`moe_exchange`), both with a receive buffer of static size set by `moe_capacity_factor` (null: dropless):
 
-The exchange uses a fixed-size buffer per (source, destination) pair of `capacity` copies:
-`capacity = ceil(capacity_factor × local copies / expert shards)`. Copies beyond it are dropped — in the order
-(token, slot), the later ones first — their contribution is zero, and their number is returned (and logged
-by the training loop as `moe_dropped`). `capacity_factor ≥ expert shards` can never drop: dropless.
-`jax.lax.ragged_all_to_all` would exchange exactly the routed copies, but XLA:CPU does not implement it; this
-bounded `all_to_all` runs everywhere.
+- `all_to_all` (CPU, and anywhere on request): `jax.lax.all_to_all` of a fixed buffer per (source,
+  destination) pair of `ceil(capacity_factor × copies per device / expert shards)` rows. Copies beyond a
+  pair's buffer are dropped, the later (token, slot) copies first. `capacity_factor ≥ expert shards` never drops.
+- `ragged` (GPU and TPU; XLA:CPU does not implement it): `jax.lax.ragged_all_to_all` sends exactly the routed
+  copies, sorted by expert. Each device receives into one buffer of `ceil(capacity_factor × copies per
+  device)` rows, filled by source device in order; what does not fit is dropped (the later sources' copies,
+  within a source its later experts'). `capacity_factor ≥ expert shards` never drops. It moves no padding:
+  traffic is the routed copies, not the buffer.
 
-Inside `granite_jax.parallel.context.parallelism(mesh, capacity_factor, expert_axis)` every `MoE` layer takes
-this path when the mesh has more than one device (with an expert axis of size 1 it keeps routing local to
-each device: a global sort of all tokens by expert would make XLA replicate the tokens everywhere).
+Dropped copies contribute zero; their number is returned (the training loop logs it as `moe_dropped`).
+
+Inside `granite_jax.parallel.context.parallelism(...)` every `MoE` layer takes this path when the mesh has
+more than one device (with an expert axis of size 1 it keeps routing local to each device: a global sort of
+all tokens by expert would make XLA replicate the tokens everywhere).
 """
 
 from __future__ import annotations
@@ -28,9 +33,19 @@ from granite_jax.model.permute import inverse_permutation, move_rows
 from granite_jax.parallel.context import Parallelism
 from granite_jax.parallel.mesh import BATCH_AXES
 
+EXCHANGES = ("auto", "all_to_all", "ragged")
+
+
+def resolve_exchange(exchange: str, platform: str) -> str:
+    if exchange not in EXCHANGES:
+        raise ValueError(f"moe_exchange={exchange!r}; expected one of {EXCHANGES}")
+    if exchange == "auto":
+        return "all_to_all" if platform == "cpu" else "ragged"
+    return exchange
+
 
 def capacity(copies: int, shards: int, capacity_factor: float) -> int:
-    """Copies one device may send to one expert shard."""
+    """Copies one device may send to one expert shard (the `all_to_all` exchange)."""
     return max(1, min(copies, math.ceil(capacity_factor * copies / shards)))
 
 
@@ -43,6 +58,89 @@ def dispatch_slots(destination: jax.Array, shards: int, cap: int) -> tuple[jax.A
     return slot, slot < cap
 
 
+def _exclusive_cumsum(x: jax.Array) -> jax.Array:
+    return jnp.cumsum(x) - x
+
+
+def _run_local_experts(rows, group, w_in, w_out, *, dtype, grouped_matmul):
+    """rows (R, H) that arrived, group (R,) their local expert (= number of local experts for an empty row).
+    Sorts by expert, runs the SwiGLU experts as grouped matmuls (empty rows in a zero dummy expert), unsorts."""
+    local_experts = w_in.shape[0]
+    order = jnp.argsort(group, stable=True)
+    position = inverse_permutation(order)
+    sizes = jnp.bincount(group, length=local_experts + 1).astype(jnp.int32)
+    pad = lambda w: jnp.concatenate([w, jnp.zeros((1,) + w.shape[1:], w.dtype)])  # noqa: E731  dummy expert
+    gate, up = jnp.split(grouped_matmul(move_rows(rows, order[:, None], position[:, None]),
+                                        pad(w_in.astype(dtype)), sizes), 2, axis=-1)
+    out_sorted = grouped_matmul(jax.nn.silu(gate) * up, pad(w_out.astype(dtype)), sizes)
+    return move_rows(out_sorted, position[:, None], order[:, None])
+
+
+def _bounded_exchange(tokens, experts, w_in, w_out, *, axis, shards, top_k, factor, run_experts):
+    """The `all_to_all` exchange. Returns every copy's expert output in (token, slot) order, zero where
+    dropped, and whether each copy was kept."""
+    n, H = tokens.shape
+    local_experts = w_in.shape[0]
+    destination = experts // local_experts
+    cap = capacity(n * top_k, shards, factor)
+    slot, kept = dispatch_slots(destination, shards, cap)
+    # Buffer slot of every copy (shards * cap = dropped) and copy of every slot (n k = empty): the two
+    # directions of one map, so every move is a gather forward and backward (model/permute.py).
+    slots = shards * cap
+    slot_of_copy = jnp.where(kept, destination * cap + slot, slots).astype(jnp.int32)
+    copy_of_slot = jnp.full((slots + 1,), n * top_k, jnp.int32).at[slot_of_copy].set(
+        jnp.arange(n * top_k, dtype=jnp.int32))[:-1]
+    token_of_slot = jnp.where(copy_of_slot < n * top_k, copy_of_slot // top_k, n)
+    send = move_rows(tokens, token_of_slot[:, None], slot_of_copy.reshape(n, top_k))
+    send_expert = jnp.append(experts % local_experts, local_experts)[copy_of_slot]   # local_experts: empty
+    received = jax.lax.all_to_all(send.reshape(shards, cap, H), axis, 0, 0, tiled=False)
+    received_expert = jax.lax.all_to_all(send_expert.reshape(shards, cap), axis, 0, 0, tiled=False)
+    result = run_experts(received.reshape(slots, H), received_expert.reshape(slots), w_in, w_out)
+    back = jax.lax.all_to_all(result.reshape(shards, cap, H), axis, 0, 0, tiled=False).reshape(slots, H)
+    return move_rows(back, slot_of_copy[:, None], copy_of_slot[:, None]), kept
+
+
+def _ragged_exchange(tokens, experts, w_in, w_out, *, axis, shards, top_k, factor, run_experts):
+    """The `ragged` exchange (`jax.lax.ragged_all_to_all`). Same contract as `_bounded_exchange`."""
+    n, H = tokens.shape
+    copies = n * top_k
+    local_experts = w_in.shape[0]
+    # My copies sorted by expert: by destination device, then by its local expert.
+    order = jnp.argsort(experts, stable=True)
+    position = inverse_permutation(order)
+    sorted_rows = move_rows(tokens, (order // top_k)[:, None], position.reshape(n, top_k))
+    counts = jnp.bincount(experts, length=shards * local_experts).reshape(shards, local_experts).astype(jnp.int32)
+    send_sizes = counts.sum(axis=1)
+    input_offsets = _exclusive_cumsum(send_sizes)
+
+    # What each source sends me, per local expert; where its block starts in my buffer; how much of it fits.
+    received_counts = jax.lax.all_to_all(counts, axis, 0, 0, tiled=False)              # (shards, local)
+    received_sizes = received_counts.sum(axis=1)
+    buffer_rows = max(1, min(shards * copies, math.ceil(factor * copies)))
+    received_offsets = _exclusive_cumsum(received_sizes)
+    received_kept = jnp.clip(buffer_rows - received_offsets, 0, received_sizes)
+    # The senders' view of the same numbers: where my block goes in each destination, how much it keeps.
+    output_offsets = jax.lax.all_to_all(received_offsets, axis, 0, 0, tiled=False)
+    send_kept = jax.lax.all_to_all(received_kept, axis, 0, 0, tiled=False)
+    source_offsets = jax.lax.all_to_all(input_offsets, axis, 0, 0, tiled=False)      # my block in each source
+
+    arrived = jax.lax.ragged_all_to_all(sorted_rows, jnp.zeros((buffer_rows, H), sorted_rows.dtype), input_offsets,
+                                        send_kept, output_offsets, received_kept, axis_name=axis)
+    # The local expert of every buffer row, from the per-source counts (local_experts: an empty row).
+    row = jnp.arange(buffer_rows)
+    source = jnp.clip(jnp.searchsorted(received_offsets, row, side="right") - 1, 0, shards - 1)
+    within = row - received_offsets[source]
+    expert_of_row = jnp.sum(within[:, None] >= jnp.cumsum(received_counts, axis=1)[source], axis=1)
+    expert_of_row = jnp.where(within < received_kept[source], expert_of_row, local_experts)
+    result = run_experts(arrived, expert_of_row, w_in, w_out)
+    back = jax.lax.ragged_all_to_all(result, jnp.zeros((copies, H), result.dtype), received_offsets,
+                                     received_kept, source_offsets, send_kept, axis_name=axis)
+
+    destination = experts[order] // local_experts                                      # sorted copies' device
+    kept_sorted = jnp.arange(copies) - input_offsets[destination] < send_kept[destination]
+    return move_rows(back, position[:, None], order[:, None]), kept_sorted[position]
+
+
 def expert_parallel_moe(setting: Parallelism, tokens, router_kernel, w_in, w_out, *, top_k: int, dtype,
                         grouped_matmul, token_weight):
     """tokens (N, H) global; router_kernel (H, E); w_in (E, H, 2I); w_out (E, I, H); token_weight (N,) 1 for
@@ -53,8 +151,12 @@ def expert_parallel_moe(setting: Parallelism, tokens, router_kernel, w_in, w_out
     axis = setting.expert_axis
     shards = mesh.shape[axis]
     factor = shards if setting.capacity_factor is None else setting.capacity_factor
-    local_experts = E // shards
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    exchange = {"all_to_all": _bounded_exchange, "ragged": _ragged_exchange}[
+        resolve_exchange(setting.exchange, mesh.devices.flat[0].platform)]
+
+    def run_experts(rows, group, w_in, w_out):
+        return _run_local_experts(rows, group, w_in, w_out, dtype=dtype, grouped_matmul=grouped_matmul)
 
     def local(tokens, router_kernel, w_in, w_out, weight):
         n, H = tokens.shape
@@ -63,36 +165,8 @@ def expert_parallel_moe(setting: Parallelism, tokens, router_kernel, w_in, w_out
         top_logits, top_experts = jax.lax.top_k(logits, top_k)
         gates = jax.nn.softmax(top_logits, axis=-1).astype(dtype)
         experts = top_experts.reshape(-1)                                               # (n k,) token-major
-        destination = experts // local_experts
-        cap = capacity(n * top_k, shards, factor)
-        slot, kept = dispatch_slots(destination, shards, cap)
-        # Buffer slot of every copy (shards * cap = dropped) and copy of every slot (n k = empty): the two
-        # directions of one map, so every move below is a gather forward and backward (model/permute.py).
-        slots = shards * cap
-        slot_of_copy = jnp.where(kept, destination * cap + slot, slots).astype(jnp.int32)
-        copy_of_slot = jnp.full((slots + 1,), n * top_k, jnp.int32).at[slot_of_copy].set(
-            jnp.arange(n * top_k, dtype=jnp.int32))[:-1]
-        token_of_slot = jnp.where(copy_of_slot < n * top_k, copy_of_slot // top_k, n)
-        send = move_rows(tokens, token_of_slot[:, None], slot_of_copy.reshape(n, top_k))
-        send_expert = jnp.append(experts % local_experts, -1)[copy_of_slot]                 # -1: empty slot
-        received = jax.lax.all_to_all(send.reshape(shards, cap, H), axis, 0, 0, tiled=False)
-        received_expert = jax.lax.all_to_all(send_expert.reshape(shards, cap), axis, 0, 0, tiled=False)
-
-        # Run the local experts on what arrived, grouped by expert (empty slots last, in a dummy group).
-        flat, flat_expert = received.reshape(-1, H), received_expert.reshape(-1)
-        group = jnp.where(flat_expert < 0, local_experts, flat_expert)
-        order = jnp.argsort(group, stable=True)
-        position = inverse_permutation(order)
-        sizes = jnp.bincount(group, length=local_experts + 1).astype(jnp.int32)
-        pad = lambda w: jnp.concatenate([w, jnp.zeros((1,) + w.shape[1:], w.dtype)])  # noqa: E731  dummy expert
-        gate_up = grouped_matmul(move_rows(flat, order[:, None], position[:, None]), pad(w_in.astype(dtype)), sizes)
-        gate, up = jnp.split(gate_up, 2, axis=-1)
-        out_sorted = grouped_matmul(jax.nn.silu(gate) * up, pad(w_out.astype(dtype)), sizes)
-        result = move_rows(out_sorted, position[:, None], order[:, None])
-        back = jax.lax.all_to_all(result.reshape(shards, cap, H), axis, 0, 0, tiled=False).reshape(slots, H)
-
-        # Each copy's result from its buffer slot (zero if dropped), weighted by its gate, summed per token.
-        gathered = move_rows(back, slot_of_copy[:, None], copy_of_slot[:, None])
+        gathered, kept = exchange(tokens, experts, w_in, w_out, axis=axis, shards=shards, top_k=top_k,
+                                  factor=factor, run_experts=run_experts)
         out = jnp.einsum("nkh,nk->nh", gathered.reshape(n, top_k, H), gates)
 
         probs = jax.nn.softmax(logits, axis=-1)

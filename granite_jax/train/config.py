@@ -88,6 +88,8 @@ class RunConfig:
     # Expert parallelism (when the rules' expert axis has > 1 device): copies one device may send to one expert
     # shard, as a multiple of its even share; null = dropless. Dropped copies are counted (moe_dropped).
     moe_capacity_factor: float | None = None
+    # Expert parallelism's token exchange: auto (ragged_all_to_all on GPU/TPU, all_to_all on CPU) | all_to_all | ragged
+    moe_exchange: str = "auto"
     sharding_rules: str = "fsdp_tp"  # a preset of granite_jax.parallel.mesh.RULES: fsdp_tp, fsdp, ep_over_data
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
@@ -117,6 +119,8 @@ class RunConfig:
                                  "give data.tokenizer or init_from=hf:DIR")
         from granite_jax.parallel.mesh import RULES
 
+        if self.moe_exchange not in ("auto", "all_to_all", "ragged"):
+            raise RunConfigError(f"moe_exchange={self.moe_exchange!r}: expected one of auto, all_to_all, ragged")
         if self.sharding_rules not in RULES:
             raise RunConfigError(f"sharding_rules={self.sharding_rules!r}: expected one of {sorted(RULES)}")
         if not self.data.train:

@@ -29,16 +29,17 @@ from flax import nnx
 from granite_jax.config import ModelConfig, load_preset
 from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.flops import training_flops_per_token
-from granite_jax.parallel.context import parallelism
 from granite_jax.parallel.mesh import (RULES, batch_sharding, check_batch, check_model_fits_mesh, make_mesh,
                                       optimizer_state_shardings, parameter_shardings)
 from granite_jax.parallel.topology import device_memory
 from granite_jax.train.config import RunConfig
+from granite_jax.train.loop import run_parallelism
 from granite_jax.train.optim import make_optimizer
 from granite_jax.train.step import TrainState, make_train_step
 
 GiB = 2**30
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# (ragged-all-to-all's bytes are its receive buffer's, an upper bound on what it moves)
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "ragged-all-to-all", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
                 "s64": 8, "u64": 8, "f64": 8}
 
@@ -146,7 +147,7 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
 
     step = make_train_step(graphdef, tx, aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,
                            chunk=config.loss_chunk_tokens)
-    with parallelism(mesh, config.moe_capacity_factor, rules.get("expert", "expert")):
+    with run_parallelism(config, mesh):
         compiled = step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

@@ -157,6 +157,12 @@ def global_batch(local: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def run_parallelism(config: RunConfig, mesh):
+    """The `parallelism` context a run traces its step in (granite_jax/parallel/context.py)."""
+    expert_axis = RULES[config.sharding_rules].get("expert", "expert")
+    return parallelism(mesh, config.moe_capacity_factor, expert_axis, config.moe_exchange)
+
+
 def sharded_train_state(params, tx, mesh, rules) -> TrainState:
     """Step 0: parameters placed by the rules, optimizer moments (and accumulated gradients) sharded like
     their parameters — `jax.jit(tx.init)` alone would leave them on one device — and the step replicated."""
@@ -230,8 +236,7 @@ def train(config: RunConfig) -> list[float]:
 
     window_start, window_steps = time.perf_counter(), 0
     # Traced inside: activation shardings and local MoE routing for the mesh (granite_jax/parallel/context.py).
-    sharded = parallelism(mesh, config.moe_capacity_factor, RULES[config.sharding_rules].get("expert", "expert"))
-    with _StopSignal() as stop, sharded:
+    with _StopSignal() as stop, run_parallelism(config, mesh):
         try:
             for step in range(start + 1, config.steps + 1):
                 state, metrics = train_step(state, global_batch(next(iterator), data_sharding))

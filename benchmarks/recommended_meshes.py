@@ -1,0 +1,144 @@
+"""Dry-run the released Granite 4.0 models on the pods we recommend for them; write the table in RESULTS.md.
+
+Each entry is compiled ahead of time by the TPU compiler for a deviceless TPU topology (`train.py --topology`,
+needs libtpu: `pip install -r benchmarks/requirements-tpu.txt`), one subprocess per entry (libtpu and the
+compiled program are released between entries). Per-device figures are the TPU compiler's: parameters and
+optimizer state (float32, sharded), temporaries (activations, gradients, workspace) at full rematerialisation,
+and the collectives per step. Results go to benchmarks/results/recommended_meshes.jsonl, one line per entry.
+
+    python benchmarks/recommended_meshes.py                  # every entry (the largest takes ~10 min on 2 cores)
+    python benchmarks/recommended_meshes.py --only h-small   # entries whose model name contains "h-small"
+    python benchmarks/recommended_meshes.py --report         # the markdown table from the JSONL
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "recommended_meshes.jsonl")
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    model: str
+    topology: str  # TPU topology name (chips)
+    pod: str  # what to book
+    mesh: dict
+    rows_per_device: int  # sequences of seq_len per device per step
+    seq_len: int = 4096
+
+    @property
+    def devices(self) -> int:
+        n = 1
+        for size in self.mesh.values():
+            n *= size
+        return n
+
+
+ENTRIES = [
+    Entry("granite-4.0-350m", "v5e:2x4", "v5litepod-8 (8 × 16 GB)", {"fsdp": 8}, 2),
+    Entry("granite-4.0-h-350m", "v5e:2x4", "v5litepod-8 (8 × 16 GB)", {"fsdp": 8}, 2),
+    Entry("granite-4.0-1b", "v5e:2x4", "v5litepod-8 (8 × 16 GB)", {"fsdp": 8}, 1),
+    Entry("granite-4.0-h-1b", "v5e:2x4", "v5litepod-8 (8 × 16 GB)", {"fsdp": 8}, 1),
+    Entry("granite-4.0-micro", "v5p:2x2x2", "v5p-16 (8 chips × 95 GB)", {"fsdp": 8}, 2),
+    Entry("granite-4.0-h-micro", "v5p:2x2x2", "v5p-16 (8 chips × 95 GB)", {"fsdp": 8}, 2),
+    Entry("granite-4.0-h-tiny", "v5p:2x2x2", "v5p-16 (8 chips × 95 GB)", {"fsdp": 1, "expert": 8}, 2),
+    Entry("granite-4.0-h-small", "v5p:4x4x4", "v5p-128 (64 chips × 95 GB)", {"fsdp": 8, "expert": 8}, 1),
+]
+
+
+def _overrides(entry: Entry) -> list[str]:
+    mesh = "{" + ", ".join(f"{k}: {v}" for k, v in entry.mesh.items()) + "}"
+    return [f"model={entry.model}", f"mesh={mesh}", f"data.seq_len={entry.seq_len}",
+            f"data.batch_size={entry.rows_per_device * entry.devices}", "compute_dtype=bfloat16",
+            "moe_capacity_factor=1.25", "model_overrides={remat_policy: full}"]
+
+
+def run_one(index: int) -> dict:
+    """Compile entry `index` in this process and return its figures (called in a subprocess)."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    sys.path.insert(0, ROOT)
+    from granite_jax.parallel.topology import tpu_topology_devices
+    from granite_jax.train import load_run_config
+    from granite_jax.train.dry_run import dry_run
+
+    entry = ENTRIES[index]
+    start = time.time()
+    report = dry_run(load_run_config(os.path.join(ROOT, "configs", "pretrain-tiny.yaml"), _overrides(entry)),
+                     tpu_topology_devices(entry.topology))
+    return {"model": entry.model, "topology": entry.topology, "pod": entry.pod, "mesh": entry.mesh,
+            "rows_per_device": entry.rows_per_device, "seq_len": entry.seq_len, "device": report.platform,
+            "params_gib": report.params_bytes / GiB, "opt_state_gib": report.opt_state_bytes / GiB,
+            "temp_gib": report.temp_bytes / GiB, "total_gib": report.peak_bytes / GiB,
+            "device_gib": (report.device_bytes or 0) / GiB, "step_flops": report.step_flops,
+            "model_flops": report.model_flops,
+            "collectives_gib": {k: v[1] / GiB for k, v in report.collectives.items()},
+            "compile_s": round(time.time() - start, 1), "date": time.strftime("%Y-%m-%d")}
+
+
+def report() -> str:
+    rows = [json.loads(line) for line in open(RESULTS)]
+    latest = {}
+    for row in rows:  # the newest line per model wins
+        latest[row["model"]] = row
+    lines = ["| model | pod (TPU topology) | mesh | tokens / device | params + optimizer | temporaries | total "
+             "(of HBM) | collectives / step |", "|---|---|---|---|---|---|---|---|"]
+    for entry in ENTRIES:
+        row = latest.get(entry.model)
+        if row is None:
+            continue
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['pod']} (`{row['topology']}`) | {row['mesh']} | — | error: "
+                         f"{row['error']} | | | |")
+            continue
+        traffic = sum(row["collectives_gib"].values())
+        lines.append(f"| {row['model']} | {row['pod']} (`{row['topology']}`) | "
+                     + " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
+                     + f" | {row['rows_per_device'] * row['seq_len']:,} | "
+                     f"{row['params_gib'] + row['opt_state_gib']:.1f} GiB | {row['temp_gib']:.1f} GiB | "
+                     f"**{row['total_gib']:.1f}** of {row['device_gib']:.0f} GiB | {traffic:.1f} GiB |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=None, help="entries whose model name contains this")
+    parser.add_argument("--report", action="store_true", help="print the markdown table from the results")
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one entry, JSON out
+    args = parser.parse_args()
+    if args.report:
+        print(report())
+        return
+    if args.one is not None:
+        print(json.dumps(run_one(args.one)))
+        return
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    for index, entry in enumerate(ENTRIES):
+        if args.only and args.only not in entry.model:
+            continue
+        print(f"[{index + 1}/{len(ENTRIES)}] {entry.model} on {entry.topology} {entry.mesh} ...", flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--one", str(index)], capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode or not lines:
+            error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            row = {"model": entry.model, "topology": entry.topology, "pod": entry.pod, "mesh": entry.mesh,
+                   "error": error}
+        else:
+            row = json.loads(lines[-1])
+        print("   ", {k: row[k] for k in ("total_gib", "temp_gib", "compile_s", "error") if k in row}, flush=True)
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
