@@ -340,7 +340,8 @@ def test_ragged_exchange_equals_the_unsharded_moe():
 def test_tensor_parallel_mamba_layer_normalises_over_the_full_width():
     """A Mamba layer whose inner width is split over 4 tensor shards (out_proj rows, gated-norm weight): the
     norm's RMS must be taken over all shards (one group), so the output equals the unsharded layer's; the
-    same with two groups."""
+    same with two groups. XLA splits the fused in_proj's output columns and the SSD over the shards: each does
+    about a quarter of the layer's FLOPs."""
     out = _run_with_devices("""
         import json
         import granite_jax, jax, jax.numpy as jnp, numpy as np
@@ -360,9 +361,16 @@ def test_tensor_parallel_mamba_layer_normalises_over_the_full_width():
             shardings = parameter_shardings(params, mesh, RULES["fsdp_tp"])
             params = jax.device_put(params, shardings)
             assert params["norm"]["weight"][...].sharding.spec == jax.sharding.PartitionSpec("tensor")
-            sharded = jax.jit(lambda p, u: nnx.merge(graphdef, p)(u, runs=runs))(params, u)
+            forward = jax.jit(lambda p, u: nnx.merge(graphdef, p)(u, runs=runs))
+            sharded = forward(params, u)
             errors[groups] = float(jnp.max(jnp.abs(sharded - reference)) / jnp.max(jnp.abs(reference)))
+            flops = lambda compiled: compiled.cost_analysis()["flops"]  # noqa: E731  (per device)
+            unsharded = jax.jit(lambda p, u: nnx.merge(graphdef, p)(u, runs=runs)).lower(
+                nnx.split(layer, nnx.Param)[1], u).compile()
+            errors[f"flops_share_{groups}"] = flops(forward.lower(params, u).compile()) / flops(unsharded)
         print(json.dumps(errors))
         """)
     errors = json.loads(out.strip().splitlines()[-1])
     assert errors["1"] < 1e-5 and errors["2"] < 1e-5
+    # the work is split, not repeated: each of the 4 tensor shards does about a quarter of the layer's FLOPs
+    assert errors["flops_share_1"] < 0.3 and errors["flops_share_2"] < 0.3, errors
