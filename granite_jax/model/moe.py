@@ -89,7 +89,8 @@ _per_tile_matmul.defvjp(_per_tile_matmul_fwd, _per_tile_matmul_bwd)
 
 
 def _tiled_grouped_matmul(x, weights, group_sizes, tile: int):
-    """x (M, K) rows sorted by group; weights (E, K, N); group_sizes (E,) summing to M. Returns (M, N)."""
+    """x (M, K) rows sorted by group; weights (E, K, N); group_sizes (E,) summing to at most M (rows past the
+    groups are zero in the result). Returns (M, N)."""
     M, K = x.shape
     E = weights.shape[0]
     n_tiles = -(-M // tile) + E                                   # static bound: each group wastes < 1 tile
@@ -97,8 +98,10 @@ def _tiled_grouped_matmul(x, weights, group_sizes, tile: int):
     padded_starts = jnp.cumsum(padded_sizes) - padded_sizes
     starts = jnp.cumsum(group_sizes) - group_sizes
     group_of_row = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=M)
-    dest = padded_starts[group_of_row] + jnp.arange(M) - starts[group_of_row]        # (M,) buffer row of x's row
-    source = jnp.full((n_tiles * tile,), M, jnp.int32).at[dest].set(jnp.arange(M, dtype=jnp.int32),
+    rows = jnp.arange(M)
+    dest = jnp.where(rows < jnp.sum(group_sizes), padded_starts[group_of_row] + rows - starts[group_of_row],
+                     n_tiles * tile + rows)                       # (M,) buffer row of x's row; past the end: none
+    source = jnp.full((n_tiles * tile,), M, jnp.int32).at[dest].set(rows.astype(jnp.int32), mode="drop",
                                                                      unique_indices=True)  # M: padding
     buffer = move_rows(x, source[:, None], dest[:, None])
     tile_group = jnp.searchsorted(padded_starts + padded_sizes, jnp.arange(n_tiles) * tile, side="right")
@@ -108,10 +111,13 @@ def _tiled_grouped_matmul(x, weights, group_sizes, tile: int):
 
 
 def grouped_matmul(x, weights, group_sizes, *, impl: str = "auto", tile: int = 128, platform: str | None = None):
-    """Multiply each contiguous group of rows of `x` by its group's weight matrix."""
+    """Multiply each contiguous group of rows of `x` by its group's weight matrix. Rows past the last group
+    (`group_sizes` may sum to less than len(x): an exchange buffer's empty rows) cost no matmul and are zero."""
     x, weights = jnp.asarray(x), jnp.asarray(weights)
     if _resolve_impl(impl, platform) == "ragged_dot":
-        return jax.lax.ragged_dot(x, weights, group_sizes)
+        out = jax.lax.ragged_dot(x, weights, group_sizes)
+        # ragged_dot leaves rows past the groups unspecified on some backends: make them zero
+        return jnp.where((jnp.arange(x.shape[0]) < jnp.sum(group_sizes))[:, None], out, 0)
     return _tiled_grouped_matmul(x, weights, group_sizes, tile)
 
 
