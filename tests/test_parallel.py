@@ -89,12 +89,49 @@ def test_dry_run_reports_per_device_memory_without_training(tmp_path):
     optimizer = float(re.search(r"optimizer state\s+([\d.]+) GiB", out).group(1))
     # 9.58M float32 parameters split 4 ways (fsdp x tensor; the rest replicated): about 0.01 GiB; Adam: 2x.
     assert 0.005 < params < 0.02 and 1.5 * params <= optimizer <= 2.5 * params
-    assert re.search(r"all-reduce\s+\d+ ops", out) and "FLOPs per step" in out
+    assert re.search(r"all-reduce\s+\d+ runs", out) and "FLOPs per step" in out
     assert not os.path.exists(tmp_path / "run")  # nothing trained, nothing written
 
     bad = subprocess.run([sys.executable, "train.py", "--dry-run", "--simulate-devices", "6", "mesh={tensor: 3, data: 2}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "num_attention_heads=4 is not divisible by the 'tensor' mesh axis of size 3" in bad.stderr
+
+
+def test_dry_run_counts_collectives_in_loops_once_per_iteration():
+    """A psum inside a 7-step scan runs 7 times: the dry run's traffic counts every run, not the op once."""
+    out = _run_with_devices("""
+        import json
+        import jax, jax.numpy as jnp
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from granite_jax.train.dry_run import collective_traffic
+        mesh = jax.make_mesh((8,), ("fsdp",))
+        def f(x):  # x sharded over fsdp; each step sums a (4, 256) float32 array over the devices
+            step = lambda c, _: (c + jnp.sum(x * c[0, 0], axis=0, keepdims=True)[:, :256].repeat(4, 0), None)
+            return jax.lax.scan(step, jnp.ones((4, 256)), None, length=7)[0]
+        x = jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
+        traffic, unknown = collective_traffic(jax.jit(f).lower(x).compile().as_text())
+        print("TRAFFIC", json.dumps([traffic, unknown]))
+        """)
+    traffic, unknown = json.loads(out.split("TRAFFIC ", 1)[1])
+    runs, size = traffic["all-reduce"]
+    assert unknown == 0 and runs == 7 and size == 7 * 256 * 4  # one (256,) float32 sum per iteration
+
+
+def test_loss_chunks_do_not_multiply_the_collectives():
+    """The output head is gathered, and its gradient reduced, once per step however many chunks the loss takes
+    (each device keeps its own head copy): 64 chunks per device move the same bytes as one chunk."""
+    out = _run_with_devices("""
+        import json
+        from granite_jax.train import load_run_config
+        from granite_jax.train.dry_run import dry_run
+        for chunk in (8, 512):
+            report = dry_run(load_run_config("configs/pretrain-tiny.yaml", [
+                "mesh={fsdp: 8}", "data.batch_size=8", "data.seq_len=512", f"loss_chunk_tokens={chunk}",
+                "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 64}"]))
+            print("BYTES", chunk, sum(size for _, size in report.collectives.values()))
+        """)
+    moved = {int(c): int(b) for _, c, b in (line.split() for line in out.splitlines() if line.startswith("BYTES"))}
+    assert moved[8] < 1.1 * moved[512], moved
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

@@ -222,6 +222,37 @@ def test_missing_data_path_is_reported_by_train(tmp_path):
     assert proc.returncode == 2 and "missing.jsonl' does not exist" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("chunk", [1, 6, 64, 10_000])
+def test_chunked_cross_entropy_equals_the_whole_batch_loss(chunk):
+    """Any chunk size (one token, uneven, whole rows, more than the batch) gives the loss of logits built for
+    the whole batch at once, and the same gradients for the hidden states and the head."""
+    import jax
+    import jax.numpy as jnp
+
+    from granite_jax.train.step import chunked_cross_entropy
+
+    rng = np.random.default_rng(0)
+    B, T, H, V = 2, 13, 8, 11
+    hidden = jnp.asarray(rng.normal(size=(B, T, H)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(V, H)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, size=(B, T)))
+    weights = jnp.asarray(rng.integers(0, 2, size=(B, T)), jnp.float32)
+
+    def whole(hidden, head):
+        logits = hidden @ head.T / 2.5
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(weights * (lse - target)) + 0.1 * jnp.sum(weights * lse**2)
+
+    def chunked(hidden, head):
+        ce, z = chunked_cross_entropy(hidden, head, targets, weights, chunk=chunk, logits_scaling=2.5)
+        return ce + 0.1 * z
+
+    np.testing.assert_allclose(chunked(hidden, head), whole(hidden, head), rtol=1e-5)
+    for got, want in zip(jax.grad(chunked, (0, 1))(hidden, head), jax.grad(whole, (0, 1))(hidden, head)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_weight_decay_skips_norms_biases_and_ssm_constants():
     from flax import nnx
 

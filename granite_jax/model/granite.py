@@ -182,6 +182,12 @@ def _with_remat(policy: str):
     return nnx.remat(_call_layer, policy=save)
 
 
+def head_logits(hidden: jax.Array, weight: jax.Array, logits_scaling: float) -> jax.Array:
+    """(hidden @ weight.T) / logits_scaling in hidden's dtype; weight (vocab, hidden) is cast to it."""
+    logits = jnp.einsum("...h,vh->...v", hidden, weight.astype(hidden.dtype))
+    return logits / jnp.asarray(logits_scaling, logits.dtype)
+
+
 class GraniteForCausalLM(nnx.Module):
     """Granite 4.0 causal LM. `GraniteForCausalLM(config, rngs=nnx.Rngs(0))(input_ids, segment_ids, positions)`.
 
@@ -196,14 +202,13 @@ class GraniteForCausalLM(nnx.Module):
                         make_linear(config, config.hidden_size, config.vocab_size, ("embed", "vocab"),
                                     use_bias=False, rngs=rngs))
 
+    def output_weight(self) -> jax.Array:
+        """The output head as a (vocab, hidden) parameter: the embedding when tied, else lm_head's kernel."""
+        return self.model.embed_tokens[...] if self.lm_head is None else self.lm_head.kernel[...].T
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Output head on final hidden states: (h @ W_lm) / logits_scaling, in the compute dtype."""
-        if self.lm_head is None:
-            weight = self.model.embed_tokens[...].astype(self.config.compute_dtype)
-            logits = jnp.einsum("...h,vh->...v", hidden, weight)
-        else:
-            logits = self.lm_head(hidden)
-        return logits / jnp.asarray(self.config.logits_scaling, logits.dtype)
+        return head_logits(hidden, self.output_weight(), self.config.logits_scaling)
 
     def aux_loss(self, stats: RouterStats | None) -> jax.Array:
         if stats is None:

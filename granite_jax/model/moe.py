@@ -116,7 +116,7 @@ def grouped_matmul(x, weights, group_sizes, *, impl: str = "auto", tile: int = 1
     x, weights = jnp.asarray(x), jnp.asarray(weights)
     if _resolve_impl(impl, platform) == "ragged_dot":
         out = jax.lax.ragged_dot(x, weights, group_sizes)
-        # ragged_dot leaves rows past the groups unspecified on some backends: make them zero
+        # ragged_dot does not document the rows past the groups: make them zero
         return jnp.where((jnp.arange(x.shape[0]) < jnp.sum(group_sizes))[:, None], out, 0)
     return _tiled_grouped_matmul(x, weights, group_sizes, tile)
 

@@ -3,7 +3,9 @@
 `parallelism(mesh, ...)` is a context set by the training loop (and the dry run) around tracing: inside it,
 the residual stream is pinned to "rows over the batch axes, everything else whole" at every layer boundary
 (`constrain_rows`), so that XLA gathers FSDP-sharded weights for each layer instead of resharding activations
-to match the weights; and the MoE layers route locally (`granite_jax/parallel/expert.py`). It is read when a
+to match the weights; the MoE layers route locally (`granite_jax/parallel/expert.py`); and the loss gives
+every batch shard its own copy of the output head (`batch_shards`, `constrain_per_shard`, used by
+`granite_jax/train/step.py`). It is read when a
 function is traced, not part of jit's cache key: trace a function under one setting only.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -25,6 +28,11 @@ class Parallelism:
     capacity_factor: float | None = None  # expert parallelism: None = dropless (see expert.py)
     expert_axis: str = "expert"  # the mesh axis the experts are split over (the sharding rules' "expert")
     exchange: str = "auto"  # expert parallelism's token exchange: auto | all_to_all | ragged (see expert.py)
+    vocab_axis: str | tuple | None = None  # the mesh axis the vocabulary is split over (the rules' "vocab")
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        return tuple(a for a in BATCH_AXES if a in self.mesh.shape)
 
 
 _ACTIVE: contextvars.ContextVar[Parallelism | None] = contextvars.ContextVar("parallelism", default=None)
@@ -32,10 +40,10 @@ _ACTIVE: contextvars.ContextVar[Parallelism | None] = contextvars.ContextVar("pa
 
 @contextlib.contextmanager
 def parallelism(mesh: Mesh, capacity_factor: float | None = None, expert_axis: str = "expert",
-                exchange: str = "auto"):
+                exchange: str = "auto", vocab_axis: str | tuple | None = None):
     if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"moe_capacity_factor={capacity_factor} must be positive (or null: dropless)")
-    token = _ACTIVE.set(Parallelism(mesh, capacity_factor, expert_axis, exchange))
+    token = _ACTIVE.set(Parallelism(mesh, capacity_factor, expert_axis, exchange, vocab_axis))
     try:
         yield
     finally:
@@ -53,5 +61,24 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     setting = active()
     if setting is None:
         return x
-    spec = PartitionSpec(tuple(a for a in BATCH_AXES if a in setting.mesh.shape), *([None] * (x.ndim - 1)))
+    spec = PartitionSpec(setting.batch_axes, *([None] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, NamedSharding(setting.mesh, spec))
+
+
+def batch_shards() -> int:
+    """Into how many pieces the batch is split (the product of the batch axes); 1 on one device."""
+    setting = active()
+    return 1 if setting is None else math.prod(setting.mesh.shape[a] for a in setting.batch_axes)
+
+
+def constrain_per_shard(x: jax.Array, shard_dim: int, vocab_dim: int | None = None) -> jax.Array:
+    """Pin `x`'s `shard_dim` (of size `batch_shards()`) to the batch axes, its `vocab_dim` to the
+    vocabulary's axis, other dimensions whole; no-op on one device."""
+    setting = active()
+    if setting is None:
+        return x
+    spec = [None] * x.ndim
+    spec[shard_dim] = setting.batch_axes
+    if vocab_dim is not None:
+        spec[vocab_dim] = setting.vocab_axis
+    return jax.lax.with_sharding_constraint(x, NamedSharding(setting.mesh, PartitionSpec(*spec)))

@@ -31,7 +31,6 @@ from jax.sharding import PartitionSpec as P
 
 from granite_jax.model.permute import inverse_permutation, move_rows
 from granite_jax.parallel.context import Parallelism
-from granite_jax.parallel.mesh import BATCH_AXES
 
 EXCHANGES = ("auto", "all_to_all", "ragged")
 
@@ -152,7 +151,7 @@ def expert_parallel_moe(setting: Parallelism, tokens, router_kernel, w_in, w_out
     axis = setting.expert_axis
     shards = mesh.shape[axis]
     factor = shards if setting.capacity_factor is None else setting.capacity_factor
-    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    batch_axes = setting.batch_axes
     exchange = {"all_to_all": _bounded_exchange, "ragged": _ragged_exchange}[
         resolve_exchange(setting.exchange, mesh.devices.flat[0].platform)]
 

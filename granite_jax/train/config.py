@@ -78,7 +78,7 @@ class RunConfig:
     seed: int = 0
     compute_dtype: str = "float32"
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2)
-    loss_chunk_tokens: int = 1024  # logits exist for about this many tokens of the batch at a time (a slice of every row)
+    loss_chunk_tokens: int = 1024  # logits exist for about this many tokens per device at a time (a slice of its rows)
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4

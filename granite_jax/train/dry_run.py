@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 
 import jax
@@ -58,7 +59,8 @@ class DryRunReport:
     temp_bytes: int  # per device: XLA temporaries (activations, gradients, workspace)
     step_flops: float  # per device, XLA cost analysis
     model_flops: float  # per device, 6N + attention accounting
-    collectives: dict  # kind -> (count, bytes) per device per step
+    collectives: dict  # kind -> (executions, bytes) per device per step, loop iterations included
+    uncounted_loops: int = 0  # loops whose trip count was not read: their collectives counted once
 
     @property
     def peak_bytes(self) -> int:
@@ -81,11 +83,13 @@ class DryRunReport:
                  f"  total             {self.peak_bytes / GiB:9.2f} GiB{self._fit()}",
                  f"  FLOPs per step    {self.step_flops:.3e} compiled (XLA), {self.model_flops:.3e} model "
                  "(granite_jax/model/flops.py)",
-                 "  collectives per step:"]
+                 "  collectives per step (every execution, loop iterations included; bytes of their results):"]
         if not self.collectives:
             lines.append("    none")
         for kind, (count, size) in sorted(self.collectives.items()):
-            lines.append(f"    {kind:18s} {count:5d} ops, {size / GiB:9.3f} GiB")
+            lines.append(f"    {kind:18s} {count:6d} runs, {size / GiB:9.3f} GiB")
+        if self.uncounted_loops:
+            lines.append(f"    ({self.uncounted_loops} loops of unknown trip count: their collectives counted once)")
         return "\n".join(lines)
 
 
@@ -102,19 +106,82 @@ def _shard_bytes(abstract, shardings) -> int:
                for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
 
 
-def collective_traffic(hlo_text: str) -> dict[str, tuple[int, int]]:
-    """Count the collectives of a compiled (per-device) HLO module and the bytes of their results."""
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
+_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_CALLEE = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
+_WHILE = re.compile(r"\swhile\(.*condition=%([\w.\-]+), body=%([\w.\-]+)")
+_LOOP_BOUND = re.compile(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
+
+
+def _result_bytes(shapes: str) -> int:
+    size = 0
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shapes):
+        if dtype in _DTYPE_BYTES:
+            size += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    return size
+
+
+def _trip_count(while_line: str, condition: list[str]) -> int | None:
+    """The iterations of a `while`: XLA's `known_trip_count` where it says it (XLA:CPU), else `i < N` with N a
+    constant in its condition (the TPU compiler's loops; JAX's scan and fori_loop counters start at 0)."""
+    if match := re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line):
+        return int(match.group(1))
+    constants = {m.group(1): int(m.group(2)) for line in condition
+                 for m in [re.search(r"%([\w.\-]+) = [su]\d+\[\]\S* constant\((\d+)\)", line)] if m}
+    for line in condition:
+        if "ROOT" in line and (m := _LOOP_BOUND.search(line)) and m.group(1) in constants:
+            return constants[m.group(1)]
+    return None
+
+
+def collective_traffic(hlo_text: str) -> tuple[dict[str, tuple[int, int]], int]:
+    """The collectives a compiled (per-device) HLO module executes in one run, and the bytes of their results.
+
+    A collective inside a loop counts once per iteration: the trip count of a `while` comes from its condition
+    (`i < N`, JAX's scans). Returns ({kind: (executions, bytes)}, number of loops whose trip count could not
+    be read, counted once)."""
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if match := _COMPUTATION.match(line):
+            current = match.group(1)
+            computations[current] = []
+            entry = current if line.startswith("ENTRY") else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            computations[current].append(line)
+
+    def callees(line: str) -> list[str]:
+        return [name for callee, branches in _CALLEE.findall(line)
+                for name in ([callee] if callee else [b.strip().lstrip("%") for b in branches.split(",")])]
+
+    @functools.cache
+    def communicates(name: str) -> bool:
+        return any(_COLLECTIVE.search(line) or any(communicates(c) for c in callees(line))
+                   for line in computations.get(name, []))
+
     traffic: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    pattern = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-    for match in pattern.finditer(hlo_text):
-        shapes, kind = match.group(1), match.group(2)
-        size = 0
-        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shapes):
-            if dtype in _DTYPE_BYTES:
-                size += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-        traffic[kind][0] += 1
-        traffic[kind][1] += size
-    return {k: (v[0], v[1]) for k, v in traffic.items()}
+    unknown_loops = 0
+
+    def visit(name: str, times: int) -> None:
+        nonlocal unknown_loops
+        for line in computations.get(name, []):
+            if match := _COLLECTIVE.search(line):
+                traffic[match.group(2)][0] += times
+                traffic[match.group(2)][1] += times * _result_bytes(match.group(1))
+            loop = _WHILE.search(line)
+            trips = _trip_count(line, computations.get(loop.group(1), [])) if loop else None
+            if loop and trips is None and communicates(loop.group(2)):
+                unknown_loops += 1  # e.g. a data-dependent trip count
+            for called in callees(line):
+                visit(called, times * (trips or 1) if loop and called == loop.group(2) else times)
+
+    if entry is None:  # not a module (e.g. a bare HLO excerpt): count what is there
+        computations["<module>"] = hlo_text.splitlines()
+        entry = "<module>"
+    visit(entry, 1)
+    return {k: (v[0], v[1]) for k, v in traffic.items()}, unknown_loops
 
 
 def dry_run(config: RunConfig, devices=None) -> DryRunReport:
@@ -154,6 +221,7 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     devices = mesh.devices.size
     tokens = config.data.batch_size * config.data.seq_len
+    collectives, uncounted_loops = collective_traffic(compiled.as_text())
     return DryRunReport(
         model=config.init_from or config.model, mesh=dict(mesh.shape), devices=devices,
         platform=_describe(mesh.devices.flat[0]),
@@ -165,7 +233,7 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
         temp_bytes=int(memory.temp_size_in_bytes),
         step_flops=float((cost or {}).get("flops", 0.0)),
         model_flops=training_flops_per_token(model_config, config.data.seq_len) * tokens / devices,
-        collectives=collective_traffic(compiled.as_text()),
+        collectives=collectives, uncounted_loops=uncounted_loops,
     )
 
 

@@ -1,7 +1,11 @@
 """Loss, train step and eval step.
 
-The cross-entropy is computed `chunk` tokens at a time under `jax.checkpoint`, so logits over the (up to
-100K) vocabulary exist for one chunk at a time, forward and backward, never for the whole batch.
+The cross-entropy is computed `chunk` tokens per device at a time under `jax.checkpoint`, so logits over the (up
+to 100K) vocabulary exist for one chunk at a time, forward and backward, never for the whole batch. On a mesh,
+every batch shard multiplies its rows by its own copy of the output head (gathered once per step), so that
+each device sums its head gradient over its chunks and the devices' sums are reduced once per step: with one
+head shared by all shards, XLA reduces the head gradient across devices (and re-gathers the FSDP-sharded
+head) once per chunk — for granite-4.0-h-small on 64 devices, 256 chunks of a 100352 × 4096 gradient.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from granite_jax.model.granite import head_logits
+from granite_jax.parallel.context import batch_shards, constrain_per_shard
+
 
 class TrainState(NamedTuple):
     step: jax.Array
@@ -21,32 +28,40 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def chunked_cross_entropy(hidden, head, targets, weights, *, chunk: int, z_loss: float = 0.0):
-    """Σ weights · CE and Σ weights · logsumexp² over all tokens, logits built for about `chunk` tokens at a time.
+def chunked_cross_entropy(hidden, head_weight, targets, weights, *, chunk: int, logits_scaling: float = 1.0):
+    """Σ weights · CE and Σ weights · logsumexp² over all tokens, logits built for about `chunk` tokens per
+    batch shard (device) at a time.
 
-    hidden (B, T, H); head maps (..., H) → (..., V) logits; targets, weights (B, T). Returns (ce_sum, z_sum).
-    The chunks are slices of the sequence, every row at once (B × chunk/B tokens), so that the batch dimension
-    keeps its sharding: chunking the flattened batch would put each chunk on one device.
+    hidden (B, T, H) in the compute dtype; head_weight (V, H), the output head's parameter; logits are
+    `head_logits(hidden, head_weight, logits_scaling)` in float32. targets, weights (B, T). Returns
+    (ce_sum, z_sum). The chunks are slices of the sequence, every row at once, so that the batch dimension keeps
+    its sharding: chunking the flattened batch would put each chunk on one device.
     """
     B, T, H = hidden.shape
-    length = max(1, min(T, chunk // B))
+    shards = batch_shards()
+    rows = B // shards                                      # rows per batch shard
+    length = max(1, min(T, chunk // rows))
     pad = -T % length
     n = (T + pad) // length
-    split = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731
-        B, n, length, *x.shape[2:]), 1, 0)
-    hidden, targets, weights = split(hidden), split(targets), split(weights)
+
+    def split(x):  # (B, T, ...) -> (n chunks, shards, rows, length, ...)
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(shards, rows, n, length, *x.shape[2:])
+        return constrain_per_shard(jnp.moveaxis(x, 2, 0), shard_dim=1)
+
+    # (shards, V, H): one copy of the head per batch shard, its gradient summed over the shards after the loop
+    per_shard_head = constrain_per_shard(jnp.broadcast_to(head_weight, (shards, *head_weight.shape)), 0, 1)
 
     @jax.checkpoint
     def one_chunk(carry, inputs):
-        h, t, w = inputs
-        logits = head(h).astype(jnp.float32)
+        h, t, w = inputs                                    # (shards, rows, length, ...)
+        logits = jax.vmap(head_logits, (0, 0, None))(h, per_shard_head, logits_scaling).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         ce, z = carry
         return (ce + jnp.sum(w * (lse - target_logit)), z + jnp.sum(w * lse**2)), None
 
     (ce, z), _ = jax.lax.scan(one_chunk, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-                              (hidden, targets, weights))
+                              (split(hidden), split(targets), split(weights)))
     return ce, z
 
 
@@ -55,7 +70,8 @@ def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: i
     model = nnx.merge(graphdef, params)
     hidden, stats = model.model(batch["input_ids"], batch["segment_ids"], batch["positions"])
     weights = batch["loss_weights"]
-    ce_sum, z_sum = chunked_cross_entropy(hidden, model.logits, batch["targets"], weights, chunk=chunk)
+    ce_sum, z_sum = chunked_cross_entropy(hidden, model.output_weight(), batch["targets"], weights, chunk=chunk,
+                                          logits_scaling=model.config.logits_scaling)
     tokens = jnp.maximum(jnp.sum(weights), 1.0)
     ce = ce_sum / tokens
     aux = model.aux_loss(stats)
