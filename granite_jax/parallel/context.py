@@ -19,31 +19,39 @@ import math
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from granite_jax.parallel.mesh import BATCH_AXES
+from granite_jax.parallel.mesh import BATCH_AXES, RULES, fitted_spec
 
 
 @dataclasses.dataclass(frozen=True)
 class Parallelism:
     mesh: Mesh
     capacity_factor: float | None = None  # expert parallelism: None = dropless (see expert.py)
-    expert_axis: str = "expert"  # the mesh axis the experts are split over (the sharding rules' "expert")
     exchange: str = "auto"  # expert parallelism's token exchange: auto | all_to_all | ragged (see expert.py)
-    vocab_axis: str | tuple | None = None  # the mesh axis the vocabulary is split over (the rules' "vocab")
+    rules: dict = dataclasses.field(default_factory=lambda: RULES["fsdp_tp"], compare=False)  # logical -> mesh
 
     @property
     def batch_axes(self) -> tuple[str, ...]:
         return tuple(a for a in BATCH_AXES if a in self.mesh.shape)
+
+    @property
+    def expert_axis(self) -> str:
+        """The mesh axis the experts are split over (the rules' "expert")."""
+        return self.rules.get("expert", "expert")
+
+    def spec(self, names: tuple[str | None, ...], shape: tuple[int, ...]) -> PartitionSpec:
+        """Where the rules put an array with these logical axes (as its parameter is placed)."""
+        return fitted_spec(names, shape, self.mesh, self.rules)
 
 
 _ACTIVE: contextvars.ContextVar[Parallelism | None] = contextvars.ContextVar("parallelism", default=None)
 
 
 @contextlib.contextmanager
-def parallelism(mesh: Mesh, capacity_factor: float | None = None, expert_axis: str = "expert",
-                exchange: str = "auto", vocab_axis: str | tuple | None = None):
+def parallelism(mesh: Mesh, capacity_factor: float | None = None, *, exchange: str = "auto",
+                rules: dict | None = None):
     if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"moe_capacity_factor={capacity_factor} must be positive (or null: dropless)")
-    token = _ACTIVE.set(Parallelism(mesh, capacity_factor, expert_axis, exchange, vocab_axis))
+    token = _ACTIVE.set(Parallelism(mesh, capacity_factor, exchange, RULES["fsdp_tp"] if rules is None else rules))
     try:
         yield
     finally:
@@ -72,13 +80,14 @@ def batch_shards() -> int:
 
 
 def constrain_per_shard(x: jax.Array, shard_dim: int, vocab_dim: int | None = None) -> jax.Array:
-    """Pin `x`'s `shard_dim` (of size `batch_shards()`) to the batch axes, its `vocab_dim` to the
-    vocabulary's axis, other dimensions whole; no-op on one device."""
+    """Pin `x`'s `shard_dim` (of size `batch_shards()`) to the batch axes, its `vocab_dim` where the rules put
+    the vocabulary, other dimensions whole; no-op on one device."""
     setting = active()
     if setting is None:
         return x
-    spec = [None] * x.ndim
-    spec[shard_dim] = setting.batch_axes
+    names = [None] * x.ndim
     if vocab_dim is not None:
-        spec[vocab_dim] = setting.vocab_axis
+        names[vocab_dim] = "vocab"
+    spec = list(setting.spec(tuple(names), x.shape))
+    spec[shard_dim] = setting.batch_axes
     return jax.lax.with_sharding_constraint(x, NamedSharding(setting.mesh, PartitionSpec(*spec)))

@@ -141,6 +141,14 @@ def _ragged_exchange(tokens, experts, w_in, w_out, *, axis, shards, top_k, facto
     return move_rows(back, position[:, None], order[:, None]), kept_sorted[position]
 
 
+def _gather_all_but_experts(w: jax.Array, spec: P) -> jax.Array:
+    """Inside shard_map: gather every split dimension of an expert weight but the first (the experts')."""
+    for dim, axes in enumerate(spec):
+        if dim > 0 and axes is not None:
+            w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+    return w
+
+
 def expert_parallel_moe(setting: Parallelism, tokens, router_kernel, w_in, w_out, *, top_k: int, dtype,
                         grouped_matmul, token_weight):
     """tokens (N, H) global; router_kernel (H, E); w_in (E, H, 2I); w_out (E, I, H); token_weight (N,) 1 for
@@ -158,7 +166,14 @@ def expert_parallel_moe(setting: Parallelism, tokens, router_kernel, w_in, w_out
     def run_experts(rows, group, w_in, w_out):
         return _run_local_experts(rows, group, w_in, w_out, dtype=dtype, grouped_matmul=grouped_matmul)
 
+    # The expert weights enter as their parameters are split (experts over `axis`, the hidden dimension FSDP)
+    # and are gathered whole here: the gather's transpose reduce-scatters their gradients. Entering replicated,
+    # they would be gathered by XLA outside and their gradients all-reduced whole over the FSDP axes.
+    w_in_spec = setting.spec(("expert", "embed", "mlp"), w_in.shape)
+    w_out_spec = setting.spec(("expert", "mlp", "embed"), w_out.shape)
+
     def local(tokens, router_kernel, w_in, w_out, weight):
+        w_in, w_out = _gather_all_but_experts(w_in, w_in_spec), _gather_all_but_experts(w_out, w_out_spec)
         n, H = tokens.shape
         tokens = tokens.astype(dtype)  # the exchanged buffers in the compute dtype
         logits = (tokens @ router_kernel.astype(tokens.dtype)).astype(jnp.float32)     # (n, E)
@@ -177,6 +192,6 @@ def expert_parallel_moe(setting: Parallelism, tokens, router_kernel, w_in, w_out
 
     rows = P(batch_axes)
     mapped = jax.shard_map(local, mesh=mesh,
-                           in_specs=(P(batch_axes, None), P(), P(axis), P(axis), rows),
+                           in_specs=(P(batch_axes, None), P(), w_in_spec, w_out_spec, rows),
                            out_specs=(P(batch_axes, None), P()), check_vma=False)
     return mapped(tokens, router_kernel, w_in, w_out, token_weight)

@@ -80,18 +80,23 @@ def logical_to_spec(names: tuple[str | None, ...], rules: dict) -> PartitionSpec
     return PartitionSpec(*spec)
 
 
+def fitted_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, rules: dict) -> PartitionSpec:
+    """`logical_to_spec` for an array of `shape` on `mesh`: a dimension that does not divide by its mesh axes
+    keeps the longest leading run of them that it divides by (none: replicated)."""
+    spec = list(logical_to_spec(tuple(names), rules))
+    for i, axes in enumerate(spec):
+        axes = mesh_axes(axes)
+        while axes and shape[i] % axes_size(mesh, axes):
+            axes = axes[:-1]
+        spec[i] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return PartitionSpec(*spec)
+
+
 def parameter_shardings(params: nnx.State, mesh: Mesh, rules: dict):
-    """NamedShardings for a parameter State from each Variable's logical axes. A dimension that does not
-    divide by its mesh axes keeps the longest leading run of them that it divides by (none: replicated)."""
+    """NamedShardings for a parameter State from each Variable's logical axes (`fitted_spec`)."""
     def sharding(variable):
         names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
-        spec = list(logical_to_spec(tuple(names), rules))
-        for i, axes in enumerate(spec):
-            axes = mesh_axes(axes)
-            while axes and variable.shape[i] % axes_size(mesh, axes):
-                axes = axes[:-1]
-            spec[i] = None if not axes else axes[0] if len(axes) == 1 else axes
-        return NamedSharding(mesh, PartitionSpec(*spec))
+        return NamedSharding(mesh, fitted_spec(tuple(names), variable.shape, mesh, rules))
 
     return jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -159,9 +159,8 @@ def global_batch(local: dict, sharding) -> dict:
 
 def run_parallelism(config: RunConfig, mesh):
     """The `parallelism` context a run traces its step in (granite_jax/parallel/context.py)."""
-    rules = RULES[config.sharding_rules]
-    return parallelism(mesh, config.moe_capacity_factor, rules.get("expert", "expert"), config.moe_exchange,
-                       rules.get("vocab"))
+    return parallelism(mesh, config.moe_capacity_factor, exchange=config.moe_exchange,
+                       rules=RULES[config.sharding_rules])
 
 
 def sharded_train_state(params, tx, mesh, rules) -> TrainState:
