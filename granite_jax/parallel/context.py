@@ -14,20 +14,19 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from granite_jax.parallel.mesh import BATCH_AXES, RULES, fitted_spec
+from granite_jax.parallel.mesh import BATCH_AXES, RULES, axes_size, fitted_spec
 
 
 @dataclasses.dataclass(frozen=True)
 class Parallelism:
     mesh: Mesh
+    rules: dict = dataclasses.field(compare=False)  # logical axis -> mesh axes (granite_jax/parallel/mesh.py)
     capacity_factor: float | None = None  # expert parallelism: None = dropless (see expert.py)
     exchange: str = "auto"  # expert parallelism's token exchange: auto | all_to_all | ragged (see expert.py)
-    rules: dict = dataclasses.field(default_factory=lambda: RULES["fsdp_tp"], compare=False)  # logical -> mesh
 
     @property
     def batch_axes(self) -> tuple[str, ...]:
@@ -51,7 +50,7 @@ def parallelism(mesh: Mesh, capacity_factor: float | None = None, *, exchange: s
                 rules: dict | None = None):
     if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"moe_capacity_factor={capacity_factor} must be positive (or null: dropless)")
-    token = _ACTIVE.set(Parallelism(mesh, capacity_factor, exchange, RULES["fsdp_tp"] if rules is None else rules))
+    token = _ACTIVE.set(Parallelism(mesh, RULES["fsdp_tp"] if rules is None else rules, capacity_factor, exchange))
     try:
         yield
     finally:
@@ -66,17 +65,13 @@ def active() -> Parallelism | None:
 
 def constrain_rows(x: jax.Array) -> jax.Array:
     """Pin an activation (batch, ...) to rows over the batch axes, other dimensions whole; no-op on one device."""
-    setting = active()
-    if setting is None:
-        return x
-    spec = PartitionSpec(setting.batch_axes, *([None] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(setting.mesh, spec))
+    return constrain_per_shard(x, shard_dim=0)
 
 
 def batch_shards() -> int:
     """Into how many pieces the batch is split (the product of the batch axes); 1 on one device."""
     setting = active()
-    return 1 if setting is None else math.prod(setting.mesh.shape[a] for a in setting.batch_axes)
+    return 1 if setting is None else axes_size(setting.mesh, setting.batch_axes)
 
 
 def constrain_per_shard(x: jax.Array, shard_dim: int, vocab_dim: int | None = None) -> jax.Array:

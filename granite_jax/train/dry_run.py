@@ -177,9 +177,6 @@ def collective_traffic(hlo_text: str) -> tuple[dict[str, tuple[int, int]], int]:
             for called in callees(line):
                 visit(called, times * (trips or 1) if loop and called == loop.group(2) else times)
 
-    if entry is None:  # not a module (e.g. a bare HLO excerpt): count what is there
-        computations["<module>"] = hlo_text.splitlines()
-        entry = "<module>"
     visit(entry, 1)
     return {k: (v[0], v[1]) for k, v in traffic.items()}, unknown_loops
 
