@@ -25,7 +25,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate(args) -> dict | None:
-    from granite_jax.data.chat import Conversation, render_text
+    from granite_jax.data.chat import Conversation
     from granite_jax.data.chat_template import chat_format
     from granite_jax.eval.checkpoints import load_for_eval
     from granite_jax.eval.generate import Generator, SamplingConfig

@@ -30,12 +30,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import granite_jax  # noqa: E402,F401  (XLA flags)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import granite_jax  # noqa: E402,F401  (XLA flags)
 from granite_jax.config import ATTENTION, load_preset  # noqa: E402
 from granite_jax.model import GraniteForCausalLM  # noqa: E402
 from granite_jax.model.granite import init_cache  # noqa: E402

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from granite_jax.parallel.plan import ShardingPlan
+
 MAMBA = "mamba"
 ATTENTION = "attention"
 # transformers 5 renames the released layer kinds; both spellings are accepted, the legacy ones are written
@@ -28,7 +30,7 @@ _LAYER_TYPE_ALIASES = {
 _DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "ragged_dot", "tiled")  # see granite_jax/model/moe.py
 # Fields that say how we compute, not what the model is: never written to config.json.
-COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_block_size", "remat_policy")
+COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_block_size", "remat_policy", "sharding")
 REMAT_POLICIES = ("none", "full", "save_dots")
 
 
@@ -92,6 +94,9 @@ class ModelConfig:
     # Activation checkpointing of each decoder layer: "none" keeps every intermediate for the backward pass,
     # "full" keeps only layer inputs and recomputes the rest, "save_dots" also keeps matmul outputs.
     remat_policy: str = "none"
+    # How the model is laid out over the mesh it is traced under (rules for parameters and activations, the
+    # MoE exchange): granite_jax/parallel/plan.py. Static, hashed with the rest of the config.
+    sharding: ShardingPlan = ShardingPlan()
     # Keys of a config.json that are not fields (e.g. `torch_dtype`, `normalization_function`), kept so that
     # a round trip writes them back. Not part of equality or the hash.
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
@@ -102,11 +107,14 @@ class ModelConfig:
             set_("num_key_value_heads", self.num_attention_heads)
         if self.layer_types is None:
             set_("layer_types", (MAMBA,) * self.num_hidden_layers)
-        set_("layer_types", tuple(_canonical_layer_type(i, t) for i, t in enumerate(_as_list("layer_types", self.layer_types))))
+        layer_types = _as_list("layer_types", self.layer_types)
+        set_("layer_types", tuple(_canonical_layer_type(i, t) for i, t in enumerate(layer_types)))
         if self.mamba_d_head == "auto":
             _require_positive("mamba_n_heads", self.mamba_n_heads)
             set_("mamba_d_head", self.mamba_expand * self.hidden_size // self.mamba_n_heads)
         set_("time_step_limit", tuple(_decode_float(v) for v in _as_list("time_step_limit", self.time_step_limit)))
+        if isinstance(self.sharding, Mapping):
+            set_("sharding", ShardingPlan(**self.sharding))
         self.validate()
 
     # ----------------------------------------------------------------------------------------- derived

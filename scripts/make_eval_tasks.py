@@ -33,7 +33,8 @@ def main() -> None:
         others = [rng.choice(chapters[o]) for o in rng.sample([k for k in range(len(chapters)) if k != c], 3)]
         options = others + [verses[i + 1]]
         rng.shuffle(options)
-        choice.append({"context": verses[i], "choices": [" " + o for o in options], "answer": options.index(verses[i + 1])})
+        choice.append({"context": verses[i], "choices": [" " + o for o in options],
+                       "answer": options.index(verses[i + 1])})
     for _ in range(50):
         words = rng.choice(rng.choice(chapters)).split(" ")
         half = max(1, len(words) // 2)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from granite_jax.model.attention import apply_rope, rope_cos_sin
-from granite_jax.model.flash import flash_attention
 from granite_jax.model.documents import document_runs
+from granite_jax.model.flash import flash_attention
 
 
 def dense_attention(q, k, v, runs, scale):

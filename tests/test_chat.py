@@ -9,8 +9,14 @@ import os
 import numpy as np
 import pytest
 
-from granite_jax.data.chat import (DEFAULT_SYSTEM_PROMPT, ChatFormatError, Conversation, parse_conversation, render,
-                                   render_text)
+from granite_jax.data.chat import (
+    DEFAULT_SYSTEM_PROMPT,
+    ChatFormatError,
+    Conversation,
+    parse_conversation,
+    render,
+    render_text,
+)
 from granite_jax.data.chat_template import BUILTIN_TEMPLATE_PATH, JinjaChatTemplate, chat_format
 from granite_jax.data.sft import load_sft_samples
 from granite_jax.data.sources import DataError
@@ -20,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city (°C).",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}
 CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 DOCUMENTS = [{"doc_id": 1, "title": "Genesis 1", "text": "In the beginning God created the heaven and the earth."},
              {"doc_id": 2, "title": "Psalms 23", "text": "The LORD is my shepherd; I shall not want."}]
@@ -32,7 +39,8 @@ CONVERSATIONS = {
         {"role": "assistant", "content": "4"}, {"role": "user", "content": "And times 3?"},
         {"role": "assistant", "content": "12"}]},
     "tools_calls_responses": {"tools": [WEATHER, CLOCK], "messages": [
-        {"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Paris and Rome, and the time?"},
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Weather in Paris and Rome, and the time?"},
         {"role": "assistant", "content": "Checking.", "tool_calls": [
             {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
             {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
@@ -52,7 +60,8 @@ CONVERSATIONS = {
         {"role": "assistant", "content": "In the beginning."}]},
     "content_parts_and_mid_system": {"messages": [
         {"role": "system", "content": [{"type": "text", "text": "Line one."}, {"type": "text", "text": "Line two."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image"}, {"type": "text", "text": "you"}]},
+        {"role": "user",
+         "content": [{"type": "text", "text": "Hi"}, {"type": "image"}, {"type": "text", "text": "you"}]},
         {"role": "assistant", "content": "Hello."}, {"role": "system", "content": "Now answer in French."},
         {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Merci."}]},
     "empty_system_falls_back_to_default": {"messages": [
@@ -150,7 +159,8 @@ BAD_LINES = [
      "messages[0].role='narrator' is not one of"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": '
-     '[{"function": {"name": "f", "arguments": "{city: Paris"}}]}]}', "messages[1].tool_calls[0] (f): arguments are not valid JSON"),
+     '[{"function": {"name": "f", "arguments": "{city: Paris"}}]}]}',
+     "messages[1].tool_calls[0] (f): arguments are not valid JSON"),
     ('{"messages": []}', "non-empty list"),
     ('["not", "an", "object"]', "expected a JSON object"),
 ]
@@ -205,7 +215,8 @@ def test_tokenizer_without_chat_tokens_is_refused(tmp_path):
 def test_conversation_errors_name_the_message():
     with pytest.raises(ChatFormatError, match=r"messages\[2\] has tool_calls but role 'user'"):
         parse_conversation({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                         {"role": "user", "content": "c", "tool_calls": [{"name": "f", "arguments": {}}]}]})
+                                         {"role": "user", "content": "c",
+                                          "tool_calls": [{"name": "f", "arguments": {}}]}]})
     with pytest.raises(ChatFormatError, match=r"arguments must be a JSON object"):
         parse_conversation({"messages": [{"role": "assistant", "tool_calls": [{"name": "f", "arguments": "[1]"}]}]})
     with pytest.raises(ChatFormatError, match=r"messages\[0\].content must be a string"):

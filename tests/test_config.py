@@ -61,13 +61,15 @@ def test_writes_legacy_layer_names_and_accepts_both():
                          hidden_size=64, num_attention_heads=4, mamba_n_heads=8)
     assert config.layer_types == ("mamba", "attention")
     assert config.to_hf()["layer_types"] == ["mamba", "attention"]
-    assert ModelConfig.from_hf({**config.to_hf(), "layer_types": None, "layers_block_type": ["mamba", "attention"]}) == config
+    legacy = {**config.to_hf(), "layer_types": None, "layers_block_type": ["mamba", "attention"]}
+    assert ModelConfig.from_hf(legacy) == config
 
 
 def test_from_hf_accepts_dir_file_and_dict(tmp_path):
     config = load_preset("tiny-hybrid-moe")
     path = config.save_hf(tmp_path)
-    assert ModelConfig.from_hf(tmp_path) == ModelConfig.from_hf(path) == ModelConfig.from_hf(json.load(open(path))) == config
+    assert (ModelConfig.from_hf(tmp_path) == ModelConfig.from_hf(path) == ModelConfig.from_hf(json.load(open(path)))
+            == config)
 
 
 def test_rope_parameters_of_transformers_5():
@@ -89,7 +91,8 @@ BASE = dict(hidden_size=64, num_hidden_layers=2, layer_types=["mamba", "attentio
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(mamba_d_head=12), r"mamba_n_heads \* mamba_d_head = 8 \* 12 = 96 must equal mamba_expand \* hidden_size = 2 \* 64 = 128"),
+    (dict(mamba_d_head=12),
+     r"mamba_n_heads \* mamba_d_head = 8 \* 12 = 96 must equal mamba_expand \* hidden_size = 2 \* 64 = 128"),
     (dict(layer_types=["mamba"]), r"layer_types has 1 entries but num_hidden_layers=2"),
     (dict(layer_types=["mamba", "ssm"]), r"layer_types\[1\]='ssm' is not a known layer kind"),
     (dict(num_key_value_heads=3), r"num_attention_heads=4 is not divisible by num_key_value_heads=3"),

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import forward
+
 from granite_jax.convert import load_hf_checkpoint
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.eval.scoring import Request, Scorer, multiple_choice, perplexity, read_choice_task

@@ -3,13 +3,13 @@ compilation, batching of prompts of different lengths, sampling, stops and bad r
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import forward, max_rel_error
 from flax import nnx
 
-from conftest import forward, max_rel_error
 from granite_jax.config import load_preset
 from granite_jax.convert import load_hf_checkpoint
 from granite_jax.eval.generate import GenerationError, Generator, SamplingConfig, sample_next

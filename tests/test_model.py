@@ -60,7 +60,8 @@ def test_grouped_matmul_matches_per_group_product(impl, empty_rows):
 
 
 def test_moe_matches_a_loop_over_tokens():
-    config = load_preset("tiny-hybrid-moe").replace(hidden_size=16, mamba_d_head=4, intermediate_size=8, num_local_experts=4,
+    config = load_preset("tiny-hybrid-moe").replace(hidden_size=16, mamba_d_head=4, intermediate_size=8,
+                                                    num_local_experts=4,
                                                     num_experts_per_tok=2, moe_impl="tiled")
     moe = MoE(config, rngs=nnx.Rngs(1))
     u = jnp.asarray(np.random.default_rng(2).normal(size=(2, 7, 16)), jnp.float32)
@@ -108,7 +109,7 @@ def test_moe_gradients_equal_a_dense_reference():
 
 
 def test_move_rows_backward_is_the_transpose_of_its_forward():
-    from granite_jax.model.permute import inverse_permutation, move_rows
+    from granite_jax.parallel.permute import inverse_permutation, move_rows
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
@@ -155,7 +156,8 @@ def test_gradients_are_finite_with_packing_and_padding():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(input_ids=jnp.zeros((5,), jnp.int32)), r"input_ids must have shape \(batch, seq_len\); got shape \(5,\)"),
     (dict(input_ids=jnp.zeros((1, 5))), "input_ids must be integers; got dtype float32"),
-    (dict(input_ids=jnp.full((1, 5), 4096, jnp.int32)), r"input_ids has values in \[4096, 4096\]; expected \[0, 4096\)"),
+    (dict(input_ids=jnp.full((1, 5), 4096, jnp.int32)),
+     r"input_ids has values in \[4096, 4096\]; expected \[0, 4096\)"),
     (dict(input_ids=jnp.zeros((1, 5), jnp.int32), segment_ids=jnp.zeros((1, 4), jnp.int32)),
      r"segment_ids has shape \(1, 4\); expected input_ids' shape \(1, 5\)"),
     (dict(input_ids=jnp.zeros((1, 5), jnp.int32), positions=jnp.zeros((1, 5))), "positions must be integers"),

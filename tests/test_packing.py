@@ -4,8 +4,8 @@ the SSM state never carry information across a document boundary."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import forward, hf_logits, max_rel_error, random_ids
+
 from granite_jax import load_hf_checkpoint
 from granite_jax.model.documents import document_runs, positions_within_documents
 

@@ -3,13 +3,12 @@ and the ahead-of-time dry run. Multi-device parts run in subprocesses with virtu
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
-import textwrap
-import importlib.util
-import json
 import types
 
 import numpy as np
@@ -39,37 +38,19 @@ def test_model_dimensions_must_divide_their_mesh_axes(sizes, rules, message):
     check_model_fits_mesh(load_preset("tiny-hybrid-moe"), _mesh(tensor=3), RULES["fsdp"])  # fsdp leaves tensor unused
 
 
-def _run_with_devices(code: str, devices: int = 8) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                                            "JAX_PLATFORMS": "cpu"})
+def _run_module(name: str, argument=None, devices: int = 8):
+    """Run `python -m tests.multidevice.NAME` on `devices` virtual CPU devices; returns what it reported."""
+    command = [sys.executable, "-m", f"tests.multidevice.{name}"] + ([] if argument is None else [json.dumps(argument)])
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                               "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
 
 
 def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say():
-    out = _run_with_devices("""
-        import granite_jax, jax
-        from flax import nnx
-        from granite_jax import GraniteForCausalLM, load_preset
-        from granite_jax.parallel.mesh import RULES, make_mesh
-        from granite_jax.train.config import OptimizerConfig
-        from granite_jax.train.loop import sharded_train_state
-        from granite_jax.train.optim import make_optimizer
-
-        model = GraniteForCausalLM(load_preset("tiny-hybrid-moe"), rngs=nnx.Rngs(0))
-        _, params = nnx.split(model, nnx.Param)
-        mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2, "expert": 2})
-        tx = make_optimizer(OptimizerConfig(grad_accum_steps=2), 10)
-        state = sharded_train_state(params, tx, mesh, RULES["fsdp_tp"])
-        experts = state.params["model"]["layers"][0]["block_sparse_moe"]["input_linear"]
-        print("experts", tuple(experts[...].sharding.spec), experts[...].addressable_shards[0].data.shape)
-        q = state.params["model"]["layers"][2]["self_attn"]["q_proj"]["kernel"]
-        print("q_proj", tuple(q[...].sharding.spec))
-        specs = {tuple(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim == 3}
-        print("moments", sorted(specs))
-        print("scalars", {tuple(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim == 0})
-        """)
+    result = _run_module("sharded_state")
+    out = "\n".join(f"{key} {value}" for key, value in result.items())
     # (experts 8, hidden 256, 2 x intermediate 256) split 2 x 2 x 2.
     assert "experts ('expert', 'fsdp', 'tensor') (4, 128, 256)" in out
     assert "q_proj (('fsdp', 'expert'), 'tensor')" in out  # non-expert weights: FSDP over fsdp and expert
@@ -92,27 +73,16 @@ def test_dry_run_reports_per_device_memory_without_training(tmp_path):
     assert re.search(r"all-reduce\s+\d+ runs", out) and "FLOPs per step" in out
     assert not os.path.exists(tmp_path / "run")  # nothing trained, nothing written
 
-    bad = subprocess.run([sys.executable, "train.py", "--dry-run", "--simulate-devices", "6", "mesh={tensor: 3, data: 2}"],
+    bad = subprocess.run([sys.executable, "train.py", "--dry-run", "--simulate-devices", "6",
+                          "mesh={tensor: 3, data: 2}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "num_attention_heads=4 is not divisible by the 'tensor' mesh axis of size 3" in bad.stderr
+    assert bad.returncode == 2
+    assert "num_attention_heads=4 is not divisible by the 'tensor' mesh axis of size 3" in bad.stderr
 
 
 def test_dry_run_counts_collectives_in_loops_once_per_iteration():
     """A psum inside a 7-step scan runs 7 times: the dry run's traffic counts every run, not the op once."""
-    out = _run_with_devices("""
-        import json
-        import jax, jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        from granite_jax.train.dry_run import collective_traffic
-        mesh = jax.make_mesh((8,), ("fsdp",))
-        def f(x):  # x sharded over fsdp; each step sums a (4, 256) float32 array over the devices
-            step = lambda c, _: (c + jnp.sum(x * c[0, 0], axis=0, keepdims=True)[:, :256].repeat(4, 0), None)
-            return jax.lax.scan(step, jnp.ones((4, 256)), None, length=7)[0]
-        x = jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
-        traffic, unknown = collective_traffic(jax.jit(f).lower(x).compile().as_text())
-        print("TRAFFIC", json.dumps([traffic, unknown]))
-        """)
-    traffic, unknown = json.loads(out.split("TRAFFIC ", 1)[1])
+    traffic, unknown = _run_module("loop_collectives")
     runs, size = traffic["all-reduce"]
     assert unknown == 0 and runs == 7 and size == 7 * 256 * 4  # one (256,) float32 sum per iteration
 
@@ -120,17 +90,7 @@ def test_dry_run_counts_collectives_in_loops_once_per_iteration():
 def test_loss_chunks_do_not_multiply_the_collectives():
     """The output head is gathered, and its gradient reduced, once per step however many chunks the loss takes
     (each device keeps its own head copy): 64 chunks per device move the same bytes as one chunk."""
-    out = _run_with_devices("""
-        import json
-        from granite_jax.train import load_run_config
-        from granite_jax.train.dry_run import dry_run
-        for chunk in (8, 512):
-            report = dry_run(load_run_config("configs/pretrain-tiny.yaml", [
-                "mesh={fsdp: 8}", "data.batch_size=8", "data.seq_len=512", f"loss_chunk_tokens={chunk}",
-                "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 64}"]))
-            print("BYTES", chunk, sum(size for _, size in report.collectives.values()))
-        """)
-    moved = {int(c): int(b) for _, c, b in (line.split() for line in out.splitlines() if line.startswith("BYTES"))}
+    moved = {int(chunk): size for chunk, size in _run_module("loss_chunks").items()}
     assert moved[8] < 1.1 * moved[512], moved
 
 
@@ -163,17 +123,7 @@ TRAIN = dict(model_overrides={"num_hidden_layers": 2, "layer_types": ["mamba", "
 
 
 def _train_losses(tmp_path, meshes: dict, devices: int) -> dict:
-    out = _run_with_devices(f"""
-        import json
-        import granite_jax
-        from granite_jax.train import train
-        from granite_jax.train.config import RunConfig, _apply
-        for name, mesh in {meshes!r}.items():
-            config = RunConfig()
-            _apply(config, {{**{TRAIN!r}, "mesh": mesh, "run_dir": {str(tmp_path)!r} + "/" + name.replace(" ", "")}})
-            print("LOSSES", json.dumps([name, train(config)]))
-        """, devices)
-    return dict(json.loads(line[len("LOSSES "):]) for line in out.splitlines() if line.startswith("LOSSES "))
+    return _run_module("train_meshes", {"meshes": meshes, "root": str(tmp_path), "overrides": TRAIN}, devices)
 
 
 def test_meshes_give_the_one_device_losses(tmp_path):
@@ -244,60 +194,11 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
 
 def test_expert_parallel_moe_equals_the_unsharded_moe():
     """The shard_map MoE (all-to-all over the expert axis) against the plain MoE on the same inputs: dropless
-    is equal to float tolerance, forward and backward; with capacity factor 1 the dropped copies are exactly those past capacity in
+    is equal to float tolerance, forward and backward; with capacity factor 1 the dropped copies are exactly those
+    past capacity in
     (token, slot) order per device and destination, the tokens that lost none are unchanged, and the router
     statistics (hence the aux loss) are the unsharded ones."""
-    out = _run_with_devices("""
-        import json, math
-        import granite_jax, jax, jax.numpy as jnp, numpy as np
-        from flax import nnx
-        from granite_jax.config import load_preset
-        from granite_jax.model.moe import MoE
-        from granite_jax.parallel.context import parallelism
-        from granite_jax.parallel.mesh import make_mesh
-
-        moe = MoE(load_preset("tiny-hybrid-moe"), rngs=nnx.Rngs(0))       # 8 experts, top-2
-        u = jnp.asarray(np.random.default_rng(0).normal(size=(8, 16, 256)), jnp.float32)
-        run = nnx.jit(lambda m, u: m(u))
-        reference, ref_stats = run(moe, u)
-        mesh = make_mesh({"data": 2, "expert": 4})
-        results = {}
-        for factor in (None, 1.0):
-            with parallelism(mesh, factor):  # read when tracing: a fresh jit per setting
-                out, stats = nnx.jit(lambda m, u: m(u))(moe, u)
-            results[str(factor)] = (out, stats)
-        loss = lambda m, u: jnp.sum(jnp.sin(m(u)[0]))
-        grad = lambda: jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(moe, u))
-        reference_grads = grad()
-        with parallelism(mesh, None):
-            dropless_grads = grad()
-        grad_error = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-                         for a, b in zip(dropless_grads, reference_grads))
-
-        # The drop rule recounted: 8 devices x 16 tokens, 2 experts per shard, capacity ceil(32 / 4) = 8.
-        tokens = np.asarray(u).reshape(-1, 256)
-        logits = tokens @ np.asarray(moe.router.kernel[...])
-        top = np.argsort(-logits, axis=-1)[:, :2]
-        kept = np.ones(top.shape, bool)
-        for device in range(8):
-            counts = np.zeros(4, int)
-            for t in range(device * 16, device * 16 + 16):
-                for k in range(2):
-                    destination = top[t, k] // 2
-                    kept[t, k] = counts[destination] < 8
-                    counts[destination] += 1
-        whole = kept.all(axis=1).reshape(8, 16)
-        dropless, capped = results["None"], results["1.0"]
-        print(json.dumps({
-            "dropless_error": float(jnp.max(jnp.abs(dropless[0] - reference))),
-            "dropless_dropped": float(dropless[1].dropped), "grad_error": grad_error,
-            "capped_dropped": float(capped[1].dropped), "expected_dropped": int((~kept).sum()),
-            "untouched_error": float(jnp.max(jnp.abs(capped[0] - reference)[whole])),
-            "touched_changed": bool((jnp.max(jnp.abs(capped[0] - reference), axis=-1)[~whole] > 1e-6).all()),
-            "stats_error": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(capped[1][:3], ref_stats[:3])),
-        }))
-        """)
-    result = json.loads(out.strip().splitlines()[-1])
+    result = _run_module("expert_parallel")
     assert result["dropless_error"] < 1e-5 and result["dropless_dropped"] == 0
     assert result["grad_error"] < 1e-5  # gradients of the input and of every weight
     assert result["capped_dropped"] == result["expected_dropped"] > 0
@@ -310,70 +211,7 @@ def test_ragged_exchange_equals_the_unsharded_moe():
     all_gather by its documented semantics: dropless equals the plain MoE forward and backward; with capacity
     factor 0.5 the dropped copies are exactly those the documented rule drops (each receiver fills its buffer
     by source device, each source's copies sorted by expert)."""
-    out = _run_with_devices("""
-        import json
-        import granite_jax, jax, jax.numpy as jnp, numpy as np
-        from flax import nnx
-        from granite_jax.config import load_preset
-        from granite_jax.model.moe import MoE
-        from granite_jax.parallel.context import parallelism
-        from granite_jax.parallel.mesh import make_mesh
-
-        def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                                       axis_name):
-            # Source i's rows [input_offsets_i[me], + send_sizes_i[me]) land at output_offsets_i[me] in mine.
-            everything = jax.lax.all_gather(operand, axis_name)
-            sources, rows = everything.shape[0], everything.shape[1]
-            me = jax.lax.axis_index(axis_name)
-            starts = jax.lax.all_gather(output_offsets, axis_name)[:, me]
-            sizes = jax.lax.all_gather(send_sizes, axis_name)[:, me]
-            reads = jax.lax.all_gather(input_offsets, axis_name)[:, me]
-            r = jnp.arange(output.shape[0])
-            inside = (r[None] >= starts[:, None]) & (r[None] < (starts + sizes)[:, None])
-            source = jnp.argmax(inside, axis=0)
-            taken = everything.reshape(sources * rows, -1)[
-                jnp.where(inside.any(0), source * rows + reads[source] + r - starts[source], 0)]
-            return jnp.where(inside.any(0)[:, None], taken, output)
-
-        jax.lax.ragged_all_to_all = emulated_ragged_all_to_all
-        moe = MoE(load_preset("tiny-hybrid-moe"), rngs=nnx.Rngs(0))       # 8 experts, top-2
-        u = jnp.asarray(np.random.default_rng(0).normal(size=(8, 16, 256)), jnp.float32)
-        reference, _ = nnx.jit(lambda m, u: m(u))(moe, u)
-        loss = lambda m, u: jnp.sum(jnp.sin(m(u)[0]))
-        grad = lambda: jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(moe, u))
-        reference_grads = grad()
-        mesh = make_mesh({"data": 2, "expert": 4})
-        with parallelism(mesh, None, exchange="ragged"):
-            dropless, dropless_stats = nnx.jit(lambda m, u: m(u))(moe, u)
-            grads = grad()
-        with parallelism(mesh, 0.5, exchange="ragged"):
-            capped, capped_stats = nnx.jit(lambda m, u: m(u))(moe, u)
-
-        # The drop rule recounted: device (d, e) holds row 4d + e (16 tokens, 32 copies); buffers of 16 rows.
-        tokens = np.asarray(u).reshape(-1, 256)
-        top = np.argsort(-(tokens @ np.asarray(moe.router.kernel[...])), axis=-1)[:, :2]
-        kept = np.ones(top.shape, bool)
-        for d in range(2):
-            for receiver in range(4):
-                filled = 0
-                for source in range(4):
-                    first = (4 * d + source) * 16
-                    mine = [(top[t, k], t, k) for t in range(first, first + 16) for k in range(2)
-                            if top[t, k] // 2 == receiver]
-                    for _, t, k in sorted(mine):
-                        kept[t, k] = filled < 16
-                        filled += 1
-        whole = kept.all(axis=1).reshape(8, 16)
-        print(json.dumps({
-            "dropless_error": float(jnp.max(jnp.abs(dropless - reference))),
-            "dropless_dropped": float(dropless_stats.dropped),
-            "grad_error": max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(grads, reference_grads)),
-            "capped_dropped": float(capped_stats.dropped), "expected_dropped": int((~kept).sum()),
-            "untouched_error": float(jnp.max(jnp.abs(capped - reference)[whole])),
-            "touched_changed": bool((jnp.max(jnp.abs(capped - reference), axis=-1)[~whole] > 1e-6).all()),
-        }))
-        """)
-    result = json.loads(out.strip().splitlines()[-1])
+    result = _run_module("ragged_exchange")
     assert result["dropless_error"] < 1e-5 and result["dropless_dropped"] == 0
     assert result["grad_error"] < 1e-5
     assert result["capped_dropped"] == result["expected_dropped"] > 0
@@ -385,35 +223,18 @@ def test_tensor_parallel_mamba_layer_normalises_over_the_full_width():
     norm's RMS must be taken over all shards (one group), so the output equals the unsharded layer's; the
     same with two groups. XLA splits the fused in_proj's output columns and the SSD over the shards: each does
     about a quarter of the layer's FLOPs."""
-    out = _run_with_devices("""
-        import json
-        import granite_jax, jax, jax.numpy as jnp, numpy as np
-        from flax import nnx
-        from granite_jax.config import load_preset
-        from granite_jax.model.mamba import Mamba2Mixer
-        from granite_jax.parallel.mesh import RULES, make_mesh, parameter_shardings
-
-        errors = {}
-        for groups in (1, 2):
-            layer = Mamba2Mixer(load_preset("tiny-hybrid-moe", mamba_n_groups=groups), rngs=nnx.Rngs(0))
-            u = jnp.asarray(np.random.default_rng(0).normal(size=(2, 40, 256)), jnp.float32)
-            runs = jnp.zeros((2, 40), jnp.int32)
-            reference = nnx.jit(lambda m, u: m(u, runs=runs))(layer, u)
-            mesh = make_mesh({"data": 2, "tensor": 4})
-            graphdef, params = nnx.split(layer, nnx.Param)
-            shardings = parameter_shardings(params, mesh, RULES["fsdp_tp"])
-            params = jax.device_put(params, shardings)
-            assert params["norm"]["weight"][...].sharding.spec == jax.sharding.PartitionSpec("tensor")
-            forward = jax.jit(lambda p, u: nnx.merge(graphdef, p)(u, runs=runs))
-            sharded = forward(params, u)
-            errors[groups] = float(jnp.max(jnp.abs(sharded - reference)) / jnp.max(jnp.abs(reference)))
-            flops = lambda compiled: compiled.cost_analysis()["flops"]  # noqa: E731  (per device)
-            unsharded = jax.jit(lambda p, u: nnx.merge(graphdef, p)(u, runs=runs)).lower(
-                nnx.split(layer, nnx.Param)[1], u).compile()
-            errors[f"flops_share_{groups}"] = flops(forward.lower(params, u).compile()) / flops(unsharded)
-        print(json.dumps(errors))
-        """)
-    errors = json.loads(out.strip().splitlines()[-1])
+    errors = _run_module("tensor_parallel_mamba")
     assert errors["1"] < 1e-5 and errors["2"] < 1e-5
     # the work is split, not repeated: each of the 4 tensor shards does about a quarter of the layer's FLOPs
     assert errors["flops_share_1"] < 0.3 and errors["flops_share_2"] < 0.3, errors
+
+
+def test_one_train_step_traced_under_two_plans_gives_two_programs():
+    """The sharding plan is part of the model (static) and the mesh is set with jax.set_mesh (part of jit's key):
+    the same jitted train step traced under five settings in one process gives five programs, each the one
+    that setting gets alone. (With the plan in hidden state read while tracing, the second setting would have
+    been handed the first one's program.)"""
+    result = _run_module("two_plans")
+    assert result["distinct_programs"] == result["settings"] == 5, result
+    assert len(result["equal_to_traced_alone"]) == 5, result
+    assert result["traces"] == 5, result

@@ -4,8 +4,8 @@ checkpoints saved with `save_pretrained` and loaded through `load_hf_checkpoint`
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import forward, hf_logits, max_rel_error, random_ids
+
 from granite_jax import load_hf_checkpoint
 
 CASES = {

@@ -14,9 +14,9 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from conftest import forward, max_rel_error
 from flax import nnx
 
-from conftest import forward, max_rel_error
 from granite_jax.config import load_preset
 from granite_jax.data.chat_template import chat_format
 from granite_jax.data.sft import load_sft_samples, sft_dataset
@@ -82,7 +82,8 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
                  "data.seq_len=256", "data.batch_size=2", "checkpoint.every_steps=3"])
     assert "chat format: " + os.path.join(source, "tokenizer_config.json") in proc.stdout
     # 40 lines: some truncated to 257 tokens, those cut before their first assistant token dropped; counted.
-    report = re.search(r"train data: (\d+) conversations.*; (\d+) truncated.* (\d+) dropped with no assistant", proc.stdout)
+    report = re.search(r"train data: (\d+) conversations.*; (\d+) truncated.* (\d+) dropped with no assistant",
+                       proc.stdout)
     kept, truncated, dropped = map(int, report.groups())
     assert kept + dropped == 40 and truncated > 0 and "eval step 3" in proc.stdout
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from granite_jax.model.mamba import causal_depthwise_conv
 from granite_jax.model import ssd
 from granite_jax.model.documents import document_runs
+from granite_jax.model.mamba import causal_depthwise_conv
 from granite_jax.model.ssd import ssd_decode_step
 
 # Compiled once per shape: eager dispatch of the many small ops is what would make these tests slow.

@@ -14,6 +14,7 @@ import sys
 
 import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
 from granite_jax.convert.hf import save_hf_checkpoint
+from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import load_run_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -23,7 +24,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None) -> str:
     model, run, step = load_run_model(run_dir, step)
     save_hf_checkpoint(model, out_dir, dtype=dtype)
-    tokenizer = run["data"]["tokenizer"]
+    tokenizer = RunDir(run_dir).tokenizer(run)
     source = tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
     copied = []
     if tokenizer.endswith(".json") or os.path.isdir(tokenizer):

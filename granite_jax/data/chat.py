@@ -118,7 +118,8 @@ def _content_text(content: Any, where: str) -> str:
         texts = []
         for number, part in enumerate(content):
             if not isinstance(part, dict):
-                raise ChatFormatError(f"{where}.content[{number}] must be an object like {{'type': 'text', 'text': ...}}")
+                raise ChatFormatError(
+                    f"{where}.content[{number}] must be an object like {{'type': 'text', 'text': ...}}")
             if part.get("type") == "text":
                 if not isinstance(part.get("text"), str):
                     raise ChatFormatError(f"{where}.content[{number}].text must be a string")
@@ -140,7 +141,8 @@ def _tool_call_json(call: Any, where: str) -> str:
         try:
             decoded = json.loads(arguments)
         except json.JSONDecodeError as e:
-            raise ChatFormatError(f"{where} ({name}): arguments are not valid JSON ({e.msg}): {arguments!r:.80}") from None
+            raise ChatFormatError(
+                f"{where} ({name}): arguments are not valid JSON ({e.msg}): {arguments!r:.80}") from None
         if not isinstance(decoded, dict):
             raise ChatFormatError(f"{where} ({name}): arguments must be a JSON object, got {arguments!r:.80}")
         text = arguments
@@ -184,7 +186,8 @@ def render(conversation: Conversation, *, add_generation_prompt: bool = False) -
             context(f"{START_OF_ROLE}{role}{END_OF_ROLE}{content}{END_OF_TEXT}\n")
         elif role == "assistant":
             context(GENERATION_PROMPT)
-            calls = [_tool_call_json(c, f"{where}.tool_calls[{n}]") for n, c in enumerate(message.get("tool_calls") or [])]
+            calls = [_tool_call_json(c, f"{where}.tool_calls[{n}]")
+                     for n, c in enumerate(message.get("tool_calls") or [])]
             separator = "\n" if content else ""
             body = content + "".join((separator if n == 0 else "\n") + f"<tool_call>\n{call}\n</tool_call>"
                                      for n, call in enumerate(calls))
@@ -193,7 +196,8 @@ def render(conversation: Conversation, *, add_generation_prompt: bool = False) -
         elif role == "tool":
             opens = index == 0 or messages[index - 1]["role"] != "tool"
             closes = index == len(messages) - 1 or messages[index + 1]["role"] != "tool"
-            context((f"{START_OF_ROLE}user{END_OF_ROLE}" if opens else "") + f"\n<tool_response>\n{content}\n</tool_response>"
+            response = f"\n<tool_response>\n{content}\n</tool_response>"
+            context((f"{START_OF_ROLE}user{END_OF_ROLE}" if opens else "") + response
                     + (f"{END_OF_TEXT}\n" if closes else ""))
     if add_generation_prompt:
         context(GENERATION_PROMPT)

@@ -26,7 +26,7 @@ import time
 import grain
 import numpy as np
 
-from granite_jax.data.chat import SPECIAL_TOKENS, ChatFormatError, END_OF_TEXT, parse_conversation
+from granite_jax.data.chat import END_OF_TEXT, SPECIAL_TOKENS, ChatFormatError, parse_conversation
 from granite_jax.data.chat_template import ChatTemplateError
 from granite_jax.data.sources import DataError
 from granite_jax.data.tokenizer import Tokenizer
@@ -137,7 +137,8 @@ def load_sft_samples(paths: list[str], chat_format, tokenizer: Tokenizer, *, seq
             if ids.max() >= vocab_size:
                 raise DataError(f"{path}:{number}: token id {int(ids.max())} is outside the model's vocabulary "
                                 f"[0, {vocab_size})")
-            samples.append({"input_ids": ids[:-1], "targets": ids[1:], "loss_weights": trainable[1:].astype(np.float32)})
+            samples.append({"input_ids": ids[:-1], "targets": ids[1:],
+                            "loss_weights": trainable[1:].astype(np.float32)})
             stats.conversations += 1
             stats.tokens += len(ids) - 1
             stats.trainable_tokens += int(trainable[1:].sum())

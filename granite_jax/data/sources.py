@@ -51,7 +51,8 @@ def read_documents(path: str, text_field: str = "text") -> Iterator[str]:
             if paragraph:
                 yield "\n".join(paragraph)
     else:
-        raise DataError(f"data file {path!r}: unknown format; expected .jsonl, .json, .txt or .parquet (optionally .gz)")
+        raise DataError(
+            f"data file {path!r}: unknown format; expected .jsonl, .json, .txt or .parquet (optionally .gz)")
 
 
 def load_documents(paths: list[str], text_field: str = "text"):

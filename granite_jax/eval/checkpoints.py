@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
-import yaml
-
 from granite_jax.convert import load_hf_checkpoint
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.model import GraniteForCausalLM
+from granite_jax.run_dir import RunDir
 
 
 class EvalCheckpointError(ValueError):
@@ -24,14 +23,11 @@ def load_for_eval(checkpoint: str, *, dtype: str = "float32", tokenizer: str | N
     if os.path.isfile(os.path.join(checkpoint, "config.json")):
         model = load_hf_checkpoint(checkpoint, dtype=dtype)
         default_tokenizer = checkpoint if os.path.isfile(os.path.join(checkpoint, "tokenizer.json")) else None
-    elif os.path.isdir(os.path.join(checkpoint, "checkpoints")):
+    elif RunDir(checkpoint).has_checkpoints():
         from granite_jax.train.checkpoint import load_run_model
 
         model, run, _ = load_run_model(checkpoint, compute_dtype=dtype)
-        default_tokenizer = run["data"]["tokenizer"]
-        if default_tokenizer is None and os.path.isfile(os.path.join(checkpoint, "config.yaml")):
-            with open(os.path.join(checkpoint, "config.yaml")) as f:
-                default_tokenizer = yaml.safe_load(f)["data"]["tokenizer"]
+        default_tokenizer = RunDir(checkpoint).tokenizer(run)
     else:
         raise EvalCheckpointError(f"checkpoint {checkpoint!r} is neither an HF directory (no config.json) nor a "
                                   "training run directory (no checkpoints/)")

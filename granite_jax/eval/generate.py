@@ -109,8 +109,9 @@ class Generator:
     def decode(self, tokens, cache: DecodeCache, key, sampling: SamplingConfig):
         return self._decode(self.params, tokens, cache, key, sampling=sampling)
 
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-                 eos_id: int | None = None, stop_strings: Sequence[str] = (), tokenizer=None, max_len: int | None = None,
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 sampling: SamplingConfig = SamplingConfig(), eos_id: int | None = None,
+                 stop_strings: Sequence[str] = (), tokenizer=None, max_len: int | None = None,
                  seed: int = 0, on_token: Callable[[int, int], None] | None = None) -> Generation:
         """Generate up to `max_new_tokens` per prompt (lists of token ids).
 

@@ -59,6 +59,12 @@ class Attention(nnx.Module):
         self.v_proj = linear(H, self.n_kv_heads * d, ("embed", "kv_heads"))
         self.o_proj = linear(self.n_heads * d, H, ("heads", "embed"))
 
+    @staticmethod
+    def init_cache(config, batch: int, max_len: int) -> KVCache:
+        """An empty cache for `batch` rows of up to `max_len` tokens, in the compute dtype."""
+        shape = (batch, max_len, config.num_key_value_heads, config.attention_head_dim)
+        return KVCache(jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
+
     def _qkv(self, u, positions):
         b, T, _ = u.shape
         q = self.q_proj(u).reshape(b, T, self.n_heads, self.head_dim)
@@ -69,17 +75,18 @@ class Attention(nnx.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
-    def __call__(self, u: jax.Array, *, runs: jax.Array, positions: jax.Array, cache: KVCache | None = None):
-        """u (b, T, hidden); runs (b, T) document-run index; positions (b, T), used by RoPE only. With a
-        `cache`, the keys and values are also written to its first T slots (a prefill) and it is returned."""
+    def __call__(self, u: jax.Array, *, runs: jax.Array, positions: jax.Array, state: KVCache | None = None):
+        """u (b, T, hidden); runs (b, T) document-run index; positions (b, T), used by RoPE only. Given a cache
+        to fill (`state`, a prefill), the keys and values are also written to its first T slots and it is
+        returned."""
         b, T, _ = u.shape
         q, k, v = self._qkv(u, positions)
         out = flash_attention(q, k, v, runs, scale=self.scale, block_size=self.block_size)
         out = self.o_proj(out.reshape(b, T, self.n_heads * self.head_dim))
-        if cache is None:
+        if state is None:
             return out
-        return out, KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), 0, axis=1),
-                            jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), 0, axis=1))
+        return out, KVCache(jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), 0, axis=1),
+                            jax.lax.dynamic_update_slice_in_dim(state.v, v.astype(state.v.dtype), 0, axis=1))
 
     def decode(self, u: jax.Array, *, index: jax.Array, start: jax.Array, positions: jax.Array,
                cache: KVCache) -> tuple[jax.Array, KVCache]:

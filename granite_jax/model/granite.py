@@ -14,14 +14,13 @@ import numpy as np
 from flax import nnx
 
 from granite_jax.config import MAMBA, ModelConfig
-from granite_jax.model.attention import Attention, KVCache
+from granite_jax.model.attention import Attention
 from granite_jax.model.documents import document_runs, positions_within_documents
 from granite_jax.model.linear import make_linear
-from granite_jax.model.mamba import Mamba2Mixer, MambaState
+from granite_jax.model.mamba import Mamba2Mixer
 from granite_jax.model.moe import MoE, RouterStats, SharedMLP, load_balancing_loss
 from granite_jax.model.norms import RMSNorm
-from granite_jax.parallel import logical_param
-from granite_jax.parallel.context import constrain_rows
+from granite_jax.parallel.plan import RESIDUAL, constrain, logical_param
 
 
 class CausalLMOutput(NamedTuple):
@@ -41,17 +40,9 @@ class DecodeCache(NamedTuple):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> DecodeCache:
-    """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
-    layers = []
-    for kind in config.layer_types:
-        if kind == MAMBA:
-            layers.append(MambaState(
-                jnp.zeros((batch, config.mamba_conv_dim, config.mamba_d_conv), jnp.float32),
-                jnp.zeros((batch, config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state), jnp.float32)))
-        else:
-            shape = (batch, max_len, config.num_key_value_heads, config.attention_head_dim)
-            layers.append(KVCache(jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype)))
-    return DecodeCache(tuple(layers), jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+    """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated): each layer's own."""
+    return DecodeCache(tuple(DecoderLayer.init_state(config, kind, batch, max_len) for kind in config.layer_types),
+                       jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
 
 class DecoderLayer(nnx.Module):
@@ -72,38 +63,41 @@ class DecoderLayer(nnx.Module):
         self.block_sparse_moe = MoE(config, rngs=rngs) if config.is_moe else None
         self.shared_mlp = SharedMLP(config, rngs=rngs)
 
-    def __call__(self, h, *, runs, positions, token_mask):
-        u = self.input_layernorm(h)
-        if self.layer_type == MAMBA:
-            u = self.mamba(u, runs=runs)
-        else:
-            u = self.self_attn(u, runs=runs, positions=positions)
-        return self._ffn(h + u * self.residual_multiplier, token_mask)
+    @staticmethod
+    def init_state(config: ModelConfig, layer_type: str, batch: int, max_len: int):
+        """The decoding state of a layer of `layer_type`: a `MambaState` or a `KVCache` for `max_len` tokens."""
+        if layer_type == MAMBA:
+            return Mamba2Mixer.init_state(config, batch)
+        return Attention.init_cache(config, batch, max_len)
 
-    def prefill(self, h, *, runs, positions, state):
-        """As `__call__` on a (left-padded) prompt, also returning this layer's decoding state."""
-        u = self.input_layernorm(h)
+    def __call__(self, h, *, runs, positions, token_mask, state=None):
+        """h (b, T, hidden) → (h, router statistics or None, decoding state or None): the state is returned
+        filled when this layer's empty one is given (a prefill)."""
+        x = self.input_layernorm(h)
         if self.layer_type == MAMBA:
-            u, state = self.mamba(u, runs=runs, return_state=True)
+            mixed = self.mamba(x, runs=runs, state=state)
         else:
-            u, state = self.self_attn(u, runs=runs, positions=positions, cache=state)
-        return self._ffn(h + u * self.residual_multiplier, None)[0], state
+            mixed = self.self_attn(x, runs=runs, positions=positions, state=state)
+        if state is not None:
+            mixed, state = mixed
+        h, stats = self._ffn(h + mixed * self.residual_multiplier, token_mask)
+        return h, stats, state
 
     def decode(self, h, *, index, start, positions, state):
         """One token per row, h (b, 1, hidden)."""
-        u = self.input_layernorm(h)
+        x = self.input_layernorm(h)
         if self.layer_type == MAMBA:
-            u, state = self.mamba.decode(u, state)
+            mixed, state = self.mamba.decode(x, state)
         else:
-            u, state = self.self_attn.decode(u, index=index, start=start, positions=positions, cache=state)
-        return self._ffn(h + u * self.residual_multiplier, None)[0], state
+            mixed, state = self.self_attn.decode(x, index=index, start=start, positions=positions, cache=state)
+        return self._ffn(h + mixed * self.residual_multiplier, None)[0], state
 
     def _ffn(self, h, token_mask):
-        u = self.post_attention_layernorm(h)
-        f = self.shared_mlp(u)
+        x = self.post_attention_layernorm(h)
+        f = self.shared_mlp(x)
         stats = None
         if self.block_sparse_moe is not None:
-            routed, stats = self.block_sparse_moe(u, token_mask)
+            routed, stats = self.block_sparse_moe(x, token_mask)
             f = routed + f
         return h + f * self.residual_multiplier, stats
 
@@ -122,7 +116,10 @@ class GraniteModel(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=config.compute_dtype,
                             param_dtype=config.param_dtype)
 
-    def __call__(self, input_ids, segment_ids=None, positions=None) -> tuple[jax.Array, RouterStats | None]:
+    def __call__(self, input_ids, segment_ids=None, positions=None, *, cache: DecodeCache | None = None):
+        """input_ids (b, T) → (final hidden states (b, T, hidden), router statistics summed over the layers,
+        or None for a dense model). Given an empty decoding `cache` (a prefill), also returns it filled with
+        the T tokens: (hidden, statistics, cache)."""
         config = self.config
         _check_inputs(config, input_ids, segment_ids, positions)
         runs = document_runs(segment_ids, input_ids.shape)
@@ -130,33 +127,24 @@ class GraniteModel(nnx.Module):
             positions = positions_within_documents(runs)
         token_mask = None if segment_ids is None else segment_ids > 0
 
-        h = constrain_rows(self.embed(input_ids))
+        h = constrain(self.embed(input_ids), RESIDUAL, config.sharding)
         run_layer = _with_remat(config.remat_policy)
-        total = None
-        for layer in self.layers:
-            h, stats = run_layer(layer, h, runs, positions, token_mask)
-            h = constrain_rows(h)
+        stats_sum, states = None, []
+        for i, layer in enumerate(self.layers):
+            h, stats, state = run_layer(layer, h, runs, positions, token_mask,
+                                         None if cache is None else cache.layers[i])
+            states.append(state)
+            h = constrain(h, RESIDUAL, config.sharding)
             if stats is not None:
-                total = stats if total is None else jax.tree.map(jnp.add, total, stats)
-        return self.norm(h), total
+                stats_sum = stats if stats_sum is None else jax.tree.map(jnp.add, stats_sum, stats)
+        if cache is None:
+            return self.norm(h), stats_sum
+        T = input_ids.shape[1]
+        return self.norm(h), stats_sum, DecodeCache(tuple(states), jnp.asarray(T, jnp.int32), cache.start)
 
     def embed(self, input_ids):
         return (jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.compute_dtype)
                 * self.config.embedding_multiplier)
-
-    def prefill(self, input_ids, start, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
-        """Run left-padded prompts (b, T) whose real tokens begin at `start` (b,); returns the final hidden
-        state of the last position (b, hidden) and the cache filled with the prompts."""
-        b, T = input_ids.shape
-        segment_ids = (jnp.arange(T)[None, :] >= start[:, None]).astype(jnp.int32)  # padding = its own run
-        runs = document_runs(segment_ids, (b, T))
-        positions = positions_within_documents(runs)
-        h = self.embed(input_ids)
-        states = []
-        for layer, state in zip(self.layers, cache.layers):
-            h, state = layer.prefill(h, runs=runs, positions=positions, state=state)
-            states.append(state)
-        return self.norm(h[:, -1]), DecodeCache(tuple(states), jnp.asarray(T, jnp.int32), start.astype(jnp.int32))
 
     def decode(self, tokens, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
         """One token per row, tokens (b,), written at slot `cache.index`; returns hidden (b, hidden)."""
@@ -169,8 +157,8 @@ class GraniteModel(nnx.Module):
         return self.norm(h[:, 0]), DecodeCache(tuple(states), cache.index + 1, cache.start)
 
 
-def _call_layer(layer, h, runs, positions, token_mask):
-    return layer(h, runs=runs, positions=positions, token_mask=token_mask)
+def _call_layer(layer, h, runs, positions, token_mask, state):
+    return layer(h, runs=runs, positions=positions, token_mask=token_mask, state=state)
 
 
 def _with_remat(policy: str):
@@ -219,10 +207,17 @@ class GraniteForCausalLM(nnx.Module):
         hidden, stats = self.model(input_ids, segment_ids, positions)
         return CausalLMOutput(logits=self.logits(hidden), aux_loss=self.aux_loss(stats))
 
+    def init_cache(self, batch: int, max_len: int) -> DecodeCache:
+        """An empty decoding cache for `batch` rows of up to `max_len` tokens."""
+        return init_cache(self.config, batch, max_len)
+
     def prefill(self, input_ids, start, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
-        """Left-padded prompts (b, T), real tokens from `start` (b,) on → (next-token logits (b, vocab), cache)."""
-        hidden, cache = self.model.prefill(input_ids, start, cache)
-        return self.logits(hidden), cache
+        """Left-padded prompts (b, T) whose real tokens begin at `start` (b,) → (next-token logits (b, vocab),
+        the cache filled with the prompts). The padding is a document of its own, so no real token sees it."""
+        T = input_ids.shape[1]
+        segment_ids = (jnp.arange(T)[None, :] >= start[:, None]).astype(jnp.int32)
+        hidden, _, cache = self.model(input_ids, segment_ids, cache=cache._replace(start=start.astype(jnp.int32)))
+        return self.logits(hidden[:, -1]), cache
 
     def decode(self, tokens, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
         """tokens (b,) → (next-token logits (b, vocab), cache advanced by one slot)."""
@@ -238,7 +233,8 @@ def _check_inputs(config: ModelConfig, input_ids, segment_ids, positions) -> Non
         raise ValueError(f"input_ids must be integers; got dtype {input_ids.dtype}")
     for name, value in (("segment_ids", segment_ids), ("positions", positions)):
         if value is not None and tuple(value.shape) != tuple(input_ids.shape):
-            raise ValueError(f"{name} has shape {tuple(value.shape)}; expected input_ids' shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)}; expected input_ids' shape {tuple(input_ids.shape)}")
         if value is not None and not jnp.issubdtype(value.dtype, jnp.integer):
             raise ValueError(f"{name} must be integers; got dtype {value.dtype}")
     if not isinstance(input_ids, jax.core.Tracer):

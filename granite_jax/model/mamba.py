@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from granite_jax.model.linear import make_linear
 from granite_jax.model.norms import GatedRMSNorm
 from granite_jax.model.ssd import ssd_chunked, ssd_decode_step
-from granite_jax.model.linear import make_linear
-from granite_jax.parallel import logical_param
+from granite_jax.parallel.plan import logical_param
 
 
 @jax.custom_vjp
@@ -114,9 +114,16 @@ class Mamba2Mixer(nnx.Module):
                                  dtype=config.compute_dtype, param_dtype=config.param_dtype)
         self.out_proj = linear(self.d_inner, H, ("ssm_inner", "embed"))
 
-    def __call__(self, u: jax.Array, *, runs: jax.Array, return_state: bool = False):
-        """u (b, T, hidden); runs (b, T) document-run index of every token. With `return_state`, also the
-        `MambaState` after the row's last document (a prefill for decoding)."""
+    @staticmethod
+    def init_state(config, batch: int) -> MambaState:
+        """The decoding state before any token: zeros, float32, constant in size whatever the context."""
+        return MambaState(
+            jnp.zeros((batch, config.mamba_conv_dim, config.mamba_d_conv), jnp.float32),
+            jnp.zeros((batch, config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state), jnp.float32))
+
+    def __call__(self, u: jax.Array, *, runs: jax.Array, state: MambaState | None = None):
+        """u (b, T, hidden); runs (b, T) document-run index of every token. Given a `state` to fill (a prefill
+        for decoding), also returns the `MambaState` after the row's last document in its place."""
         b, T, _ = u.shape
         z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
         xBC, conv_state = causal_depthwise_conv(xBC, self._conv_kernel(), self._conv_bias(), runs)
@@ -126,9 +133,9 @@ class Mamba2Mixer(nnx.Module):
                                    C.reshape(b, T, self.n_groups, self.d_state),
                                    chunk_size=self.chunk_size, segment_ids=runs)
         out = self._output(y.reshape(b, T, self.d_inner), x, z)
-        if return_state:
-            return out, MambaState(conv_state.astype(jnp.float32), ssm_state)
-        return out
+        if state is None:
+            return out
+        return out, MambaState(conv_state.astype(state.conv.dtype), ssm_state.astype(state.ssm.dtype))
 
     def decode(self, u: jax.Array, state: MambaState) -> tuple[jax.Array, MambaState]:
         """One token per row: u (b, 1, hidden) → (out (b, 1, hidden), the next state)."""

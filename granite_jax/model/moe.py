@@ -21,11 +21,9 @@ from flax import nnx
 
 from granite_jax.config import MOE_IMPLS
 from granite_jax.model.linear import make_linear
-from granite_jax.model.permute import inverse_permutation, move_rows
-from granite_jax.parallel import logical_param
-from granite_jax.parallel.context import active as parallelism_setting
 from granite_jax.parallel.expert import expert_parallel_moe
-
+from granite_jax.parallel.permute import move_rows, sort_by
+from granite_jax.parallel.plan import current_mesh, logical_param
 
 
 class RouterStats(NamedTuple):
@@ -35,6 +33,54 @@ class RouterStats(NamedTuple):
     probabilities: jax.Array  # (E,) sum over tokens of softmax(router logits)
     tokens: jax.Array  # () number of tokens counted
     dropped: jax.Array  # () (token, slot) copies dropped by expert parallelism's capacity (0 when dropless)
+
+
+class Routing(NamedTuple):
+    """Where each token goes: its top-k experts and their gates, and the router statistics."""
+
+    experts: jax.Array  # (n, k) int, each token's experts, best first
+    gates: jax.Array  # (n, k) softmax over the k selected logits, in the compute dtype
+    stats: RouterStats
+
+
+def route(tokens: jax.Array, router_kernel: jax.Array, *, top_k: int, token_weight: jax.Array) -> Routing:
+    """Router logits (float32) -> top-k experts and softmax gates, and the statistics of the tokens whose
+    `token_weight` (n,) is 1 (padding: 0). tokens (n, H) in the compute dtype; router_kernel (H, E)."""
+    logits = (tokens @ router_kernel.astype(tokens.dtype)).astype(jnp.float32)      # (n, E)
+    top_logits, experts = jax.lax.top_k(logits, top_k)                              # (n, k)
+    gates = jax.nn.softmax(top_logits, axis=-1).astype(tokens.dtype)
+    # transformers takes the top-k of the softmax for the statistics; same choice as top-k of the logits.
+    stats = RouterStats(
+        assignments=jnp.zeros((logits.shape[1],), jnp.float32).at[experts.reshape(-1)].add(
+            jnp.repeat(token_weight, top_k)),
+        probabilities=jnp.sum(jax.nn.softmax(logits, axis=-1) * token_weight[:, None], axis=0),
+        tokens=jnp.sum(token_weight),
+        dropped=jnp.zeros((), jnp.float32))
+    return Routing(experts, gates, stats)
+
+
+def combine(expert_out: jax.Array, gates: jax.Array) -> jax.Array:
+    """Every token's expert outputs (n k, H) in (token, slot) order, weighted by its gates (n, k): (n, H)."""
+    n, k = gates.shape
+    return jnp.einsum("nkh,nk->nh", expert_out.reshape(n, k, -1), gates)
+
+
+def routed_experts(tokens, token_weight, router_kernel, *, top_k: int, dispatch) -> tuple[jax.Array, RouterStats]:
+    """The routed half of the MoE: route the tokens (n, H), send every (token, slot) copy through its expert,
+    combine with the gates. `dispatch(tokens, experts (n k,))` returns the copies' expert outputs (n k, H)
+    in (token, slot) order and which copies were kept (n k,) (expert parallelism's capacity may drop some).
+    Returns (out (n, H), RouterStats with the dropped copies counted)."""
+    routing = route(tokens, router_kernel, top_k=top_k, token_weight=token_weight)
+    expert_out, kept = dispatch(tokens, routing.experts.reshape(-1))
+    dropped = jnp.sum(jnp.where(kept, 0.0, jnp.repeat(token_weight, top_k)))
+    return combine(expert_out, routing.gates), routing.stats._replace(dropped=dropped)
+
+
+def grouped_swiglu(rows, group_sizes, w_in, w_out, *, grouped_matmul):
+    """The experts' SwiGLU on rows sorted by expert: rows (M, H), group_sizes (E,) (rows past the groups are
+    zero in the result), w_in (E, H, 2I) = [gate | up], w_out (E, I, H) in the rows' dtype. Returns (M, H)."""
+    gate, up = jnp.split(grouped_matmul(rows, w_in, group_sizes), 2, axis=-1)
+    return grouped_matmul(jax.nn.silu(gate) * up, w_out, group_sizes)
 
 
 def load_balancing_loss(stats: RouterStats, num_experts: int) -> jax.Array:
@@ -143,6 +189,7 @@ class MoE(nnx.Module):
         self.num_experts, self.top_k = E, config.num_experts_per_tok
         self.dtype = config.compute_dtype
         self.grouped_matmul_impl = config.moe_impl
+        self.plan = config.sharding
         self.router = make_linear(config, H, E, ("embed", None), use_bias=False, rngs=rngs)
         init = nnx.initializers.normal(config.initializer_range)
         # Expert weights in matmul layout (in, out): input_linear (E, H, 2I) = [gate | up], output_linear (E, I, H).
@@ -154,40 +201,39 @@ class MoE(nnx.Module):
     def __call__(self, u: jax.Array, token_mask: jax.Array | None = None) -> tuple[jax.Array, RouterStats]:
         """u (b, T, H); token_mask (b, T), False for padding (excluded from the router statistics)."""
         b, T, H = u.shape
-        E, k = self.num_experts, self.top_k
-        tokens = u.reshape(b * T, H)
+        tokens = u.reshape(b * T, H).astype(self.dtype)
         weight = jnp.ones((b * T,), jnp.float32) if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
-        setting = parallelism_setting()
-        if setting is not None:  # tokens travel to the experts' devices (granite_jax/parallel/expert.py)
-            out, stats = expert_parallel_moe(
-                setting, tokens, self.router.kernel[...], self.input_linear[...], self.output_linear[...], top_k=k,
-                dtype=self.dtype, token_weight=weight,
-                grouped_matmul=functools.partial(grouped_matmul, impl=self.grouped_matmul_impl,
-                                                 platform=setting.mesh.devices.flat[0].platform))
-            return out.reshape(b, T, H), RouterStats(*stats)
-        logits = self.router(tokens).astype(jnp.float32)                       # (n, E)
-        top_logits, top_experts = jax.lax.top_k(logits, k)                     # (n, k)
-        gates = jax.nn.softmax(top_logits, axis=-1).astype(self.dtype)
-
-        # Sort the n*k (token, slot) copies by expert, run each expert on its group, and undo the sort.
-        flat_experts = top_experts.reshape(-1)
-        order = jnp.argsort(flat_experts, stable=True)                          # sorted position -> copy
-        position = inverse_permutation(order)                                  # copy -> sorted position
-        group_sizes = jnp.bincount(flat_experts, length=E).astype(jnp.int32)
-        rows = move_rows(tokens, (order // k)[:, None], position.reshape(b * T, k))
-        w_in = self.input_linear[...].astype(self.dtype)
-        w_out = self.output_linear[...].astype(self.dtype)
-        gate, up = jnp.split(grouped_matmul(rows, w_in, group_sizes, impl=self.grouped_matmul_impl), 2, axis=-1)
-        expert_out = grouped_matmul(jax.nn.silu(gate) * up, w_out, group_sizes, impl=self.grouped_matmul_impl)
-        expert_out = move_rows(expert_out, position[:, None], order[:, None])     # back to (token, slot) order
-        out = jnp.einsum("nkh,nk->nh", expert_out.reshape(b * T, k, H), gates)
-
-        probs = jax.nn.softmax(logits, axis=-1)
-        # transformers takes the top-k of the softmax for the statistics; same choice as top-k of the logits.
-        stats = RouterStats(
-            assignments=jnp.zeros((E,), jnp.float32).at[flat_experts].add(jnp.repeat(weight, k)),
-            probabilities=jnp.sum(probs * weight[:, None], axis=0),
-            tokens=jnp.sum(weight),
-            dropped=jnp.zeros((), jnp.float32),
-        )
+        moe = functools.partial(routed_experts, top_k=self.top_k)
+        w_in, w_out = self.input_linear[...], self.output_linear[...]
+        mesh = current_mesh()
+        if mesh is None:
+            impl = self.grouped_matmul_impl
+            dispatch = functools.partial(self._dispatch_locally, w_in=w_in, w_out=w_out, impl=impl)
+            out, stats = moe(tokens, weight, self.router.kernel[...], dispatch=dispatch)
+        else:  # each device routes its own tokens; they travel to the experts' devices (parallel/expert.py)
+            impl = _resolve_impl(self.grouped_matmul_impl, mesh.abstract_device.platform)
+            out, stats = expert_parallel_moe(self.plan, mesh, tokens, weight, self.router.kernel[...], w_in, w_out,
+                                             moe=moe, run_experts=functools.partial(self._run_experts, impl=impl))
         return out.reshape(b, T, H), stats
+
+    def _dispatch_locally(self, tokens, experts, *, w_in, w_out, impl: str):
+        """All experts are here: the n k copies sorted by expert (gathered straight from the tokens), through
+        the experts, back to (token, slot) order. Nothing is dropped."""
+        order, position = sort_by(experts)
+        rows = move_rows(tokens, (order // self.top_k)[:, None], position.reshape(-1, self.top_k))
+        sizes = jnp.bincount(experts, length=self.num_experts).astype(jnp.int32)
+        out = self._swiglu(rows, sizes, w_in, w_out, impl)
+        return move_rows(out, position[:, None], order[:, None]), jnp.ones(experts.shape, bool)
+
+    def _run_experts(self, rows, group, w_in, w_out, *, impl: str):
+        """Rows that reached this device's experts, `group` (R,) their local expert (the number of local
+        experts for an empty row): sorted by expert, through the experts, unsorted. Empty rows sort last, past
+        every group, and cost no matmul."""
+        order, position = sort_by(group)
+        sizes = jnp.bincount(group, length=w_in.shape[0]).astype(jnp.int32)  # empty rows not counted
+        out = self._swiglu(move_rows(rows, order[:, None], position[:, None]), sizes, w_in, w_out, impl)
+        return move_rows(out, position[:, None], order[:, None])
+
+    def _swiglu(self, rows, sizes, w_in, w_out, impl):
+        return grouped_swiglu(rows, sizes, w_in.astype(self.dtype), w_out.astype(self.dtype),
+                              grouped_matmul=functools.partial(grouped_matmul, impl=impl))

@@ -16,9 +16,10 @@ exchange brings the results back, where they are weighted by the router gates an
 
 Dropped copies contribute zero; their number is returned (the training loop logs it as `moe_dropped`).
 
-Inside `granite_jax.parallel.context.parallelism(...)` every `MoE` layer takes this path when the mesh has
-more than one device (with an expert axis of size 1 it keeps routing local to each device: a global sort of
-all tokens by expert would make XLA replicate the tokens everywhere).
+Every `MoE` layer (granite_jax/model/moe.py) takes this path when it is traced under a mesh of more than one
+device (with an expert axis of size 1 it keeps routing local to each device: a global sort of all tokens by
+expert would make XLA replicate the tokens everywhere). The layer supplies the routing and the experts'
+SwiGLU (`route`, `run_experts`); this module owns only the `shard_map` and the exchanges.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from granite_jax.model.permute import inverse_permutation, move_rows
-from granite_jax.parallel.context import Parallelism
-
-EXCHANGES = ("auto", "all_to_all", "ragged")
+from granite_jax.parallel.permute import move_rows, sort_by
+from granite_jax.parallel.plan import EXCHANGES, ShardingPlan
 
 
 def resolve_exchange(exchange: str, platform: str) -> str:
@@ -59,21 +58,6 @@ def dispatch_slots(destination: jax.Array, shards: int, cap: int) -> tuple[jax.A
 
 def _exclusive_cumsum(x: jax.Array) -> jax.Array:
     return jnp.cumsum(x) - x
-
-
-def _run_local_experts(rows, group, w_in, w_out, *, dtype, grouped_matmul):
-    """rows (R, H) that arrived, group (R,) their local expert (= number of local experts for an empty row).
-    Sorts by expert, runs the SwiGLU experts as grouped matmuls, unsorts. Empty rows sort last, past every
-    group: the grouped matmul does no work for them (a buffer sized for drops-free exchange is mostly empty)
-    and returns zeros."""
-    local_experts = w_in.shape[0]
-    order = jnp.argsort(group, stable=True)
-    position = inverse_permutation(order)
-    sizes = jnp.bincount(group, length=local_experts).astype(jnp.int32)  # empty rows (= local_experts) not counted
-    gate, up = jnp.split(grouped_matmul(move_rows(rows, order[:, None], position[:, None]),
-                                        w_in.astype(dtype), sizes), 2, axis=-1)
-    out_sorted = grouped_matmul(jax.nn.silu(gate) * up, w_out.astype(dtype), sizes)
-    return move_rows(out_sorted, position[:, None], order[:, None])
 
 
 def _bounded_exchange(tokens, experts, w_in, w_out, *, axis, shards, top_k, factor, run_experts):
@@ -106,8 +90,7 @@ def _ragged_exchange(tokens, experts, w_in, w_out, *, axis, shards, top_k, facto
     copies = n * top_k
     local_experts = w_in.shape[0]
     # My copies sorted by expert: by destination device, then by its local expert.
-    order = jnp.argsort(experts, stable=True)
-    position = inverse_permutation(order)
+    order, position = sort_by(experts)
     sorted_rows = move_rows(tokens, (order // top_k)[:, None], position.reshape(n, top_k))
     counts = jnp.bincount(experts, length=shards * local_experts).reshape(shards, local_experts).astype(jnp.int32)
     send_sizes = counts.sum(axis=1)
@@ -149,46 +132,40 @@ def _gather_all_but_experts(w: jax.Array, spec: P) -> jax.Array:
     return w
 
 
-def expert_parallel_moe(setting: Parallelism, tokens, router_kernel, w_in, w_out, *, top_k: int, dtype,
-                        grouped_matmul, token_weight):
-    """tokens (N, H) global; router_kernel (H, E); w_in (E, H, 2I); w_out (E, I, H); token_weight (N,) 1 for
-    real tokens, 0 for padding. Returns (out (N, H), (assignments (E,), probabilities (E,), tokens (), dropped ()))
-    with the statistics summed over all devices."""
-    mesh = setting.mesh
-    E = w_in.shape[0]
-    axis = setting.expert_axis
-    shards = mesh.shape[axis]
-    factor = shards if setting.capacity_factor is None else setting.capacity_factor
-    batch_axes = setting.batch_axes
-    exchange = {"all_to_all": _bounded_exchange, "ragged": _ragged_exchange}[
-        resolve_exchange(setting.exchange, mesh.devices.flat[0].platform)]
+def expert_parallel_moe(plan: ShardingPlan, mesh, tokens, token_weight, router_kernel, w_in, w_out, *, moe,
+                        run_experts):
+    """The routed experts over `mesh` (the mesh being traced under): every device routes its own rows and an
+    exchange over the plan's expert axis carries each (token, slot) copy to its expert's device and back.
 
-    def run_experts(rows, group, w_in, w_out):
-        return _run_local_experts(rows, group, w_in, w_out, dtype=dtype, grouped_matmul=grouped_matmul)
+    tokens (N, H) global, rows split over the plan's batch axes; token_weight (N,) 1 for real tokens, 0 for
+    padding; router_kernel (H, E); w_in (E, H, 2I); w_out (E, I, H). The model supplies the math:
+    `moe(tokens, token_weight, router_kernel, dispatch=...)` routes, dispatches and combines
+    (`granite_jax.model.moe.routed_experts`); `run_experts(rows, local_expert, w_in, w_out)` runs the rows that
+    arrived through this device's experts (local_expert = the number of local experts: an empty row).
+    Returns (out (N, H), router statistics summed over all devices).
+    """
+    axis = plan.expert_axis(mesh)
+    shards = mesh.shape[axis]
+    factor = shards if plan.moe_capacity_factor is None else plan.moe_capacity_factor
+    batch_axes = plan.batch_axes(mesh)
+    exchange = {"all_to_all": _bounded_exchange, "ragged": _ragged_exchange}[
+        resolve_exchange(plan.moe_exchange, mesh.abstract_device.platform)]
 
     # The expert weights enter as their parameters are split (experts over `axis`, the hidden dimension FSDP)
     # and are gathered whole here: the gather's transpose reduce-scatters their gradients. Entering replicated,
     # they would be gathered by XLA outside and their gradients all-reduced whole over the FSDP axes.
-    w_in_spec = setting.spec(("expert", "embed", "mlp"), w_in.shape)
-    w_out_spec = setting.spec(("expert", "mlp", "embed"), w_out.shape)
+    w_in_spec = plan.spec(("expert", "embed", "mlp"), w_in.shape, mesh)
+    w_out_spec = plan.spec(("expert", "mlp", "embed"), w_out.shape, mesh)
 
     def local(tokens, router_kernel, w_in, w_out, weight):
         w_in, w_out = _gather_all_but_experts(w_in, w_in_spec), _gather_all_but_experts(w_out, w_out_spec)
-        n, H = tokens.shape
-        tokens = tokens.astype(dtype)  # the exchanged buffers in the compute dtype
-        logits = (tokens @ router_kernel.astype(tokens.dtype)).astype(jnp.float32)     # (n, E)
-        top_logits, top_experts = jax.lax.top_k(logits, top_k)
-        gates = jax.nn.softmax(top_logits, axis=-1).astype(dtype)
-        experts = top_experts.reshape(-1)                                               # (n k,) token-major
-        gathered, kept = exchange(tokens, experts, w_in, w_out, axis=axis, shards=shards, top_k=top_k,
-                                  factor=factor, run_experts=run_experts)
-        out = jnp.einsum("nkh,nk->nh", gathered.reshape(n, top_k, H), gates)
 
-        probs = jax.nn.softmax(logits, axis=-1)
-        stats = (jnp.zeros((E,), jnp.float32).at[experts].add(jnp.repeat(weight, top_k)),
-                 jnp.sum(probs * weight[:, None], axis=0), jnp.sum(weight),
-                 jnp.sum((~kept).astype(jnp.float32) * jnp.repeat(weight, top_k)))
-        return out, jax.tree.map(lambda s: jax.lax.psum(s, batch_axes), stats)
+        def dispatch(tokens, experts):
+            return exchange(tokens, experts, w_in, w_out, axis=axis, shards=shards,
+                            top_k=experts.shape[0] // tokens.shape[0], factor=factor, run_experts=run_experts)
+
+        out, stats = moe(tokens, weight, router_kernel, dispatch=dispatch)
+        return out, jax.lax.psum(stats, batch_axes)
 
     rows = P(batch_axes)
     mapped = jax.shard_map(local, mesh=mesh,

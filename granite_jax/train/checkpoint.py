@@ -10,13 +10,14 @@ import json
 import logging
 import os
 
-import jax
 import grain
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from granite_jax.config import ModelConfig
 from granite_jax.model import GraniteForCausalLM
+from granite_jax.run_dir import RunDir
 from granite_jax.tree import path_names
 
 log = logging.getLogger("granite_jax.checkpoint")
@@ -45,7 +46,7 @@ class _DataPosition:
 
 class RunCheckpoints:
     def __init__(self, run_dir: str, *, keep: int, async_save: bool):
-        self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+        self.directory = RunDir(run_dir).checkpoints
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -123,28 +124,49 @@ def abstract_like(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _open_run(run_dir: str) -> tuple[ocp.CheckpointManager, list[int]]:
+    directory = RunDir(run_dir).checkpoints
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{run_dir!r} has no checkpoints directory")
+    manager = ocp.CheckpointManager(directory)
+    steps = sorted(manager.all_steps())
+    if not steps:
+        manager.close()
+        raise FileNotFoundError(f"{directory!r} holds no checkpoint")
+    return manager, steps
+
+
+def _checkpoint_meta(manager: ocp.CheckpointManager, steps: list[int], step: int | None) -> tuple[int, dict]:
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"--step {step}: the run has checkpoints at steps {steps}")
+    return step, manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def run_model_config(run_dir: str, step: int | None = None, **model_overrides) -> ModelConfig:
+    """The model configuration saved with a run's checkpoint (newest unless `step`); no weights are read."""
+    manager, steps = _open_run(run_dir)
+    try:
+        return ModelConfig.from_hf(_checkpoint_meta(manager, steps, step)[1]["model"], **model_overrides)
+    finally:
+        manager.close()
+
+
 def load_run_model(run_dir: str, step: int | None = None, **model_overrides) -> tuple[GraniteForCausalLM, dict, int]:
     """The model of a run's checkpoint (newest unless `step`), its saved run config, and the step.
 
     Only the parameters are read (not the optimizer state); `model_overrides` set compute-only fields such as
-    `compute_dtype` or `remat_policy`."""
-    directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{run_dir!r} has no checkpoints directory")
-    manager = ocp.CheckpointManager(directory)
-    steps = manager.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"{directory!r} holds no checkpoint")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise ValueError(f"--step {step}: the run has checkpoints at steps {sorted(steps)}")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    `compute_dtype`, `remat_policy` or `sharding`."""
+    manager, steps = _open_run(run_dir)
+    try:
+        step, meta = _checkpoint_meta(manager, steps, step)
+    finally:
+        manager.close()
     config = ModelConfig.from_hf(meta["model"], **model_overrides)
     abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
     restored = ocp.PyTreeCheckpointer().restore(  # the parameters only, not the optimizer state
-        os.path.join(directory, str(step), "state"),
+        os.path.join(RunDir(run_dir).checkpoints, str(step), "state"),
         args=ocp.args.PyTreeRestore({"params": params}, partial_restore=True,
                                     restore_args=ocp.checkpoint_utils.construct_restore_args({"params": params})))
-    manager.close()
     return nnx.merge(graphdef, restored["params"]), meta["run"], step

@@ -16,9 +16,28 @@ from typing import Any
 
 import yaml
 
+from granite_jax.parallel.plan import ShardingPlan
+from granite_jax.run_dir import RunDir
+
 
 class RunConfigError(ValueError):
     """A run configuration key is unknown or its value has the wrong type or range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InitFrom:
+    """Where a run's first weights come from: `hf:DIR`, an HF checkpoint directory, or `run:DIR`, the newest
+    checkpoint of one of our runs."""
+
+    kind: str  # "hf" or "run"
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> "InitFrom":
+        kind, _, path = text.partition(":")
+        if kind not in ("hf", "run") or not path:
+            raise RunConfigError(f"init_from={text!r}: expected 'hf:DIRECTORY' or 'run:RUN_DIR'")
+        return cls(kind, path)
 
 
 @dataclasses.dataclass
@@ -106,8 +125,7 @@ class RunConfig:
                 raise RunConfigError(f"{name}={value} must be positive")
         if self.optimizer.schedule not in ("cosine", "wsd", "constant"):
             raise RunConfigError(f"optimizer.schedule={self.optimizer.schedule!r}: expected cosine, wsd or constant")
-        if self.init_from is not None and not self.init_from.startswith(("hf:", "run:")):
-            raise RunConfigError(f"init_from={self.init_from!r}: expected 'hf:DIRECTORY' or 'run:RUN_DIR'")
+        self.initial_weights  # noqa: B018 - parses init_from, raising on a malformed one
         choices = {"data.format": (self.data.format, ("text", "chat")),
                    "data.bad_lines": (self.data.bad_lines, ("error", "skip")),
                    "data.overlong": (self.data.overlong, ("truncate", "drop"))}
@@ -117,14 +135,23 @@ class RunConfig:
         if self.data.tokenizer is None and self.init_from is None:
             raise RunConfigError("data.tokenizer is null (the tokenizer of init_from) but init_from is not set: "
                                  "give data.tokenizer or init_from=hf:DIR")
-        from granite_jax.parallel.mesh import RULES
-
-        if self.moe_exchange not in ("auto", "all_to_all", "ragged"):
-            raise RunConfigError(f"moe_exchange={self.moe_exchange!r}: expected one of auto, all_to_all, ragged")
-        if self.sharding_rules not in RULES:
-            raise RunConfigError(f"sharding_rules={self.sharding_rules!r}: expected one of {sorted(RULES)}")
+        try:
+            self.sharding_plan  # noqa: B018 - validates the rules preset, MoE exchange and capacity
+        except ValueError as e:
+            raise RunConfigError(str(e)) from None
         if not self.data.train:
             raise RunConfigError("data.train is empty: give at least one training file")
+
+    @property
+    def initial_weights(self) -> InitFrom | None:
+        """`init_from` parsed (None: a fresh model from the preset)."""
+        return None if self.init_from is None else InitFrom.parse(self.init_from)
+
+    @property
+    def sharding_plan(self) -> ShardingPlan:
+        """The plan the model is given: rules preset, MoE exchange and capacity."""
+        return ShardingPlan(rules=self.sharding_rules, moe_capacity_factor=self.moe_capacity_factor,
+                            moe_exchange=self.moe_exchange)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,7 +187,8 @@ def _check_type(key: str, value: Any, annotation) -> Any:
         return value
     if annotation in (int, float, str, bool) and (type(value) is annotation):
         return value
-    raise RunConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {getattr(annotation, '__name__', annotation)}")
+    expected = getattr(annotation, "__name__", annotation)
+    raise RunConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {expected}")
 
 
 def _apply(obj, updates: dict, prefix: str = "") -> None:
@@ -177,6 +205,14 @@ def _apply(obj, updates: dict, prefix: str = "") -> None:
             _apply(current, value, prefix=f"{path}.")
         else:
             setattr(obj, key, _check_type(path, value, types_[key]))
+
+
+def apply_overrides(config: RunConfig, updates: dict) -> RunConfig:
+    """Set the fields a nested mapping names (`{"data": {"seq_len": 64}}`) on `config`, checking every key and
+    type, then validate it."""
+    _apply(config, updates)
+    config.validate()
+    return config
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -211,8 +247,4 @@ def load_run_config(path: str | None = None, overrides: list[str] | tuple = ()) 
 
 
 def save_run_config(config: RunConfig, directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "config.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-    return path
+    return RunDir(directory).save_config(config.to_dict())

@@ -23,20 +23,12 @@ import functools
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from granite_jax.config import ModelConfig, load_preset
-from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.flops import training_flops_per_token
-from granite_jax.parallel.mesh import (RULES, batch_sharding, check_batch, check_model_fits_mesh, make_mesh,
-                                      optimizer_state_shardings, parameter_shardings)
 from granite_jax.parallel.topology import device_memory
 from granite_jax.train.config import RunConfig
-from granite_jax.train.loop import run_parallelism
-from granite_jax.train.optim import make_optimizer
-from granite_jax.train.step import TrainState, make_train_step
+from granite_jax.train.setup import build_run
 
 GiB = 2**30
 # (ragged-all-to-all's bytes are its receive buffer's, an upper bound on what it moves)
@@ -91,14 +83,6 @@ class DryRunReport:
         if self.uncounted_loops:
             lines.append(f"    ({self.uncounted_loops} loops of unknown trip count: their collectives counted once)")
         return "\n".join(lines)
-
-
-def _with_shardings(abstract, shardings):
-    """The abstract tree with each leaf given its sharding (`shardings` may be a prefix-shaped tree whose
-    leaves line up with `abstract`'s, e.g. one NamedSharding per nnx Variable)."""
-    leaves, treedef = jax.tree.flatten(abstract)
-    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                                        for x, s in zip(leaves, jax.tree.leaves(shardings))])
 
 
 def _shard_bytes(abstract, shardings) -> int:
@@ -184,52 +168,27 @@ def collective_traffic(hlo_text: str) -> tuple[dict[str, tuple[int, int]], int]:
 def dry_run(config: RunConfig, devices=None) -> DryRunReport:
     """Compile `config`'s train step for its mesh over `devices` (default: this process's JAX devices; a
     deviceless TPU topology's for `--topology`) and report one device's share."""
-    overrides = dict(config.model_overrides, compute_dtype=config.compute_dtype)
-    if config.init_from and config.init_from.startswith("hf:"):
-        model_config = ModelConfig.from_hf(config.init_from[len("hf:"):], **overrides)
-    else:
-        model_config = load_preset(config.model, **overrides)
-    mesh = make_mesh(config.mesh, devices)
-    rules = RULES[config.sharding_rules]
-    check_batch(config.data.batch_size, mesh)
-    check_model_fits_mesh(model_config, mesh, rules)
-
-    abstract = nnx.eval_shape(lambda: GraniteForCausalLM(model_config, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract, nnx.Param)
-    param_shardings = parameter_shardings(params, mesh, rules)
-    params = _with_shardings(params, param_shardings)
-    tx = make_optimizer(config.optimizer, config.steps)
-    opt_shardings = optimizer_state_shardings(tx, params, param_shardings, mesh)
-    opt_state = _with_shardings(jax.eval_shape(tx.init, params), opt_shardings)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state)
-    rows = batch_sharding(mesh)
-    shape = (config.data.batch_size, config.data.seq_len)
-    batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for name, dtype in
-             [("input_ids", jnp.int32), ("segment_ids", jnp.int32), ("positions", jnp.int32),
-              ("targets", jnp.int32), ("loss_weights", jnp.float32)]}
-
-    step = make_train_step(graphdef, tx, aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,
-                           chunk=config.loss_chunk_tokens)
-    with run_parallelism(config, mesh):
-        compiled = step.lower(state, batch).compile()
+    run = build_run(config, devices, abstract=True)
+    compiled = run.lower_train_step().compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mesh = run.mesh
     devices = mesh.devices.size
     tokens = config.data.batch_size * config.data.seq_len
+    batch = run.abstract_batch()
     collectives, uncounted_loops = collective_traffic(compiled.as_text())
     return DryRunReport(
         model=config.init_from or config.model, mesh=dict(mesh.shape), devices=devices,
         platform=_describe(mesh.devices.flat[0]),
         device_bytes=device_memory(mesh.devices.flat[0]),
-        parameters=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
-        params_bytes=_shard_bytes(params, param_shardings),
-        opt_state_bytes=_shard_bytes(opt_state, opt_shardings),
-        batch_bytes=_shard_bytes(batch, [rows] * len(batch)),
+        parameters=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
+        params_bytes=_shard_bytes(run.state.params, run.state_shardings.params),
+        opt_state_bytes=_shard_bytes(run.state.opt_state, run.state_shardings.opt_state),
+        batch_bytes=_shard_bytes(batch, [run.data_sharding] * len(batch)),
         temp_bytes=int(memory.temp_size_in_bytes),
         step_flops=float((cost or {}).get("flops", 0.0)),
-        model_flops=training_flops_per_token(model_config, config.data.seq_len) * tokens / devices,
+        model_flops=training_flops_per_token(run.model_config, config.data.seq_len) * tokens / devices,
         collectives=collectives, uncounted_loops=uncounted_loops,
     )
 

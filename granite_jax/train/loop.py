@@ -10,34 +10,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import yaml
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from granite_jax.config import load_preset
-from granite_jax.convert import load_hf_checkpoint
 from granite_jax.data.chat_template import chat_format
 from granite_jax.data.pipeline import interleave_streams, pretraining_dataset
 from granite_jax.data.sft import load_sft_samples, sft_dataset
 from granite_jax.data.sources import load_documents
 from granite_jax.data.tokenizer import load_tokenizer
-from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.flops import training_flops_per_token
-from granite_jax.parallel.context import parallelism
-from granite_jax.parallel.mesh import (RULES, batch_sharding, check_batch, check_model_fits_mesh, make_mesh,
-                                      optimizer_state_shardings, parameter_shardings)
-from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like, load_run_model
+from granite_jax.run_dir import RunDir
+from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
 from granite_jax.train.config import RunConfig, RunConfigError, save_run_config
 from granite_jax.train.metrics import TensorBoardWriter, console_line, print_line
-from granite_jax.train.optim import learning_rate_schedule, make_optimizer
-from granite_jax.train.step import TrainState, make_eval_step, make_train_step
+from granite_jax.train.optim import learning_rate_schedule
+from granite_jax.train.setup import build_run
 
 log = logging.getLogger("granite_jax.train")
 
@@ -77,33 +67,18 @@ def _peak_tflops(config: RunConfig) -> float | None:
     return None
 
 
-def initial_model(config: RunConfig) -> GraniteForCausalLM:
-    """A fresh model from the preset, or the weights named by `init_from` (hf:DIR or run:DIR)."""
-    overrides = dict(config.model_overrides, compute_dtype=config.compute_dtype)
-    if config.init_from and config.init_from.startswith("hf:"):
-        return load_hf_checkpoint(config.init_from[len("hf:"):], dtype=config.compute_dtype,
-                                  **config.model_overrides)
-    if config.init_from and config.init_from.startswith("run:"):
-        return load_run_model(_init_run_dir(config.init_from), **overrides)[0]
-    return GraniteForCausalLM(load_preset(config.model, **overrides), rngs=nnx.Rngs(config.seed))
-
-
-def _init_run_dir(init_from: str) -> str:
-    run_dir = init_from[len("run:"):]
-    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
-        raise FileNotFoundError(f"init_from={init_from!r}: {run_dir!r} is not a run directory with checkpoints "
-                                "(train it first, e.g. `python train.py` for runs/pretrain-tiny)")
-    return run_dir
-
-
 def resolve_tokenizer(config: RunConfig) -> str:
     """`data.tokenizer`, or when it is null the tokenizer that came with `init_from`."""
     if config.data.tokenizer is not None:
         return config.data.tokenizer
-    if config.init_from.startswith("hf:"):
-        return config.init_from[len("hf:"):]
-    with open(os.path.join(_init_run_dir(config.init_from), "config.yaml")) as f:
-        return yaml.safe_load(f)["data"]["tokenizer"]
+    source = config.initial_weights
+    if source.kind == "hf":
+        return source.path
+    run = RunDir(source.path)
+    if not run.has_checkpoints():
+        raise FileNotFoundError(f"init_from={config.init_from!r}: {source.path!r} is not a run directory with "
+                                "checkpoints (train it first, e.g. `python train.py` for runs/pretrain-tiny)")
+    return run.tokenizer()
 
 
 def build_datasets(config: RunConfig, vocab_size: int):
@@ -157,31 +132,15 @@ def global_batch(local: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def run_parallelism(config: RunConfig, mesh):
-    """The `parallelism` context a run traces its step in (granite_jax/parallel/context.py)."""
-    return parallelism(mesh, config.moe_capacity_factor, exchange=config.moe_exchange,
-                       rules=RULES[config.sharding_rules])
-
-
-def sharded_train_state(params, tx, mesh, rules) -> TrainState:
-    """Step 0: parameters placed by the rules, optimizer moments (and accumulated gradients) sharded like
-    their parameters — `jax.jit(tx.init)` alone would leave them on one device — and the step replicated."""
-    param_shardings = parameter_shardings(params, mesh, rules)
-    params = jax.device_put(params, param_shardings)
-    opt_state = jax.jit(tx.init, out_shardings=optimizer_state_shardings(tx, params, param_shardings, mesh))(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
-    return TrainState(step, params, opt_state)
-
-
 def _to_host(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(eval_step, params, dataset, batches: int, sharding) -> float:
+def evaluate(run, params, dataset, batches: int) -> float:
     total, tokens = 0.0, 0.0
     iterator = iter(dataset)
     for _ in range(batches):
-        loss_sum, count = eval_step(params, global_batch(next(iterator), sharding))
+        loss_sum, count = run.eval_step(params, global_batch(next(iterator), run.data_sharding))
         total, tokens = total + float(loss_sum), tokens + float(count)
     return total / max(tokens, 1.0)
 
@@ -190,21 +149,14 @@ def train(config: RunConfig) -> list[float]:
     """Run (or resume) training; returns the per-step training losses of the steps run in this call."""
     # Saved resolved, so that export finds the tokenizer files.
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=resolve_tokenizer(config)))
-    mesh = make_mesh(config.mesh)
-    check_batch(config.data.batch_size, mesh)
-    model = initial_model(config)
-    model_config = model.config
-    check_model_fits_mesh(model_config, mesh, RULES[config.sharding_rules])
+    run = build_run(config)
+    model_config = run.model_config
     train_data, eval_data = build_datasets(config, model_config.vocab_size)
-    graphdef, params = nnx.split(model, nnx.Param)
-    del model
-    tx = make_optimizer(config.optimizer, config.steps)
-    state = sharded_train_state(params, tx, mesh, RULES[config.sharding_rules])
-    data_sharding = batch_sharding(mesh)
+    state, run.state = run.state, None  # from here the loop owns the state (donated to every step)
     schedule = learning_rate_schedule(config.optimizer, config.steps)
 
-    os.makedirs(config.run_dir, exist_ok=True)
-    save_run_config(config, config.run_dir)
+    run_dir = RunDir(config.run_dir)
+    save_run_config(config, run_dir.path)
     checkpoints = RunCheckpoints(config.run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     iterator = iter(train_data)
     try:
@@ -218,28 +170,24 @@ def train(config: RunConfig) -> list[float]:
         print_line(f"resumed from {checkpoints.directory}/{step}")
     start = int(state.step)
 
-    train_step = make_train_step(graphdef, tx, aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,
-                                 chunk=config.loss_chunk_tokens)
-    eval_step = make_eval_step(graphdef, chunk=config.loss_chunk_tokens)
-    writer = TensorBoardWriter(os.path.join(config.run_dir, "tensorboard")) if jax.process_index() == 0 else None
+    writer = TensorBoardWriter(run_dir.tensorboard) if jax.process_index() == 0 else None
     # Every step's metrics at full precision, appended across resumptions (the last line of a step wins).
-    metrics_file = open(os.path.join(config.run_dir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
+    metrics_file = open(run_dir.metrics_file, "a") if jax.process_index() == 0 else None
     flops_per_token = training_flops_per_token(model_config, config.data.seq_len)
     peak = _peak_tflops(config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     meta = dict(model=model_config.to_hf(), run=config.to_dict())
     losses: list[float] = []
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     print_line(f"training {config.model if not config.init_from else config.init_from} "
                f"({n_params:,} parameters) for steps {start + 1}..{config.steps}; "
                f"batch {config.data.batch_size} x {config.data.seq_len} tokens; run dir {config.run_dir}")
 
     window_start, window_steps = time.perf_counter(), 0
-    # Traced inside: activation shardings and local MoE routing for the mesh (granite_jax/parallel/context.py).
-    with _StopSignal() as stop, run_parallelism(config, mesh):
+    with _StopSignal() as stop, run.activate():
         try:
             for step in range(start + 1, config.steps + 1):
-                state, metrics = train_step(state, global_batch(next(iterator), data_sharding))
+                state, metrics = run.train_step(state, global_batch(next(iterator), run.data_sharding))
                 metrics = _to_host(metrics)
                 losses.append(metrics["loss"])
                 if not np.isfinite(metrics["loss"]):
@@ -264,7 +212,7 @@ def train(config: RunConfig) -> list[float]:
                     print_line(console_line(step, config.steps, metrics, eta))
                     window_start, window_steps = time.perf_counter(), 0
                 if eval_data is not None and (step % config.eval_every == 0 or step == config.steps):
-                    eval_loss = evaluate(eval_step, state.params, eval_data, config.eval_batches, data_sharding)
+                    eval_loss = evaluate(run, state.params, eval_data, config.eval_batches)
                     if writer:
                         writer.scalars(step, {"loss": eval_loss}, prefix="eval/")
                     print_line(f"eval step {step}: loss {eval_loss:.4f} ({config.eval_batches} batches)")

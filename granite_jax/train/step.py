@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from granite_jax.model.granite import head_logits
-from granite_jax.parallel.context import batch_shards, constrain_per_shard
+from granite_jax.parallel.plan import ShardingPlan, constrain, current_mesh
 
 
 class TrainState(NamedTuple):
@@ -28,17 +28,20 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def chunked_cross_entropy(hidden, head_weight, targets, weights, *, chunk: int, logits_scaling: float = 1.0):
+def chunked_cross_entropy(hidden, head_weight, targets, weights, *, chunk: int, logits_scaling: float = 1.0,
+                          plan: ShardingPlan = ShardingPlan()):
     """Σ weights · CE and Σ weights · logsumexp² over all tokens, logits built for about `chunk` tokens per
     batch shard (device) at a time.
 
     hidden (B, T, H) in the compute dtype; head_weight (V, H), the output head's parameter; logits are
     `head_logits(hidden, head_weight, logits_scaling)` in float32. targets, weights (B, T). Returns
     (ce_sum, z_sum). The chunks are slices of the sequence, every row at once, so that the batch dimension keeps
-    its sharding: chunking the flattened batch would put each chunk on one device.
+    its sharding: chunking the flattened batch would put each chunk on one device. `plan` says where the batch
+    shards live on the mesh being traced under.
     """
     B, T, H = hidden.shape
-    shards = batch_shards()
+    mesh = current_mesh()
+    shards = 1 if mesh is None else plan.batch_shards(mesh)
     rows = B // shards                                      # rows per batch shard
     length = max(1, min(T, chunk // rows))
     pad = -T % length
@@ -46,10 +49,12 @@ def chunked_cross_entropy(hidden, head_weight, targets, weights, *, chunk: int, 
 
     def split(x):  # (B, T, ...) -> (n chunks, shards, rows, length, ...)
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(shards, rows, n, length, *x.shape[2:])
-        return constrain_per_shard(jnp.moveaxis(x, 2, 0), shard_dim=1)
+        x = jnp.moveaxis(x, 2, 0)
+        return constrain(x, (None, "activation_batch") + (None,) * (x.ndim - 2), plan)
 
     # (shards, V, H): one copy of the head per batch shard, its gradient summed over the shards after the loop
-    per_shard_head = constrain_per_shard(jnp.broadcast_to(head_weight, (shards, *head_weight.shape)), 0, 1)
+    per_shard_head = constrain(jnp.broadcast_to(head_weight, (shards, *head_weight.shape)),
+                               ("activation_batch", "activation_vocab", None), plan)
 
     @jax.checkpoint
     def one_chunk(carry, inputs):
@@ -71,7 +76,7 @@ def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: i
     hidden, stats = model.model(batch["input_ids"], batch["segment_ids"], batch["positions"])
     weights = batch["loss_weights"]
     ce_sum, z_sum = chunked_cross_entropy(hidden, model.output_weight(), batch["targets"], weights, chunk=chunk,
-                                          logits_scaling=model.config.logits_scaling)
+                                          logits_scaling=model.config.logits_scaling, plan=model.config.sharding)
     tokens = jnp.maximum(jnp.sum(weights), 1.0)
     ce = ce_sum / tokens
     aux = model.aux_loss(stats)
@@ -80,13 +85,15 @@ def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: i
     return total, dict(loss=ce, aux_loss=aux, z=z_sum / tokens, tokens=jnp.sum(weights), moe_dropped=dropped)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_coef: float, z_loss: float, chunk: int):
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef, aux_coef=aux_coef, z_loss=z_loss,
-                                                   chunk=chunk), has_aux=True)
+def make_train_step(tx: optax.GradientTransformation, *, aux_coef: float, z_loss: float, chunk: int):
+    """`train_step(graphdef, state, batch) -> (state, metrics)`, jitted with the model's graphdef static: the
+    model's configuration, its sharding plan included, is part of what is compiled, as is the mesh set with
+    `jax.set_mesh`. The state is donated."""
+    loss = functools.partial(loss_fn, aux_coef=aux_coef, z_loss=z_loss, chunk=chunk)
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
-    def train_step(state: TrainState, batch):
-        (_, metrics), grads = grad_fn(state.params, batch=batch)
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+    def train_step(graphdef, state: TrainState, batch):
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, graphdef, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -95,9 +102,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_coef: flo
     return train_step
 
 
-def make_eval_step(graphdef, *, chunk: int):
-    @jax.jit
-    def eval_step(params, batch):
+def make_eval_step(*, chunk: int):
+    """`eval_step(graphdef, params, batch) -> (Σ token losses, tokens)`, jitted with the graphdef static."""
+    @functools.partial(jax.jit, static_argnums=0)
+    def eval_step(graphdef, params, batch):
         _, metrics = loss_fn(params, graphdef, batch, aux_coef=0.0, z_loss=0.0, chunk=chunk)
         return metrics["loss"] * metrics["tokens"], metrics["tokens"]
 

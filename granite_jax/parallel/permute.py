@@ -43,3 +43,10 @@ def inverse_permutation(order: jax.Array) -> jax.Array:
     """inverse[order[i]] = i."""
     return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype),
                                                unique_indices=True)
+
+
+def sort_by(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The stable sort of `keys` (n,) as the pair of maps `move_rows` takes: order (sorted position -> item)
+    and position (item -> sorted position)."""
+    order = jnp.argsort(keys, stable=True)
+    return order, inverse_permutation(order)

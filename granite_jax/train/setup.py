@@ -1,0 +1,159 @@
+"""One run setup, shared by training (`train/loop.py`) and the dry run (`train/dry_run.py`): the mesh, the
+sharding plan, the model (real, or abstract for a dry run), the optimizer, every sharding, and the compiled
+train and eval steps.
+
+The plan travels inside the model's configuration (`ModelConfig.sharding`), and the steps are traced under
+`jax.set_mesh(run.mesh)` (`with run.activate():`), so nothing about the devices reaches the model through
+hidden state: the mesh and the plan are both part of what jit compiles for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from granite_jax.config import ModelConfig, load_preset
+from granite_jax.convert import load_hf_checkpoint
+from granite_jax.model import GraniteForCausalLM
+from granite_jax.parallel.mesh import batch_sharding, check_batch, check_model_fits_mesh, make_mesh, parameter_shardings
+from granite_jax.run_dir import RunDir
+from granite_jax.train.checkpoint import load_run_model, run_model_config
+from granite_jax.train.config import RunConfig
+from granite_jax.train.optim import make_optimizer
+from granite_jax.train.step import TrainState, make_eval_step, make_train_step
+
+BATCH_FIELDS = (("input_ids", jnp.int32), ("segment_ids", jnp.int32), ("positions", jnp.int32),
+                ("targets", jnp.int32), ("loss_weights", jnp.float32))
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run computes with. `state` holds arrays placed on the mesh, or for an abstract run
+    `jax.ShapeDtypeStruct`s carrying the same shardings."""
+
+    config: RunConfig
+    mesh: Mesh
+    model_config: ModelConfig
+    graphdef: Any
+    state: TrainState
+    state_shardings: TrainState
+    data_sharding: NamedSharding
+    tx: optax.GradientTransformation
+    _train_step: Callable
+    _eval_step: Callable
+
+    def activate(self):
+        """The context every step of this run is traced and run in: its mesh (`jax.set_mesh`)."""
+        return jax.set_mesh(self.mesh)
+
+    def train_step(self, state: TrainState, batch: dict):
+        return self._train_step(self.graphdef, state, batch)
+
+    def eval_step(self, params, batch: dict):
+        return self._eval_step(self.graphdef, params, batch)
+
+    def abstract_batch(self) -> dict:
+        shape = (self.config.data.batch_size, self.config.data.seq_len)
+        return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self.data_sharding) for name, dtype in BATCH_FIELDS}
+
+    def lower_train_step(self):
+        """The train step lowered for this run's (possibly abstract) state and a batch of the configured shape."""
+        with self.activate():
+            return self._train_step.lower(self.graphdef, self.state, self.abstract_batch())
+
+
+def model_overrides(config: RunConfig) -> dict:
+    """The compute fields a run sets on its model's configuration (on top of `model_overrides`)."""
+    return dict(config.model_overrides, compute_dtype=config.compute_dtype, sharding=config.sharding_plan)
+
+
+def resolve_model_config(config: RunConfig) -> ModelConfig:
+    """The model's configuration without its weights: `init_from`'s (an HF directory's config.json or a run's
+    saved model) or the preset's, with the run's compute fields."""
+    source = config.initial_weights
+    if source is None:
+        return load_preset(config.model, **model_overrides(config))
+    if source.kind == "hf":
+        return ModelConfig.from_hf(source.path, **model_overrides(config))
+    return run_model_config(source.path, **model_overrides(config))
+
+
+def initial_model(config: RunConfig) -> GraniteForCausalLM:
+    """A fresh model from the preset, or the weights named by `init_from` (hf:DIR or run:DIR)."""
+    source = config.initial_weights
+    if source is None:
+        return GraniteForCausalLM(load_preset(config.model, **model_overrides(config)), rngs=nnx.Rngs(config.seed))
+    if source.kind == "hf":
+        overrides = model_overrides(config)
+        return load_hf_checkpoint(source.path, dtype=overrides.pop("compute_dtype"), **overrides)
+    if not RunDir(source.path).has_checkpoints():
+        raise FileNotFoundError(f"init_from={config.init_from!r}: {source.path!r} is not a run directory with "
+                                "checkpoints (train it first, e.g. `python train.py` for runs/pretrain-tiny)")
+    return load_run_model(source.path, **model_overrides(config))[0]
+
+
+def train_state_shardings(tx, params, mesh: Mesh, rules: dict) -> TrainState:
+    """Shardings of the train state: parameters by the rules, every parameter-shaped part of the optimizer
+    state (moments, accumulated gradients) like its parameter, everything else (step counts) replicated.
+    `params` may be abstract."""
+    param_shardings = parameter_shardings(params, mesh, rules)
+    per_leaf = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(param_shardings))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = optax.tree_utils.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
+                                                     per_leaf, transform_non_params=lambda _: replicated)
+    return TrainState(replicated, param_shardings, opt_shardings)
+
+
+def sharded_train_state(params, tx, mesh: Mesh, rules: dict) -> TrainState:
+    """Step 0: parameters placed by the rules, optimizer moments (and accumulated gradients) sharded like
+    their parameters — `jax.jit(tx.init)` alone would leave them on one device — and the step replicated."""
+    shardings = train_state_shardings(tx, params, mesh, rules)
+    params = jax.device_put(params, shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state)
+
+
+def _abstract_train_state(params, tx, shardings: TrainState) -> TrainState:
+    def with_shardings(abstract, tree_of_shardings):
+        leaves, treedef = jax.tree.flatten(abstract)
+        return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                                            for x, s in zip(leaves, jax.tree.leaves(tree_of_shardings))])
+
+    return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
+                      with_shardings(params, shardings.params),
+                      with_shardings(jax.eval_shape(tx.init, params), shardings.opt_state))
+
+
+def build_run(config: RunConfig, devices=None, *, abstract: bool = False) -> Run:
+    """Set up `config`'s run over `devices` (default: this process's JAX devices). `abstract`: allocate
+    nothing, read no weights (the dry run); the state is `jax.ShapeDtypeStruct`s with their shardings."""
+    mesh = make_mesh(config.mesh, devices)
+    plan = config.sharding_plan
+    check_batch(config.data.batch_size, mesh, plan)
+    if abstract:
+        model_config = resolve_model_config(config)
+        check_model_fits_mesh(model_config, mesh, plan.table)
+        model = nnx.eval_shape(lambda: GraniteForCausalLM(model_config, rngs=nnx.Rngs(config.seed)))
+    else:
+        model = initial_model(config)
+        model_config = model.config
+        check_model_fits_mesh(model_config, mesh, plan.table)
+    graphdef, params = nnx.split(model, nnx.Param)
+    del model
+    tx = make_optimizer(config.optimizer, config.steps)
+    shardings = train_state_shardings(tx, params, mesh, plan.table)
+    state = (_abstract_train_state(params, tx, shardings) if abstract else
+             sharded_train_state(params, tx, mesh, plan.table))
+    step_options = dict(chunk=config.loss_chunk_tokens)
+    return Run(config=config, mesh=mesh, model_config=model_config, graphdef=graphdef, state=state,
+               state_shardings=shardings, data_sharding=batch_sharding(mesh, plan), tx=tx,
+               _train_step=make_train_step(tx, aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,
+                                           **step_options),
+               _eval_step=make_eval_step(**step_options))
+
