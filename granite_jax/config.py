@@ -30,7 +30,8 @@ _LAYER_TYPE_ALIASES = {
 _DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "ragged_dot", "tiled")  # see granite_jax/model/moe.py
 # Fields that say how we compute, not what the model is: never written to config.json.
-COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_block_size", "remat_policy", "sharding")
+COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_block_size", "remat_policy", "scan_layers",
+                  "sharding")
 REMAT_POLICIES = ("none", "full", "save_dots")
 
 
@@ -94,6 +95,9 @@ class ModelConfig:
     # Activation checkpointing of each decoder layer: "none" keeps every intermediate for the backward pass,
     # "full" keeps only layer inputs and recomputes the rest, "save_dots" also keeps matmul outputs.
     remat_policy: str = "none"
+    # Training: run the stack as a `lax.scan` over repetitions of its layer pattern (the 40-layer releases repeat
+    # 10 layers 4 times), so XLA compiles the pattern once. A stack with no repeating pattern runs unrolled.
+    scan_layers: bool = False
     # How the model is laid out over the mesh it is traced under (rules for parameters and activations, the
     # MoE exchange): granite_jax/parallel/plan.py. Static, hashed with the rest of the config.
     sharding: ShardingPlan = ShardingPlan()
@@ -136,6 +140,12 @@ class ModelConfig:
     def mamba_in_proj_dim(self) -> int:
         """Output width of `in_proj`: [z | x | B | C | dt]."""
         return self.mamba_d_inner + self.mamba_conv_dim + self.mamba_n_heads
+
+    @property
+    def layer_period(self) -> int:
+        """The length of the shortest pattern of layer kinds that `layer_types` repeats (its length if none)."""
+        n = len(self.layer_types)
+        return next(p for p in range(1, n + 1) if n % p == 0 and self.layer_types == self.layer_types[:p] * (n // p))
 
     @property
     def is_moe(self) -> bool:
@@ -208,6 +218,8 @@ class ModelConfig:
         if self.moe_impl not in MOE_IMPLS:
             raise ConfigError(f"moe_impl={self.moe_impl!r} is not one of {MOE_IMPLS}")
         _require_positive("attention_block_size", self.attention_block_size)
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"scan_layers={self.scan_layers!r} must be true or false")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:

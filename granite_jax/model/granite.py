@@ -129,6 +129,9 @@ class GraniteModel(nnx.Module):
 
         h = constrain(self.embed(input_ids), RESIDUAL, config.sharding)
         run_layer = _with_remat(config.remat_policy)
+        if cache is None and config.scan_layers and config.layer_period < len(self.layers):
+            h, stats_sum = self._scan_layers(h, runs, positions, token_mask, run_layer)
+            return self.norm(h), stats_sum
         stats_sum, states = None, []
         for i, layer in enumerate(self.layers):
             h, stats, state = run_layer(layer, h, runs, positions, token_mask,
@@ -141,6 +144,30 @@ class GraniteModel(nnx.Module):
             return self.norm(h), stats_sum
         T = input_ids.shape[1]
         return self.norm(h), stats_sum, DecodeCache(tuple(states), jnp.asarray(T, jnp.int32), cache.start)
+
+    def _scan_layers(self, h, runs, positions, token_mask, run_layer):
+        """The stack as a `lax.scan` over the repetitions of its layer pattern: the weights of the layers at the
+        same place in the pattern are stacked, and one scan step runs one repetition. Same layers, same order,
+        same result as the unrolled loop; XLA compiles the pattern once."""
+        period = self.config.layer_period
+        patterns = [self.layers[j::period] for j in range(period)]  # layers j, j + period, j + 2 period, ...
+        graphdefs = [nnx.graphdef(layers[0]) for layers in patterns]
+        stacked = [jax.tree.map(lambda *w: jnp.stack(w), *[nnx.state(layer) for layer in layers])
+                   for layers in patterns]
+        stats_sum = None if self.config.num_local_experts == 0 else RouterStats(
+            *(jnp.zeros(shape, jnp.float32) for shape in [(self.config.num_local_experts,)] * 2 + [(), ()]))
+
+        def repetition(carry, weights):
+            h, stats_sum = carry
+            for graphdef, state in zip(graphdefs, weights):
+                h, stats, _ = run_layer(nnx.merge(graphdef, state), h, runs, positions, token_mask, None)
+                h = constrain(h, RESIDUAL, self.config.sharding)
+                if stats is not None:
+                    stats_sum = jax.tree.map(jnp.add, stats_sum, stats)
+            return (h, stats_sum), None
+
+        (h, stats_sum), _ = jax.lax.scan(repetition, (h, stats_sum), stacked)
+        return h, stats_sum
 
     def embed(self, input_ids):
         return (jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.compute_dtype)

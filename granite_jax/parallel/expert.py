@@ -69,7 +69,7 @@ def _bounded_exchange(tokens, experts, w_in, w_out, *, axis, shards, top_k, fact
     cap = capacity(n * top_k, shards, factor)
     slot, kept = dispatch_slots(destination, shards, cap)
     # Buffer slot of every copy (shards * cap = dropped) and copy of every slot (n k = empty): the two
-    # directions of one map, so every move is a gather forward and backward (model/permute.py).
+    # directions of one map, so every move is a gather forward and backward (parallel/permute.py).
     slots = shards * cap
     slot_of_copy = jnp.where(kept, destination * cap + slot, slots).astype(jnp.int32)
     copy_of_slot = jnp.full((slots + 1,), n * top_k, jnp.int32).at[slot_of_copy].set(

@@ -1,4 +1,5 @@
-"""Pretraining: run configuration, optimizer, train step, checkpoints and the loop."""
+"""Training: run configuration (typed `init_from`), the one run setup (`setup.py`), optimizer, train step, Orbax
+checkpoints, the loop and the ahead-of-time dry run."""
 
 from granite_jax.train.config import RunConfig, RunConfigError, load_run_config
 from granite_jax.train.loop import NonFiniteLossError, train

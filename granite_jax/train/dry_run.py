@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import functools
 import re
+import time
 
 import jax
 import numpy as np
@@ -53,6 +54,7 @@ class DryRunReport:
     model_flops: float  # per device, 6N + attention accounting
     collectives: dict  # kind -> (executions, bytes) per device per step, loop iterations included
     uncounted_loops: int = 0  # loops whose trip count was not read: their collectives counted once
+    compile_seconds: float = 0.0  # lowering + compiling the step on this host
 
     @property
     def peak_bytes(self) -> int:
@@ -76,6 +78,7 @@ class DryRunReport:
                  f"  FLOPs per step    {self.step_flops:.3e} compiled (XLA), {self.model_flops:.3e} model "
                  "(granite_jax/model/flops.py)",
                  "  collectives per step (every execution, loop iterations included; bytes of their results):"]
+        lines.insert(1, f"compiled in {self.compile_seconds:.1f} s on this host (lowering + compilation)")
         if not self.collectives:
             lines.append("    none")
         for kind, (count, size) in sorted(self.collectives.items()):
@@ -169,7 +172,9 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
     """Compile `config`'s train step for its mesh over `devices` (default: this process's JAX devices; a
     deviceless TPU topology's for `--topology`) and report one device's share."""
     run = build_run(config, devices, abstract=True)
+    started = time.perf_counter()
     compiled = run.lower_train_step().compile()
+    compile_seconds = time.perf_counter() - started
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -189,7 +194,7 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
         temp_bytes=int(memory.temp_size_in_bytes),
         step_flops=float((cost or {}).get("flops", 0.0)),
         model_flops=training_flops_per_token(run.model_config, config.data.seq_len) * tokens / devices,
-        collectives=collectives, uncounted_loops=uncounted_loops,
+        collectives=collectives, uncounted_loops=uncounted_loops, compile_seconds=compile_seconds,
     )
 
 
