@@ -237,4 +237,3 @@ def test_one_train_step_traced_under_two_plans_gives_two_programs():
     result = _run_module("two_plans")
     assert result["distinct_programs"] == result["settings"] == 5, result
     assert len(result["equal_to_traced_alone"]) == 5, result
-    assert result["traces"] == 5, result

@@ -4,7 +4,7 @@
     compilation per bucket) → decode steps (the SSD recurrence, one attention query over the cache, a sampled
     token; ONE compiled function reused for every step and every call with the same batch/cache shape)
 
-Prompts of different lengths are left-padded: the padding is its own document (see `GraniteModel.prefill`), so
+Prompts of different lengths are left-padded: the padding is its own document (see `GraniteForCausalLM.prefill`), so
 no state, conv tap or attention crosses into a prompt. Rows stop on EOS or a stop string; finished rows keep
 producing padding until every row is done or `max_new_tokens` is reached.
 """

@@ -12,8 +12,9 @@ from flax import nnx
 
 from granite_jax.model.linear import make_linear
 from granite_jax.model.norms import GatedRMSNorm
-from granite_jax.model.ssd import ssd_chunked, ssd_decode_step
+from granite_jax.model.ssd import continues_previous_shard, ssd_chunked, ssd_decode_step
 from granite_jax.parallel.plan import logical_param
+from granite_jax.parallel.sequence import from_previous_shard
 
 
 @jax.custom_vjp
@@ -46,13 +47,15 @@ def _masked_taps_bwd(residuals, grad):
 _masked_taps.defvjp(_masked_taps_fwd, _masked_taps_bwd)
 
 
-def causal_depthwise_conv(x, kernel, bias, runs, initial_state=None):
+def causal_depthwise_conv(x, kernel, bias, runs, initial_state=None, initial_runs=None):
     """Depthwise causal conv over time that does not look across document starts.
 
     x (b, T, C); kernel (K, C) with tap K-1 on the current token; bias (C,) or None; runs (b, T) document-run
-    index (see `documents.document_runs`). `initial_state` (b, C, K) holds the K inputs before the row (transformers'
-    conv-state layout), continuing the row's first document. Returns (y (b, T, C), final_state (b, C, K)),
-    where final_state keeps only the last document's inputs (zeros before it).
+    index (see `documents.document_runs`). `initial_state` (b, C, K) holds the K inputs before the row
+    (transformers' conv-state layout); `initial_runs` (b, K) their document runs: 0 continues the row's first
+    document (the default: a decoding cache's prefix), -1 belongs to none (a context shard's halo from another
+    document). Returns (y (b, T, C), final_state (b, C, K)), where final_state keeps only the last document's
+    inputs (zeros before it).
     """
     b, T, C = x.shape
     K = kernel.shape[0]
@@ -60,8 +63,9 @@ def causal_depthwise_conv(x, kernel, bias, runs, initial_state=None):
         history = jnp.zeros((b, K, C), x.dtype)
     else:
         history = jnp.swapaxes(initial_state, 1, 2).astype(x.dtype)
-    padded = jnp.concatenate([history, x], axis=1)                       # (b, K + T, C); history = run 0
-    padded_runs = jnp.concatenate([jnp.zeros((b, K), runs.dtype), runs], axis=1)
+    history_runs = jnp.zeros((b, K), runs.dtype) if initial_runs is None else initial_runs.astype(runs.dtype)
+    padded = jnp.concatenate([history, x], axis=1)                       # (b, K + T, C)
+    padded_runs = jnp.concatenate([history_runs, runs], axis=1)
     # Tap k reads padded index t + k + 1 for output t; it counts only if that input is in t's document.
     masks = jnp.stack([padded_runs[:, k + 1:k + 1 + T] == runs for k in range(K)], axis=-1).astype(x.dtype)
     y = _masked_taps(padded[:, 1:], kernel.astype(x.dtype), masks)
@@ -70,6 +74,16 @@ def causal_depthwise_conv(x, kernel, bias, runs, initial_state=None):
     tail, tail_runs = padded[:, -K:], padded_runs[:, -K:]
     final_state = jnp.where((tail_runs == runs[:, -1:])[..., None], tail, 0)
     return y, jnp.swapaxes(final_state, 1, 2)
+
+
+def conv_halo(x, runs, segment_ids, width: int, axis: str):
+    """Inside `shard_map` over the sequence axis `axis`: the conv's `initial_state` and `initial_runs` for this
+    shard, the last `width` pre-conv inputs of the previous shard (b, C, width), counted (run 0) only where they
+    belong to the document that continues into this shard's first token (else run -1). Shard 0 gets zeros."""
+    tail_in_last_run = (runs[:, -width:] == runs[:, -1:]).astype(jnp.int32)
+    halo, halo_in_last_run = from_previous_shard((x[:, -width:], tail_in_last_run), axis)
+    counted = continues_previous_shard(segment_ids, axis)[:, None] & (halo_in_last_run == 1)
+    return jnp.swapaxes(halo, 1, 2), jnp.where(counted, 0, -1).astype(runs.dtype)
 
 
 class MambaState(NamedTuple):

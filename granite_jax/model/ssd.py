@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from granite_jax.model.documents import document_runs
+from granite_jax.parallel.sequence import entering_states, from_previous_shard
 
 _F32 = jnp.float32
 
@@ -75,11 +76,15 @@ def _pad_time(a: jax.Array, pad: int, mode: str = "constant") -> jax.Array:
     return jnp.pad(a, widths, mode=mode)
 
 
-def ssd_chunked(x, dt, A, B, C, *, chunk_size: int, segment_ids=None, initial_state=None):
+def ssd_chunked(x, dt, A, B, C, *, chunk_size: int, segment_ids=None, initial_state=None,
+                return_decay: bool = False):
     """Chunked SSD: intra-chunk matmuls plus an associative scan of chunk states.
 
     Works for any T (the tail chunk is padded with steps of decay 1 and input 0, which change nothing).
-    Returns (y (b,T,H,P) float32, final_state (b,H,P,N) float32).
+    Returns (y (b,T,H,P) float32, final_state (b,H,P,N) float32), and with `return_decay` also the row's
+    decay (b,H) float32: how much of the entering state reaches the final state, exp(Σ Δ A) over the row, 0
+    when a document starts inside it. (decay, final state from a zero entering state) summarise the row as
+    the affine map S_out = decay · S_in + final_state, which context parallelism chains across shards.
     """
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
@@ -142,7 +147,43 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size: int, segment_ids=None, initial_st
     y_off = y_off * group_heads(from_start)[..., None]
 
     y = (y_diag + y_off).reshape(b, nc * Q, H, P)[:, :T]
+    if return_decay:
+        return y, states_out[:, -1], carry_prod[:, -1]
     return y, states_out[:, -1]
+
+
+def entering_state_outputs(C, dt, A, state, *, segment_ids=None):
+    """What an entering `state` (b,H,P,N) adds to the outputs of a row computed from a zero state: for every
+    token t still in the row's first document, C_t · exp(Σ_{s≤t} Δ_s A) · state; nothing for the others.
+    Linear in `state`, so y(state) = y(0) + this: a shard's outputs are corrected without running the SSD
+    again. Returns (b,T,H,P) float32."""
+    b, T, G, N = C.shape
+    H = state.shape[1]
+    runs = document_runs(segment_ids, (b, T))
+    log_decay = jnp.cumsum(dt.astype(_F32) * A.astype(_F32), axis=1)                   # (b, T, H)
+    decay = jnp.exp(jnp.where((runs == 0)[..., None], log_decay, -jnp.inf))
+    Ch = _expand_groups(C.astype(_F32), H)                                              # (b, T, H, N)
+    return jnp.einsum("bthn,bhpn->bthp", Ch, state.astype(_F32)) * decay[..., None]
+
+
+def continues_previous_shard(segment_ids: jax.Array, axis: str) -> jax.Array:
+    """Inside `shard_map` over the sequence axis: whether each row's first token here continues the document
+    of the previous shard's last token (b,). Segment ids are the data's, comparable across shards (document
+    runs counted per shard are not); shard 0 continues nothing."""
+    previous_last = from_previous_shard(segment_ids[:, -1], axis)
+    return (jax.lax.axis_index(axis) > 0) & (segment_ids[:, 0] == previous_last)
+
+
+def ssd_context_parallel(x, dt, A, B, C, *, chunk_size: int, segment_ids, axis: str):
+    """`ssd_chunked` of a row split over the mesh axis `axis`, called inside `shard_map` on this shard's
+    contiguous piece (x, dt, B, C, segment_ids). Each shard runs the chunked SSD from a zero state; the
+    shards' (decay, final state) summaries give every shard its entering state (an all-gather of b·H·P·N
+    floats per shard, `parallel/sequence.py`), which is added to the outputs of the shard's first document
+    (`entering_state_outputs`): no part of the SSD runs twice. Returns y (b, T_shard, H, P) float32."""
+    y, final_state, decay = ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, segment_ids=segment_ids,
+                                        return_decay=True)
+    entering = entering_states(decay, final_state, continues_previous_shard(segment_ids, axis), axis)
+    return y + entering_state_outputs(C, dt, A, entering, segment_ids=segment_ids)
 
 
 def ssd_decode_step(state, x, dt, A, B, C):

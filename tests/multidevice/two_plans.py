@@ -36,8 +36,7 @@ def main():
     for name, run in runs.items():  # each through a function that has seen no other setting
         alone[name] = run.lower_train_step().as_text()
     report({"settings": len(runs), "distinct_programs": len(set(programs.values())),
-            "equal_to_traced_alone": [name for name in runs if programs[name] == alone[name]],
-            "traces": shared_step._cache_size()})
+            "equal_to_traced_alone": [name for name in runs if programs[name] == alone[name]]})
 
 
 if __name__ == "__main__":
