@@ -98,7 +98,8 @@ def compare_conv(mesh, segments, rng) -> dict:
         return causal_depthwise_conv(x, kernel, bias, runs, initial_state=halo, initial_runs=halo_runs)[0]
 
     def sharded(x, kernel, bias):
-        return jax.shard_map(local, mesh=mesh, in_specs=(seq, P(), P(), seq), out_specs=seq, check_vma=False)(x, kernel, bias, segments)
+        mapped = jax.shard_map(local, mesh=mesh, in_specs=(seq, P(), P(), seq), out_specs=seq, check_vma=False)
+        return mapped(x, kernel, bias, segments)
 
     def whole(x, kernel, bias):
         return causal_depthwise_conv(x, kernel, bias, document_runs(segments, segments.shape))[0]
