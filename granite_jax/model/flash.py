@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from granite_jax.model.documents import document_bounds
+from granite_jax.model.documents import document_bounds, document_runs
 
 _NEG = -1e30  # finite: keeps fully masked rows of a block free of inf - inf
 
@@ -34,20 +34,22 @@ def _block(x, i, size, axis):
     return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
 
 
-def _forward(q, k, v, runs, scale, block):
-    """q (b,kv,g,T,d), k/v (b,kv,T,d), runs (b,T); T a multiple of block. Returns out (like q), lse (b,kv,g,T)."""
-    b, n_kv, g, T, d = q.shape
-    n_blocks = T // block
-    doc_start, _ = document_bounds(runs)
+def _forward(q, k, v, runs_q, runs_k, q0, scale, block):
+    """q (b,kv,g,Tq,d) at key positions q0 .. q0 + Tq - 1; k/v (b,kv,Tk,d); runs_q (b,Tq), runs_k (b,Tk) document
+    runs comparable between the two; Tq and Tk multiples of block. Returns out (like q), lse (b,kv,g,Tq)."""
+    b, n_kv, g, Tq, d = q.shape
+    doc_start, _ = document_bounds(runs_k)
+    q_doc_start = jax.lax.dynamic_slice_in_dim(doc_start, q0, Tq, axis=1)
 
     def query_block(i):
         q_i = _block(q, i, block, 3)
-        runs_i = _block(runs, i, block, 1)
-        first = jnp.min(_block(doc_start, i, block, 1)) // block  # earliest key block any query here can see
+        runs_i = _block(runs_q, i, block, 1)
+        first = jnp.min(_block(q_doc_start, i, block, 1)) // block  # earliest key block any query here can see
+        last = (q0 + i * block + block - 1) // block                 # the key block on the diagonal
 
         def key_block(j, carry):
             m, l, acc = carry
-            s, mask = _scores(q_i, _block(k, j, block, 2), runs_i, _block(runs, j, block, 1), i * block,
+            s, mask = _scores(q_i, _block(k, j, block, 2), runs_i, _block(runs_k, j, block, 1), q0 + i * block,
                               j * block, scale)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -59,40 +61,42 @@ def _forward(q, k, v, runs, scale, block):
 
         init = (jnp.full((b, n_kv, g, block), _NEG, jnp.float32), jnp.zeros((b, n_kv, g, block), jnp.float32),
                 jnp.zeros((b, n_kv, g, block, d), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(first, i + 1, key_block, init)
+        m, l, acc = jax.lax.fori_loop(first, last + 1, key_block, init)
         return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
 
-    out, lse = jax.lax.map(query_block, jnp.arange(n_blocks))      # (n_blocks, b, kv, g, block, ...)
-    out = jnp.moveaxis(out, 0, 3).reshape(b, n_kv, g, T, d)
-    lse = jnp.moveaxis(lse, 0, 3).reshape(b, n_kv, g, T)
+    out, lse = jax.lax.map(query_block, jnp.arange(Tq // block))  # (n_blocks, b, kv, g, block, ...)
+    out = jnp.moveaxis(out, 0, 3).reshape(b, n_kv, g, Tq, d)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, n_kv, g, Tq)
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, runs, scale, block):
-    return _forward(q, k, v, runs, scale, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash(q, k, v, runs_q, runs_k, q0, scale, block):
+    return _forward(q, k, v, runs_q, runs_k, q0, scale, block)[0]
 
 
-def _flash_fwd(q, k, v, runs, scale, block):
-    out, lse = _forward(q, k, v, runs, scale, block)
-    return out, (q, k, v, runs, out, lse)
+def _flash_fwd(q, k, v, runs_q, runs_k, q0, scale, block):
+    out, lse = _forward(q, k, v, runs_q, runs_k, q0, scale, block)
+    return out, (q, k, v, runs_q, runs_k, q0, out, lse)
 
 
 def _flash_bwd(scale, block, residuals, d_out):
-    q, k, v, runs, out, lse = residuals
-    b, n_kv, g, T, d = q.shape
-    n_blocks = T // block
-    _, doc_end = document_bounds(runs)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (b,kv,g,T)
+    q, k, v, runs_q, runs_k, q0, out, lse = residuals
+    b, n_kv, g, Tq, d = q.shape
+    Tk = k.shape[2]
+    _, doc_end = document_bounds(runs_k)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (b,kv,g,Tq)
 
     def key_block(d_q, j):
-        k_j, v_j, runs_j = _block(k, j, block, 2), _block(v, j, block, 2), _block(runs, j, block, 1)
-        last = (jnp.max(_block(doc_end, j, block, 1)) - 1) // block  # last query block that can see block j
+        k_j, v_j, runs_j = _block(k, j, block, 2), _block(v, j, block, 2), _block(runs_k, j, block, 1)
+        # The query blocks here that can see block j: from the diagonal to the end of its last document.
+        first = jnp.maximum(j * block - q0, 0) // block
+        last = jnp.minimum((jnp.max(_block(doc_end, j, block, 1)) - 1 - q0) // block, Tq // block - 1)
 
         def query_block(i, carry):
             d_k, d_v, d_q = carry
             q_i, do_i = _block(q, i, block, 3), _block(d_out, i, block, 3)
-            s, mask = _scores(q_i, k_j, _block(runs, i, block, 1), runs_j, i * block, j * block, scale)
+            s, mask = _scores(q_i, k_j, _block(runs_q, i, block, 1), runs_j, q0 + i * block, j * block, scale)
             p = jnp.where(mask, jnp.exp(s - _block(lse, i, block, 3)[..., None]), 0.0)
             d_v = d_v + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
             d_p = jnp.einsum("bkgqd,bksd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
@@ -103,12 +107,12 @@ def _flash_bwd(scale, block, residuals, d_out):
             return d_k, d_v, d_q
 
         zeros = jnp.zeros((b, n_kv, block, d), jnp.float32)
-        d_k, d_v, d_q = jax.lax.fori_loop(j, last + 1, query_block, (zeros, zeros, d_q))
+        d_k, d_v, d_q = jax.lax.fori_loop(first, last + 1, query_block, (zeros, zeros, d_q))
         return d_q, (d_k, d_v)
 
-    d_q, (d_k, d_v) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(n_blocks))
-    restack = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, n_kv, T, d)  # noqa: E731
-    return d_q.astype(q.dtype), restack(d_k).astype(k.dtype), restack(d_v).astype(v.dtype), None
+    d_q, (d_k, d_v) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(Tk // block))
+    restack = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, n_kv, Tk, d)  # noqa: E731
+    return d_q.astype(q.dtype), restack(d_k).astype(k.dtype), restack(d_v).astype(v.dtype), None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -129,5 +133,35 @@ def flash_attention(q, k, v, runs, *, scale: float, block_size: int = 512) -> ja
     q = jnp.moveaxis(pad_time(q).reshape(b, T + pad, n_kv, n_h // n_kv, d), 1, 3)   # (b, kv, g, T, d)
     k = jnp.moveaxis(pad_time(k), 1, 2)                                            # (b, kv, T, d)
     v = jnp.moveaxis(pad_time(v), 1, 2)
-    out = _flash(q, k, v, runs, scale, block)
+    out = _flash(q, k, v, runs, runs, 0, scale, block)
     return jnp.moveaxis(out, 3, 1).reshape(b, T + pad, n_h, d)[:, :T]
+
+
+def flash_attention_to_keys(q, k, v, runs_q, runs_k, q_offset, *, scale: float, block: int) -> jax.Array:
+    """Queries of one piece of a row against the keys of the whole row (context parallelism): q (b, Tq, n_h, d)
+    at row positions q_offset .. q_offset + Tq - 1 (q_offset may be traced); k/v (b, Tk, n_kv, d) the whole
+    row; runs_q, runs_k the document runs of both, counted over the whole row. Tq and Tk multiples of `block`.
+    The same causal, same-document mask and block skipping as `flash_attention`. Returns (b, Tq, n_h, d)."""
+    b, Tq, n_h, d = q.shape
+    n_kv = k.shape[2]
+    q = jnp.moveaxis(q.reshape(b, Tq, n_kv, n_h // n_kv, d), 1, 3)
+    out = _flash(q, jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2), runs_q, runs_k, q_offset, scale, block)
+    return jnp.moveaxis(out, 3, 1).reshape(b, Tq, n_h, d)
+
+
+def flash_attention_context_parallel(q, k, v, segment_ids, *, scale: float, block_size: int, axis: str):
+    """Attention of a row split over the mesh axis `axis`, inside `shard_map` on this shard's contiguous piece:
+    q (b, Tq, n_h, d), k/v (b, Tq, n_kv, d), segment_ids (b, Tq) the data's. The keys, values and segment ids
+    of the whole row are all-gathered (few KV heads: the cheap side; the gather's transpose reduce-scatters
+    dK and dV), documents are counted over the whole row, and this shard's queries attend with the global
+    causal, same-document mask. Tq must be a multiple of the block (min(block_size, Tq))."""
+    Tq = q.shape[1]
+    block = min(block_size, Tq)
+    if Tq % block:
+        raise ValueError(f"a context shard of {Tq} tokens is not a multiple of attention_block_size={block_size}: "
+                         "make seq_len / context a multiple of it")
+    gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)  # noqa: E731
+    runs = document_runs(gather(segment_ids), (segment_ids.shape[0], Tq * jax.lax.axis_size(axis)))
+    q_offset = jax.lax.axis_index(axis) * Tq
+    runs_q = jax.lax.dynamic_slice_in_dim(runs, q_offset, Tq, axis=1)
+    return flash_attention_to_keys(q, gather(k), gather(v), runs_q, runs, q_offset, scale=scale, block=block)

@@ -8,6 +8,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from granite_jax.model.documents import document_runs
+from granite_jax.model.flash import flash_attention, flash_attention_context_parallel
 from granite_jax.model.mamba import causal_depthwise_conv, conv_halo
 from granite_jax.model.ssd import ssd_chunked, ssd_context_parallel, ssd_reference
 from tests.multidevice import arguments, report
@@ -112,6 +113,29 @@ def compare_conv(mesh, segments, rng) -> dict:
             "conv_grad": max(relative_error(a, b) for a, b in zip(*grads))}
 
 
+def compare_attention(mesh, segments, rng, block: int) -> dict:
+    """GQA (4 query heads, 2 KV heads) over the whole row vs. each shard's queries against gathered keys."""
+    T = segments.shape[1]
+    q = rng.normal(size=(2, T, 4, 8)).astype(np.float32)
+    k, v = (rng.normal(size=(2, T, 2, 8)).astype(np.float32) for _ in range(2))
+    seq = P(None, "context")
+
+    def sharded(q, k, v):
+        return jax.shard_map(lambda q, k, v, s: flash_attention_context_parallel(
+            q, k, v, s, scale=0.3, block_size=block, axis="context"), mesh=mesh,
+            in_specs=(seq, seq, seq, seq), out_specs=seq, check_vma=False)(q, k, v, segments)
+
+    def whole(q, k, v):
+        return flash_attention(q, k, v, document_runs(segments, segments.shape), scale=0.3, block_size=block)
+
+    def loss(f):
+        return lambda *a: jnp.sum(jnp.sin(f(*a)) * a[0])
+
+    grads = [jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(q, k, v) for f in (sharded, whole)]
+    return {"attention_value": relative_error(jax.jit(sharded)(q, k, v), jax.jit(whole)(q, k, v)),
+            "attention_grad": max(relative_error(a, b) for a, b in zip(*grads))}
+
+
 def main():
     shards = arguments()["shards"]
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:shards]), ("context",))
@@ -122,7 +146,8 @@ def main():
         for name, segments in segment_cases(T, shards, chunk, rng).items():
             segments = jnp.asarray(segments)
             results[f"T={T} chunk={chunk} {name}"] = {**compare_ssd(mesh, segments, args, chunk),
-                                                      **compare_conv(mesh, segments, rng)}
+                                                      **compare_conv(mesh, segments, rng),
+                                                      **compare_attention(mesh, segments, rng, block=chunk - chunk % 4)}
     report(results)
 
 
