@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from granite_jax.model.flash import flash_attention
+from granite_jax.model.flash import flash_attention, flash_attention_context_parallel
 from granite_jax.model.linear import make_linear
+from granite_jax.parallel.plan import sequence_split
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -52,6 +53,7 @@ class Attention(nnx.Module):
         self.rope_theta = config.rope_theta
         self.block_size = config.attention_block_size
         self.dtype = config.compute_dtype
+        self.plan = config.sharding
         linear = functools.partial(make_linear, config, use_bias=config.attention_bias, rngs=rngs)
 
         self.q_proj = linear(H, self.n_heads * d, ("embed", "heads"))
@@ -81,7 +83,20 @@ class Attention(nnx.Module):
         returned."""
         b, T, _ = u.shape
         q, k, v = self._qkv(u, positions)
-        out = flash_attention(q, k, v, runs, scale=self.scale, block_size=self.block_size)
+        split = sequence_split(self.plan)
+        if split is None:
+            out = flash_attention(q, k, v, runs, scale=self.scale, block_size=self.block_size)
+        elif state is not None:
+            raise NotImplementedError("a decoding prefill with the sequence split over devices (context > 1) is "
+                                      "not supported; prefill on a mesh with context=1")
+        else:  # context parallelism: each device's queries against the keys of the whole row
+            def local(q, k, v, runs):
+                return flash_attention_context_parallel(q, k, v, runs, scale=self.scale, block_size=self.block_size,
+                                                        axis=split.axis)
+
+            heads = split.spec(None, None)
+            out = jax.shard_map(local, mesh=split.mesh, in_specs=(heads, heads, heads, split.spec()),
+                                out_specs=heads, check_vma=False)(q, k, v, runs)
         out = self.o_proj(out.reshape(b, T, self.n_heads * self.head_dim))
         if state is None:
             return out

@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from granite_jax.model.documents import document_runs
 from granite_jax.model.linear import make_linear
 from granite_jax.model.norms import GatedRMSNorm
-from granite_jax.model.ssd import continues_previous_shard, ssd_chunked, ssd_decode_step
-from granite_jax.parallel.plan import logical_param
+from granite_jax.model.ssd import continues_previous_shard, ssd_chunked, ssd_context_parallel, ssd_decode_step
+from granite_jax.parallel.plan import logical_param, sequence_split
 from granite_jax.parallel.sequence import from_previous_shard
 
 
@@ -114,6 +116,7 @@ class Mamba2Mixer(nnx.Module):
         self.chunk_size = config.mamba_chunk_size
         self.time_step_limit = config.time_step_limit
         self.dtype = config.compute_dtype
+        self.plan = config.sharding
         linear = functools.partial(make_linear, config, use_bias=config.mamba_proj_bias, rngs=rngs)
 
         self.in_proj = linear(H, config.mamba_in_proj_dim, ("embed", "ssm_in_proj"))
@@ -136,20 +139,55 @@ class Mamba2Mixer(nnx.Module):
             jnp.zeros((batch, config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state), jnp.float32))
 
     def __call__(self, u: jax.Array, *, runs: jax.Array, state: MambaState | None = None):
-        """u (b, T, hidden); runs (b, T) document-run index of every token. Given a `state` to fill (a prefill
-        for decoding), also returns the `MambaState` after the row's last document in its place."""
+        """u (b, T, hidden); runs (b, T) document-run index of every token, counted over the whole row. Given a
+        `state` to fill (a prefill for decoding), also returns the `MambaState` after the row's last document in
+        its place. On a mesh whose rules split the sequence (context parallelism), the conv and the SSD run on
+        each device's piece of the rows and pass a halo and a state summary between pieces."""
         b, T, _ = u.shape
         z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
-        xBC, conv_state = causal_depthwise_conv(xBC, self._conv_kernel(), self._conv_bias(), runs)
+        split = sequence_split(self.plan)
+        if split is not None and state is not None:
+            raise NotImplementedError("a decoding prefill with the sequence split over devices (context > 1) is "
+                                      "not supported; prefill on a mesh with context=1")
+        if split is None:
+            xBC, conv_state = causal_depthwise_conv(xBC, self._conv_kernel(), self._conv_bias(), runs)
+        else:
+            xBC = self._conv_over_pieces(xBC, runs, split)
         x, B, C, dt = self._ssm_inputs(jax.nn.silu(xBC), dt)
-        y, ssm_state = ssd_chunked(x.reshape(b, T, self.n_heads, self.head_dim), dt, self._A(),
-                                   B.reshape(b, T, self.n_groups, self.d_state),
-                                   C.reshape(b, T, self.n_groups, self.d_state),
-                                   chunk_size=self.chunk_size, segment_ids=runs)
+        ssd_args = (x.reshape(b, T, self.n_heads, self.head_dim), dt, self._A(),
+                    B.reshape(b, T, self.n_groups, self.d_state), C.reshape(b, T, self.n_groups, self.d_state))
+        if split is None:
+            y, ssm_state = ssd_chunked(*ssd_args, chunk_size=self.chunk_size, segment_ids=runs)
+        else:
+            y = self._ssd_over_pieces(*ssd_args, runs, split)
         out = self._output(y.reshape(b, T, self.d_inner), x, z)
         if state is None:
             return out
         return out, MambaState(conv_state.astype(state.conv.dtype), ssm_state.astype(state.ssm.dtype))
+
+    def _conv_over_pieces(self, xBC, runs, split):
+        """The causal conv with each device holding a contiguous piece of every row (context parallelism)."""
+        width = self.conv1d.kernel.shape[0]
+
+        def local(xBC, runs, kernel, bias):
+            local_runs = document_runs(runs, runs.shape)
+            halo, halo_runs = conv_halo(xBC, local_runs, runs, width, split.axis)
+            return causal_depthwise_conv(xBC, kernel, bias, local_runs, initial_state=halo, initial_runs=halo_runs)[0]
+
+        bias = self._conv_bias()
+        bias = jnp.zeros((self.conv_dim,), self.dtype) if bias is None else bias
+        return jax.shard_map(local, mesh=split.mesh, in_specs=(split.spec(None), split.spec(), P(), P()),
+                             out_specs=split.spec(None), check_vma=False)(xBC, runs, self._conv_kernel(), bias)
+
+    def _ssd_over_pieces(self, x, dt, A, B, C, runs, split):
+        """The chunked SSD with each device holding a contiguous piece of every row (context parallelism)."""
+        def local(x, dt, A, B, C, runs):
+            return ssd_context_parallel(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=runs, axis=split.axis)
+
+        per_head = split.spec(None, None)
+        return jax.shard_map(local, mesh=split.mesh,
+                             in_specs=(per_head, split.spec(None), P(), per_head, per_head, split.spec()),
+                             out_specs=per_head, check_vma=False)(x, dt, A, B, C, runs)
 
     def decode(self, u: jax.Array, state: MambaState) -> tuple[jax.Array, MambaState]:
         """One token per row: u (b, 1, hidden) → (out (b, 1, hidden), the next state)."""

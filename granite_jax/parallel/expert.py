@@ -137,8 +137,9 @@ def expert_parallel_moe(plan: ShardingPlan, mesh, tokens, token_weight, router_k
     """The routed experts over `mesh` (the mesh being traced under): every device routes its own rows and an
     exchange over the plan's expert axis carries each (token, slot) copy to its expert's device and back.
 
-    tokens (N, H) global, rows split over the plan's batch axes; token_weight (N,) 1 for real tokens, 0 for
-    padding; router_kernel (H, E); w_in (E, H, 2I); w_out (E, I, H). The model supplies the math:
+    tokens (N, H) global, split over the plan's batch and sequence axes (rows, then their pieces); token_weight
+    (N,) 1 for real tokens, 0 for padding; router_kernel (H, E); w_in (E, H, 2I); w_out (E, I, H). The model
+    supplies the math:
     `moe(tokens, token_weight, router_kernel, dispatch=...)` routes, dispatches and combines
     (`granite_jax.model.moe.routed_experts`); `run_experts(rows, local_expert, w_in, w_out)` runs the rows that
     arrived through this device's experts (local_expert = the number of local experts: an empty row).
@@ -147,7 +148,7 @@ def expert_parallel_moe(plan: ShardingPlan, mesh, tokens, token_weight, router_k
     axis = plan.expert_axis(mesh)
     shards = mesh.shape[axis]
     factor = shards if plan.moe_capacity_factor is None else plan.moe_capacity_factor
-    batch_axes = plan.batch_axes(mesh)
+    token_axes = plan.token_axes(mesh)
     exchange = {"all_to_all": _bounded_exchange, "ragged": _ragged_exchange}[
         resolve_exchange(plan.moe_exchange, mesh.abstract_device.platform)]
 
@@ -165,10 +166,10 @@ def expert_parallel_moe(plan: ShardingPlan, mesh, tokens, token_weight, router_k
                             top_k=experts.shape[0] // tokens.shape[0], factor=factor, run_experts=run_experts)
 
         out, stats = moe(tokens, weight, router_kernel, dispatch=dispatch)
-        return out, jax.lax.psum(stats, batch_axes)
+        return out, jax.lax.psum(stats, token_axes)
 
-    rows = P(batch_axes)
+    rows = P(token_axes)
     mapped = jax.shard_map(local, mesh=mesh,
-                           in_specs=(P(batch_axes, None), P(), w_in_spec, w_out_spec, rows),
-                           out_specs=(P(batch_axes, None), P()), check_vma=False)
+                           in_specs=(P(token_axes, None), P(), w_in_spec, w_out_spec, rows),
+                           out_specs=(P(token_axes, None), P()), check_vma=False)
     return mapped(tokens, router_kernel, w_in, w_out, token_weight)

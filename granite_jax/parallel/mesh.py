@@ -18,9 +18,9 @@ from granite_jax.config import ATTENTION, MAMBA, ModelConfig
 from granite_jax.parallel.plan import RULES, ShardingPlan, axes_size, fitted_spec, logical_to_spec, mesh_axes
 
 __all__ = ["MESH_AXES", "RULES", "MeshError", "batch_sharding", "check_batch", "check_model_fits_mesh",
-           "logical_to_spec", "make_mesh", "parameter_shardings"]
+           "check_sequence", "logical_to_spec", "make_mesh", "parameter_shardings"]
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
 
 
 class MeshError(ValueError):
@@ -89,6 +89,31 @@ def _describe_axes(mesh: Mesh, axes: tuple[str, ...]) -> str:
 def batch_sharding(mesh: Mesh, plan: ShardingPlan = ShardingPlan()) -> NamedSharding:
     """Where a batch's (rows, tokens) arrays live: rows over the plan's batch axes, tokens as the sequence."""
     return NamedSharding(mesh, logical_to_spec(("activation_batch", "activation_length"), plan.table))
+
+
+def check_sequence(seq_len: int, mesh: Mesh, plan: ShardingPlan, config: ModelConfig) -> None:
+    """A sequence split over the context axis must split evenly, into shards the conv halo and the attention
+    blocks fit; a context axis the rules leave unused is an error (the sequence would stay whole)."""
+    context = mesh.shape.get("context", 1)
+    axes = plan.sequence_axes(mesh)
+    if context > 1 and "context" not in axes:
+        raise MeshError(f"mesh context={context} but sharding_rules={plan.rules!r} leaves the sequence whole "
+                        "(its activation_length rule does not name 'context'); choose rules that split it")
+    shards = axes_size(mesh, axes)
+    if shards == 1:
+        return
+    if seq_len % shards:
+        raise MeshError(f"data.seq_len={seq_len} is not divisible by the {shards} context shards of mesh "
+                        f"{dict(mesh.shape)}; use a multiple of {shards}")
+    piece = seq_len // shards
+    if MAMBA in config.layer_types and piece < config.mamba_d_conv:
+        raise MeshError(f"data.seq_len={seq_len} over {shards} context shards leaves {piece} tokens per shard, "
+                        f"fewer than mamba_d_conv={config.mamba_d_conv}")
+    block = min(config.attention_block_size, piece)
+    if ATTENTION in config.layer_types and piece % block:
+        raise MeshError(f"data.seq_len={seq_len} over {shards} context shards leaves {piece} tokens per shard, not "
+                        f"a multiple of attention_block_size={config.attention_block_size}; use a seq_len that is a "
+                        f"multiple of {shards * config.attention_block_size}")
 
 
 def check_batch(batch_size: int, mesh: Mesh, plan: ShardingPlan = ShardingPlan()) -> None:

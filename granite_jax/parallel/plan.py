@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 from flax import nnx
@@ -52,8 +52,9 @@ LOGICAL_AXES = {
 # the mesh sizes decide how many ways each axis splits (an axis of size 1 splits nothing).
 _TENSOR = {"vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "ssm_inner": "tensor",
            "activation_vocab": "tensor"}
-# Rows of a batch over every axis that is not tensor; the sequence and the residual width whole.
-_ROWS = {"activation_batch": ("data", "fsdp", "expert")}
+# Rows of a batch over every axis that is not tensor or context; the sequence over context (context
+# parallelism); the residual width whole.
+_ROWS = {"activation_batch": ("data", "fsdp", "expert"), "activation_length": "context"}
 RULES = {
     # FSDP over `fsdp` and `expert` (the hidden dimension of every weight: the expert axis is data-parallel
     # for everything but the experts), tensor parallelism over `tensor` (heads, MLP width, vocabulary, Mamba
@@ -103,11 +104,21 @@ def _spec_entry(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def logical_to_spec(names: tuple[str | None, ...], rules: dict) -> PartitionSpec:
+def _rule_axes(name, rules: dict) -> tuple[str, ...]:
+    """The mesh axes of a logical name, or of a tuple of names (a dimension that merges several, e.g. rows and
+    sequence pieces: their axes in order)."""
+    if name is None:
+        return ()
+    if isinstance(name, tuple):
+        return tuple(a for n in name for a in mesh_axes(rules.get(n)))
+    return mesh_axes(rules.get(name))
+
+
+def logical_to_spec(names: tuple, rules: dict) -> PartitionSpec:
     """Map logical names to mesh axes, using each mesh axis at most once per array (first claim wins)."""
     used, spec = set(), []
     for name in names:
-        axes = tuple(a for a in mesh_axes(rules.get(name) if name is not None else None) if a not in used)
+        axes = tuple(a for a in _rule_axes(name, rules) if a not in used)
         used.update(axes)
         spec.append(_spec_entry(axes))
     return PartitionSpec(*spec)
@@ -160,6 +171,17 @@ class ShardingPlan:
     def batch_axes(self, mesh) -> tuple[str, ...]:
         return self.axes("activation_batch", mesh)
 
+    def sequence_axes(self, mesh) -> tuple[str, ...]:
+        """The mesh axes a row's tokens are split over (context parallelism)."""
+        return self.axes("activation_length", mesh)
+
+    def sequence_shards(self, mesh) -> int:
+        return axes_size(mesh, self.sequence_axes(mesh))
+
+    def token_axes(self, mesh) -> tuple[str, ...]:
+        """The mesh axes a flattened (rows x tokens) batch is split over: the batch's, then the sequence's."""
+        return self.batch_axes(mesh) + tuple(a for a in self.sequence_axes(mesh) if a not in self.batch_axes(mesh))
+
     def expert_axis(self, mesh) -> str | None:
         """The mesh axis the experts are split over, or None when the mesh has no such axis."""
         axes = self.axes("expert", mesh)
@@ -174,15 +196,41 @@ class ShardingPlan:
         return fitted_spec(names, shape, mesh, self.table)
 
 
+class SequenceSplit(NamedTuple):
+    """How a row is split over devices for context parallelism: the mesh, the axes of its rows and of its
+    tokens. `spec(...)` places a (rows, tokens, ...) array inside `shard_map`."""
+
+    mesh: object
+    rows: tuple[str, ...]
+    tokens: tuple[str, ...]
+
+    @property
+    def axis(self):
+        """The name collectives take for the sequence axes (one axis, or their tuple)."""
+        return self.tokens[0] if len(self.tokens) == 1 else self.tokens
+
+    def spec(self, *rest) -> PartitionSpec:
+        return PartitionSpec(self.rows or None, self.axis, *rest)
+
+
+def sequence_split(plan: ShardingPlan) -> SequenceSplit | None:
+    """The split of the rows' tokens on the current mesh, or None when they are whole (no context parallelism)."""
+    mesh = current_mesh()
+    if mesh is None or plan.sequence_shards(mesh) == 1:
+        return None
+    return SequenceSplit(mesh, plan.batch_axes(mesh), plan.sequence_axes(mesh))
+
+
 def current_mesh():
     """The mesh installed with `jax.set_mesh`, or None when there is none or it has one device."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty or mesh.size == 1 else mesh
 
 
-def constrain(x: jax.Array, names: tuple[str | None, ...], plan: ShardingPlan) -> jax.Array:
-    """Pin `x`, whose dimensions mean `names`, where `plan`'s rules put them on the current mesh; a no-op
-    without a mesh of several devices."""
+def constrain(x: jax.Array, names: tuple, plan: ShardingPlan) -> jax.Array:
+    """Pin `x`, whose dimensions mean `names` (a logical name, None, or a tuple of names for a dimension that
+    merges several), where `plan`'s rules put them on the current mesh; a no-op without a mesh of several
+    devices."""
     mesh = current_mesh()
     if mesh is None:
         return x

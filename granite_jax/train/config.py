@@ -102,8 +102,10 @@ class RunConfig:
     eval_every: int = 100
     eval_batches: int = 4
     peak_tflops: float | None = None  # MFU denominator; None: 0.08 on CPU (measured), 989 on H100, else no MFU
-    # Device mesh sizes per axis (data, fsdp, tensor, expert); -1 = the remaining devices.
-    mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
+    # Device mesh sizes per axis (data, fsdp, tensor, expert, context); -1 = the remaining devices. context > 1
+    # splits every row's tokens over that many devices (context parallelism).
+    mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1,
+                                                            "context": 1})
     # Expert parallelism (when the rules' expert axis has > 1 device): copies one device may send to one expert
     # shard, as a multiple of its even share; null = dropless. Dropped copies are counted (moe_dropped).
     moe_capacity_factor: float | None = None

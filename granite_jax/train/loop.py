@@ -27,7 +27,7 @@ from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints
 from granite_jax.train.config import RunConfig, RunConfigError, save_run_config
 from granite_jax.train.metrics import TensorBoardWriter, console_line, print_line
 from granite_jax.train.optim import learning_rate_schedule
-from granite_jax.train.setup import build_run
+from granite_jax.train.setup import build_run, existing_run_dir
 
 log = logging.getLogger("granite_jax.train")
 
@@ -74,11 +74,7 @@ def resolve_tokenizer(config: RunConfig) -> str:
     source = config.initial_weights
     if source.kind == "hf":
         return source.path
-    run = RunDir(source.path)
-    if not run.has_checkpoints():
-        raise FileNotFoundError(f"init_from={config.init_from!r}: {source.path!r} is not a run directory with "
-                                "checkpoints (train it first, e.g. `python train.py` for runs/pretrain-tiny)")
-    return run.tokenizer()
+    return RunDir(existing_run_dir(config)).tokenizer()
 
 
 def build_datasets(config: RunConfig, vocab_size: int):

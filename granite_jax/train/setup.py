@@ -21,7 +21,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from granite_jax.config import ModelConfig, load_preset
 from granite_jax.convert import load_hf_checkpoint
 from granite_jax.model import GraniteForCausalLM
-from granite_jax.parallel.mesh import batch_sharding, check_batch, check_model_fits_mesh, make_mesh, parameter_shardings
+from granite_jax.parallel.mesh import (
+    batch_sharding,
+    check_batch,
+    check_model_fits_mesh,
+    check_sequence,
+    make_mesh,
+    parameter_shardings,
+)
 from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import load_run_model, run_model_config
 from granite_jax.train.config import RunConfig
@@ -81,7 +88,7 @@ def resolve_model_config(config: RunConfig) -> ModelConfig:
         return load_preset(config.model, **model_overrides(config))
     if source.kind == "hf":
         return ModelConfig.from_hf(source.path, **model_overrides(config))
-    return run_model_config(source.path, **model_overrides(config))
+    return run_model_config(existing_run_dir(config), **model_overrides(config))
 
 
 def initial_model(config: RunConfig) -> GraniteForCausalLM:
@@ -92,10 +99,16 @@ def initial_model(config: RunConfig) -> GraniteForCausalLM:
     if source.kind == "hf":
         overrides = model_overrides(config)
         return load_hf_checkpoint(source.path, dtype=overrides.pop("compute_dtype"), **overrides)
-    if not RunDir(source.path).has_checkpoints():
-        raise FileNotFoundError(f"init_from={config.init_from!r}: {source.path!r} is not a run directory with "
+    return load_run_model(existing_run_dir(config), **model_overrides(config))[0]
+
+
+def existing_run_dir(config: RunConfig) -> str:
+    """`init_from=run:DIR`'s directory, which must hold checkpoints."""
+    path = config.initial_weights.path
+    if not RunDir(path).has_checkpoints():
+        raise FileNotFoundError(f"init_from={config.init_from!r}: {path!r} is not a run directory with "
                                 "checkpoints (train it first, e.g. `python train.py` for runs/pretrain-tiny)")
-    return load_run_model(source.path, **model_overrides(config))[0]
+    return path
 
 
 def train_state_shardings(tx, params, mesh: Mesh, rules: dict) -> TrainState:
@@ -136,14 +149,14 @@ def build_run(config: RunConfig, devices=None, *, abstract: bool = False) -> Run
     mesh = make_mesh(config.mesh, devices)
     plan = config.sharding_plan
     check_batch(config.data.batch_size, mesh, plan)
+    model_config = resolve_model_config(config)  # checked before any weight is read
+    check_model_fits_mesh(model_config, mesh, plan.table)
+    check_sequence(config.data.seq_len, mesh, plan, model_config)
     if abstract:
-        model_config = resolve_model_config(config)
-        check_model_fits_mesh(model_config, mesh, plan.table)
         model = nnx.eval_shape(lambda: GraniteForCausalLM(model_config, rngs=nnx.Rngs(config.seed)))
     else:
         model = initial_model(config)
         model_config = model.config
-        check_model_fits_mesh(model_config, mesh, plan.table)
     graphdef, params = nnx.split(model, nnx.Param)
     del model
     tx = make_optimizer(config.optimizer, config.steps)

@@ -41,20 +41,25 @@ def chunked_cross_entropy(hidden, head_weight, targets, weights, *, chunk: int, 
     """
     B, T, H = hidden.shape
     mesh = current_mesh()
-    shards = 1 if mesh is None else plan.batch_shards(mesh)
-    rows = B // shards                                      # rows per batch shard
-    length = max(1, min(T, chunk // rows))
-    pad = -T % length
-    n = (T + pad) // length
+    row_shards = 1 if mesh is None else plan.batch_shards(mesh)
+    piece_shards = 1 if mesh is None else plan.sequence_shards(mesh)  # context parallelism: pieces of each row
+    shards = row_shards * piece_shards
+    rows, piece = B // row_shards, T // piece_shards           # rows per batch shard, tokens per sequence piece
+    length = max(1, min(piece, chunk // rows))
+    pad = -piece % length
+    n = (piece + pad) // length
+    per_shard = ("activation_batch", "activation_length")     # one dimension: row shards x sequence pieces
 
-    def split(x):  # (B, T, ...) -> (n chunks, shards, rows, length, ...)
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(shards, rows, n, length, *x.shape[2:])
+    def split(x):  # (B, T, ...) -> (n chunks, shards, rows, length, ...), every shard chunking its own tokens
+        rest = x.shape[2:]
+        x = x.reshape(row_shards, rows, piece_shards, piece, *rest).swapaxes(1, 2).reshape(shards, rows, piece, *rest)
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * len(rest)).reshape(shards, rows, n, length, *rest)
         x = jnp.moveaxis(x, 2, 0)
-        return constrain(x, (None, "activation_batch") + (None,) * (x.ndim - 2), plan)
+        return constrain(x, (None, per_shard) + (None,) * (x.ndim - 2), plan)
 
-    # (shards, V, H): one copy of the head per batch shard, its gradient summed over the shards after the loop
+    # (shards, V, H): one copy of the head per shard, its gradient summed over the shards after the loop
     per_shard_head = constrain(jnp.broadcast_to(head_weight, (shards, *head_weight.shape)),
-                               ("activation_batch", "activation_vocab", None), plan)
+                               (per_shard, "activation_vocab", None), plan)
 
     @jax.checkpoint
     def one_chunk(carry, inputs):
