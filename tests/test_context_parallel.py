@@ -49,3 +49,20 @@ def test_context_parallel_training_gives_the_one_device_losses(tmp_path, model):
         np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=name)
         np.testing.assert_allclose(_metrics(tmp_path / name.replace(" ", ""), "grad_norm"), reference_norms,
                                    rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("seq_len, context, message", [
+    (100, 8, r"data.seq_len=100 is not divisible by the 8 context shards .*; use a multiple of 8"),
+    (24, 8, r"leaves 3 tokens per shard, fewer than mamba_d_conv=4"),
+    (1040, 2, r"leaves 520 tokens per shard, not a multiple of attention_block_size=512; use a seq_len that is a "
+              r"multiple of 1024"),
+])
+def test_sequence_that_the_context_axis_cannot_split_is_an_error(seq_len, context, message):
+    from granite_jax import load_preset
+    from granite_jax.parallel import ShardingPlan
+    from granite_jax.parallel.mesh import MeshError, check_sequence
+    from tests.test_parallel import _mesh
+
+    with pytest.raises(MeshError, match=message):
+        check_sequence(seq_len, _mesh(context=context), ShardingPlan(), load_preset("tiny-hybrid-moe"))
+    check_sequence(1024, _mesh(context=context), ShardingPlan(), load_preset("tiny-hybrid-moe"))

@@ -25,7 +25,7 @@ def test_bad_mesh_sizes(sizes, message):
 
 def test_one_device_mesh_and_batch_check():
     mesh = make_mesh({"data": -1})
-    assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1, "tensor": 1, "expert": 1}
+    assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1, "tensor": 1, "expert": 1, "context": 1}
     check_batch(4 * jax.device_count(), mesh)
 
 

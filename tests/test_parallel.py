@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _mesh(**sizes):
     """Stand-in for a Mesh: the checks read only its axis sizes."""
-    return types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, **sizes})
+    return types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, "context": 1, **sizes})
 
 
 @pytest.mark.parametrize("sizes, rules, message", [
@@ -65,7 +65,7 @@ def test_dry_run_reports_per_device_memory_without_training(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "on mesh {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1} = 8 devices" in out
+    assert "on mesh {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1, 'context': 1} = 8 devices" in out
     params = float(re.search(r"parameters\s+([\d.]+) GiB", out).group(1))
     optimizer = float(re.search(r"optimizer state\s+([\d.]+) GiB", out).group(1))
     # 9.58M float32 parameters split 4 ways (fsdp x tensor; the rest replicated): about 0.01 GiB; Adam: 2x.
