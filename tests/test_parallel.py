@@ -104,7 +104,7 @@ def test_dry_run_compiles_for_a_tpu_topology_with_the_ragged_exchange():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "= 4 devices (TPU v5, deviceless topology: the TPU compiler's figures)" in proc.stdout
     assert "fits in 95 GiB per device" in proc.stdout
-    assert re.search(r"ragged-all-to-all\s+16 ops", proc.stdout)  # 4 MoE layers x 2 exchanges x (fwd + bwd)
+    assert re.search(r"ragged-all-to-all\s+16 runs", proc.stdout)  # 4 MoE layers x 2 exchanges x (fwd + bwd)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed here")
