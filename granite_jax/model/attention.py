@@ -92,7 +92,7 @@ class Attention(nnx.Module):
         else:  # context parallelism: each device's queries against the keys of the whole row
             def local(q, k, v, runs):
                 return flash_attention_context_parallel(q, k, v, runs, scale=self.scale, block_size=self.block_size,
-                                                        axis=split.axis)
+                                                        axis=split.axis, layout=split.layout)
 
             heads = split.spec(None, None)
             out = jax.shard_map(local, mesh=split.mesh, in_specs=(heads, heads, heads, split.spec()),

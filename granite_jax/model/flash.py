@@ -14,8 +14,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from granite_jax.model.documents import document_bounds, document_runs
+from granite_jax.parallel.sequence import layout_order, piece_index, pieces_per_shard
 
 _NEG = -1e30  # finite: keeps fully masked rows of a block free of inf - inf
 
@@ -149,19 +151,34 @@ def flash_attention_to_keys(q, k, v, runs_q, runs_k, q_offset, *, scale: float, 
     return jnp.moveaxis(out, 3, 1).reshape(b, Tq, n_h, d)
 
 
-def flash_attention_context_parallel(q, k, v, segment_ids, *, scale: float, block_size: int, axis: str):
-    """Attention of a row split over the mesh axis `axis`, inside `shard_map` on this shard's contiguous piece:
-    q (b, Tq, n_h, d), k/v (b, Tq, n_kv, d), segment_ids (b, Tq) the data's. The keys, values and segment ids
-    of the whole row are all-gathered (few KV heads: the cheap side; the gather's transpose reduce-scatters
-    dK and dV), documents are counted over the whole row, and this shard's queries attend with the global
-    causal, same-document mask. Tq must be a multiple of the block (min(block_size, Tq))."""
-    Tq = q.shape[1]
-    block = min(block_size, Tq)
-    if Tq % block:
-        raise ValueError(f"a context shard of {Tq} tokens is not a multiple of attention_block_size={block_size}: "
-                         "make seq_len / context a multiple of it")
-    gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)  # noqa: E731
-    runs = document_runs(gather(segment_ids), (segment_ids.shape[0], Tq * jax.lax.axis_size(axis)))
-    q_offset = jax.lax.axis_index(axis) * Tq
-    runs_q = jax.lax.dynamic_slice_in_dim(runs, q_offset, Tq, axis=1)
-    return flash_attention_to_keys(q, gather(k), gather(v), runs_q, runs, q_offset, scale=scale, block=block)
+def flash_attention_context_parallel(q, k, v, segment_ids, *, scale: float, block_size: int, axis: str,
+                                     layout: str = "contiguous"):
+    """Attention of a row split over the mesh axis `axis`, inside `shard_map` on this shard's local row (its
+    pieces side by side, `parallel/sequence.py`): q (b, Tq, n_h, d), k/v (b, Tq, n_kv, d), segment_ids (b, Tq)
+    the data's. The keys, values and segment ids of the whole row are all-gathered (few KV heads: the cheap
+    side; the gather's transpose reduce-scatters dK and dV) and put back in row order, documents are counted
+    over the whole row, and each of this shard's pieces of queries attends with the global causal,
+    same-document mask. A piece must be a multiple of the block (min(block_size, piece))."""
+    shards = jax.lax.axis_size(axis)
+    n = pieces_per_shard(layout)
+    b, T_local = segment_ids.shape
+    piece = T_local // n
+    block = min(block_size, piece)
+    if piece % block:
+        raise ValueError(f"a context piece of {piece} tokens is not a multiple of attention_block_size="
+                         f"{block_size}: make seq_len / (context x {n}) a multiple of it")
+    in_row_order = np.argsort(layout_order(T_local * shards, shards, layout))  # gathered (layout order) -> row
+
+    def gather(x):
+        return jnp.take(jax.lax.all_gather(x, axis, axis=1, tiled=True), in_row_order, axis=1)
+
+    runs = document_runs(gather(segment_ids), (b, T_local * shards))
+    keys, values = gather(k), gather(v)
+    shard = jax.lax.axis_index(axis)
+    outputs = []
+    for local, q_piece in enumerate(jnp.split(q, n, axis=1)):
+        q_offset = piece_index(layout, shard, local, shards) * piece
+        runs_q = jax.lax.dynamic_slice_in_dim(runs, q_offset, piece, axis=1)
+        outputs.append(flash_attention_to_keys(q_piece, keys, values, runs_q, runs, q_offset, scale=scale,
+                                               block=block))
+    return jnp.concatenate(outputs, axis=1)

@@ -20,7 +20,7 @@ from granite_jax.model.linear import make_linear
 from granite_jax.model.mamba import Mamba2Mixer
 from granite_jax.model.moe import MoE, RouterStats, SharedMLP, load_balancing_loss
 from granite_jax.model.norms import RMSNorm
-from granite_jax.parallel.plan import RESIDUAL, constrain, logical_param
+from granite_jax.parallel.plan import RESIDUAL, constrain, logical_param, sequence_split
 
 
 class CausalLMOutput(NamedTuple):
@@ -122,7 +122,14 @@ class GraniteModel(nnx.Module):
         the T tokens: (hidden, statistics, cache)."""
         config = self.config
         _check_inputs(config, input_ids, segment_ids, positions)
-        runs = document_runs(segment_ids, input_ids.shape)
+        split = sequence_split(config.sharding)
+        if split is not None and split.layout != "contiguous":
+            # The rows are in a context layout (train/step.py: in_context_layout): runs counted over the permuted
+            # row would join pieces that are not neighbours, so the layers get the data's segment ids, which
+            # the context-parallel conv, SSD and attention compare only between pieces adjacent in the row.
+            runs = document_runs(None, input_ids.shape) if segment_ids is None else segment_ids
+        else:
+            runs = document_runs(segment_ids, input_ids.shape)
         if positions is None:
             positions = positions_within_documents(runs)
         token_mask = None if segment_ids is None else segment_ids > 0
@@ -189,12 +196,47 @@ def _call_layer(layer, h, runs, positions, token_mask, state):
 
 
 def _with_remat(policy: str):
-    """The layer call, under `jax.checkpoint` with the configured policy (see `ModelConfig.remat_policy`)."""
+    """The layer call with the configured activation checkpointing (see `ModelConfig.remat_policy`)."""
     if policy == "none":
         return _call_layer
-    save = {"full": jax.checkpoint_policies.nothing_saveable,
-            "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
-    return nnx.remat(_call_layer, policy=save)
+    if policy == "full":
+        return _recomputed_in_backward
+    return nnx.remat(_call_layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def _recomputed_in_backward(layer, h, runs, positions, token_mask, state):
+    """The layer call saving only its inputs for the backward pass, which recomputes the layer just before
+    differentiating it. `jax.checkpoint` does not do this on XLA:CPU: its compiler drops optimization barriers
+    before common-subexpression elimination, which then merges the recomputation with the forward pass and
+    keeps every layer's activations alive (measured: a 2-layer stack's temporaries were the same with and
+    without it). Here the recomputation's input also depends on the incoming cotangent (`h + 0 · one element
+    of it`, exact, one fused add), so no compiler can merge it with the forward pass or run it before the
+    backward pass reaches the layer; on GPU/TPU the barrier alone already does that. A prefill (`state`
+    given) has no backward pass and runs the layer as it is."""
+    if state is not None:
+        return _call_layer(layer, h, runs, positions, token_mask, state)
+    graphdef, weights = nnx.split(layer)
+
+    def apply(weights, h, inputs):
+        return _call_layer(nnx.merge(graphdef, weights), h, *inputs, None)
+
+    @jax.custom_vjp
+    def recomputed(weights, h, inputs):
+        return apply(weights, h, inputs)
+
+    def forward(weights, h, inputs):
+        return apply(weights, h, inputs), (weights, h, inputs)
+
+    def backward(saved, cotangent):
+        (weights, h, inputs), cotangent = jax.lax.optimization_barrier((saved, cotangent))
+        h = h + cotangent[0].reshape(-1)[0].astype(h.dtype) * 0  # see below
+        _, pullback = jax.vjp(lambda weights, h: apply(weights, h, inputs), weights, h)
+        d_weights, d_h = pullback(cotangent)
+        no_gradient = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), inputs)
+        return d_weights, d_h, no_gradient
+
+    recomputed.defvjp(forward, backward)
+    return recomputed(weights, h, (runs, positions, token_mask))
 
 
 def head_logits(hidden: jax.Array, weight: jax.Array, logits_scaling: float) -> jax.Array:

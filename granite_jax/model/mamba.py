@@ -14,9 +14,9 @@ from jax.sharding import PartitionSpec as P
 from granite_jax.model.documents import document_runs
 from granite_jax.model.linear import make_linear
 from granite_jax.model.norms import GatedRMSNorm
-from granite_jax.model.ssd import continues_previous_shard, ssd_chunked, ssd_context_parallel, ssd_decode_step
+from granite_jax.model.ssd import continues_previous_piece, ssd_chunked, ssd_context_parallel, ssd_decode_step
 from granite_jax.parallel.plan import logical_param, sequence_split
-from granite_jax.parallel.sequence import from_previous_shard
+from granite_jax.parallel.sequence import from_pieces, from_previous_piece, to_pieces
 
 
 @jax.custom_vjp
@@ -78,14 +78,24 @@ def causal_depthwise_conv(x, kernel, bias, runs, initial_state=None, initial_run
     return y, jnp.swapaxes(final_state, 1, 2)
 
 
-def conv_halo(x, runs, segment_ids, width: int, axis: str):
-    """Inside `shard_map` over the sequence axis `axis`: the conv's `initial_state` and `initial_runs` for this
-    shard, the last `width` pre-conv inputs of the previous shard (b, C, width), counted (run 0) only where they
-    belong to the document that continues into this shard's first token (else run -1). Shard 0 gets zeros."""
-    tail_in_last_run = (runs[:, -width:] == runs[:, -1:]).astype(jnp.int32)
-    halo, halo_in_last_run = from_previous_shard((x[:, -width:], tail_in_last_run), axis)
-    counted = continues_previous_shard(segment_ids, axis)[:, None] & (halo_in_last_run == 1)
-    return jnp.swapaxes(halo, 1, 2), jnp.where(counted, 0, -1).astype(runs.dtype)
+def causal_conv_context_parallel(x, kernel, bias, segment_ids, *, axis: str, layout: str = "contiguous"):
+    """`causal_depthwise_conv` of a row split over the mesh axis `axis`, inside `shard_map` on this shard's
+    local row x (b, T_local, C) and segment_ids (b, T_local) (its pieces side by side, `parallel/sequence.py`).
+    Each piece's `initial_state` is the last K pre-conv inputs of the piece before it in the row, counted
+    (run 0) only where they belong to the document that continues into the piece's first token (else run -1);
+    the row's first piece gets zeros. Returns y (b, T_local, C)."""
+    width = kernel.shape[0]
+    xs, ids = to_pieces(x, layout), to_pieces(segment_ids, layout)            # (pieces, b, L, ...)
+    n, b, L = ids.shape
+    runs = document_runs(ids.reshape(n * b, L), (n * b, L)).reshape(n, b, L)
+    tail_in_last_run = (runs[:, :, -width:] == runs[:, :, -1:]).astype(jnp.int32)
+    halo, halo_in_last_run = from_previous_piece((xs[:, :, -width:], tail_in_last_run), axis, layout)
+    counted = continues_previous_piece(ids, axis, layout)[..., None] & (halo_in_last_run == 1)
+    halo_runs = jnp.where(counted, 0, -1).astype(runs.dtype)
+    fold = lambda a: a.reshape(n * b, *a.shape[2:])  # noqa: E731
+    y = causal_depthwise_conv(fold(xs), kernel, bias, fold(runs), initial_state=jnp.swapaxes(fold(halo), 1, 2),
+                              initial_runs=fold(halo_runs))[0]
+    return from_pieces(y.reshape(n, b, *y.shape[1:]))
 
 
 class MambaState(NamedTuple):
@@ -166,23 +176,20 @@ class Mamba2Mixer(nnx.Module):
         return out, MambaState(conv_state.astype(state.conv.dtype), ssm_state.astype(state.ssm.dtype))
 
     def _conv_over_pieces(self, xBC, runs, split):
-        """The causal conv with each device holding a contiguous piece of every row (context parallelism)."""
-        width = self.conv1d.kernel.shape[0]
-
+        """The causal conv with each device holding pieces of every row (context parallelism)."""
         def local(xBC, runs, kernel, bias):
-            local_runs = document_runs(runs, runs.shape)
-            halo, halo_runs = conv_halo(xBC, local_runs, runs, width, split.axis)
-            return causal_depthwise_conv(xBC, kernel, bias, local_runs, initial_state=halo, initial_runs=halo_runs)[0]
+            return causal_conv_context_parallel(xBC, kernel, bias, runs, axis=split.axis, layout=split.layout)
 
         bias = self._conv_bias()
-        bias = jnp.zeros((self.conv_dim,), self.dtype) if bias is None else bias
-        return jax.shard_map(local, mesh=split.mesh, in_specs=(split.spec(None), split.spec(), P(), P()),
+        bias_spec = None if bias is None else P()
+        return jax.shard_map(local, mesh=split.mesh, in_specs=(split.spec(None), split.spec(), P(), bias_spec),
                              out_specs=split.spec(None), check_vma=False)(xBC, runs, self._conv_kernel(), bias)
 
     def _ssd_over_pieces(self, x, dt, A, B, C, runs, split):
-        """The chunked SSD with each device holding a contiguous piece of every row (context parallelism)."""
+        """The chunked SSD with each device holding pieces of every row (context parallelism)."""
         def local(x, dt, A, B, C, runs):
-            return ssd_context_parallel(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=runs, axis=split.axis)
+            return ssd_context_parallel(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=runs,
+                                        axis=split.axis, layout=split.layout)
 
         per_head = split.spec(None, None)
         return jax.shard_map(local, mesh=split.mesh,

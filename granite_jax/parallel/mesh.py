@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from granite_jax.config import ATTENTION, MAMBA, ModelConfig
 from granite_jax.parallel.plan import RULES, ShardingPlan, axes_size, fitted_spec, logical_to_spec, mesh_axes
+from granite_jax.parallel.sequence import pieces_per_shard
 
 __all__ = ["MESH_AXES", "RULES", "MeshError", "batch_sharding", "check_batch", "check_model_fits_mesh",
            "check_sequence", "logical_to_spec", "make_mesh", "parameter_shardings"]
@@ -102,18 +103,22 @@ def check_sequence(seq_len: int, mesh: Mesh, plan: ShardingPlan, config: ModelCo
     shards = axes_size(mesh, axes)
     if shards == 1:
         return
-    if seq_len % shards:
-        raise MeshError(f"data.seq_len={seq_len} is not divisible by the {shards} context shards of mesh "
-                        f"{dict(mesh.shape)}; use a multiple of {shards}")
-    piece = seq_len // shards
+    n = shards * pieces_per_shard(plan.context_layout)
+    what = (f"{shards} context shards" if n == shards
+            else f"{n} pieces of context_layout={plan.context_layout!r} over {shards} context shards")
+    if seq_len % n:
+        raise MeshError(f"data.seq_len={seq_len} is not divisible by the {what} of mesh {dict(mesh.shape)}; "
+                        f"use a multiple of {n}")
+    piece = seq_len // n
+    unit = "shard" if n == shards else "piece"
     if MAMBA in config.layer_types and piece < config.mamba_d_conv:
-        raise MeshError(f"data.seq_len={seq_len} over {shards} context shards leaves {piece} tokens per shard, "
+        raise MeshError(f"data.seq_len={seq_len} over {what} leaves {piece} tokens per {unit}, "
                         f"fewer than mamba_d_conv={config.mamba_d_conv}")
     block = min(config.attention_block_size, piece)
     if ATTENTION in config.layer_types and piece % block:
-        raise MeshError(f"data.seq_len={seq_len} over {shards} context shards leaves {piece} tokens per shard, not "
+        raise MeshError(f"data.seq_len={seq_len} over {what} leaves {piece} tokens per {unit}, not "
                         f"a multiple of attention_block_size={config.attention_block_size}; use a seq_len that is a "
-                        f"multiple of {shards * config.attention_block_size}")
+                        f"multiple of {n * config.attention_block_size}")
 
 
 def check_batch(batch_size: int, mesh: Mesh, plan: ShardingPlan = ShardingPlan()) -> None:

@@ -24,6 +24,8 @@ import jax
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from granite_jax.parallel.sequence import LAYOUTS
+
 # Every logical axis name, with what it indexes. Parameters use the plain names, activations the
 # `activation_` ones: the same meaning (the model width) is split differently in a weight (FSDP) and in the
 # residual stream (whole on every device of a batch shard).
@@ -144,12 +146,14 @@ class ShardingPlan:
     rules: a preset of `RULES` (parameters and activations); moe_capacity_factor: expert parallelism's
     receive buffers as a multiple of the even share of (token, slot) copies, None = dropless;
     moe_exchange: expert parallelism's token exchange, `auto` (ragged_all_to_all on GPU/TPU, all_to_all on
-    CPU), `all_to_all` or `ragged` (granite_jax/parallel/expert.py).
+    CPU), `all_to_all` or `ragged` (granite_jax/parallel/expert.py); context_layout: which pieces of a row each
+    device of the sequence axes holds, `contiguous` or `zigzag` (granite_jax/parallel/sequence.py).
     """
 
     rules: str = "fsdp_tp"
     moe_capacity_factor: float | None = None
     moe_exchange: str = "auto"
+    context_layout: str = "contiguous"
 
     def __post_init__(self):
         if self.rules not in RULES:
@@ -158,6 +162,8 @@ class ShardingPlan:
             raise ValueError(f"moe_capacity_factor={self.moe_capacity_factor} must be positive (or null: dropless)")
         if self.moe_exchange not in EXCHANGES:
             raise ValueError(f"moe_exchange={self.moe_exchange!r}: expected one of {list(EXCHANGES)}")
+        if self.context_layout not in LAYOUTS:
+            raise ValueError(f"context_layout={self.context_layout!r}: expected one of {list(LAYOUTS)}")
 
     @property
     def table(self) -> dict:
@@ -203,6 +209,7 @@ class SequenceSplit(NamedTuple):
     mesh: object
     rows: tuple[str, ...]
     tokens: tuple[str, ...]
+    layout: str = "contiguous"
 
     @property
     def axis(self):
@@ -218,7 +225,7 @@ def sequence_split(plan: ShardingPlan) -> SequenceSplit | None:
     mesh = current_mesh()
     if mesh is None or plan.sequence_shards(mesh) == 1:
         return None
-    return SequenceSplit(mesh, plan.batch_axes(mesh), plan.sequence_axes(mesh))
+    return SequenceSplit(mesh, plan.batch_axes(mesh), plan.sequence_axes(mesh), plan.context_layout)
 
 
 def current_mesh():

@@ -111,6 +111,9 @@ class RunConfig:
     moe_capacity_factor: float | None = None
     # Expert parallelism's token exchange: auto (ragged_all_to_all on GPU/TPU, all_to_all on CPU) | all_to_all | ragged
     moe_exchange: str = "auto"
+    # Context parallelism: which pieces of a row each context device holds. contiguous: shard r holds piece r of
+    # N; zigzag: pieces r and 2N-1-r of 2N (balances causal attention's work over the shards for long documents).
+    context_layout: str = "contiguous"
     sharding_rules: str = "fsdp_tp"  # a preset of granite_jax.parallel.mesh.RULES: fsdp_tp, fsdp, ep_over_data
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
@@ -138,7 +141,7 @@ class RunConfig:
             raise RunConfigError("data.tokenizer is null (the tokenizer of init_from) but init_from is not set: "
                                  "give data.tokenizer or init_from=hf:DIR")
         try:
-            self.sharding_plan  # noqa: B018 - validates the rules preset, MoE exchange and capacity
+            self.sharding_plan  # noqa: B018 - validates the rules preset, MoE exchange and capacity, layout
         except ValueError as e:
             raise RunConfigError(str(e)) from None
         if not self.data.train:
@@ -151,9 +154,9 @@ class RunConfig:
 
     @property
     def sharding_plan(self) -> ShardingPlan:
-        """The plan the model is given: rules preset, MoE exchange and capacity."""
+        """The plan the model is given: rules preset, MoE exchange and capacity, context layout."""
         return ShardingPlan(rules=self.sharding_rules, moe_capacity_factor=self.moe_capacity_factor,
-                            moe_exchange=self.moe_exchange)
+                            moe_exchange=self.moe_exchange, context_layout=self.context_layout)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

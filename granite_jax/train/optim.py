@@ -4,6 +4,7 @@ warmup then cosine or WSD decay, gradient accumulation."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -37,10 +38,31 @@ def decay_mask(params: nnx.State) -> nnx.State:
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
+def gradient_norm(grads) -> jax.Array:
+    """The global L2 norm of a gradient tree (optax.global_norm), its leaves summed in reverse parameter order:
+    last layer first, the order the backward pass produces them. XLA:CPU's memory scheduler follows the order
+    of the sum's operands; summed in parameter order (the embedding first, which the backward pass finishes
+    last) it schedules every layer's rematerialised forward pass before the first layer's backward, and the
+    tiny model's step at 2K tokens holds 218 KB per token instead of 120 (4 Mamba layers, `remat_policy:
+    full`)."""
+    return optax.global_norm(jax.tree.leaves(grads)[::-1])
+
+
+def clip_by_gradient_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm (same formula) with the norm of `gradient_norm`."""
+    def update(updates, state, params=None):
+        del params
+        norm = gradient_norm(updates)
+        keep = norm < max_norm
+        return jax.tree.map(lambda u: jnp.where(keep, u, u / norm.astype(u.dtype) * max_norm), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(config, total_steps)
     tx = optax.chain(
-        optax.clip_by_global_norm(config.clip_norm),
+        clip_by_gradient_norm(config.clip_norm),
         optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
                     mask=decay_mask),
     )

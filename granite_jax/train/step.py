@@ -18,8 +18,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from granite_jax.model.documents import document_runs, positions_within_documents
 from granite_jax.model.granite import head_logits
 from granite_jax.parallel.plan import ShardingPlan, constrain, current_mesh
+from granite_jax.parallel.sequence import layout_order
+from granite_jax.train.optim import gradient_norm
 
 
 class TrainState(NamedTuple):
@@ -75,9 +78,25 @@ def chunked_cross_entropy(hidden, head_weight, targets, weights, *, chunk: int, 
     return ce, z
 
 
+def in_context_layout(batch: dict, plan: ShardingPlan) -> dict:
+    """The batch as the model takes it under a non-contiguous context layout (`parallel/sequence.py`): positions
+    counted in row order, then every per-token array (ids, segment ids, positions, targets, weights) permuted
+    into the layout. Applied once per step, to integer and weight arrays only; the loss is a sum over tokens,
+    so the order does not change it. The batch itself under the contiguous layout or an unsplit sequence."""
+    mesh = current_mesh()
+    if mesh is None or plan.context_layout == "contiguous" or plan.sequence_shards(mesh) == 1:
+        return batch
+    ids = batch["input_ids"]
+    if batch.get("positions") is None:
+        batch = {**batch, "positions": positions_within_documents(document_runs(batch.get("segment_ids"), ids.shape))}
+    order = layout_order(ids.shape[1], plan.sequence_shards(mesh), plan.context_layout)
+    return {name: (value if value is None else jnp.take(value, order, axis=1)) for name, value in batch.items()}
+
+
 def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: int):
     """Mean token cross-entropy + aux_coef · MoE load-balancing loss + z_loss · mean logsumexp²."""
     model = nnx.merge(graphdef, params)
+    batch = in_context_layout(batch, model.config.sharding)
     hidden, stats = model.model(batch["input_ids"], batch["segment_ids"], batch["positions"])
     weights = batch["loss_weights"]
     ce_sum, z_sum = chunked_cross_entropy(hidden, model.output_weight(), batch["targets"], weights, chunk=chunk,
@@ -101,7 +120,7 @@ def make_train_step(tx: optax.GradientTransformation, *, aux_coef: float, z_loss
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, graphdef, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = gradient_norm(grads)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step

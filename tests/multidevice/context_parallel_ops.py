@@ -1,6 +1,10 @@
-"""The context-parallel SSD and causal conv (shard_map over a `context` axis of 2, 4 or 8 devices, contiguous
-shards) against the unsharded functions and the token-by-token oracle: values and gradients, on packed rows
-whose document boundaries fall at, next to and away from the shard and chunk edges."""
+"""The context-parallel SSD, causal conv and attention (shard_map over a `context` axis of 2, 4 or 8 devices,
+contiguous and zigzag layouts) against the unsharded functions and the token-by-token oracle: values and
+gradients, on packed rows whose document boundaries fall at, next to and away from the shard, piece and chunk
+edges. All cases of one length and layout run as one batch of rows (one compilation per function)."""
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +13,9 @@ from jax.sharding import PartitionSpec as P
 
 from granite_jax.model.documents import document_runs
 from granite_jax.model.flash import flash_attention, flash_attention_context_parallel
-from granite_jax.model.mamba import causal_depthwise_conv, conv_halo
+from granite_jax.model.mamba import causal_conv_context_parallel, causal_depthwise_conv
 from granite_jax.model.ssd import ssd_chunked, ssd_context_parallel, ssd_reference
+from granite_jax.parallel.sequence import LAYOUTS, layout_order, pieces_per_shard
 from tests.multidevice import arguments, report
 
 H, HEAD_DIM, STATE, WIDTH = 4, 3, 5, 4
@@ -36,6 +41,8 @@ def segment_cases(T: int, shards: int, chunk: int, rng) -> dict:
     return {
         "one document": np.stack([row([]), row([])]),
         "at shard edges": np.stack([row([piece * s for s in range(1, shards)]), row([piece])]),
+        "at zigzag piece edges": np.stack([row([piece // 2 * s for s in range(1, 2 * shards, 3)]),
+                                           row([piece // 2, T - piece // 2])]),
         "one either side of a shard edge": np.stack([row([piece - 1]), row([piece + 1])]),
         "at a chunk edge and next to it": np.stack([row([chunk]), row([chunk + 1, 2 * chunk - 1])]),
         "documents of 1-3 tokens": np.stack([tiny, tiny[::-1].copy()]),
@@ -46,12 +53,12 @@ def segment_cases(T: int, shards: int, chunk: int, rng) -> dict:
     }
 
 
-def inputs(T: int, rng):
-    x = rng.normal(size=(2, T, H, HEAD_DIM)).astype(np.float32)
-    dt = rng.uniform(0.05, 0.6, size=(2, T, H)).astype(np.float32)
+def inputs(b: int, T: int, rng):
+    x = rng.normal(size=(b, T, H, HEAD_DIM)).astype(np.float32)
+    dt = rng.uniform(0.05, 0.6, size=(b, T, H)).astype(np.float32)
     A = -rng.uniform(0.3, 1.5, size=(H,)).astype(np.float32)
-    B = rng.normal(size=(2, T, 1, STATE)).astype(np.float32)
-    C = rng.normal(size=(2, T, 1, STATE)).astype(np.float32)
+    B = rng.normal(size=(b, T, 1, STATE)).astype(np.float32)
+    C = rng.normal(size=(b, T, 1, STATE)).astype(np.float32)
     return x, dt, A, B, C
 
 
@@ -59,13 +66,49 @@ def relative_error(a, b) -> float:
     return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
 
 
-def compare_ssd(mesh, segments, args, chunk) -> dict:
-    x, dt, A, B, C = args
-    seq = P(None, "context")
+def compare(functions: dict, args, per_row: tuple, cases: dict, prefix: str) -> dict:
+    """Values and gradients of `functions["sharded"]` against each other function, every case (a slice of rows)
+    on its own; gradients of arguments shared by all rows (per_row False) under the case "shared weights".
+    One compilation per function for all cases."""
+    def loss(f):
+        return lambda *a: jnp.sum(jnp.sin(f(*a)) * jnp.cos(a[0][..., :1]))
 
-    def sharded(x, dt, A, B, C):
+    argnums = tuple(range(len(args)))
+    values = {name: jax.jit(f)(*args) for name, f in functions.items()}
+    grads = {name: jax.jit(jax.grad(loss(f), argnums=argnums))(*args) for name, f in functions.items()}
+    errors = {case: {} for case in [*cases, "shared weights"]}
+    for name in functions:
+        if name == "sharded":
+            continue
+        for case, rows in cases.items():
+            errors[case][f"{prefix}_value_vs_{name}"] = relative_error(values["sharded"][rows], values[name][rows])
+            errors[case][f"{prefix}_grad_vs_{name}"] = max(
+                relative_error(a[rows], b[rows]) for a, b, row in zip(grads["sharded"], grads[name], per_row) if row)
+        if not all(per_row):
+            errors["shared weights"][f"{prefix}_grad_vs_{name}"] = max(
+                relative_error(a, b) for a, b, row in zip(grads["sharded"], grads[name], per_row) if not row)
+    return errors
+
+
+def in_layout(f, layout: str, shards: int, segments, per_row: tuple):
+    """f(*args, segments) run on rows put in the context layout, as the data path and the model do around the
+    layers: the per_row arguments and the segment ids permuted along time, the result permuted back."""
+    order = layout_order(segments.shape[1], shards, layout)
+
+    def wrapped(*args):
+        args = [jnp.take(a, order, axis=1) if row else a for a, row in zip(args, per_row)]
+        return jnp.take(f(*args, jnp.take(segments, order, axis=1)), np.argsort(order), axis=1)
+
+    return wrapped
+
+
+def compare_ssd(mesh, segments, args, chunk, cases, layout) -> dict:
+    seq = P(None, "context")
+    per_row = (True, True, False, True, True)
+
+    def sharded(x, dt, A, B, C, segments):
         return jax.shard_map(lambda x, dt, A, B, C, s: ssd_context_parallel(
-            x, dt, A, B, C, chunk_size=chunk, segment_ids=s, axis="context"), mesh=mesh,
+            x, dt, A, B, C, chunk_size=chunk, segment_ids=s, axis="context", layout=layout), mesh=mesh,
             in_specs=(seq, seq, P(), seq, seq, seq), out_specs=seq, check_vma=False)(x, dt, A, B, C, segments)
 
     def whole(x, dt, A, B, C):
@@ -74,66 +117,48 @@ def compare_ssd(mesh, segments, args, chunk) -> dict:
     def oracle(x, dt, A, B, C):
         return ssd_reference(x, dt, A, B, C, segment_ids=segments)[0]
 
-    def loss(f):
-        return lambda *a: jnp.sum(jnp.sin(f(*a)) * jnp.cos(a[0][..., :1]))
-
-    values = {name: jax.jit(f)(*args) for name, f in [("sharded", sharded), ("whole", whole), ("oracle", oracle)]}
-    grads = {name: jax.jit(jax.grad(loss(f), argnums=(0, 1, 2, 3, 4)))(*args)
-             for name, f in [("sharded", sharded), ("whole", whole), ("oracle", oracle)]}
-    return {"value_vs_whole": relative_error(values["sharded"], values["whole"]),
-            "value_vs_oracle": relative_error(values["sharded"], values["oracle"]),
-            "grad_vs_whole": max(relative_error(a, b) for a, b in zip(grads["sharded"], grads["whole"])),
-            "grad_vs_oracle": max(relative_error(a, b) for a, b in zip(grads["sharded"], grads["oracle"]))}
+    functions = {"sharded": in_layout(sharded, layout, mesh.size, segments, per_row), "whole": whole,
+                 "oracle": oracle}
+    return compare(functions, args, per_row, cases, "ssd")
 
 
-def compare_conv(mesh, segments, rng) -> dict:
-    T = segments.shape[1]
-    x = rng.normal(size=(2, T, 6)).astype(np.float32)
-    kernel = rng.normal(size=(WIDTH, 6)).astype(np.float32)
-    bias = rng.normal(size=(6,)).astype(np.float32)
+def compare_conv(mesh, segments, rng, cases, layout) -> dict:
+    b, T = segments.shape
+    args = (rng.normal(size=(b, T, 6)).astype(np.float32), rng.normal(size=(WIDTH, 6)).astype(np.float32),
+            rng.normal(size=(6,)).astype(np.float32))
     seq = P(None, "context")
+    per_row = (True, False, False)
 
-    def local(x, kernel, bias, segment_ids):
-        runs = document_runs(segment_ids, segment_ids.shape)
-        halo, halo_runs = conv_halo(x, runs, segment_ids, WIDTH, "context")
-        return causal_depthwise_conv(x, kernel, bias, runs, initial_state=halo, initial_runs=halo_runs)[0]
-
-    def sharded(x, kernel, bias):
-        mapped = jax.shard_map(local, mesh=mesh, in_specs=(seq, P(), P(), seq), out_specs=seq, check_vma=False)
-        return mapped(x, kernel, bias, segments)
+    def sharded(x, kernel, bias, segments):
+        return jax.shard_map(functools.partial(causal_conv_context_parallel, axis="context", layout=layout),
+                             mesh=mesh, in_specs=(seq, P(), P(), seq), out_specs=seq,
+                             check_vma=False)(x, kernel, bias, segments)
 
     def whole(x, kernel, bias):
         return causal_depthwise_conv(x, kernel, bias, document_runs(segments, segments.shape))[0]
 
-    def loss(f):
-        return lambda *a: jnp.sum(jnp.sin(f(*a)) * a[0])
-
-    grads = [jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(x, kernel, bias) for f in (sharded, whole)]
-    return {"conv_value": relative_error(jax.jit(sharded)(x, kernel, bias), jax.jit(whole)(x, kernel, bias)),
-            "conv_grad": max(relative_error(a, b) for a, b in zip(*grads))}
+    functions = {"sharded": in_layout(sharded, layout, mesh.size, segments, per_row), "whole": whole}
+    return compare(functions, args, per_row, cases, "conv")
 
 
-def compare_attention(mesh, segments, rng, block: int) -> dict:
+def compare_attention(mesh, segments, rng, block: int, cases, layout) -> dict:
     """GQA (4 query heads, 2 KV heads) over the whole row vs. each shard's queries against gathered keys."""
-    T = segments.shape[1]
-    q = rng.normal(size=(2, T, 4, 8)).astype(np.float32)
-    k, v = (rng.normal(size=(2, T, 2, 8)).astype(np.float32) for _ in range(2))
+    b, T = segments.shape
+    args = (rng.normal(size=(b, T, 4, 8)).astype(np.float32),
+            *(rng.normal(size=(b, T, 2, 8)).astype(np.float32) for _ in range(2)))
     seq = P(None, "context")
+    per_row = (True, True, True)
 
-    def sharded(q, k, v):
+    def sharded(q, k, v, segments):
         return jax.shard_map(lambda q, k, v, s: flash_attention_context_parallel(
-            q, k, v, s, scale=0.3, block_size=block, axis="context"), mesh=mesh,
+            q, k, v, s, scale=0.3, block_size=block, axis="context", layout=layout), mesh=mesh,
             in_specs=(seq, seq, seq, seq), out_specs=seq, check_vma=False)(q, k, v, segments)
 
     def whole(q, k, v):
         return flash_attention(q, k, v, document_runs(segments, segments.shape), scale=0.3, block_size=block)
 
-    def loss(f):
-        return lambda *a: jnp.sum(jnp.sin(f(*a)) * a[0])
-
-    grads = [jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(q, k, v) for f in (sharded, whole)]
-    return {"attention_value": relative_error(jax.jit(sharded)(q, k, v), jax.jit(whole)(q, k, v)),
-            "attention_grad": max(relative_error(a, b) for a, b in zip(*grads))}
+    functions = {"sharded": in_layout(sharded, layout, mesh.size, segments, per_row), "whole": whole}
+    return compare(functions, args, per_row, cases, "attention")
 
 
 def main():
@@ -141,13 +166,19 @@ def main():
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:shards]), ("context",))
     rng = np.random.default_rng(shards)
     results = {}
-    for T, chunk in [(shards * 16, 8), (shards * 12, 5)]:  # chunks that do and do not divide a shard
-        args = inputs(T, rng)
-        for name, segments in segment_cases(T, shards, chunk, rng).items():
-            segments = jnp.asarray(segments)
-            results[f"T={T} chunk={chunk} {name}"] = {**compare_ssd(mesh, segments, args, chunk),
-                                                      **compare_conv(mesh, segments, rng),
-                                                      **compare_attention(mesh, segments, rng, block=chunk - chunk % 4)}
+    for layout in LAYOUTS:
+        for T, chunk in [(shards * 16, 8), (shards * 12, 5)]:  # chunks that do and do not divide a piece
+            named_rows = segment_cases(T, shards, chunk, rng)
+            segments = jnp.asarray(np.concatenate(list(named_rows.values())))   # every case in one batch
+            cases = {name: slice(2 * i, 2 * i + 2) for i, name in enumerate(named_rows)}
+            args = inputs(segments.shape[0], T, rng)
+            piece = T // (shards * pieces_per_shard(layout))
+            block = math.gcd(chunk - chunk % 4, piece)
+            errors = [compare_ssd(mesh, segments, args, chunk, cases, layout),
+                      compare_conv(mesh, segments, rng, cases, layout),
+                      compare_attention(mesh, segments, rng, block, cases, layout)]
+            for case in errors[0]:
+                results[f"{layout} T={T} chunk={chunk} {case}"] = {k: v for e in errors for k, v in e[case].items()}
     report(results)
 
 
