@@ -40,7 +40,7 @@ def main():
     found = collectives(compiled.as_text())
     full_length = [(kind, shapes) for kind, shapes in found
                    if any(dtype.startswith(("f", "bf")) and seq_len in shape for dtype, shape in shapes)]
-    summary = (8, 1, config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state)
+    summary = (8, 1, 1, config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state)  # shards, pieces, rows
     result = {"collectives": len(found), "full_length_float_collectives": [str(c) for c in full_length],
               "summary_all_gathers": sum(kind == "all-gather" and any(shape == summary for _, shape in shapes)
                                          for kind, shapes in found)}
