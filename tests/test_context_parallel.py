@@ -34,9 +34,9 @@ CONTEXT_MESHES = {"context 8": {"context": 8}, "fsdp 2 x context 4": {"fsdp": 2,
 @pytest.mark.parametrize("model", ["tiny-hybrid-moe", "tiny-dense-rope"])
 def test_context_parallel_training_gives_the_one_device_losses(tmp_path, model):
     """Three training steps of a 2-layer model with every row split over a context axis (alone and with fsdp,
-    expert, data x tensor; contiguous and zigzag layouts) give the one-device losses and gradient norms: the Mamba layer's halo and state
-    passing, attention over the gathered keys, expert parallelism over rows x pieces, the loss over each
-    device's tokens and the gradient reductions over context are all exact."""
+    expert, data x tensor; contiguous and zigzag layouts) give the one-device losses and gradient norms: the
+    Mamba layer's halo and state passing, attention over the gathered keys, expert parallelism over rows x
+    pieces, the loss over each device's tokens and the gradient reductions over context are all exact."""
     layers = ["mamba", "attention"] if model == "tiny-hybrid-moe" else ["attention", "attention"]
     overrides = {**TRAIN, "model": model,
                  "model_overrides": {"num_hidden_layers": 2, "layer_types": layers, "mamba_chunk_size": 16}}
