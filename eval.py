@@ -3,6 +3,8 @@
     python eval.py generate   --checkpoint runs/sft-tiny --chat --prompt "What is 12 + 30?"
     python eval.py perplexity --checkpoint runs/pretrain-tiny --data data/kjv/kjv-validation.jsonl.gz
     python eval.py choice     --checkpoint runs/pretrain-tiny --task data/eval/kjv-next-verse.jsonl
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python eval.py perplexity --checkpoint runs/pretrain-tiny \
+        --data data/kjv/kjv-validation.jsonl.gz --seq-len 65536 --batch-size 1 --mesh '{context: 8}'   # long windows
     python eval.py lm-eval    --checkpoint runs/sft-tiny --tasks kjv_next_verse --include-path data/eval/lm_eval
 
 `generate` streams the tokens of a single prompt to the terminal (several --prompt flags are batched and
@@ -63,13 +65,29 @@ def _generate(args) -> dict | None:
     return None
 
 
+def _scorer_options(args) -> dict:
+    """Rows, batch and, with --mesh, the device mesh and sharding plan a `Scorer` runs on."""
+    options = dict(seq_len=args.seq_len, batch_size=args.batch_size)
+    if args.mesh is None:
+        return options
+    import yaml
+
+    from granite_jax.parallel.mesh import MeshError, make_mesh
+    from granite_jax.parallel.plan import ShardingPlan
+
+    sizes = yaml.safe_load(args.mesh)
+    if not isinstance(sizes, dict):
+        raise MeshError(f"--mesh {args.mesh!r}: expected a mapping of axis sizes, e.g. '{{context: 8}}'")
+    return dict(options, mesh=make_mesh(sizes),
+                plan=ShardingPlan(rules=args.sharding_rules, context_layout=args.context_layout))
+
+
 def _perplexity(args) -> dict:
     from granite_jax.eval.checkpoints import load_for_eval
     from granite_jax.eval.scoring import Scorer, perplexity_of_files
 
     model, tokenizer, _ = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
-    result = perplexity_of_files(Scorer(model, seq_len=args.seq_len, batch_size=args.batch_size), args.data,
-                                 tokenizer, args.text_field)
+    result = perplexity_of_files(Scorer(model, **_scorer_options(args)), args.data, tokenizer, args.text_field)
     return dict(documents=result.documents, windows=result.windows, tokens=result.tokens, bytes=result.bytes,
                 loss=result.loss, perplexity=result.perplexity, bits_per_byte=result.bits_per_byte)
 
@@ -79,8 +97,7 @@ def _choice(args) -> dict:
     from granite_jax.eval.scoring import Scorer, multiple_choice, read_choice_task
 
     model, tokenizer, _ = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
-    result = multiple_choice(Scorer(model, seq_len=args.seq_len, batch_size=args.batch_size),
-                             read_choice_task(args.task), tokenizer)
+    result = multiple_choice(Scorer(model, **_scorer_options(args)), read_choice_task(args.task), tokenizer)
     return dict(task=args.task, questions=result.questions, accuracy=result.accuracy,
                 accuracy_norm=result.accuracy_norm)
 
@@ -125,6 +142,11 @@ def main(argv=None) -> int:
         _common(p)
         p.add_argument("--seq-len", type=int, default=2048)
         p.add_argument("--batch-size", type=int, default=8)
+        if name != "lm-eval":
+            p.add_argument("--mesh", default=None, help="device mesh as a YAML mapping, e.g. '{context: 8}': "
+                           "rows over data/fsdp, each row's tokens over context (long windows)")
+            p.add_argument("--context-layout", default="contiguous", choices=["contiguous", "zigzag"])
+            p.add_argument("--sharding-rules", default="fsdp_tp", help="rules preset (granite_jax/parallel/plan.py)")
         if name == "perplexity":
             p.add_argument("--data", nargs="+", required=True)
             p.add_argument("--text-field", default="text")

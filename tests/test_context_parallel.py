@@ -97,3 +97,13 @@ def test_compiled_context_parallel_step_moves_no_full_length_activations():
     assert result["full_length_float_collectives"] == [], result
     assert result["summary_all_gathers"] >= 2, result
     assert result["temp_context_8"] <= result["temp_context_1"] / 4, result
+
+
+def test_scoring_over_a_context_axis_equals_one_device():
+    """eval.py's scorer (perplexity, multiple choice) on `--mesh '{context: 8}'` and on data 2 x context 4 with
+    the zigzag layout: every request's summed log-likelihood equals one device's (1e-4 nats) and the greedy
+    flags are the same; a decoding prefill with the sequence split is refused, saying what to do instead."""
+    result = _run_module("scoring_mesh", None, devices=8)
+    for name in ("context 8", "data 2 x context 4 zigzag"):
+        assert result[name]["max_abs_difference"] < 1e-4 and result[name]["greedy_equal"], result
+    assert "not supported; prefill on a mesh with context=1" in result["prefill"], result

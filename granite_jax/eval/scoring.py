@@ -26,6 +26,17 @@ from flax import nnx
 
 from granite_jax.data.sources import DataError, read_documents
 from granite_jax.model.granite import GraniteForCausalLM
+from granite_jax.parallel.mesh import check_batch, check_sequence, parameter_shardings
+from granite_jax.parallel.plan import ShardingPlan
+from granite_jax.train.step import chunked_token_scores, context_order, in_context_layout
+
+
+def _with_plan(model: GraniteForCausalLM, plan: ShardingPlan) -> GraniteForCausalLM:
+    """The same weights in a model whose configuration carries `plan` (the plan is static, part of the graph)."""
+    config = model.config.replace(sharding=plan)
+    placed = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
+    nnx.update(placed, nnx.state(model))
+    return placed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,21 +71,46 @@ def _input_len(request: Request) -> int:
 
 
 class Scorer:
-    """Batched log-likelihoods of continuations; `batch_size` rows of `seq_len` tokens per forward pass."""
+    """Batched log-likelihoods of continuations; `batch_size` rows of `seq_len` tokens per forward pass.
 
-    def __init__(self, model: GraniteForCausalLM, *, seq_len: int = 2048, batch_size: int = 8):
-        self.seq_len, self.batch_size = seq_len, batch_size
+    `mesh` (optional) spreads the model and the rows over devices with `plan`'s rules: parameters sharded as
+    in training, rows over the batch axes and, with a `context` axis, every row's tokens over it (context
+    parallelism; a 512K window fits where one device could not hold it). Per-token log-probabilities are
+    computed `chunk_tokens` tokens per device at a time, so the logits of a long row never exist at once."""
+
+    def __init__(self, model: GraniteForCausalLM, *, seq_len: int = 2048, batch_size: int = 8, mesh=None,
+                 plan: ShardingPlan = ShardingPlan(), chunk_tokens: int = 8192):
+        self.seq_len, self.batch_size, self.mesh = seq_len, batch_size, mesh
+        if mesh is not None:
+            check_batch(batch_size, mesh, plan)
+            check_sequence(seq_len, mesh, plan, model.config)
+            model = _with_plan(model, plan)
         graphdef, params = nnx.split(model)
+        if mesh is not None:
+            params = jax.device_put(params, parameter_shardings(params, mesh, plan.table))
         self.params = params
+        config = model.config
 
         @jax.jit
         def token_scores(params, ids, segment_ids, targets):
-            logits = nnx.merge(graphdef, params)(ids, segment_ids).logits.astype(jnp.float32)
-            logprobs = jax.nn.log_softmax(logits, axis=-1)
-            chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-            return chosen, jnp.argmax(logits, axis=-1) == targets
+            model = nnx.merge(graphdef, params)
+            batch = in_context_layout(dict(input_ids=ids, segment_ids=segment_ids, positions=None, targets=targets),
+                                      config.sharding)
+            hidden, _ = model.model(batch["input_ids"], batch["segment_ids"], batch["positions"])
+            chosen, greedy = chunked_token_scores(hidden, model.output_weight(), batch["targets"], chunk=chunk_tokens,
+                                                  logits_scaling=config.logits_scaling, plan=config.sharding)
+            order = context_order(ids.shape[1], config.sharding)
+            if order is not None:  # back to row order
+                chosen, greedy = (jnp.take(x, np.argsort(order), axis=1) for x in (chosen, greedy))
+            return chosen, greedy
 
         self._token_scores = token_scores
+
+    def _run(self, ids, segments, targets):
+        if self.mesh is None:
+            return self._token_scores(self.params, ids, segments, targets)
+        with jax.set_mesh(self.mesh):
+            return self._token_scores(self.params, ids, segments, targets)
 
     def score(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), continuation is the greedy choice) per request."""
@@ -94,7 +130,7 @@ class Scorer:
                     ids[r, offset:offset + n] = tokens[:-1]
                     targets[r, offset:offset + n] = tokens[1:]
                     segments[r, offset:offset + n] = segment
-            chosen, greedy = jax.device_get(self._token_scores(self.params, ids, segments, targets))
+            chosen, greedy = jax.device_get(self._run(ids, segments, targets))
             for r, row in enumerate(batch):
                 for index, offset in row:
                     request = requests[index]

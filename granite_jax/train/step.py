@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -31,6 +32,58 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
+class _DeviceChunks(NamedTuple):
+    """Cuts (B, T, ...) arrays into chunks of about `chunk` tokens per device, every device chunking its own
+    tokens: (n chunks, shards, rows, length, ...), the shards being row shards × sequence pieces. The chunks are
+    slices of the sequence, every row at once, so that the batch dimension keeps its sharding (chunking the
+    flattened batch would put each chunk on one device)."""
+
+    row_shards: int
+    piece_shards: int
+    rows: int
+    piece: int
+    length: int
+    plan: ShardingPlan
+
+    @classmethod
+    def of(cls, B: int, T: int, chunk: int, plan: ShardingPlan) -> "_DeviceChunks":
+        mesh = current_mesh()
+        row_shards = 1 if mesh is None else plan.batch_shards(mesh)
+        piece_shards = 1 if mesh is None else plan.sequence_shards(mesh)  # context parallelism: pieces of a row
+        rows, piece = B // row_shards, T // piece_shards
+        return cls(row_shards, piece_shards, rows, piece, max(1, min(piece, chunk // rows)), plan)
+
+    @property
+    def shards(self) -> int:
+        return self.row_shards * self.piece_shards
+
+    @property
+    def pad(self) -> int:
+        return -self.piece % self.length
+
+    def split(self, x):
+        rest = x.shape[2:]
+        x = x.reshape(self.row_shards, self.rows, self.piece_shards, self.piece, *rest).swapaxes(1, 2)
+        x = jnp.pad(x.reshape(self.shards, self.rows, self.piece, *rest),
+                    [(0, 0), (0, 0), (0, self.pad)] + [(0, 0)] * len(rest))
+        x = jnp.moveaxis(x.reshape(self.shards, self.rows, -1, self.length, *rest), 2, 0)
+        return constrain(x, (None, PER_SHARD) + (None,) * (x.ndim - 2), self.plan)
+
+    def merge(self, x):
+        """The inverse of `split` for (n, shards, rows, length) per-token results: (B, T)."""
+        x = jnp.moveaxis(x, 0, 2).reshape(self.shards, self.rows, -1)[:, :, :self.piece]
+        x = x.reshape(self.row_shards, self.piece_shards, self.rows, self.piece).swapaxes(1, 2)
+        return x.reshape(self.row_shards * self.rows, self.piece_shards * self.piece)
+
+    def per_shard_head(self, head_weight):
+        """(shards, V, H): one copy of the head per shard, its gradient summed over the shards after the loop."""
+        return constrain(jnp.broadcast_to(head_weight, (self.shards, *head_weight.shape)),
+                         (PER_SHARD, "activation_vocab", None), self.plan)
+
+
+PER_SHARD = ("activation_batch", "activation_length")     # one dimension: row shards x sequence pieces
+
+
 def chunked_cross_entropy(hidden, head_weight, targets, weights, *, chunk: int, logits_scaling: float = 1.0,
                           plan: ShardingPlan = ShardingPlan()):
     """Σ weights · CE and Σ weights · logsumexp² over all tokens, logits built for about `chunk` tokens per
@@ -38,31 +91,10 @@ def chunked_cross_entropy(hidden, head_weight, targets, weights, *, chunk: int, 
 
     hidden (B, T, H) in the compute dtype; head_weight (V, H), the output head's parameter; logits are
     `head_logits(hidden, head_weight, logits_scaling)` in float32. targets, weights (B, T). Returns
-    (ce_sum, z_sum). The chunks are slices of the sequence, every row at once, so that the batch dimension keeps
-    its sharding: chunking the flattened batch would put each chunk on one device. `plan` says where the batch
-    shards live on the mesh being traced under.
+    (ce_sum, z_sum). `plan` says where the batch shards live on the mesh being traced under.
     """
-    B, T, H = hidden.shape
-    mesh = current_mesh()
-    row_shards = 1 if mesh is None else plan.batch_shards(mesh)
-    piece_shards = 1 if mesh is None else plan.sequence_shards(mesh)  # context parallelism: pieces of each row
-    shards = row_shards * piece_shards
-    rows, piece = B // row_shards, T // piece_shards           # rows per batch shard, tokens per sequence piece
-    length = max(1, min(piece, chunk // rows))
-    pad = -piece % length
-    n = (piece + pad) // length
-    per_shard = ("activation_batch", "activation_length")     # one dimension: row shards x sequence pieces
-
-    def split(x):  # (B, T, ...) -> (n chunks, shards, rows, length, ...), every shard chunking its own tokens
-        rest = x.shape[2:]
-        x = x.reshape(row_shards, rows, piece_shards, piece, *rest).swapaxes(1, 2).reshape(shards, rows, piece, *rest)
-        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * len(rest)).reshape(shards, rows, n, length, *rest)
-        x = jnp.moveaxis(x, 2, 0)
-        return constrain(x, (None, per_shard) + (None,) * (x.ndim - 2), plan)
-
-    # (shards, V, H): one copy of the head per shard, its gradient summed over the shards after the loop
-    per_shard_head = constrain(jnp.broadcast_to(head_weight, (shards, *head_weight.shape)),
-                               (per_shard, "activation_vocab", None), plan)
+    chunks = _DeviceChunks.of(*hidden.shape[:2], chunk, plan)
+    per_shard_head = chunks.per_shard_head(head_weight)
 
     @jax.checkpoint
     def one_chunk(carry, inputs):
@@ -74,8 +106,35 @@ def chunked_cross_entropy(hidden, head_weight, targets, weights, *, chunk: int, 
         return (ce + jnp.sum(w * (lse - target_logit)), z + jnp.sum(w * lse**2)), None
 
     (ce, z), _ = jax.lax.scan(one_chunk, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-                              (split(hidden), split(targets), split(weights)))
+                              (chunks.split(hidden), chunks.split(targets), chunks.split(weights)))
     return ce, z
+
+
+def chunked_token_scores(hidden, head_weight, targets, *, chunk: int, logits_scaling: float = 1.0,
+                         plan: ShardingPlan = ShardingPlan()):
+    """Per token, log p(target) and whether the target is the argmax, logits built for about `chunk` tokens
+    per device at a time (as `chunked_cross_entropy`): (B, T) float32 and (B, T) bool. For scoring rows too
+    long for their logits to exist at once (a 512K window over a 100K vocabulary)."""
+    chunks = _DeviceChunks.of(*hidden.shape[:2], chunk, plan)
+    per_shard_head = chunks.per_shard_head(head_weight)
+
+    def one_chunk(inputs):
+        h, t = inputs
+        logits = jax.vmap(head_logits, (0, 0, None))(h, per_shard_head, logits_scaling).astype(jnp.float32)
+        chosen = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), t[..., None], axis=-1)[..., 0]
+        return chosen, jnp.argmax(logits, axis=-1) == t
+
+    chosen, greedy = jax.lax.map(one_chunk, (chunks.split(hidden), chunks.split(targets)))
+    return chunks.merge(chosen), chunks.merge(greedy)
+
+
+def context_order(length: int, plan: ShardingPlan) -> np.ndarray | None:
+    """The token order of a row of `length` under the plan's context layout on the current mesh (row[order] is
+    in the layout), or None when rows stay in order (contiguous layout, or no split sequence)."""
+    mesh = current_mesh()
+    if mesh is None or plan.context_layout == "contiguous" or plan.sequence_shards(mesh) == 1:
+        return None
+    return layout_order(length, plan.sequence_shards(mesh), plan.context_layout)
 
 
 def in_context_layout(batch: dict, plan: ShardingPlan) -> dict:
@@ -83,13 +142,12 @@ def in_context_layout(batch: dict, plan: ShardingPlan) -> dict:
     counted in row order, then every per-token array (ids, segment ids, positions, targets, weights) permuted
     into the layout. Applied once per step, to integer and weight arrays only; the loss is a sum over tokens,
     so the order does not change it. The batch itself under the contiguous layout or an unsplit sequence."""
-    mesh = current_mesh()
-    if mesh is None or plan.context_layout == "contiguous" or plan.sequence_shards(mesh) == 1:
-        return batch
     ids = batch["input_ids"]
+    order = context_order(ids.shape[1], plan)
+    if order is None:
+        return batch
     if batch.get("positions") is None:
         batch = {**batch, "positions": positions_within_documents(document_runs(batch.get("segment_ids"), ids.shape))}
-    order = layout_order(ids.shape[1], plan.sequence_shards(mesh), plan.context_layout)
     return {name: (value if value is None else jnp.take(value, order, axis=1)) for name, value in batch.items()}
 
 
