@@ -102,8 +102,11 @@ def test_compiled_context_parallel_step_moves_no_full_length_activations():
 def test_scoring_over_a_context_axis_equals_one_device():
     """eval.py's scorer (perplexity, multiple choice) on `--mesh '{context: 8}'` and on data 2 x context 4 with
     the zigzag layout: every request's summed log-likelihood equals one device's (1e-4 nats) and the greedy
-    flags are the same; a decoding prefill with the sequence split is refused, saying what to do instead."""
+    flags are the same; on context 8, requests packed several to a row score what they score alone in a row
+    (documents stay apart across the shards); a decoding prefill with the sequence split is refused, saying
+    what to do instead."""
     result = _run_module("scoring_mesh", None, devices=8)
     for name in ("context 8", "data 2 x context 4 zigzag"):
         assert result[name]["max_abs_difference"] < 1e-4 and result[name]["greedy_equal"], result
+    assert result["context 8"]["packed_vs_alone"] < 1e-4, result
     assert "not supported; prefill on a mesh with context=1" in result["prefill"], result

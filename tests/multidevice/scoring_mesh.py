@@ -1,6 +1,7 @@
 """Scoring on a mesh: `Scorer(mesh=...)` with every row's tokens split over a context axis (contiguous and
-zigzag) gives the one-device per-request log-likelihoods and greedy flags; a decoding prefill under a split
-sequence is refused with a message."""
+zigzag) gives the one-device per-request log-likelihoods and greedy flags, and, on the context axis, a
+packed row gives each document what it gets alone in its row; a decoding prefill under a split sequence is
+refused with a message."""
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,10 @@ def main():
         scores = Scorer(model, mesh=make_mesh(sizes), plan=plan, **options).score(requests)
         result[name] = {"max_abs_difference": max(abs(a[0] - b[0]) for a, b in zip(scores, reference)),
                         "greedy_equal": [a[1] for a in scores] == [b[1] for b in reference]}
+        if layout == "contiguous":  # each request alone in its row (and padding), on the same mesh
+            scorer = Scorer(model, mesh=make_mesh(sizes), plan=plan, **options)
+            alone = [scorer.score([request])[0] for request in requests]
+            result[name]["packed_vs_alone"] = max(abs(a[0] - b[0]) for a, b in zip(scores, alone))
     try:
         with jax.set_mesh(make_mesh({"context": 8})):
             model.prefill(jnp.zeros((1, 64), jnp.int32), jnp.zeros((1,), jnp.int32), model.init_cache(1, 80))
