@@ -31,7 +31,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "ragged_dot", "tiled")  # see granite_jax/model/moe.py
 # Fields that say how we compute, not what the model is: never written to config.json.
 COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_block_size", "remat_policy", "scan_layers",
-                  "sharding")
+                  "subpiece_tokens", "sharding")
 REMAT_POLICIES = ("none", "full", "save_dots")
 
 
@@ -98,6 +98,10 @@ class ModelConfig:
     # Training: run the stack as a `lax.scan` over repetitions of its layer pattern (the 40-layer releases repeat
     # 10 layers 4 times), so XLA compiles the pattern once. A stack with no repeating pattern runs unrolled.
     scan_layers: bool = False
+    # Long rows: Mamba layers and the MoE/MLP block run the tokens each device holds (of every row, or of every
+    # context piece) in sub-pieces of this many (Mamba carrying its conv inputs and SSM state from one to the
+    # next), so that their working memory is one sub-piece's, not the whole row's. 0 = the whole row at once.
+    subpiece_tokens: int = 0
     # How the model is laid out over the mesh it is traced under (rules for parameters and activations, the
     # MoE exchange): granite_jax/parallel/plan.py. Static, hashed with the rest of the config.
     sharding: ShardingPlan = ShardingPlan()
@@ -220,6 +224,9 @@ class ModelConfig:
         _require_positive("attention_block_size", self.attention_block_size)
         if not isinstance(self.scan_layers, bool):
             raise ConfigError(f"scan_layers={self.scan_layers!r} must be true or false")
+        if self.subpiece_tokens < 0 or 0 < self.subpiece_tokens < self.mamba_d_conv:
+            raise ConfigError(f"subpiece_tokens={self.subpiece_tokens} must be 0 (off) or at least "
+                              f"mamba_d_conv={self.mamba_d_conv}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:

@@ -34,7 +34,8 @@ CONTEXT_MESHES = {"context 8": {"context": 8}, "fsdp 2 x context 4": {"fsdp": 2,
 @pytest.mark.parametrize("model", ["tiny-hybrid-moe", "tiny-dense-rope"])
 def test_context_parallel_training_gives_the_one_device_losses(tmp_path, model):
     """Three training steps of a 2-layer model with every row split over a context axis (alone and with fsdp,
-    expert, data x tensor; contiguous and zigzag layouts) give the one-device losses and gradient norms: the
+    expert, data x tensor; contiguous and zigzag layouts; the layers in sub-pieces of 4 tokens per device)
+    give the one-device losses and gradient norms: the
     Mamba layer's halo and state passing, attention over the gathered keys, expert parallelism over rows x
     pieces, the loss over each device's tokens and the gradient reductions over context are all exact."""
     layers = ["mamba", "attention"] if model == "tiny-hybrid-moe" else ["attention", "attention"]
@@ -42,9 +43,12 @@ def test_context_parallel_training_gives_the_one_device_losses(tmp_path, model):
                  "model_overrides": {"num_hidden_layers": 2, "layer_types": layers, "mamba_chunk_size": 16}}
     reference = _run_module("train_meshes", {"meshes": {"one device": {"data": 1}}, "root": str(tmp_path),
                                              "overrides": overrides}, devices=1)["one device"]
-    sharded = _run_module("train_meshes", {"meshes": CONTEXT_MESHES, "root": str(tmp_path), "overrides": overrides})
+    meshes = {**CONTEXT_MESHES, "fsdp 2 x context 4 zigzag in sub-pieces": {
+        "mesh": {"fsdp": 2, "context": 4}, "context_layout": "zigzag",
+        "model_overrides": {**overrides["model_overrides"], "subpiece_tokens": 4}}}
+    sharded = _run_module("train_meshes", {"meshes": meshes, "root": str(tmp_path), "overrides": overrides})
     reference_norms = _metrics(tmp_path / "onedevice", "grad_norm")
-    assert len(reference) == 3 and set(sharded) == set(CONTEXT_MESHES)
+    assert len(reference) == 3 and set(sharded) == set(meshes)
     for name, losses in sharded.items():
         np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=name)
         np.testing.assert_allclose(_metrics(tmp_path / name.replace(" ", ""), "grad_norm"), reference_norms,

@@ -20,7 +20,7 @@ from granite_jax.model.linear import make_linear
 from granite_jax.model.mamba import Mamba2Mixer
 from granite_jax.model.moe import MoE, RouterStats, SharedMLP, load_balancing_loss
 from granite_jax.model.norms import RMSNorm
-from granite_jax.parallel.plan import RESIDUAL, constrain, logical_param, sequence_split
+from granite_jax.parallel.plan import RESIDUAL, constrain, current_mesh, logical_param, sequence_split
 
 
 class CausalLMOutput(NamedTuple):
@@ -62,6 +62,7 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = norm()
         self.block_sparse_moe = MoE(config, rngs=rngs) if config.is_moe else None
         self.shared_mlp = SharedMLP(config, rngs=rngs)
+        self.subpiece_tokens, self.plan = config.subpiece_tokens, config.sharding
 
     @staticmethod
     def init_state(config: ModelConfig, layer_type: str, batch: int, max_len: int):
@@ -90,9 +91,47 @@ class DecoderLayer(nnx.Module):
             mixed, state = self.mamba.decode(x, state)
         else:
             mixed, state = self.self_attn.decode(x, index=index, start=start, positions=positions, cache=state)
-        return self._ffn(h + mixed * self.residual_multiplier, None)[0], state
+        return self._ffn_tokens(h + mixed * self.residual_multiplier, None)[0], state
 
     def _ffn(self, h, token_mask):
+        """The MoE/MLP block, over sub-pieces of `subpiece_tokens` of each device's tokens when set."""
+        sub = self.subpiece_tokens
+        shards = self._sequence_shards()
+        T = h.shape[1]
+        if not sub or T // shards <= sub:
+            return self._ffn_tokens(h, token_mask)
+        if (T // shards) % sub:
+            raise ValueError(f"subpiece_tokens={sub} does not divide the {T // shards} tokens of a row on a device; "
+                             f"use a divisor of {T // shards}")
+        b, n = h.shape[0], T // shards // sub
+
+        def by_subpiece(a):  # (b, T, ...) -> (n, b, shards · sub, ...): sub-piece k of every shard's tokens
+            a = jnp.moveaxis(a.reshape(b, shards, n, sub, *a.shape[2:]), 2, 0)
+            return a.reshape(n, b, shards * sub, *a.shape[4:])
+
+        mask = jnp.ones(h.shape[:2], bool) if token_mask is None else token_mask
+
+        @jax.checkpoint
+        def one(stats_sum, inputs):
+            h, mask = inputs
+            h = constrain(h, RESIDUAL, self.plan)
+            out, stats = self._ffn_tokens(h, None if token_mask is None else mask)
+            if stats is not None:
+                stats_sum = jax.tree.map(jnp.add, stats_sum, stats)
+            return stats_sum, out
+
+        zero = None if self.block_sparse_moe is None else jax.tree.map(
+            jnp.zeros_like, jax.eval_shape(lambda: self._ffn_tokens(h[:, :shards * sub], None if token_mask is None
+                                                                    else mask[:, :shards * sub])[1]))
+        stats, out = jax.lax.scan(one, zero, (by_subpiece(h), by_subpiece(mask)))
+        out = out.reshape(n, b, shards, sub, -1)
+        return jnp.moveaxis(out, 0, 2).reshape(h.shape), stats
+
+    def _sequence_shards(self) -> int:
+        mesh = current_mesh()
+        return 1 if mesh is None else self.plan.sequence_shards(mesh)
+
+    def _ffn_tokens(self, h, token_mask):
         x = self.post_attention_layernorm(h)
         f = self.shared_mlp(x)
         stats = None

@@ -16,7 +16,14 @@ from granite_jax.model.linear import make_linear
 from granite_jax.model.norms import GatedRMSNorm
 from granite_jax.model.ssd import continues_previous_piece, ssd_chunked, ssd_context_parallel, ssd_decode_step
 from granite_jax.parallel.plan import logical_param, sequence_split
-from granite_jax.parallel.sequence import from_pieces, from_previous_piece, to_pieces
+from granite_jax.parallel.sequence import (
+    entering_states,
+    from_pieces,
+    from_previous_piece,
+    has_previous_piece,
+    pieces_per_shard,
+    to_pieces,
+)
 
 
 @jax.custom_vjp
@@ -127,6 +134,7 @@ class Mamba2Mixer(nnx.Module):
         self.time_step_limit = config.time_step_limit
         self.dtype = config.compute_dtype
         self.plan = config.sharding
+        self.subpiece = config.subpiece_tokens
         linear = functools.partial(make_linear, config, use_bias=config.mamba_proj_bias, rngs=rngs)
 
         self.in_proj = linear(H, config.mamba_in_proj_dim, ("embed", "ssm_in_proj"))
@@ -154,11 +162,13 @@ class Mamba2Mixer(nnx.Module):
         its place. On a mesh whose rules split the sequence (context parallelism), the conv and the SSD run on
         each device's piece of the rows and pass a halo and a state summary between pieces."""
         b, T, _ = u.shape
-        z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
         split = sequence_split(self.plan)
         if split is not None and state is not None:
             raise NotImplementedError("a decoding prefill with the sequence split over devices (context > 1) is "
                                       "not supported; prefill on a mesh with context=1")
+        if self.subpiece and state is None:
+            return self._in_subpieces(u, runs, split)
+        z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
         if split is None:
             xBC, conv_state = causal_depthwise_conv(xBC, self._conv_kernel(), self._conv_bias(), runs)
         else:
@@ -195,6 +205,106 @@ class Mamba2Mixer(nnx.Module):
         return jax.shard_map(local, mesh=split.mesh,
                              in_specs=(per_head, split.spec(None), P(), per_head, per_head, split.spec()),
                              out_specs=per_head, check_vma=False)(x, dt, A, B, C, runs)
+
+    def _in_subpieces(self, u, ids, split):
+        """The layer over sub-pieces of `subpiece_tokens` tokens of each device's rows (of each context
+        piece), so that no buffer of the layer spans more than a sub-piece, forward or backward. Two scans:
+        the first runs in_proj, the conv and the SSD sub-piece after sub-piece, carrying the last conv inputs
+        and the SSM state (from a zero state at the start of each row or context piece; the conv's inputs from
+        the previous piece, `from_previous_piece`) and keeping y, z, x,
+        C and the cumulative decay per token; under context parallelism the pieces' summaries then give each
+        piece its entering state (`parallel/sequence.py`); the second adds that state's contribution, the D
+        skip, the gated norm and out_proj sub-piece after sub-piece. Equal to the whole-row computation."""
+        if split is None:
+            return self._subpieces_local(u, ids, None, "contiguous")
+        graphdef, weights = nnx.split(self)
+
+        def local(weights, u, ids):
+            return nnx.merge(graphdef, weights)._subpieces_local(u, ids, split.axis, split.layout)
+
+        weight_specs = jax.tree.map(lambda _: P(), weights)
+        return jax.shard_map(local, mesh=split.mesh, in_specs=(weight_specs, split.spec(None), split.spec()),
+                             out_specs=split.spec(None), check_vma=False)(weights, u, ids)
+
+    def _subpieces_local(self, u, ids, axis, layout):
+        """`_in_subpieces` on this device's rows u (b, L, hidden), ids (b, L): the data's segment ids (their
+        context pieces side by side when `axis` is the sequence axis, else whole rows)."""
+        K, sub = self.conv1d.kernel.shape[0], self.subpiece
+        pieces, b = pieces_per_shard(layout), u.shape[0]
+        fold = lambda a: a.reshape(pieces * b, *a.shape[2:])  # noqa: E731  (pieces, b, ...) -> (pieces·b, ...)
+        u, ids = fold(to_pieces(u, layout)), fold(to_pieces(ids, layout))    # (rows, L, ...), a piece per row
+        rows, L = ids.shape
+        if L % sub:
+            raise ValueError(f"subpiece_tokens={sub} does not divide the {L} tokens of a row (or context "
+                             f"piece) on a device; use a divisor of {L}")
+        kernel, bias, A = self._conv_kernel(), self._conv_bias(), self._A()
+
+        # Where each row (piece) starts: after the previous context piece, or after nothing.
+        history = jnp.zeros((rows, K, self.conv_dim), self.dtype)
+        history_in_last_run = jnp.zeros((rows, K), bool)
+        previous_id, has_previous = ids[:, 0], jnp.zeros((rows,), bool)
+        if axis is not None:
+            tail = jnp.split(self.in_proj(u[:, -K:]), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)[1]
+            tail_runs = document_runs(ids[:, -K:], (rows, K))
+            unfold = lambda a: a.reshape(pieces, b, *a.shape[1:])  # noqa: E731
+            history, history_in_last_run, previous_id = (fold(a) for a in from_previous_piece(
+                (unfold(tail), unfold(tail_runs == tail_runs[:, -1:]), unfold(ids[:, -1])), axis, layout))
+            has_previous = fold(jnp.broadcast_to(has_previous_piece(axis, layout)[:, None], (pieces, b)))
+
+        def by_subpiece(a):  # (rows, L, ...) -> (n, rows, sub, ...)
+            return jnp.moveaxis(a.reshape(rows, L // sub, sub, *a.shape[2:]), 1, 0)
+
+        @jax.checkpoint
+        def mix(carry, inputs):
+            history, history_in_last_run, state, decay, previous_id, has_previous = carry
+            u, ids = inputs
+            z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
+            runs = document_runs(ids, ids.shape)
+            continues = has_previous & (ids[:, 0] == previous_id)
+            history_runs = jnp.where(continues[:, None] & history_in_last_run, 0, -1).astype(runs.dtype)
+            conv, _ = causal_depthwise_conv(xBC, kernel, bias, runs, initial_state=jnp.swapaxes(history, 1, 2),
+                                            initial_runs=history_runs)
+            x, B, C, dt = self._ssm_inputs(jax.nn.silu(conv), dt)
+            x, B, C = (x.reshape(*ids.shape, self.n_heads, self.head_dim),
+                       B.reshape(*ids.shape, self.n_groups, self.d_state),
+                       C.reshape(*ids.shape, self.n_groups, self.d_state))
+            entering = jnp.where(continues[:, None, None, None], state, 0.0)
+            y, state, sub_decay = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=ids,
+                                              initial_state=entering, return_decay=True)
+            decay = jnp.where(continues[:, None], decay * sub_decay, sub_decay)
+            carry = (xBC[:, -K:], runs[:, -K:] == runs[:, -1:], state, decay, ids[:, -1], jnp.ones_like(has_previous))
+            return carry, (y, z, x, C, dt)
+
+        carry = (history, history_in_last_run, jnp.zeros((rows, self.n_heads, self.head_dim, self.d_state),
+                                                         jnp.float32), jnp.ones((rows, self.n_heads), jnp.float32),
+                 previous_id, has_previous)
+        (_, _, final_state, decay, _, _), (y, z, x, C, dt) = jax.lax.scan(mix, carry,
+                                                                          (by_subpiece(u), by_subpiece(ids)))
+
+        entering = None
+        if axis is not None:
+            unfold = lambda a: a.reshape(pieces, b, *a.shape[1:])  # noqa: E731
+            continues = has_previous & (ids[:, 0] == previous_id)
+            entering = fold(entering_states(unfold(decay), unfold(final_state), unfold(continues), axis, layout))
+            in_first_document = by_subpiece(document_runs(ids, ids.shape) == 0)
+            whole_dt = jnp.moveaxis(dt, 0, 1).reshape(rows, L, self.n_heads)
+            log_decay = by_subpiece(jnp.cumsum(whole_dt * A, axis=1))  # from the piece's start
+
+        @jax.checkpoint
+        def output(_, inputs):
+            y, z, x, C = inputs[:4]
+            if entering is not None:
+                log_decay, in_first_document = inputs[4:]
+                reach = jnp.exp(jnp.where(in_first_document[..., None], log_decay, -jnp.inf))   # (rows, sub, H)
+                Ch = jnp.repeat(C.astype(jnp.float32), self.n_heads // self.n_groups, axis=-2)
+                y = y + jnp.einsum("bthn,bhpn->bthp", Ch, entering) * reach[..., None]
+            out = self._output(y.reshape(*y.shape[:2], self.d_inner), x.reshape(*x.shape[:2], self.d_inner), z)
+            return None, out
+
+        extra = () if entering is None else (log_decay, in_first_document)
+        _, out = jax.lax.scan(output, None, (y, z, x, C) + extra)
+        out = jnp.moveaxis(out, 0, 1).reshape(rows, L, -1)
+        return from_pieces(out.reshape(pieces, b, L, -1))
 
     def decode(self, u: jax.Array, state: MambaState) -> tuple[jax.Array, MambaState]:
         """One token per row: u (b, 1, hidden) → (out (b, 1, hidden), the next state)."""
