@@ -184,13 +184,19 @@ def test_remat_policies_change_memory_not_results(policy):
 
 
 def test_training_flops_count_active_weights():
-    from granite_jax.model.flops import active_matmul_params, training_flops_per_token
+    from granite_jax.model.flops import active_matmul_params, mean_keys_per_query, training_flops_per_token
 
     config = load_preset("granite-4.0-h-small")
     # 10 of 72 experts per token: about IBM's "9B active" of the 32.2B total (8.8B counted here).
     assert 8.5e9 < active_matmul_params(config) < 9.5e9
     short, long = training_flops_per_token(config, 1024), training_flops_per_token(config, 131072)
     assert short >= 6 * active_matmul_params(config) and long > short  # attention grows with context
+    # Attention counts the causal prefix of each token's own document: documents of 3 and 2 tokens see
+    # (1+2+3 + 1+2) / 5 keys per token; a row that is one document about T/2.
+    assert mean_keys_per_query(np.array([[1, 1, 1, 2, 2]])) == 1.8
+    assert mean_keys_per_query(np.ones((2, 1024))) == 512.5
+    packed = training_flops_per_token(config, 131072, mean_keys_per_query(np.repeat(np.arange(128), 1024)[None]))
+    assert short < packed < long
 
 
 def test_scanned_layer_pattern_equals_the_unrolled_stack():

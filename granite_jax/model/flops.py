@@ -4,8 +4,9 @@ Conventions (MaxText's for attention, Megatron's for Mamba; matmul FLOPs only, 2
 - Dense and routed weights: 2·N_active forward, 4·N_active backward, so 6·N_active per token. Routed experts
   count k/E of their weights (the expected, as-routed share); the router, embeddings lookup and norms count
   nothing except the output head, which is a matmul.
-- Causal attention: q·kᵀ and p·v over a causal prefix, T/2 keys per query on average:
-  2·2·n_heads·head_dim·(T/2) forward per token, times 3 for training.
+- Causal attention: q·kᵀ and p·v over the causal prefix of the token's own document (what the kernel
+  computes on packed rows): 2·2·n_heads·head_dim·keys forward per token, times 3 for training, where keys is
+  the batch's mean prefix length (`mean_keys_per_query`; T/2 for rows that are one document).
 - SSD (chunk length Q): C·Bᵀ (2·Q·G·N), scores·x (2·Q·H·P), chunk states (2·H·P·N) and state→output
   (2·H·P·N) forward per token, times 3 for training. Q is counted in full (the implementation computes the
   whole chunk and masks).
@@ -13,6 +14,8 @@ Rematerialisation is not counted (MFU measures useful work).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from granite_jax.config import ModelConfig
 
@@ -30,12 +33,29 @@ def active_matmul_params(config: ModelConfig) -> float:
     return per_layer + config.num_hidden_layers * ffn + H * config.vocab_size
 
 
-def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Forward + backward FLOPs per token of a packed row of `seq_len` tokens (one document: worst case)."""
+def training_flops_per_token(config: ModelConfig, seq_len: int, keys_per_query: float | None = None) -> float:
+    """Forward + backward FLOPs per token of a packed row of `seq_len` tokens. Attention counts
+    `keys_per_query` keys per token (`mean_keys_per_query` of the batch); by default seq_len / 2, a row that
+    is one document (the worst case)."""
     flops = 6.0 * active_matmul_params(config)
-    attention_fwd = 2 * 2 * config.num_attention_heads * config.attention_head_dim * (seq_len / 2)
+    keys = seq_len / 2 if keys_per_query is None else keys_per_query
+    attention_fwd = 2 * 2 * config.num_attention_heads * config.attention_head_dim * keys
     Q = min(config.mamba_chunk_size, seq_len)
     G, N, H, P = config.mamba_n_groups, config.mamba_d_state, config.mamba_n_heads, config.mamba_d_head
     ssd_fwd = 2 * Q * G * N + 2 * Q * H * P + 4 * H * P * N
     flops += 3 * (config.num_attention_layers * attention_fwd + config.num_mamba_layers * ssd_fwd)
     return flops
+
+
+def mean_keys_per_query(segment_ids) -> float | None:
+    """The mean number of keys a token's causal attention sees in a packed batch (b, T) of segment ids: a
+    document of L tokens contributes L(L+1)/2 over its L tokens (the document's own causal prefix). None
+    without segment ids (rows of one document each)."""
+    if segment_ids is None:
+        return None
+    ids = np.asarray(segment_ids)
+    starts = np.ones(ids.shape, bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    boundaries = np.flatnonzero(np.concatenate([starts.ravel(), [True]]))
+    lengths = np.diff(boundaries).astype(np.float64)  # row starts are document starts too
+    return float(np.sum(lengths * (lengths + 1) / 2) / ids.size)

@@ -21,7 +21,7 @@ from granite_jax.data.pipeline import interleave_streams, pretraining_dataset
 from granite_jax.data.sft import load_sft_samples, sft_dataset
 from granite_jax.data.sources import load_documents
 from granite_jax.data.tokenizer import load_tokenizer
-from granite_jax.model.flops import training_flops_per_token
+from granite_jax.model.flops import mean_keys_per_query, training_flops_per_token
 from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
 from granite_jax.train.config import RunConfig, RunConfigError, save_run_config
@@ -169,7 +169,6 @@ def train(config: RunConfig) -> list[float]:
     writer = TensorBoardWriter(run_dir.tensorboard) if jax.process_index() == 0 else None
     # Every step's metrics at full precision, appended across resumptions (the last line of a step wins).
     metrics_file = open(run_dir.metrics_file, "a") if jax.process_index() == 0 else None
-    flops_per_token = training_flops_per_token(model_config, config.data.seq_len)
     peak = _peak_tflops(config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     meta = dict(model=model_config.to_hf(), run=config.to_dict())
@@ -179,11 +178,14 @@ def train(config: RunConfig) -> list[float]:
                f"({n_params:,} parameters) for steps {start + 1}..{config.steps}; "
                f"batch {config.data.batch_size} x {config.data.seq_len} tokens; run dir {config.run_dir}")
 
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
     with _StopSignal() as stop, run.activate():
         try:
             for step in range(start + 1, config.steps + 1):
-                state, metrics = run.train_step(state, global_batch(next(iterator), run.data_sharding))
+                batch = next(iterator)
+                window_flops += tokens_per_step * training_flops_per_token(
+                    model_config, config.data.seq_len, mean_keys_per_query(batch.get("segment_ids")))
+                state, metrics = run.train_step(state, global_batch(batch, run.data_sharding))
                 metrics = _to_host(metrics)
                 losses.append(metrics["loss"])
                 if not np.isfinite(metrics["loss"]):
@@ -200,19 +202,19 @@ def train(config: RunConfig) -> list[float]:
                     elapsed = time.perf_counter() - window_start
                     metrics["lr"] = float(schedule(step - 1))
                     metrics["tokens_per_s"] = window_steps * tokens_per_step / elapsed
-                    if peak:
-                        metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / (peak * 1e12)
+                    if peak:  # the model FLOPs of the window's batches (attention over their documents)
+                        metrics["mfu"] = window_flops / elapsed / (peak * 1e12)
                     eta = (config.steps - step) * elapsed / window_steps
                     if writer:
                         writer.scalars(step, metrics, prefix="train/")
                     print_line(console_line(step, config.steps, metrics, eta))
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
                 if eval_data is not None and (step % config.eval_every == 0 or step == config.steps):
                     eval_loss = evaluate(run, state.params, eval_data, config.eval_batches)
                     if writer:
                         writer.scalars(step, {"loss": eval_loss}, prefix="eval/")
                     print_line(f"eval step {step}: loss {eval_loss:.4f} ({config.eval_batches} batches)")
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
                 if stop.received is not None:
                     checkpoints.save(step, state, iterator.get_state(), meta)
                     checkpoints.wait()
