@@ -8,6 +8,7 @@ and the collectives per step. Results go to benchmarks/results/recommended_meshe
 
     python benchmarks/recommended_meshes.py                  # every entry (the largest takes ~10 min on 2 cores)
     python benchmarks/recommended_meshes.py --only h-small   # entries whose model name contains "h-small"
+    python benchmarks/recommended_meshes.py --seq-len 524288 # the entries with rows of 512K tokens
     python benchmarks/recommended_meshes.py --report         # the markdown table from the JSONL
 """
 
@@ -32,8 +33,9 @@ class Entry:
     topology: str  # TPU topology name (chips)
     pod: str  # what to book
     mesh: dict
-    rows_per_device: int  # sequences of seq_len per device per step
+    rows_per_device: int  # sequences of seq_len per batch shard (devices / context) per step
     seq_len: int = 4096
+    model_overrides: tuple = ()  # extra (key, value) compute settings, e.g. sub-pieces for long rows
 
     @property
     def devices(self) -> int:
@@ -41,6 +43,19 @@ class Entry:
         for size in self.mesh.values():
             n *= size
         return n
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per step: a row is split over the `context` devices, so devices / context rows hold one each."""
+        return self.rows_per_device * self.devices // self.mesh.get("context", 1)
+
+    @property
+    def tokens_per_device(self) -> int:
+        return self.batch_size * self.seq_len // self.devices
+
+    @property
+    def key(self) -> tuple:
+        return self.model, self.seq_len
 
 
 ENTRIES = [
@@ -53,17 +68,33 @@ ENTRIES = [
     Entry("granite-4.0-h-tiny", "v5p:2x2x2", "v5p-16 (8 chips × 95 GB)", {"fsdp": 1, "expert": 8}, 2),
     Entry("granite-4.0-h-small", "v5p:4x4x4", "v5p-128 (64 chips × 95 GB)", {"fsdp": 8, "expert": 8}, 1),
 ]
+# Long rows (issue 14): one row split over a `context` axis, the layers in sub-pieces of 8,192 tokens per
+# device. Plus h-tiny at 8K, so that its figures per token can be compared across lengths.
+_LONG = (("subpiece_tokens", 8192),)
+LONG_ENTRIES = [
+    Entry("granite-4.0-h-tiny", "v5p:2x2x2", "v5p-16 (8 chips × 95 GB)", {"expert": 8}, 1, 8192),
+    *(Entry("granite-4.0-h-1b", "v5p:2x2x2", "v5p-16 (8 chips × 95 GB)", {"context": 8}, 1, n, _LONG)
+      for n in (131072, 524288)),
+    *(Entry("granite-4.0-h-tiny", "v5p:4x4x4", "v5p-128 (64 chips × 95 GB)", {"expert": 8, "context": 8}, 1, n,
+            _LONG) for n in (131072, 524288)),
+    *(Entry("granite-4.0-h-small", "v5p:4x4x8", "v5p-256 (128 chips × 95 GB)",
+            {"fsdp": 2, "expert": 8, "context": 8}, 1, n, _LONG) for n in (131072, 524288)),
+]
 
 
 def _overrides(entry: Entry) -> list[str]:
     mesh = "{" + ", ".join(f"{k}: {v}" for k, v in entry.mesh.items()) + "}"
+    compute = "{" + ", ".join(f"{k}: {v}" for k, v in (("remat_policy", "full"), *entry.model_overrides)) + "}"
     return [f"model={entry.model}", f"mesh={mesh}", f"data.seq_len={entry.seq_len}",
-            f"data.batch_size={entry.rows_per_device * entry.devices}", "compute_dtype=bfloat16",
-            "moe_capacity_factor=1.25", "model_overrides={remat_policy: full}"]
+            f"data.batch_size={entry.batch_size}", "compute_dtype=bfloat16",
+            "moe_capacity_factor=1.25", f"model_overrides={compute}"]
+
+
+ALL = ENTRIES + LONG_ENTRIES
 
 
 def run_one(index: int) -> dict:
-    """Compile entry `index` in this process and return its figures (called in a subprocess)."""
+    """Compile entry `index` of ALL in this process and return its figures (called in a subprocess)."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     sys.path.insert(0, ROOT)
@@ -71,48 +102,65 @@ def run_one(index: int) -> dict:
     from granite_jax.train import load_run_config
     from granite_jax.train.dry_run import dry_run
 
-    entry = ENTRIES[index]
+    entry = ALL[index]
     start = time.time()
     report = dry_run(load_run_config(os.path.join(ROOT, "configs", "pretrain-tiny.yaml"), _overrides(entry)),
                      tpu_topology_devices(entry.topology))
-    return {"model": entry.model, "topology": entry.topology, "pod": entry.pod, "mesh": entry.mesh,
-            "rows_per_device": entry.rows_per_device, "seq_len": entry.seq_len, "device": report.platform,
+    return {**_identity(entry), "tokens_per_device": entry.tokens_per_device, "device": report.platform,
             "params_gib": report.params_bytes / GiB, "opt_state_gib": report.opt_state_bytes / GiB,
             "temp_gib": report.temp_bytes / GiB, "total_gib": report.peak_bytes / GiB,
             "device_gib": (report.device_bytes or 0) / GiB, "step_flops": report.step_flops,
             "model_flops": report.model_flops,
             "collectives_gib": {k: v[1] / GiB for k, v in report.collectives.items()},
+            "uncounted_loops": report.uncounted_loops,
             "compile_s": round(time.time() - start, 1), "date": time.strftime("%Y-%m-%d")}
 
 
+def _identity(entry: Entry) -> dict:
+    return {"model": entry.model, "topology": entry.topology, "pod": entry.pod, "mesh": entry.mesh,
+            "rows_per_device": entry.rows_per_device, "seq_len": entry.seq_len,
+            "model_overrides": dict(entry.model_overrides)}
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], row.get("seq_len", 4096)
+
+
 def report() -> str:
-    rows = [json.loads(line) for line in open(RESULTS)]
+    """The markdown tables (rows of 4,096 tokens; long rows) from the newest result of every entry."""
     latest = {}
-    for row in rows:  # the newest line per model wins
-        latest[row["model"]] = row
-    lines = ["| model | pod (TPU topology) | mesh | tokens / device | params + optimizer | temporaries | total "
-             "(of HBM) | collectives / step |", "|---|---|---|---|---|---|---|---|"]
-    for entry in ENTRIES:
-        row = latest.get(entry.model)
-        if row is None:
-            continue
-        if "error" in row:
-            lines.append(f"| {row['model']} | {row['pod']} (`{row['topology']}`) | {row['mesh']} | — | error: "
-                         f"{row['error']} | | | |")
-            continue
-        traffic = sum(row["collectives_gib"].values())
-        lines.append(f"| {row['model']} | {row['pod']} (`{row['topology']}`) | "
-                     + " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
-                     + f" | {row['rows_per_device'] * row['seq_len']:,} | "
-                     f"{row['params_gib'] + row['opt_state_gib']:.1f} GiB | {row['temp_gib']:.1f} GiB | "
-                     f"**{row['total_gib']:.1f}** of {row['device_gib']:.0f} GiB | {traffic:.1f} GiB |")
-    return "\n".join(lines)
+    for line in open(RESULTS):  # the newest line per (model, sequence length) wins
+        row = json.loads(line)
+        latest[_key(row)] = row
+    header = ["| model | pod (TPU topology) | mesh | tokens / device | params + optimizer | temporaries | total "
+              "(of HBM) | collectives / step |", "|---|---|---|---|---|---|---|---|"]
+    tables = []
+    for title, entries in (("", ENTRIES), ("Long rows, split over a `context` axis", LONG_ENTRIES)):
+        lines = ([f"{title}:", ""] if title else []) + list(header)
+        for entry in entries:
+            row = latest.get(entry.key)
+            if row is None:
+                continue
+            mesh = " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
+            if "error" in row:
+                lines.append(f"| {row['model']} | {row['pod']} (`{row['topology']}`) | {mesh} | — | error: "
+                             f"{row['error']} | | | |")
+                continue
+            traffic = sum(row["collectives_gib"].values())
+            tokens = row.get("tokens_per_device", row["rows_per_device"] * row["seq_len"])
+            length = f" ({row['seq_len'] // 1024}K rows)" if entries is LONG_ENTRIES else ""
+            lines.append(f"| {row['model']}{length} | {row['pod']} (`{row['topology']}`) | {mesh} | {tokens:,} | "
+                         f"{row['params_gib'] + row['opt_state_gib']:.1f} GiB | {row['temp_gib']:.1f} GiB | "
+                         f"**{row['total_gib']:.1f}** of {row['device_gib']:.0f} GiB | {traffic:.1f} GiB |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, help="entries whose model name contains this")
-    parser.add_argument("--report", action="store_true", help="print the markdown table from the results")
+    parser.add_argument("--seq-len", type=int, default=None, help="entries with rows of this many tokens")
+    parser.add_argument("--report", action="store_true", help="print the markdown tables from the results")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one entry, JSON out
     args = parser.parse_args()
     if args.report:
@@ -122,16 +170,16 @@ def main() -> None:
         print(json.dumps(run_one(args.one)))
         return
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    for index, entry in enumerate(ENTRIES):
-        if args.only and args.only not in entry.model:
+    for index, entry in enumerate(ALL):
+        if (args.only and args.only not in entry.model) or (args.seq_len and entry.seq_len != args.seq_len):
             continue
-        print(f"[{index + 1}/{len(ENTRIES)}] {entry.model} on {entry.topology} {entry.mesh} ...", flush=True)
+        print(f"[{index + 1}/{len(ALL)}] {entry.model} at {entry.seq_len:,} tokens on {entry.topology} {entry.mesh} "
+              "...", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--one", str(index)], capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode or not lines:
             error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-            row = {"model": entry.model, "topology": entry.topology, "pod": entry.pod, "mesh": entry.mesh,
-                   "error": error}
+            row = {**_identity(entry), "error": error}
         else:
             row = json.loads(lines[-1])
         print("   ", {k: row[k] for k in ("total_gib", "temp_gib", "compile_s", "error") if k in row}, flush=True)

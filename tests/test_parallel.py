@@ -148,14 +148,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(run_dir, steps: int, processes: int) -> None:
-    """`train.py` as `processes` processes sharing 8 virtual CPU devices, with the data in 2 streams."""
-    args = ["train.py", f"run_dir={run_dir}", f"steps={steps}", "data.streams=2", "mesh={data: 2, fsdp: 4}",
-            "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}",
-            "data.seq_len=64", "data.batch_size=8", "data.validation=[]", "log_every=1", "eval_every=1000",
-            "optimizer.warmup_steps=1", "checkpoint.every_steps=2", "checkpoint.async_save=false"]
-    devices = 8 // processes
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+TWO_STREAMS = ["data.streams=2", "mesh={data: 2, fsdp: 4}", "data.batch_size=8", "data.seq_len=64",
+               "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}"]
+
+
+def _launch(run_dir, steps: int, processes: int, settings=TWO_STREAMS, devices: int = 8) -> None:
+    """`train.py` as `processes` processes sharing `devices` virtual CPU devices."""
+    args = ["train.py", f"run_dir={run_dir}", f"steps={steps}", *settings, "data.validation=[]", "log_every=1",
+            "eval_every=1000", "optimizer.warmup_steps=1", "checkpoint.every_steps=2", "checkpoint.async_save=false"]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // processes}",
+           "JAX_PLATFORMS": "cpu"}
     port = _free_port()
     distributed = (lambda i: [f"--coordinator-address=127.0.0.1:{port}", f"--num-processes={processes}",
                               f"--process-id={i}"]) if processes > 1 else (lambda i: [])
@@ -185,6 +187,22 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
     _launch(tmp_path / "one", steps=4, processes=1)
     _launch(tmp_path / "two", steps=2, processes=2)
     _launch(tmp_path / "two", steps=4, processes=2)  # resumes from the step-2 checkpoint
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(one) == 4 and len(two) == 4
+    np.testing.assert_allclose(two, one, rtol=2e-5)
+    data_files = sorted(f for f in os.listdir(tmp_path / "two" / "checkpoints" / "2" / "data") if f.endswith(".json"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_context_axis_across_two_processes_trains_and_resumes_like_one(tmp_path):
+    """2 processes x 2 CPU devices with `context: 4` (zigzag) spanning both: every row is split over the
+    processes, each process reads the same rows and keeps its slice of the positions. Trained 2 steps,
+    restarted and resumed to step 4, the losses equal one process holding all 4 devices."""
+    settings = ["mesh={context: 4}", "context_layout=zigzag", "data.batch_size=2", "data.seq_len=128",
+                "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 16}"]
+    _launch(tmp_path / "one", steps=4, processes=1, settings=settings, devices=4)
+    _launch(tmp_path / "two", steps=2, processes=2, settings=settings, devices=4)
+    _launch(tmp_path / "two", steps=4, processes=2, settings=settings, devices=4)
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert len(one) == 4 and len(two) == 4
     np.testing.assert_allclose(two, one, rtol=2e-5)

@@ -10,6 +10,7 @@ On CPU the processes exchange collectives through gloo.
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -35,3 +36,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used only by the CPU backend
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
+
+
+def process_block(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The block of a global array of `shape` that this process's devices hold: one slice per dimension.
+
+    A batch (rows, positions) sharded over (data x fsdp x expert, context): when the context axis lies within
+    each process, a process holds whole rows, its share of the batch; when it spans processes, the process
+    holds its slice of the positions of the rows its context group shares, and supplies only that slice.
+    A mesh that gives a process a set of indices that is not one block (devices of a process scattered over
+    the mesh) is an error: no pipeline could feed it a contiguous array.
+    """
+    held = {tuple((s.indices(n)[0], s.indices(n)[1]) for s, n in zip(index, shape))
+            for index in sharding.addressable_devices_indices_map(shape).values()}
+    block = tuple(slice(min(h[d][0] for h in held), max(h[d][1] for h in held)) for d in range(len(shape)))
+    area = 1
+    for s in block:
+        area *= s.stop - s.start
+    held_area = sum(math.prod(stop - start for start, stop in h) for h in held)
+    if held_area != area:
+        raise ValueError(f"process {jax.process_index()} holds parts of the batch (shape {shape}) that are not one "
+                         "block: order the mesh so that each process's devices are neighbours along its axes")
+    return block

@@ -22,6 +22,7 @@ from granite_jax.data.sft import load_sft_samples, sft_dataset
 from granite_jax.data.sources import load_documents
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.model.flops import mean_keys_per_query, training_flops_per_token
+from granite_jax.parallel.distributed import process_block
 from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
 from granite_jax.train.config import RunConfig, RunConfigError, save_run_config
@@ -77,22 +78,30 @@ def resolve_tokenizer(config: RunConfig) -> str:
     return RunDir(existing_run_dir(config)).tokenizer()
 
 
-def build_datasets(config: RunConfig, vocab_size: int):
+def build_datasets(config: RunConfig, vocab_size: int, rows: slice | None = None):
     """(training batches, validation batches or None) of this process, as the config's data format says.
 
-    The data is split into `data.streams` independent streams (default: one per process), each reading its
-    own shard of the files and giving batch_size / streams rows of every global batch; a process reads only
-    its streams. A global batch therefore depends on the stream count, not on how many processes share it:
-    one process with data.streams=2 sees exactly the batches of a two-process run.
+    The data is split into `data.streams` independent streams, each reading its own shard of the files and
+    giving batch_size / streams rows of every global batch. A process reads the streams of `rows`, the rows of
+    the global batch its devices hold (`process_block`; all rows by default). By default there is one stream
+    per distinct block of rows: one per process, or one per group of processes that share rows because the
+    context axis spans them (each then keeps its slice of the positions, `global_batch`). A global batch
+    depends on the stream count, not on how many processes share it: one process with data.streams=2 sees
+    exactly the batches of a two-process run.
     """
     tokenizer = load_tokenizer(config.data.tokenizer)
     data = config.data
-    streams = data.streams or jax.process_count()
-    if streams % jax.process_count() or data.batch_size % streams:
-        raise RunConfigError(f"data.streams={streams} must be a multiple of the {jax.process_count()} processes and "
-                             f"divide data.batch_size={data.batch_size}")
-    per_process = streams // jax.process_count()
-    mine = range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+    rows = rows or slice(0, data.batch_size)
+    held = rows.stop - rows.start
+    streams = data.streams or data.batch_size // held
+    per_stream = data.batch_size // streams if data.batch_size % streams == 0 else 0
+    if not per_stream or rows.start % per_stream or held % per_stream:
+        raise RunConfigError(
+            f"data.streams={streams} must divide data.batch_size={data.batch_size} into streams of whole rows "
+            f"that this process's share of each batch (rows {rows.start}..{rows.stop - 1}, from the mesh) "
+            f"consists of; with {jax.process_count()} processes use a multiple of {data.batch_size // held} that "
+            f"divides {data.batch_size}")
+    mine = range(rows.start // per_stream, rows.stop // per_stream)
     rows = dict(seq_len=data.seq_len, batch_size=data.batch_size // streams, shard_count=streams)
     if data.format == "chat":
         chat = chat_format(data.chat_template, data.tokenizer)
@@ -123,9 +132,15 @@ def build_datasets(config: RunConfig, vocab_size: int):
     return train_data, eval_data
 
 
-def global_batch(local: dict, sharding) -> dict:
-    """This process's rows of a batch → arrays over the whole mesh (every process passes its own rows)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+def global_batch(local: dict, sharding, shape: tuple[int, int]) -> dict:
+    """This process's rows of a batch of `shape` (rows, positions) → arrays over the whole mesh.
+
+    Every process passes the whole rows it read; where the context axis spans processes, each keeps the
+    positions its devices hold (the rows were packed whole, so documents and loss targets are the row's).
+    """
+    rows, positions = process_block(sharding, shape)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)[:, positions], shape)
+            for k, v in local.items()}
 
 
 def _to_host(metrics) -> dict[str, float]:
@@ -136,7 +151,7 @@ def evaluate(run, params, dataset, batches: int) -> float:
     total, tokens = 0.0, 0.0
     iterator = iter(dataset)
     for _ in range(batches):
-        loss_sum, count = run.eval_step(params, global_batch(next(iterator), run.data_sharding))
+        loss_sum, count = run.eval_step(params, global_batch(next(iterator), run.data_sharding, run.batch_shape))
         total, tokens = total + float(loss_sum), tokens + float(count)
     return total / max(tokens, 1.0)
 
@@ -147,7 +162,8 @@ def train(config: RunConfig) -> list[float]:
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=resolve_tokenizer(config)))
     run = build_run(config)
     model_config = run.model_config
-    train_data, eval_data = build_datasets(config, model_config.vocab_size)
+    train_data, eval_data = build_datasets(config, model_config.vocab_size,
+                                           rows=process_block(run.data_sharding, run.batch_shape)[0])
     state, run.state = run.state, None  # from here the loop owns the state (donated to every step)
     schedule = learning_rate_schedule(config.optimizer, config.steps)
 
@@ -185,7 +201,7 @@ def train(config: RunConfig) -> list[float]:
                 batch = next(iterator)
                 window_flops += tokens_per_step * training_flops_per_token(
                     model_config, config.data.seq_len, mean_keys_per_query(batch.get("segment_ids")))
-                state, metrics = run.train_step(state, global_batch(batch, run.data_sharding))
+                state, metrics = run.train_step(state, global_batch(batch, run.data_sharding, run.batch_shape))
                 metrics = _to_host(metrics)
                 losses.append(metrics["loss"])
                 if not np.isfinite(metrics["loss"]):

@@ -65,9 +65,14 @@ class Run:
     def eval_step(self, params, batch: dict):
         return self._eval_step(self.graphdef, params, batch)
 
+    @property
+    def batch_shape(self) -> tuple[int, int]:
+        """(rows, positions) of a global batch."""
+        return self.config.data.batch_size, self.config.data.seq_len
+
     def abstract_batch(self) -> dict:
-        shape = (self.config.data.batch_size, self.config.data.seq_len)
-        return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self.data_sharding) for name, dtype in BATCH_FIELDS}
+        return {name: jax.ShapeDtypeStruct(self.batch_shape, dtype, sharding=self.data_sharding)
+                for name, dtype in BATCH_FIELDS}
 
     def lower_train_step(self):
         """The train step lowered for this run's (possibly abstract) state and a batch of the configured shape."""
