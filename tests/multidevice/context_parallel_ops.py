@@ -1,11 +1,16 @@
 """The context-parallel SSD, causal conv and attention (shard_map over a `context` axis of 2, 4 or 8 devices,
 contiguous and zigzag layouts) against the unsharded functions and the token-by-token oracle: values and
 gradients, on packed rows whose document boundaries fall at, next to and away from the shard, piece and chunk
-edges. All cases of one length and layout run as one batch of rows (one compilation per function)."""
+edges, and on partitions that hypothesis draws (and shrinks, should one fail). All cases of one length and
+layout run as one batch of rows, and the segment ids are an argument of the compiled functions: one
+compilation per function and shape."""
 
 import functools
 import math
+from typing import NamedTuple
 
+import hypothesis as hyp
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,18 +71,24 @@ def relative_error(a, b) -> float:
     return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
 
 
-def compare(functions: dict, args, per_row: tuple, cases: dict, prefix: str) -> dict:
-    """Values and gradients of `functions["sharded"]` against each other function, every case (a slice of rows)
-    on its own; gradients of arguments shared by all rows (per_row False) under the case "shared weights".
-    One compilation per function for all cases."""
-    def loss(f):
-        return lambda *a: jnp.sum(jnp.sin(f(*a)) * jnp.cos(a[0][..., :1]))
+def loss_of(f):
+    return lambda *a: jnp.sum(jnp.sin(f(*a)) * jnp.cos(a[0][..., :1]))
 
-    argnums = tuple(range(len(args)))
-    values = {name: jax.jit(f)(*args) for name, f in functions.items()}
-    grads = {name: jax.jit(jax.grad(loss(f), argnums=argnums))(*args) for name, f in functions.items()}
+
+def jitted(functions: dict, n_args: int) -> dict:
+    """name -> (value, gradients w.r.t. every argument but the trailing segment ids), compiled once per shape:
+    the segment ids are an argument, so new partitions of the same shape reuse the compilation."""
+    return {name: (jax.jit(f), jax.jit(jax.grad(loss_of(f), argnums=tuple(range(n_args)))))
+            for name, f in functions.items()}
+
+
+def errors_against(compiled: dict, args, segments, per_row: tuple, cases: dict, prefix: str) -> dict:
+    """Values and gradients of compiled["sharded"] against each other function's, every case (a slice of rows)
+    on its own; gradients of arguments shared by all rows (per_row False) under the case "shared weights"."""
+    values = {name: value(*args, segments) for name, (value, _) in compiled.items()}
+    grads = {name: grad(*args, segments) for name, (_, grad) in compiled.items()}
     errors = {case: {} for case in [*cases, "shared weights"]}
-    for name in functions:
+    for name in compiled:
         if name == "sharded":
             continue
         for case, rows in cases.items():
@@ -90,19 +101,27 @@ def compare(functions: dict, args, per_row: tuple, cases: dict, prefix: str) -> 
     return errors
 
 
-def in_layout(f, layout: str, shards: int, segments, per_row: tuple):
+def in_layout(f, layout: str, shards: int, per_row: tuple):
     """f(*args, segments) run on rows put in the context layout, as the data path and the model do around the
     layers: the per_row arguments and the segment ids permuted along time, the result permuted back."""
-    order = layout_order(segments.shape[1], shards, layout)
-
     def wrapped(*args):
+        *args, segments = args
+        order = layout_order(segments.shape[1], shards, layout)
         args = [jnp.take(a, order, axis=1) if row else a for a, row in zip(args, per_row)]
         return jnp.take(f(*args, jnp.take(segments, order, axis=1)), np.argsort(order), axis=1)
 
     return wrapped
 
 
-def compare_ssd(mesh, segments, args, chunk, cases, layout) -> dict:
+class Check(NamedTuple):
+    """One operation's functions (the sharded one first; each f(*args, segments)) and its arguments."""
+    prefix: str
+    functions: dict
+    args: tuple
+    per_row: tuple  # which arguments have a row and a time dimension (the rest are weights shared by all rows)
+
+
+def ssd_check(mesh, layout, chunk, args) -> Check:
     seq = P(None, "context")
     per_row = (True, True, False, True, True)
 
@@ -111,19 +130,17 @@ def compare_ssd(mesh, segments, args, chunk, cases, layout) -> dict:
             x, dt, A, B, C, chunk_size=chunk, segment_ids=s, axis="context", layout=layout), mesh=mesh,
             in_specs=(seq, seq, P(), seq, seq, seq), out_specs=seq, check_vma=False)(x, dt, A, B, C, segments)
 
-    def whole(x, dt, A, B, C):
+    def whole(x, dt, A, B, C, segments):
         return ssd_chunked(x, dt, A, B, C, chunk_size=chunk, segment_ids=segments)[0]
 
-    def oracle(x, dt, A, B, C):
+    def oracle(x, dt, A, B, C, segments):
         return ssd_reference(x, dt, A, B, C, segment_ids=segments)[0]
 
-    functions = {"sharded": in_layout(sharded, layout, mesh.size, segments, per_row), "whole": whole,
-                 "oracle": oracle}
-    return compare(functions, args, per_row, cases, "ssd")
+    return Check("ssd", {"sharded": in_layout(sharded, layout, mesh.size, per_row), "whole": whole,
+                         "oracle": oracle}, args, per_row)
 
 
-def compare_conv(mesh, segments, rng, cases, layout) -> dict:
-    b, T = segments.shape
+def conv_check(mesh, layout, b, T, rng) -> Check:
     args = (rng.normal(size=(b, T, 6)).astype(np.float32), rng.normal(size=(WIDTH, 6)).astype(np.float32),
             rng.normal(size=(6,)).astype(np.float32))
     seq = P(None, "context")
@@ -134,16 +151,14 @@ def compare_conv(mesh, segments, rng, cases, layout) -> dict:
                              mesh=mesh, in_specs=(seq, P(), P(), seq), out_specs=seq,
                              check_vma=False)(x, kernel, bias, segments)
 
-    def whole(x, kernel, bias):
+    def whole(x, kernel, bias, segments):
         return causal_depthwise_conv(x, kernel, bias, document_runs(segments, segments.shape))[0]
 
-    functions = {"sharded": in_layout(sharded, layout, mesh.size, segments, per_row), "whole": whole}
-    return compare(functions, args, per_row, cases, "conv")
+    return Check("conv", {"sharded": in_layout(sharded, layout, mesh.size, per_row), "whole": whole}, args, per_row)
 
 
-def compare_attention(mesh, segments, rng, block: int, cases, layout) -> dict:
+def attention_check(mesh, layout, b, T, block: int, rng) -> Check:
     """GQA (4 query heads, 2 KV heads) over the whole row vs. each shard's queries against gathered keys."""
-    b, T = segments.shape
     args = (rng.normal(size=(b, T, 4, 8)).astype(np.float32),
             *(rng.normal(size=(b, T, 2, 8)).astype(np.float32) for _ in range(2)))
     seq = P(None, "context")
@@ -154,11 +169,65 @@ def compare_attention(mesh, segments, rng, block: int, cases, layout) -> dict:
             q, k, v, s, scale=0.3, block_size=block, axis="context", layout=layout), mesh=mesh,
             in_specs=(seq, seq, seq, seq), out_specs=seq, check_vma=False)(q, k, v, segments)
 
-    def whole(q, k, v):
+    def whole(q, k, v, segments):
         return flash_attention(q, k, v, document_runs(segments, segments.shape), scale=0.3, block_size=block)
 
-    functions = {"sharded": in_layout(sharded, layout, mesh.size, segments, per_row), "whole": whole}
-    return compare(functions, args, per_row, cases, "attention")
+    return Check("attention", {"sharded": in_layout(sharded, layout, mesh.size, per_row), "whole": whole},
+                 args, per_row)
+
+
+def checks(mesh, layout, b, T, chunk, rng) -> list[tuple[Check, dict]]:
+    """The three operations' checks on rows of b x T, each with its compiled functions."""
+    piece = T // (mesh.size * pieces_per_shard(layout))
+    block = math.gcd(chunk - chunk % 4, piece)
+    made = [ssd_check(mesh, layout, chunk, inputs(b, T, rng)), conv_check(mesh, layout, b, T, rng),
+            attention_check(mesh, layout, b, T, block, rng)]
+    return [(check, jitted(check.functions, len(check.args))) for check in made]
+
+
+def partitions(T: int):
+    """Hypothesis: a row of T positions cut into documents of 1..T tokens, ids fresh or reused from two
+    documents back (1,1,2,2,1,1-like), optionally ending in padding (id 0)."""
+    @st.composite
+    def row(draw):
+        lengths, total = [], 0
+        while total < T:
+            length = draw(st.integers(1, min(T - total, draw(st.sampled_from([3, T // 4, T])))))
+            lengths.append(length)
+            total += length
+        ids = []
+        for i in range(len(lengths)):
+            reuse = i >= 2 and draw(st.booleans()) and ids[i - 2] != ids[i - 1]
+            ids.append(ids[i - 2] if reuse else i + 1)
+        if len(lengths) > 1 and draw(st.booleans()):
+            ids[-1] = 0  # trailing padding
+        return np.repeat(np.asarray(ids, np.int32), lengths)
+
+    return st.lists(row(), min_size=2, max_size=2).map(np.stack)
+
+
+def random_partitions(mesh, layout, T, chunk, rng, examples: int) -> dict:
+    """Hypothesis-drawn partitions (2 rows per example, `examples` examples, shrunk to a minimal failing row
+    pair if one fails): the largest error of each comparison over all examples, or the failing example."""
+    compiled = checks(mesh, layout, 2, T, chunk, rng)
+    worst: dict[str, float] = {}
+
+    @hyp.settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(hyp.HealthCheck))
+    @hyp.given(partitions(T))
+    def holds(segments):
+        for check, functions in compiled:
+            errors = errors_against(functions, check.args, jnp.asarray(segments), check.per_row,
+                                    {"rows": slice(0, 2)}, check.prefix)
+            for name, error in {**errors["rows"], **errors["shared weights"]}.items():
+                worst[name] = max(worst.get(name, 0.0), error)
+                assert error < (1e-5 if "value" in name else 1e-4), (name, error, segments.tolist())
+
+    try:
+        holds()
+    except AssertionError as failure:
+        return {"failed": str(failure)}
+    return worst
 
 
 def main():
@@ -171,14 +240,11 @@ def main():
             named_rows = segment_cases(T, shards, chunk, rng)
             segments = jnp.asarray(np.concatenate(list(named_rows.values())))   # every case in one batch
             cases = {name: slice(2 * i, 2 * i + 2) for i, name in enumerate(named_rows)}
-            args = inputs(segments.shape[0], T, rng)
-            piece = T // (shards * pieces_per_shard(layout))
-            block = math.gcd(chunk - chunk % 4, piece)
-            errors = [compare_ssd(mesh, segments, args, chunk, cases, layout),
-                      compare_conv(mesh, segments, rng, cases, layout),
-                      compare_attention(mesh, segments, rng, block, cases, layout)]
+            errors = [errors_against(functions, check.args, segments, check.per_row, cases, check.prefix)
+                      for check, functions in checks(mesh, layout, segments.shape[0], T, chunk, rng)]
             for case in errors[0]:
                 results[f"{layout} T={T} chunk={chunk} {case}"] = {k: v for e in errors for k, v in e[case].items()}
+        results[f"{layout} hypothesis partitions"] = random_partitions(mesh, layout, shards * 12, 5, rng, examples=12)
     report(results)
 
 
