@@ -110,7 +110,8 @@ def run_one(index: int) -> dict:
             "params_gib": report.params_bytes / GiB, "opt_state_gib": report.opt_state_bytes / GiB,
             "temp_gib": report.temp_bytes / GiB, "total_gib": report.peak_bytes / GiB,
             "device_gib": (report.device_bytes or 0) / GiB, "step_flops": report.step_flops,
-            "model_flops": report.model_flops,
+            "model_flops": report.model_flops, "matmul_flops": report.matmul_flops,
+            "data_dependent_matmul_flops": report.data_dependent_matmul_flops,
             "collectives_gib": {k: v[1] / GiB for k, v in report.collectives.items()},
             "uncounted_loops": report.uncounted_loops,
             "compile_s": round(time.time() - start, 1), "date": time.strftime("%Y-%m-%d")}

@@ -87,6 +87,29 @@ def test_dry_run_counts_collectives_in_loops_once_per_iteration():
     assert unknown == 0 and runs == 7 and size == 7 * 256 * 4  # one (256,) float32 sum per iteration
 
 
+def test_dry_run_counts_matmul_flops_in_loops_once_per_iteration():
+    """XLA's cost analysis counts a loop body once; the dry run's executed matmul FLOPs count every iteration:
+    a matmul, a 7-step scan of matmuls and a 3x3 convolution are exactly 2 x output x contracted size each,
+    and a fori_loop whose bound comes from the data (like the block-sparse attention's) is reported apart."""
+    import jax
+    import jax.numpy as jnp
+
+    from granite_jax.train.dry_run import executed_matmul_flops
+
+    def f(x, w, kernel, n):
+        y = x @ w
+        y = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), y, None, length=7)[0]
+        y = jax.lax.fori_loop(0, n, lambda i, c: jnp.sin(c @ w), y)
+        image = y[None, None]  # (batch 1, feature 1, 64, 32)
+        return jax.lax.conv_general_dilated(image, kernel, (1, 1), "SAME").sum()
+
+    args = (jnp.ones((64, 32)), jnp.ones((32, 32)), jnp.ones((4, 1, 3, 3)), jnp.int32(5))
+    total, data_dependent = executed_matmul_flops(jax.jit(f).lower(*args).compile().as_text())
+    matmul, convolution = 2 * 64 * 32 * 32, 2 * 4 * 64 * 32 * 9
+    assert data_dependent == matmul  # the fori_loop's body, once
+    assert total == (1 + 7 + 1) * matmul + convolution
+
+
 def test_loss_chunks_do_not_multiply_the_collectives():
     """The output head is gathered, and its gradient reduced, once per step however many chunks the loss takes
     (each device keeps its own head copy): 64 chunks per device move the same bytes as one chunk."""

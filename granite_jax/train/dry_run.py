@@ -11,15 +11,16 @@ step is lowered and compiled with `jax.jit(...).lower(...).compile()`. Without t
 
 Reported per device: parameter and optimizer-state bytes (from the shardings, exact), the batch, XLA's
 temporaries (activations, gradients, workspace), the compiled step's FLOPs (XLA's cost analysis) next to the
-model FLOPs of `granite_jax/model/flops.py`, and the collectives in the compiled program with the bytes they
+model FLOPs of `granite_jax/model/flops.py` and the matmul FLOPs the compiled step executes (loop iterations
+counted, which XLA's cost analysis does not), and the collectives in the compiled program with the bytes they
 move.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
+import math
 import re
 import time
 
@@ -50,11 +51,15 @@ class DryRunReport:
     opt_state_bytes: int  # per device
     batch_bytes: int  # per device
     temp_bytes: int  # per device: XLA temporaries (activations, gradients, workspace)
-    step_flops: float  # per device, XLA cost analysis
+    step_flops: float  # per device, XLA cost analysis (every loop body counted once)
     model_flops: float  # per device, 6N + attention accounting
     collectives: dict  # kind -> (executions, bytes) per device per step, loop iterations included
     uncounted_loops: int = 0  # loops whose trip count was not read: their collectives counted once
     compile_seconds: float = 0.0  # lowering + compiling the step on this host
+    # per device: matmul FLOPs of the compiled step with loop iterations counted (`executed_matmul_flops`);
+    # of them, those in loops whose trip count depends on the data (block-sparse attention), counted once
+    matmul_flops: float = 0.0
+    data_dependent_matmul_flops: float = 0.0
 
     @property
     def peak_bytes(self) -> int:
@@ -75,8 +80,10 @@ class DryRunReport:
                  f"  batch             {self.batch_bytes / GiB:9.2f} GiB",
                  f"  temporaries       {self.temp_bytes / GiB:9.2f} GiB  (activations, gradients, workspace)",
                  f"  total             {self.peak_bytes / GiB:9.2f} GiB{self._fit()}",
-                 f"  FLOPs per step    {self.step_flops:.3e} compiled (XLA), {self.model_flops:.3e} model "
-                 "(granite_jax/model/flops.py)",
+                 f"  FLOPs per step    {self.model_flops:.3e} model (granite_jax/model/flops.py); compiled: "
+                 f"{self.matmul_flops:.3e} in matmuls, loop iterations counted (of which "
+                 f"{self.data_dependent_matmul_flops:.3e} in loops of data-dependent length, counted once), "
+                 f"{self.step_flops:.3e} XLA cost analysis (loop bodies once)",
                  "  collectives per step (every execution, loop iterations included; bytes of their results):"]
         lines.insert(1, f"compiled in {self.compile_seconds:.1f} s on this host (lowering + compilation)")
         if not self.collectives:
@@ -97,7 +104,13 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
 _COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _CALLEE = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
 _WHILE = re.compile(r"\swhile\(.*condition=%([\w.\-]+), body=%([\w.\-]+)")
+_PARAMETER = re.compile(r"([\w.\-]+): \w+\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
 _LOOP_BOUND = re.compile(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
+
+
+def _dims(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d]
 
 
 def _result_bytes(shapes: str) -> int:
@@ -121,51 +134,102 @@ def _trip_count(while_line: str, condition: list[str]) -> int | None:
     return None
 
 
-def collective_traffic(hlo_text: str) -> tuple[dict[str, tuple[int, int]], int]:
-    """The collectives a compiled (per-device) HLO module executes in one run, and the bytes of their results.
+class HloModule:
+    """A compiled (per-device) HLO module's text, parsed into computations, to count what one run executes:
+    an instruction inside a loop counts once per iteration (the trip count of a `while` from XLA's
+    `known_trip_count` or its `i < N` condition; loops whose count depends on the data — the block-sparse
+    attention's key loops — count once and are reported)."""
 
-    A collective inside a loop counts once per iteration: the trip count of a `while` comes from its condition
-    (`i < N`, JAX's scans). Returns ({kind: (executions, bytes)}, number of loops whose trip count could not
-    be read, counted once)."""
-    computations: dict[str, list[str]] = {}
-    entry, current = None, None
-    for line in hlo_text.splitlines():
-        if match := _COMPUTATION.match(line):
-            current = match.group(1)
-            computations[current] = []
-            entry = current if line.startswith("ENTRY") else entry
-        elif line.startswith("}"):
-            current = None
-        elif current is not None:
-            computations[current].append(line)
+    def __init__(self, hlo_text: str):
+        self.computations: dict[str, list[str]] = {}
+        self.shapes: dict[str, list[int]] = {}  # array-valued instructions and parameters -> dimensions
+        self.entry, current = None, None
+        for line in hlo_text.splitlines():
+            if match := _COMPUTATION.match(line):
+                current = match.group(1)
+                self.computations[current] = []
+                self.entry = current if line.startswith("ENTRY") else self.entry
+                self.shapes.update((name, _dims(dims)) for name, dims in _PARAMETER.findall(line.split("->")[0]))
+            elif line.startswith("}"):
+                current = None
+            elif current is not None:
+                self.computations[current].append(line)
+                if match := _INSTRUCTION.match(line):
+                    self.shapes[match.group(1)] = _dims(match.group(2))
 
-    def callees(line: str) -> list[str]:
+    @staticmethod
+    def _callees(line: str) -> list[str]:
         return [name for callee, branches in _CALLEE.findall(line)
                 for name in ([callee] if callee else [b.strip().lstrip("%") for b in branches.split(",")])]
 
-    @functools.cache
-    def communicates(name: str) -> bool:
-        return any(_COLLECTIVE.search(line) or any(communicates(c) for c in callees(line))
-                   for line in computations.get(name, []))
+    def executed(self, selected) -> tuple[list[tuple[str, int, bool]], int]:
+        """Every executed line that `selected(line)` accepts, as (line, executions in one run, whether it sits
+        in a loop of unknown trip count); and the number of such loops holding selected lines."""
+        @functools.cache
+        def holds(name: str) -> bool:
+            return any(selected(line) or any(holds(c) for c in self._callees(line))
+                       for line in self.computations.get(name, []))
 
-    traffic: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    unknown_loops = 0
+        found, unknown_loops = [], 0
 
-    def visit(name: str, times: int) -> None:
-        nonlocal unknown_loops
-        for line in computations.get(name, []):
-            if match := _COLLECTIVE.search(line):
-                traffic[match.group(2)][0] += times
-                traffic[match.group(2)][1] += times * _result_bytes(match.group(1))
-            loop = _WHILE.search(line)
-            trips = _trip_count(line, computations.get(loop.group(1), [])) if loop else None
-            if loop and trips is None and communicates(loop.group(2)):
-                unknown_loops += 1  # e.g. a data-dependent trip count
-            for called in callees(line):
-                visit(called, times * (trips or 1) if loop and called == loop.group(2) else times)
+        def visit(name: str, times: int, in_unknown_loop: bool) -> None:
+            nonlocal unknown_loops
+            for line in self.computations.get(name, []):
+                if selected(line):
+                    found.append((line, times, in_unknown_loop))
+                loop = _WHILE.search(line)
+                trips = _trip_count(line, self.computations.get(loop.group(1), [])) if loop else None
+                unknown = bool(loop) and trips is None and holds(loop.group(2))
+                unknown_loops += unknown
+                for called in self._callees(line):
+                    if holds(called):
+                        in_body = bool(loop) and called == loop.group(2)
+                        visit(called, times * (trips or 1) if in_body else times,
+                              in_unknown_loop or (unknown and in_body))
 
-    visit(entry, 1)
+        visit(self.entry, 1, False)
+        return found, unknown_loops
+
+
+def collective_traffic(hlo_text: str) -> tuple[dict[str, tuple[int, int]], int]:
+    """The collectives a compiled (per-device) HLO module executes in one run, and the bytes of their results.
+
+    Returns ({kind: (executions, bytes)}, number of loops whose trip count could not be read, counted once)."""
+    found, unknown_loops = HloModule(hlo_text).executed(lambda line: bool(_COLLECTIVE.search(line)))
+    traffic: dict[str, list[int]] = {}
+    for line, times, _ in found:
+        match = _COLLECTIVE.search(line)
+        counts = traffic.setdefault(match.group(2), [0, 0])
+        counts[0] += times
+        counts[1] += times * _result_bytes(match.group(1))
     return {k: (v[0], v[1]) for k, v in traffic.items()}, unknown_loops
+
+
+_DOT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+dot\((?:\w+\[[\d,]*\]\S*\s+)?%([\w.\-]+),"
+                  r".*lhs_contracting_dims=\{([\d,]*)\}")
+_CONVOLUTION = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+convolution\((?:\w+\[[\d,]*\]\S*\s+)?%[\w.\-]+,\s*"
+                          r"(?:\w+\[[\d,]*\]\S*\s+)?%([\w.\-]+)\).*dim_labels=\w+_(\w+)->")
+
+
+def matmul_flops(line: str, shapes: dict[str, list[int]]) -> float:
+    """FLOPs of one HLO `dot` (2 x output elements x contracted size) or `convolution` (2 x output elements x
+    kernel elements per output feature), operand shapes looked up in `shapes`; 0 for any other instruction."""
+    if match := _DOT.search(line):
+        lhs = shapes[match.group(2)]
+        return 2.0 * math.prod(_dims(match.group(1))) * math.prod(lhs[d] for d in _dims(match.group(3)))
+    if match := _CONVOLUTION.search(line):
+        kernel, labels = shapes[match.group(2)], match.group(3)
+        return 2.0 * math.prod(_dims(match.group(1))) * math.prod(kernel) / kernel[labels.index("o")]
+    return 0.0
+
+
+def executed_matmul_flops(hlo_text: str) -> tuple[float, float]:
+    """(matmul FLOPs one run of a compiled module executes, loop iterations included; the part of them in
+    loops whose trip count depends on the data, counted there once per run of the loop)."""
+    module = HloModule(hlo_text)
+    found, _ = module.executed(lambda line: " dot(" in line or " convolution(" in line)
+    flops = [(times * matmul_flops(line, module.shapes), in_unknown_loop) for line, times, in_unknown_loop in found]
+    return sum(f for f, _ in flops), sum(f for f, unknown in flops if unknown)
 
 
 def dry_run(config: RunConfig, devices=None) -> DryRunReport:
@@ -182,7 +246,9 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
     devices = mesh.devices.size
     tokens = config.data.batch_size * config.data.seq_len
     batch = run.abstract_batch()
-    collectives, uncounted_loops = collective_traffic(compiled.as_text())
+    hlo = compiled.as_text()
+    collectives, uncounted_loops = collective_traffic(hlo)
+    matmul, data_dependent = executed_matmul_flops(hlo)
     return DryRunReport(
         model=config.init_from or config.model, mesh=dict(mesh.shape), devices=devices,
         platform=_describe(mesh.devices.flat[0]),
@@ -195,6 +261,7 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
         step_flops=float((cost or {}).get("flops", 0.0)),
         model_flops=training_flops_per_token(run.model_config, config.data.seq_len) * tokens / devices,
         collectives=collectives, uncounted_loops=uncounted_loops, compile_seconds=compile_seconds,
+        matmul_flops=matmul, data_dependent_matmul_flops=data_dependent,
     )
 
 
