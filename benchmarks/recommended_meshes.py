@@ -9,6 +9,7 @@ and the collectives per step. Results go to benchmarks/results/recommended_meshe
     python benchmarks/recommended_meshes.py                  # every entry (the largest takes ~10 min on 2 cores)
     python benchmarks/recommended_meshes.py --only h-small   # entries whose model name contains "h-small"
     python benchmarks/recommended_meshes.py --seq-len 524288 # the entries with rows of 512K tokens
+    python benchmarks/recommended_meshes.py --long           # the long-row entries (context parallelism)
     python benchmarks/recommended_meshes.py --report         # the markdown table from the JSONL
 """
 
@@ -70,9 +71,10 @@ ENTRIES = [
 ]
 # Long rows (issue 14): one row split over a `context` axis, the layers in sub-pieces of 8,192 tokens per
 # device. Plus h-tiny at 8K, so that its figures per token can be compared across lengths.
-_LONG = (("subpiece_tokens", 8192),)
+_LONG = (("subpiece_tokens", 8192), ("scan_layers", "true"))
 LONG_ENTRIES = [
-    Entry("granite-4.0-h-tiny", "v5p:2x2x2", "v5p-16 (8 chips × 95 GB)", {"expert": 8}, 1, 8192),
+    Entry("granite-4.0-h-tiny", "v5p:2x2x2", "v5p-16 (8 chips × 95 GB)", {"expert": 8}, 1, 8192,
+          (("scan_layers", "true"),)),
     *(Entry("granite-4.0-h-1b", "v5p:2x2x2", "v5p-16 (8 chips × 95 GB)", {"context": 8}, 1, n, _LONG)
       for n in (131072, 524288)),
     *(Entry("granite-4.0-h-tiny", "v5p:4x4x4", "v5p-128 (64 chips × 95 GB)", {"expert": 8, "context": 8}, 1, n,
@@ -161,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, help="entries whose model name contains this")
     parser.add_argument("--seq-len", type=int, default=None, help="entries with rows of this many tokens")
+    parser.add_argument("--long", action="store_true", help="only the long-row entries")
     parser.add_argument("--report", action="store_true", help="print the markdown tables from the results")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one entry, JSON out
     args = parser.parse_args()
@@ -172,7 +175,8 @@ def main() -> None:
         return
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     for index, entry in enumerate(ALL):
-        if (args.only and args.only not in entry.model) or (args.seq_len and entry.seq_len != args.seq_len):
+        if ((args.only and args.only not in entry.model) or (args.seq_len and entry.seq_len != args.seq_len)
+                or (args.long and entry not in LONG_ENTRIES)):
             continue
         print(f"[{index + 1}/{len(ALL)}] {entry.model} at {entry.seq_len:,} tokens on {entry.topology} {entry.mesh} "
               "...", flush=True)

@@ -14,14 +14,16 @@ from jax.sharding import PartitionSpec as P
 from granite_jax.model.documents import document_runs
 from granite_jax.model.linear import make_linear
 from granite_jax.model.norms import GatedRMSNorm
-from granite_jax.model.ssd import continues_previous_piece, ssd_chunked, ssd_context_parallel, ssd_decode_step
+from granite_jax.model.ssd import ssd_chunked, ssd_context_parallel, ssd_decode_step
 from granite_jax.parallel.plan import logical_param, sequence_split
 from granite_jax.parallel.sequence import (
+    continues_previous_piece,
     entering_states,
     from_pieces,
     from_previous_piece,
-    has_previous_piece,
+    pieces_as_rows,
     pieces_per_shard,
+    rows_as_pieces,
     to_pieces,
 )
 
@@ -85,24 +87,33 @@ def causal_depthwise_conv(x, kernel, bias, runs, initial_state=None, initial_run
     return y, jnp.swapaxes(final_state, 1, 2)
 
 
+def conv_inputs_from_previous_piece(tail, tail_in_last_run, segment_ids, *, axis: str, layout: str):
+    """What a context piece's causal conv sees before its first token. tail (pieces, b, K, C): each local
+    piece's last K pre-conv inputs; tail_in_last_run (pieces, b, K): which of them belong to the piece's last
+    document; segment_ids (pieces, b, L). Returns the previous piece's tail (pieces, b, K, C), which of its
+    inputs count (pieces, b, K: in the document that continues into this piece) and whether the piece's first
+    document continues the previous piece's (pieces, b); the row's first piece gets zeros, counted nowhere."""
+    history, history_in_last_run = from_previous_piece((tail, tail_in_last_run), axis, layout)
+    continues = continues_previous_piece(segment_ids, axis, layout)
+    return history, continues[..., None] & history_in_last_run, continues
+
+
 def causal_conv_context_parallel(x, kernel, bias, segment_ids, *, axis: str, layout: str = "contiguous"):
     """`causal_depthwise_conv` of a row split over the mesh axis `axis`, inside `shard_map` on this shard's
     local row x (b, T_local, C) and segment_ids (b, T_local) (its pieces side by side, `parallel/sequence.py`).
-    Each piece's `initial_state` is the last K pre-conv inputs of the piece before it in the row, counted
-    (run 0) only where they belong to the document that continues into the piece's first token (else run -1);
-    the row's first piece gets zeros. Returns y (b, T_local, C)."""
-    width = kernel.shape[0]
+    Each piece's `initial_state` is the previous piece's last K pre-conv inputs, counted (run 0) where they
+    continue into the piece's first document (`conv_inputs_from_previous_piece`, else run -1). Returns y
+    (b, T_local, C)."""
+    width, n = kernel.shape[0], pieces_per_shard(layout)
     xs, ids = to_pieces(x, layout), to_pieces(segment_ids, layout)            # (pieces, b, L, ...)
-    n, b, L = ids.shape
-    runs = document_runs(ids.reshape(n * b, L), (n * b, L)).reshape(n, b, L)
-    tail_in_last_run = (runs[:, :, -width:] == runs[:, :, -1:]).astype(jnp.int32)
-    halo, halo_in_last_run = from_previous_piece((xs[:, :, -width:], tail_in_last_run), axis, layout)
-    counted = continues_previous_piece(ids, axis, layout)[..., None] & (halo_in_last_run == 1)
-    halo_runs = jnp.where(counted, 0, -1).astype(runs.dtype)
-    fold = lambda a: a.reshape(n * b, *a.shape[2:])  # noqa: E731
-    y = causal_depthwise_conv(fold(xs), kernel, bias, fold(runs), initial_state=jnp.swapaxes(fold(halo), 1, 2),
-                              initial_runs=fold(halo_runs))[0]
-    return from_pieces(y.reshape(n, b, *y.shape[1:]))
+    runs = rows_as_pieces(document_runs(pieces_as_rows(ids), pieces_as_rows(ids).shape), n)
+    history, counted, _ = conv_inputs_from_previous_piece(xs[:, :, -width:], runs[:, :, -width:] == runs[:, :, -1:],
+                                                          ids, axis=axis, layout=layout)
+    history_runs = jnp.where(counted, 0, -1).astype(runs.dtype)
+    y = causal_depthwise_conv(pieces_as_rows(xs), kernel, bias, pieces_as_rows(runs),
+                              initial_state=jnp.swapaxes(pieces_as_rows(history), 1, 2),
+                              initial_runs=pieces_as_rows(history_runs))[0]
+    return from_pieces(rows_as_pieces(y, n))
 
 
 class MambaState(NamedTuple):
@@ -230,38 +241,37 @@ class Mamba2Mixer(nnx.Module):
         """`_in_subpieces` on this device's rows u (b, L, hidden), ids (b, L): the data's segment ids (their
         context pieces side by side when `axis` is the sequence axis, else whole rows)."""
         K, sub = self.conv1d.kernel.shape[0], self.subpiece
-        pieces, b = pieces_per_shard(layout), u.shape[0]
-        fold = lambda a: a.reshape(pieces * b, *a.shape[2:])  # noqa: E731  (pieces, b, ...) -> (pieces·b, ...)
-        u, ids = fold(to_pieces(u, layout)), fold(to_pieces(ids, layout))    # (rows, L, ...), a piece per row
+        pieces = pieces_per_shard(layout)
+        u, ids = (pieces_as_rows(to_pieces(a, layout)) for a in (u, ids))    # (rows, L, ...), a piece per row
         rows, L = ids.shape
         if L % sub:
             raise ValueError(f"subpiece_tokens={sub} does not divide the {L} tokens of a row (or context "
                              f"piece) on a device; use a divisor of {L}")
         kernel, bias, A = self._conv_kernel(), self._conv_bias(), self._A()
 
-        # Where each row (piece) starts: after the previous context piece, or after nothing.
+        # What enters each row (piece): the previous context piece's last conv inputs, or nothing.
         history = jnp.zeros((rows, K, self.conv_dim), self.dtype)
-        history_in_last_run = jnp.zeros((rows, K), bool)
-        previous_id, has_previous = ids[:, 0], jnp.zeros((rows,), bool)
+        history_counted, continues = jnp.zeros((rows, K), bool), jnp.zeros((rows,), bool)
         if axis is not None:
             tail = jnp.split(self.in_proj(u[:, -K:]), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)[1]
             tail_runs = document_runs(ids[:, -K:], (rows, K))
-            unfold = lambda a: a.reshape(pieces, b, *a.shape[1:])  # noqa: E731
-            history, history_in_last_run, previous_id = (fold(a) for a in from_previous_piece(
-                (unfold(tail), unfold(tail_runs == tail_runs[:, -1:]), unfold(ids[:, -1])), axis, layout))
-            has_previous = fold(jnp.broadcast_to(has_previous_piece(axis, layout)[:, None], (pieces, b)))
+            history, history_counted, continues = (pieces_as_rows(a) for a in conv_inputs_from_previous_piece(
+                rows_as_pieces(tail, pieces), rows_as_pieces(tail_runs == tail_runs[:, -1:], pieces),
+                rows_as_pieces(ids, pieces), axis=axis, layout=layout))
+        # (n, rows): whether each sub-piece's first token continues the document of the token before it
+        within = ids[:, sub::sub] == ids[:, sub - 1:-1:sub]
+        subpiece_continues = jnp.concatenate([continues[:, None], within], axis=1).T
 
         def by_subpiece(a):  # (rows, L, ...) -> (n, rows, sub, ...)
             return jnp.moveaxis(a.reshape(rows, L // sub, sub, *a.shape[2:]), 1, 0)
 
         @jax.checkpoint
         def mix(carry, inputs):
-            history, history_in_last_run, state, decay, previous_id, has_previous = carry
-            u, ids = inputs
+            history, history_counted, state, decay = carry
+            u, ids, continues = inputs
             z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
             runs = document_runs(ids, ids.shape)
-            continues = has_previous & (ids[:, 0] == previous_id)
-            history_runs = jnp.where(continues[:, None] & history_in_last_run, 0, -1).astype(runs.dtype)
+            history_runs = jnp.where(continues[:, None] & history_counted, 0, -1).astype(runs.dtype)
             conv, _ = causal_depthwise_conv(xBC, kernel, bias, runs, initial_state=jnp.swapaxes(history, 1, 2),
                                             initial_runs=history_runs)
             x, B, C, dt = self._ssm_inputs(jax.nn.silu(conv), dt)
@@ -272,20 +282,17 @@ class Mamba2Mixer(nnx.Module):
             y, state, sub_decay = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=ids,
                                               initial_state=entering, return_decay=True)
             decay = jnp.where(continues[:, None], decay * sub_decay, sub_decay)
-            carry = (xBC[:, -K:], runs[:, -K:] == runs[:, -1:], state, decay, ids[:, -1], jnp.ones_like(has_previous))
-            return carry, (y, z, x, C, dt)
+            return (xBC[:, -K:], runs[:, -K:] == runs[:, -1:], state, decay), (y, z, x, C, dt)
 
-        carry = (history, history_in_last_run, jnp.zeros((rows, self.n_heads, self.head_dim, self.d_state),
-                                                         jnp.float32), jnp.ones((rows, self.n_heads), jnp.float32),
-                 previous_id, has_previous)
-        (_, _, final_state, decay, _, _), (y, z, x, C, dt) = jax.lax.scan(mix, carry,
-                                                                          (by_subpiece(u), by_subpiece(ids)))
+        carry = (history, history_counted, jnp.zeros((rows, self.n_heads, self.head_dim, self.d_state), jnp.float32),
+                 jnp.ones((rows, self.n_heads), jnp.float32))
+        (_, _, final_state, decay), (y, z, x, C, dt) = jax.lax.scan(
+            mix, carry, (by_subpiece(u), by_subpiece(ids), subpiece_continues))
 
         entering = None
         if axis is not None:
-            unfold = lambda a: a.reshape(pieces, b, *a.shape[1:])  # noqa: E731
-            continues = has_previous & (ids[:, 0] == previous_id)
-            entering = fold(entering_states(unfold(decay), unfold(final_state), unfold(continues), axis, layout))
+            summaries = (rows_as_pieces(a, pieces) for a in (decay, final_state, continues))
+            entering = pieces_as_rows(entering_states(*summaries, axis, layout))
             in_first_document = by_subpiece(document_runs(ids, ids.shape) == 0)
             whole_dt = jnp.moveaxis(dt, 0, 1).reshape(rows, L, self.n_heads)
             log_decay = by_subpiece(jnp.cumsum(whole_dt * A, axis=1))  # from the piece's start
@@ -304,7 +311,7 @@ class Mamba2Mixer(nnx.Module):
         extra = () if entering is None else (log_decay, in_first_document)
         _, out = jax.lax.scan(output, None, (y, z, x, C) + extra)
         out = jnp.moveaxis(out, 0, 1).reshape(rows, L, -1)
-        return from_pieces(out.reshape(pieces, b, L, -1))
+        return from_pieces(rows_as_pieces(out, pieces))
 
     def decode(self, u: jax.Array, state: MambaState) -> tuple[jax.Array, MambaState]:
         """One token per row: u (b, 1, hidden) → (out (b, 1, hidden), the next state)."""

@@ -28,10 +28,12 @@ import jax.numpy as jnp
 
 from granite_jax.model.documents import document_runs
 from granite_jax.parallel.sequence import (
+    continues_previous_piece,
     entering_states,
     from_pieces,
-    from_previous_piece,
-    has_previous_piece,
+    pieces_as_rows,
+    pieces_per_shard,
+    rows_as_pieces,
     to_pieces,
 )
 
@@ -172,32 +174,20 @@ def entering_state_outputs(C, dt, A, state, *, segment_ids=None):
     return jnp.einsum("bthn,bhpn->bthp", Ch, state.astype(_F32)) * decay[..., None]
 
 
-def continues_previous_piece(segment_ids: jax.Array, axis: str, layout: str) -> jax.Array:
-    """Inside `shard_map` over the sequence axis, segment_ids (pieces, b, L) of this shard's pieces: whether each
-    piece's first token continues the document of the previous piece's last token (pieces, b). Segment ids are
-    the data's, comparable across pieces (document runs counted per piece are not); the row's first piece
-    continues nothing."""
-    previous_last = from_previous_piece(segment_ids[:, :, -1], axis, layout)
-    return has_previous_piece(axis, layout)[:, None] & (segment_ids[:, :, 0] == previous_last)
-
-
 def ssd_context_parallel(x, dt, A, B, C, *, chunk_size: int, segment_ids, axis: str, layout: str = "contiguous"):
     """`ssd_chunked` of a row split over the mesh axis `axis`, called inside `shard_map` on this shard's local
     row (x, dt, B, C, segment_ids: its pieces side by side, `parallel/sequence.py`). Each piece runs the chunked
     SSD from a zero state; the pieces' (decay, final state) summaries give every piece its entering state (an
     all-gather of b·H·P·N floats per piece), which is added to the outputs of the piece's first document
     (`entering_state_outputs`): no part of the SSD runs twice. Returns y (b, T_local, H, P) float32."""
-    pieces = [to_pieces(a, layout) for a in (x, dt, B, C, segment_ids)]
-    n, b = pieces[0].shape[:2]
-    fold = lambda a: a.reshape(n * b, *a.shape[2:])  # noqa: E731  (pieces, b, ...) -> (pieces·b, ...)
-    unfold = lambda a: a.reshape(n, b, *a.shape[1:])  # noqa: E731
-    x, dt, B, C, segment_ids = (fold(a) for a in pieces)
+    n = pieces_per_shard(layout)
+    x, dt, B, C, segment_ids = (pieces_as_rows(to_pieces(a, layout)) for a in (x, dt, B, C, segment_ids))
     y, final_state, decay = ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, segment_ids=segment_ids,
                                         return_decay=True)
-    continues = continues_previous_piece(unfold(segment_ids), axis, layout)
-    entering = entering_states(unfold(decay), unfold(final_state), continues, axis, layout)
-    y = y + entering_state_outputs(C, dt, A, fold(entering), segment_ids=segment_ids)
-    return from_pieces(unfold(y))
+    continues = continues_previous_piece(rows_as_pieces(segment_ids, n), axis, layout)
+    entering = entering_states(rows_as_pieces(decay, n), rows_as_pieces(final_state, n), continues, axis, layout)
+    y = y + entering_state_outputs(C, dt, A, pieces_as_rows(entering), segment_ids=segment_ids)
+    return from_pieces(rows_as_pieces(y, n))
 
 
 def ssd_decode_step(state, x, dt, A, B, C):

@@ -59,6 +59,16 @@ def from_pieces(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 0, 1).reshape(b, n * L, *x.shape[3:])
 
 
+def pieces_as_rows(x: jax.Array) -> jax.Array:
+    """(pieces, b, ...) → (pieces · b, ...): each local piece one row, for functions of whole rows."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def rows_as_pieces(x: jax.Array, pieces: int) -> jax.Array:
+    """The inverse of `pieces_as_rows`: (pieces · b, ...) → (pieces, b, ...)."""
+    return x.reshape(pieces, x.shape[0] // pieces, *x.shape[1:])
+
+
 def _shift(x, axis: str, step: int):
     """Shard r receives shard r - step's `x` (zeros where that shard does not exist)."""
     shards = jax.lax.axis_size(axis)
@@ -87,6 +97,14 @@ def has_previous_piece(axis: str, layout: str) -> jax.Array:
     shard = jax.lax.axis_index(axis)
     return jnp.stack([piece_index(layout, shard, local, jax.lax.axis_size(axis)) > 0
                       for local in range(pieces_per_shard(layout))])
+
+
+def continues_previous_piece(segment_ids: jax.Array, axis: str, layout: str) -> jax.Array:
+    """segment_ids (pieces, b, L) of this shard's pieces: whether each piece's first token continues the
+    document of the previous piece's last token (pieces, b). Segment ids are the data's, comparable across
+    pieces (document runs counted per piece are not); the row's first piece continues nothing."""
+    previous_last = from_previous_piece(segment_ids[:, :, -1], axis, layout)
+    return has_previous_piece(axis, layout)[:, None] & (segment_ids[:, :, 0] == previous_last)
 
 
 def entering_states(decay: jax.Array, state: jax.Array, continues: jax.Array, axis: str, layout: str) -> jax.Array:
