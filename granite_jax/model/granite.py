@@ -120,9 +120,7 @@ class DecoderLayer(nnx.Module):
                 stats_sum = jax.tree.map(jnp.add, stats_sum, stats)
             return stats_sum, out
 
-        zero = None if self.block_sparse_moe is None else jax.tree.map(
-            jnp.zeros_like, jax.eval_shape(lambda: self._ffn_tokens(h[:, :shards * sub], None if token_mask is None
-                                                                    else mask[:, :shards * sub])[1]))
+        zero = None if self.block_sparse_moe is None else RouterStats.zeros(self.block_sparse_moe.num_experts)
         stats, out = jax.lax.scan(one, zero, (by_subpiece(h), by_subpiece(mask)))
         out = out.reshape(n, b, shards, sub, -1)
         return jnp.moveaxis(out, 0, 2).reshape(h.shape), stats
@@ -200,8 +198,7 @@ class GraniteModel(nnx.Module):
         graphdefs = [nnx.graphdef(layers[0]) for layers in patterns]
         stacked = [jax.tree.map(lambda *w: jnp.stack(w), *[nnx.state(layer) for layer in layers])
                    for layers in patterns]
-        stats_sum = None if self.config.num_local_experts == 0 else RouterStats(
-            *(jnp.zeros(shape, jnp.float32) for shape in [(self.config.num_local_experts,)] * 2 + [(), ()]))
+        stats_sum = None if self.config.num_local_experts == 0 else RouterStats.zeros(self.config.num_local_experts)
 
         def repetition(carry, weights):
             h, stats_sum = carry

@@ -34,6 +34,11 @@ class RouterStats(NamedTuple):
     tokens: jax.Array  # () number of tokens counted
     dropped: jax.Array  # () (token, slot) copies dropped by expert parallelism's capacity (0 when dropless)
 
+    @classmethod
+    def zeros(cls, num_experts: int) -> RouterStats:
+        """Nothing counted: the start of a sum over layers or over token chunks."""
+        return cls(*(jnp.zeros(shape, jnp.float32) for shape in [(num_experts,), (num_experts,), (), ()]))
+
 
 class Routing(NamedTuple):
     """Where each token goes: its top-k experts and their gates, and the router statistics."""
