@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="entries whose model name contains this")
     parser.add_argument("--seq-len", type=int, default=None, help="entries with rows of this many tokens")
     parser.add_argument("--long", action="store_true", help="only the long-row entries")
+    parser.add_argument("--entries", default=None, help="comma-separated entry numbers (as printed, from 1)")
     parser.add_argument("--report", action="store_true", help="print the markdown tables from the results")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one entry, JSON out
     args = parser.parse_args()
@@ -176,7 +177,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     for index, entry in enumerate(ALL):
         if ((args.only and args.only not in entry.model) or (args.seq_len and entry.seq_len != args.seq_len)
-                or (args.long and entry not in LONG_ENTRIES)):
+                or (args.long and entry not in LONG_ENTRIES)
+                or (args.entries and str(index + 1) not in args.entries.split(","))):
             continue
         print(f"[{index + 1}/{len(ALL)}] {entry.model} at {entry.seq_len:,} tokens on {entry.topology} {entry.mesh} "
               "...", flush=True)

@@ -104,6 +104,8 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
 _COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _CALLEE = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
 _WHILE = re.compile(r"\swhile\(.*condition=%([\w.\-]+), body=%([\w.\-]+)")
+_WINDOW = re.compile(r"window=\{size=([\dx]+)[^}]*\}")
+_LHS_DILATE = re.compile(r"lhs_dilate=([\dx]+)")
 _PARAMETER = re.compile(r"([\w.\-]+): \w+\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
 _LOOP_BOUND = re.compile(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
@@ -212,14 +214,23 @@ _CONVOLUTION = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+convolution\((?:\w+\[[\d,]*
 
 
 def matmul_flops(line: str, shapes: dict[str, list[int]]) -> float:
-    """FLOPs of one HLO `dot` (2 x output elements x contracted size) or `convolution` (2 x output elements x
-    kernel elements per output feature), operand shapes looked up in `shapes`; 0 for any other instruction."""
+    """FLOPs of one HLO `dot` (2 x output elements x contracted size) or `convolution`, operand shapes looked
+    up in `shapes`; 0 for any other instruction. A convolution's output element multiplies the kernel's input
+    features by the window taps that fall on input elements: all of them, except where the input is dilated
+    (`lhs_dilate`), where only one in `lhs_dilate` does — the TPU compiler writes batched matmuls as such
+    "base-dilated" convolutions, their batch dimensions as windows holding one input element each."""
     if match := _DOT.search(line):
         lhs = shapes[match.group(2)]
         return 2.0 * math.prod(_dims(match.group(1))) * math.prod(lhs[d] for d in _dims(match.group(3)))
     if match := _CONVOLUTION.search(line):
         kernel, labels = shapes[match.group(2)], match.group(3)
-        return 2.0 * math.prod(_dims(match.group(1))) * math.prod(kernel) / kernel[labels.index("o")]
+        taps = 1
+        if window := _WINDOW.search(line):
+            sizes = [int(n) for n in window.group(1).split("x")]
+            dilation = _LHS_DILATE.search(window.group(0))
+            dilations = [int(n) for n in dilation.group(1).split("x")] if dilation else [1] * len(sizes)
+            taps = math.prod(-(-size // d) for size, d in zip(sizes, dilations))
+        return 2.0 * math.prod(_dims(match.group(1))) * kernel[labels.index("i")] * taps
     return 0.0
 
 
