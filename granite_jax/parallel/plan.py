@@ -58,14 +58,15 @@ _TENSOR = {"vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "t
 # parallelism); the residual width whole.
 _ROWS = {"activation_batch": ("data", "fsdp", "expert"), "activation_length": "context"}
 RULES = {
-    # FSDP over `fsdp` and `expert` (the hidden dimension of every weight: the expert axis is data-parallel
-    # for everything but the experts), tensor parallelism over `tensor` (heads, MLP width, vocabulary, Mamba
-    # inner width), experts over `expert`. The default.
-    "fsdp_tp": {"embed": ("fsdp", "expert"), "expert": "expert", **_TENSOR, **_ROWS},
-    # FSDP only: weights split over `fsdp` and `expert` (experts over `expert`); nothing uses `tensor`.
-    "fsdp": {"embed": ("fsdp", "expert"), "expert": "expert", **_ROWS},
+    # FSDP over `fsdp`, `expert` and `context` (the hidden dimension of every weight: the expert axis is
+    # data-parallel for everything but the experts, and the context axis's devices, which split rows rather
+    # than hold different ones, share the weights' storage too, as in MaxText), tensor parallelism over
+    # `tensor` (heads, MLP width, vocabulary, Mamba inner width), experts over `expert`. The default.
+    "fsdp_tp": {"embed": ("fsdp", "expert", "context"), "expert": "expert", **_TENSOR, **_ROWS},
+    # FSDP only: weights split over `fsdp`, `expert` and `context` (experts over `expert`); nothing uses `tensor`.
+    "fsdp": {"embed": ("fsdp", "expert", "context"), "expert": "expert", **_ROWS},
     # Experts spread over the data-parallel axis (no separate expert axis), FSDP + TP as fsdp_tp.
-    "ep_over_data": {"embed": "fsdp", "expert": "data", **_TENSOR, **_ROWS},
+    "ep_over_data": {"embed": ("fsdp", "context"), "expert": "data", **_TENSOR, **_ROWS},
 }
 EXCHANGES = ("auto", "all_to_all", "ragged")  # expert parallelism's token exchange (granite_jax/parallel/expert.py)
 
