@@ -30,13 +30,15 @@ def test_one_device_mesh_and_batch_check():
 
 
 def test_logical_rules_map_parameters():
-    assert logical_to_spec(("expert", "embed", "mlp"), RULES["fsdp_tp"]) == PartitionSpec("expert", "fsdp", "tensor")
-    # Each mesh axis once per array, first claim wins: non-expert weights split embed over fsdp and expert.
-    assert logical_to_spec(("embed", "embed"), RULES["fsdp_tp"]) == PartitionSpec(("fsdp", "expert"), None)
-    assert logical_to_spec(("embed", "heads"), RULES["fsdp_tp"]) == PartitionSpec(("fsdp", "expert"), "tensor")
+    fsdp = ("fsdp", "expert", "context")  # weights' FSDP axes: every axis that does not split their use
+    assert logical_to_spec(("expert", "embed", "mlp"), RULES["fsdp_tp"]) == PartitionSpec(
+        "expert", ("fsdp", "context"), "tensor")
+    # Each mesh axis once per array, first claim wins: non-expert weights split embed over fsdp, expert, context.
+    assert logical_to_spec(("embed", "embed"), RULES["fsdp_tp"]) == PartitionSpec(fsdp, None)
+    assert logical_to_spec(("embed", "heads"), RULES["fsdp_tp"]) == PartitionSpec(fsdp, "tensor")
     model = nnx.eval_shape(lambda: GraniteForCausalLM(load_preset("tiny-hybrid-moe"), rngs=nnx.Rngs(0)))
     _, params = nnx.split(model, nnx.Param)
     shardings = parameter_shardings(params, make_mesh({"data": -1}), RULES["fsdp_tp"])
     assert shardings["model"]["layers"][0]["block_sparse_moe"]["input_linear"].spec == PartitionSpec(
-        "expert", "fsdp", "tensor")
-    assert shardings["model"]["embed_tokens"].spec == PartitionSpec("tensor", ("fsdp", "expert"))
+        "expert", ("fsdp", "context"), "tensor")
+    assert shardings["model"]["embed_tokens"].spec == PartitionSpec("tensor", fsdp)

@@ -52,10 +52,12 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say():
     result = _run_module("sharded_state")
     out = "\n".join(f"{key} {value}" for key, value in result.items())
     # (experts 8, hidden 256, 2 x intermediate 256) split 2 x 2 x 2.
-    assert "experts ('expert', 'fsdp', 'tensor') (4, 128, 256)" in out
-    assert "q_proj (('fsdp', 'expert'), 'tensor')" in out  # non-expert weights: FSDP over fsdp and expert
+    # (the context axis, of size 1 here, would split the weights' hidden dimension as fsdp does)
+    assert "experts ('expert', ('fsdp', 'context'), 'tensor') (4, 128, 256)" in out
+    # non-expert weights: FSDP over fsdp, expert and context
+    assert "q_proj (('fsdp', 'expert', 'context'), 'tensor')" in out
     # Adam moments and the accumulated gradients of the experts are sharded like the expert weights.
-    assert "moments [('expert', 'fsdp', 'tensor'), ('expert', 'tensor', 'fsdp')]" in out
+    assert "moments [('expert', 'tensor', ('fsdp', 'context')), ('expert', ('fsdp', 'context'), 'tensor')]" in out
     assert "scalars {()}" in out
 
 

@@ -22,7 +22,8 @@ def main():
     report({
         "experts": f"{tuple(experts[...].sharding.spec)} {experts[...].addressable_shards[0].data.shape}",
         "q_proj": str(tuple(q[...].sharding.spec)),
-        "moments": str(sorted({tuple(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim == 3})),
+        "moments": str(sorted({tuple(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim == 3},
+                             key=str)),
         "scalars": str({tuple(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim == 0}),
     })
 
