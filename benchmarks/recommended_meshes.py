@@ -135,28 +135,39 @@ def report() -> str:
     for line in open(RESULTS):  # the newest line per (model, sequence length) wins
         row = json.loads(line)
         latest[_key(row)] = row
-    header = ["| model | pod (TPU topology) | mesh | tokens / device | params + optimizer | temporaries | total "
-              "(of HBM) | collectives / step |", "|---|---|---|---|---|---|---|---|"]
-    tables = []
-    for title, entries in (("", ENTRIES), ("Long rows, split over a `context` axis", LONG_ENTRIES)):
-        lines = ([f"{title}:", ""] if title else []) + list(header)
-        for entry in entries:
-            row = latest.get(entry.key)
-            if row is None:
-                continue
-            mesh = " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
-            if "error" in row:
-                lines.append(f"| {row['model']} | {row['pod']} (`{row['topology']}`) | {mesh} | — | error: "
-                             f"{row['error']} | | | |")
-                continue
-            traffic = sum(row["collectives_gib"].values())
-            tokens = row.get("tokens_per_device", row["rows_per_device"] * row["seq_len"])
-            length = f" ({row['seq_len'] // 1024}K rows)" if entries is LONG_ENTRIES else ""
-            lines.append(f"| {row['model']}{length} | {row['pod']} (`{row['topology']}`) | {mesh} | {tokens:,} | "
-                         f"{row['params_gib'] + row['opt_state_gib']:.1f} GiB | {row['temp_gib']:.1f} GiB | "
-                         f"**{row['total_gib']:.1f}** of {row['device_gib']:.0f} GiB | {traffic:.1f} GiB |")
-        tables.append("\n".join(lines))
-    return "\n\n".join(tables)
+    lines = ["| model | pod (TPU topology) | mesh | tokens / device | params + optimizer | temporaries | total "
+             "(of HBM) | collectives / step |", "|---|---|---|---|---|---|---|---|"]
+    for entry in ENTRIES:
+        row = latest.get(entry.key)
+        if row is None:
+            continue
+        mesh = " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['pod']} (`{row['topology']}`) | {mesh} | — | error: "
+                         f"{row['error']} | | | |")
+            continue
+        lines.append(f"| {row['model']} | {row['pod']} (`{row['topology']}`) | {mesh} | "
+                     f"{row['rows_per_device'] * row['seq_len']:,} | {row['params_gib'] + row['opt_state_gib']:.1f} "
+                     f"GiB | {row['temp_gib']:.1f} GiB | **{row['total_gib']:.1f}** of {row['device_gib']:.0f} GiB | "
+                     f"{sum(row['collectives_gib'].values()):.1f} GiB |")
+    long = ["| model, row | pod (TPU topology) | mesh | tokens / chip | params + optimizer | temporaries | total "
+            "(of HBM) | matmul FLOPs / chip (model, one document) | collectives / chip / step |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for entry in LONG_ENTRIES:
+        row = latest.get(entry.key)
+        if row is None:
+            continue
+        mesh = " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
+        if "error" in row:
+            long.append(f"| {row['model']}, {row['seq_len'] // 1024}K | {row['pod']} | {mesh} | error: "
+                        f"{row['error']} | | | | | |")
+            continue
+        traffic = ", ".join(f"{kind} {size:.1f}" for kind, size in sorted(row["collectives_gib"].items()))
+        long.append(f"| {row['model']}, {row['seq_len'] // 1024}K | {row['pod']} (`{row['topology']}`) | {mesh} | "
+                    f"{row['tokens_per_device']:,} | {row['params_gib'] + row['opt_state_gib']:.1f} GiB | "
+                    f"{row['temp_gib']:.1f} GiB | **{row['total_gib']:.1f}** of {row['device_gib']:.0f} GiB | "
+                    f"{row['matmul_flops']:.2e} ({row['model_flops']:.2e}) | {traffic} GiB |")
+    return "\n".join(lines) + "\n\nLong rows, split over a `context` axis:\n\n" + "\n".join(long)
 
 
 def main() -> None:
