@@ -41,7 +41,7 @@ def test_model_dimensions_must_divide_their_mesh_axes(sizes, rules, message):
 def _run_module(name: str, argument=None, devices: int = 8):
     """Run `python -m tests.multidevice.NAME` on `devices` virtual CPU devices; returns what it reported."""
     command = [sys.executable, "-m", f"tests.multidevice.{name}"] + ([] if argument is None else [json.dumps(argument)])
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
                                "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -188,7 +188,7 @@ def _launch(run_dir, steps: int, processes: int, settings=TWO_STREAMS, devices: 
                               f"--process-id={i}"]) if processes > 1 else (lambda i: [])
     procs = [subprocess.Popen([sys.executable, *args[:1], *distributed(i), *args[1:]], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    outputs = [p.communicate(timeout=1200)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
     if processes > 1:  # only process 0 logs
