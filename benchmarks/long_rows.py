@@ -66,10 +66,12 @@ def table() -> str:
         traffic = ", ".join(f"{kind} {size * 2**30 / tokens / 1e3:,.1f} KB"
                             for kind, size in sorted(row["collectives_gib"].items()))
         mesh = " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
+        compiled = "not recounted" if row["matmul_flops"] is None else (
+            f"{row['matmul_flops'] / tokens / 1e9:.2f} GFLOP (attention key loops "
+            f"{row['data_dependent_matmul_flops'] / tokens / 1e9:.3f})")
         lines.append(
             f"| {seq_len // 1024}K | {row['pod'].split(' (')[0]}, {mesh} | {tokens:,} | "
-            f"{row['matmul_flops'] / tokens / 1e9:.2f} GFLOP (attention key loops "
-            f"{row['data_dependent_matmul_flops'] / tokens / 1e9:.3f}) | "
+            f"{compiled} | "
             f"{model['KJV-packed'] / 1e9:.2f}; {model['one document'] / 1e9:.2f} GFLOP | "
             f"{share['KJV-packed']:.1%}; {share['one document']:.1%} (keys per token "
             f"{keys['KJV-packed']:,.0f}; {keys['one document']:,.0f}) | {traffic} | {row['temp_gib']:.1f} GiB |")

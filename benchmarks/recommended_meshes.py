@@ -125,6 +125,10 @@ def _identity(entry: Entry) -> dict:
             "model_overrides": dict(entry.model_overrides)}
 
 
+def _flops(value) -> str:
+    return "not recounted" if value is None else f"{value:.2e}"
+
+
 def _key(row: dict) -> tuple:
     return row["model"], row.get("seq_len", 4096)
 
@@ -166,7 +170,7 @@ def report() -> str:
         long.append(f"| {row['model']}, {row['seq_len'] // 1024}K | {row['pod']} (`{row['topology']}`) | {mesh} | "
                     f"{row['tokens_per_device']:,} | {row['params_gib'] + row['opt_state_gib']:.1f} GiB | "
                     f"{row['temp_gib']:.1f} GiB | **{row['total_gib']:.1f}** of {row['device_gib']:.0f} GiB | "
-                    f"{row['matmul_flops']:.2e} ({row['model_flops']:.2e}) | {traffic} GiB |")
+                    f"{_flops(row['matmul_flops'])} ({row['model_flops']:.2e}) | {traffic} GiB |")
     return "\n".join(lines) + "\n\nLong rows, split over a `context` axis:\n\n" + "\n".join(long)
 
 
