@@ -133,6 +133,13 @@ def _key(row: dict) -> tuple:
     return row["model"], row.get("seq_len", 4096)
 
 
+def _recorded(entries: list[Entry], latest: dict):
+    """(newest result, its mesh as text) of every entry that has one, in the entries' order."""
+    for entry in entries:
+        if (row := latest.get(entry.key)) is not None:
+            yield row, " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
+
+
 def report() -> str:
     """The markdown tables (rows of 4,096 tokens; long rows) from the newest result of every entry."""
     latest = {}
@@ -141,11 +148,7 @@ def report() -> str:
         latest[_key(row)] = row
     lines = ["| model | pod (TPU topology) | mesh | tokens / device | params + optimizer | temporaries | total "
              "(of HBM) | collectives / step |", "|---|---|---|---|---|---|---|---|"]
-    for entry in ENTRIES:
-        row = latest.get(entry.key)
-        if row is None:
-            continue
-        mesh = " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
+    for row, mesh in _recorded(ENTRIES, latest):
         if "error" in row:
             lines.append(f"| {row['model']} | {row['pod']} (`{row['topology']}`) | {mesh} | — | error: "
                          f"{row['error']} | | | |")
@@ -157,11 +160,7 @@ def report() -> str:
     long = ["| model, row | pod (TPU topology) | mesh | tokens / chip | params + optimizer | temporaries | total "
             "(of HBM) | matmul FLOPs / chip (model, one document) | collectives / chip / step |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for entry in LONG_ENTRIES:
-        row = latest.get(entry.key)
-        if row is None:
-            continue
-        mesh = " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
+    for row, mesh in _recorded(LONG_ENTRIES, latest):
         if "error" in row:
             long.append(f"| {row['model']}, {row['seq_len'] // 1024}K | {row['pod']} | {mesh} | error: "
                         f"{row['error']} | | | | | |")
