@@ -102,7 +102,7 @@ def build_datasets(config: RunConfig, vocab_size: int, rows: slice | None = None
             f"consists of; with {jax.process_count()} processes use a multiple of {data.batch_size // held} that "
             f"divides {data.batch_size}")
     mine = range(rows.start // per_stream, rows.stop // per_stream)
-    rows = dict(seq_len=data.seq_len, batch_size=data.batch_size // streams, shard_count=streams)
+    stream_rows = dict(seq_len=data.seq_len, batch_size=per_stream, shard_count=streams)
     if data.format == "chat":
         chat = chat_format(data.chat_template, data.tokenizer)
         print_line(f"chat format: {chat.origin}")
@@ -117,7 +117,7 @@ def build_datasets(config: RunConfig, vocab_size: int, rows: slice | None = None
 
         def make(samples, seed):
             return interleave_streams([sft_dataset(samples, seed=seed, shard_index=i, packing_bins=data.packing_bins,
-                                                   **rows) for i in mine])
+                                                   **stream_rows) for i in mine])
 
         train_data = make(load(data.train, "train"), data.shuffle_seed)
         eval_data = make(load(data.validation, "validation"), 0) if data.validation else None
@@ -125,20 +125,20 @@ def build_datasets(config: RunConfig, vocab_size: int, rows: slice | None = None
 
     def make(documents, seed):
         return interleave_streams([pretraining_dataset(documents, tokenizer, vocab_size=vocab_size, seed=seed,
-                                                       shard_index=i, **rows) for i in mine])
+                                                       shard_index=i, **stream_rows) for i in mine])
 
     train_data = make(load_documents(data.train, data.text_field), data.shuffle_seed)
     eval_data = make(load_documents(data.validation, data.text_field), 0) if data.validation else None
     return train_data, eval_data
 
 
-def global_batch(local: dict, sharding, shape: tuple[int, int]) -> dict:
+def global_batch(local: dict, sharding, shape: tuple[int, int], positions: slice) -> dict:
     """This process's rows of a batch of `shape` (rows, positions) → arrays over the whole mesh.
 
-    Every process passes the whole rows it read; where the context axis spans processes, each keeps the
-    positions its devices hold (the rows were packed whole, so documents and loss targets are the row's).
+    Every process passes the whole rows it read and keeps `positions`, those its devices hold (all of them
+    unless the context axis spans processes; `process_block`). The rows were packed whole, so documents and
+    loss targets are the row's.
     """
-    rows, positions = process_block(sharding, shape)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)[:, positions], shape)
             for k, v in local.items()}
 
@@ -148,10 +148,12 @@ def _to_host(metrics) -> dict[str, float]:
 
 
 def evaluate(run, params, dataset, batches: int) -> float:
+    block = process_block(run.data_sharding, run.batch_shape)
     total, tokens = 0.0, 0.0
     iterator = iter(dataset)
     for _ in range(batches):
-        loss_sum, count = run.eval_step(params, global_batch(next(iterator), run.data_sharding, run.batch_shape))
+        batch = global_batch(next(iterator), run.data_sharding, run.batch_shape, block[1])
+        loss_sum, count = run.eval_step(params, batch)
         total, tokens = total + float(loss_sum), tokens + float(count)
     return total / max(tokens, 1.0)
 
@@ -162,8 +164,8 @@ def train(config: RunConfig) -> list[float]:
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=resolve_tokenizer(config)))
     run = build_run(config)
     model_config = run.model_config
-    train_data, eval_data = build_datasets(config, model_config.vocab_size,
-                                           rows=process_block(run.data_sharding, run.batch_shape)[0])
+    rows, positions = process_block(run.data_sharding, run.batch_shape)  # this process's block of every batch
+    train_data, eval_data = build_datasets(config, model_config.vocab_size, rows=rows)
     state, run.state = run.state, None  # from here the loop owns the state (donated to every step)
     schedule = learning_rate_schedule(config.optimizer, config.steps)
 
@@ -201,7 +203,8 @@ def train(config: RunConfig) -> list[float]:
                 batch = next(iterator)
                 window_flops += tokens_per_step * training_flops_per_token(
                     model_config, config.data.seq_len, mean_keys_per_query(batch.get("segment_ids")))
-                state, metrics = run.train_step(state, global_batch(batch, run.data_sharding, run.batch_shape))
+                state, metrics = run.train_step(
+                    state, global_batch(batch, run.data_sharding, run.batch_shape, positions))
                 metrics = _to_host(metrics)
                 losses.append(metrics["loss"])
                 if not np.isfinite(metrics["loss"]):
