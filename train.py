@@ -8,9 +8,13 @@
         "mesh={data: 1, fsdp: 8, tensor: 1, expert: 8}" data.seq_len=4096 data.batch_size=64
 
 Any `key=value` overrides a field of the run config (nested with dots). Re-running with the same run_dir
-resumes from its newest checkpoint. `--dry-run` compiles the train step for the mesh without allocating the
-model and prints per-device memory, FLOPs and collectives: `--topology v5p:4x4x4` compiles with the TPU compiler
-for a TPU slice that is not here (needs libtpu), `--simulate-devices N` on N virtual CPU devices (an estimate).
+resumes from its newest checkpoint (refused if the data or optimizer settings it depends on changed, or if no
+checkpoint restores: `--restart` moves the earlier run to RUN_DIR/previous/ and starts over). Exit codes: 0 done,
+2 an error (one `error:` line), 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint.
+
+`--dry-run` compiles the train step for the mesh without allocating the model and prints per-device memory,
+FLOPs and collectives: `--topology v5p:4x4x4` compiles with the TPU compiler for a TPU slice that is not here
+(needs libtpu), `--simulate-devices N` on N virtual CPU devices (an estimate).
 
 Several processes (e.g. two on one machine, each with its devices):
     python train.py --coordinator-address 127.0.0.1:8476 --num-processes 2 --process-id 0 ...   # and id 1
@@ -36,6 +40,8 @@ def main(argv=None) -> int:
                              "TPU pods, Slurm and Open MPI launches are detected without flags")
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--restart", action="store_true",
+                        help="start over in a run_dir that has checkpoints, moving the earlier run to previous/")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 optimizer.lr=1e-3")
     args = parser.parse_args(argv)
     if args.topology and args.simulate_devices:
@@ -50,7 +56,8 @@ def main(argv=None) -> int:
                                    f" --xla_force_host_platform_device_count={args.simulate_devices}").strip()
 
     import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
-    from granite_jax.train import load_run_config, train
+    from granite_jax.train import TrainingStopped, load_run_config, train
+    from granite_jax.train.checkpoint import CheckpointSaveError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -65,7 +72,17 @@ def main(argv=None) -> int:
             devices = tpu_topology_devices(args.topology) if args.topology else None
             print(dry_run(config, devices).render())
         else:
-            train(config)
+            train(config, restart=args.restart)
+    except TrainingStopped as stopped:
+        print(stopped, flush=True)
+        return stopped.exit_code
+    except KeyboardInterrupt:
+        print("interrupted before training started", file=sys.stderr)
+        return 130
+    except CheckpointSaveError as e:  # the save's threads may never return: leave without waiting for them
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

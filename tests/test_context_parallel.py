@@ -15,8 +15,8 @@ def test_context_parallel_ssd_conv_and_attention_equal_the_unsharded_functions(s
     takes each shard's queries against the all-gathered keys with documents counted over the whole row. Values
     and gradients (x, dt, A, B, C; conv input, kernel, bias; q, k, v) equal the unsharded functions' (and the
     SSD's token-by-token oracle's), for document boundaries at, next to and away from shard and chunk edges,
-    1-3 token documents, one-token documents, reused ids, trailing padding and random partitions (and 12 pairs of rows drawn by
-    hypothesis per layout), with chunks that do and do not divide a shard."""
+    1-3 token documents, one-token documents, reused ids, trailing padding and random partitions (and 12 pairs
+    of rows drawn by hypothesis per layout), with chunks that do and do not divide a shard."""
     results = _run_module("context_parallel_ops", {"shards": shards}, devices=shards)
     for layout in ("contiguous", "zigzag"):  # 12 drawn pairs of rows per layout, each within tolerance
         drawn = results.pop(f"{layout} hypothesis partitions")

@@ -135,6 +135,11 @@ def _losses(run_dir):
     return [losses[s] for s in sorted(losses)]
 
 
+def _steps(run_dir) -> list[int]:
+    """The steps of a run's committed checkpoints."""
+    return sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
+
+
 def _wait_for_checkpoint(run_dir, step, proc, timeout=300):
     path = os.path.join(run_dir, "checkpoints", str(step))
     deadline = time.time() + timeout
@@ -150,7 +155,7 @@ def _kill_after_checkpoint(run_dir, step):
     _wait_for_checkpoint(run_dir, step, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return max(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
+    return _steps(run_dir)[-1]
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +180,8 @@ def test_sigterm_saves_and_resumes(tmp_path, reference_run):
     _wait_for_checkpoint(run_dir, 5, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "received signal" in out, out
-    saved = max(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
+    assert proc.returncode == 128 + signal.SIGTERM and "received signal 15: saved step" in out, out
+    saved = _steps(run_dir)[-1]
     if saved < 40:
         assert saved % 5 != 0 or "saved step" in out
         _train(run_dir, "steps=40")
@@ -184,6 +189,9 @@ def test_sigterm_saves_and_resumes(tmp_path, reference_run):
 
 
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, reference_run):
+    """The newest checkpoint truncated: the resume falls back to the one before with one warning line (no Orbax
+    traceback), moves the unreadable one to corrupt/, saves its step again when it gets there, and repeats the
+    uninterrupted run's losses."""
     run_dir = str(tmp_path)
     newest = _kill_after_checkpoint(run_dir, 10)
     state_dir = os.path.join(run_dir, "checkpoints", str(newest), "state")
@@ -192,7 +200,41 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path, reference_run):
         if os.path.isfile(path):
             open(path, "w").close()
     out = _train(run_dir, "steps=40")
-    assert "resumed from" in out and out.count("could not be restored") >= 1
+    assert "resumed from" in out and out.count("could not be restored") == 1
+    assert "Traceback" not in out and len(out.splitlines()) < 30, out
+    assert os.listdir(os.path.join(run_dir, "corrupt")) == [str(newest)]
+    assert newest in _steps(run_dir)  # saved again
+    assert _losses(run_dir) == reference_run
+
+
+def _kill_during_the_save_of(step: int) -> str:
+    """A Python program that runs train.py and SIGKILLs itself when Orbax is about to commit checkpoint `step`
+    (every file written to its temporary directory, the rename to STEP not yet done)."""
+    return f"""
+import os, runpy, signal, sys
+from orbax.checkpoint._src.path import atomicity
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize(self, *args, **kwargs):
+    if os.path.basename(str(self._final_path)) == "{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await commit(self, *args, **kwargs)
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_killed_during_an_asynchronous_save_resumes_from_the_previous_checkpoint_bit_for_bit(
+        tmp_path, reference_run):
+    run_dir = str(tmp_path)
+    cmd = [sys.executable, "-c", _kill_during_the_save_of(10), os.path.join(ROOT, "train.py"), f"run_dir={run_dir}",
+           *SMALL, "steps=40"]
+    killed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert _steps(run_dir) == [5]  # 10 was being written: only its temporary directory exists
+    assert any("tmp" in name for name in os.listdir(os.path.join(run_dir, "checkpoints")))
+    out = _train(run_dir, "steps=40")
+    assert f"resumed from {os.path.join(run_dir, 'checkpoints')}/5" in out
     assert _losses(run_dir) == reference_run
 
 

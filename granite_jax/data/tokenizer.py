@@ -18,6 +18,22 @@ import json
 import os
 from typing import Protocol, Sequence
 
+# The files of an HF tokenizer directory (a checkpoint directory holds them beside the weights).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                      "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+def tokenizer_files(path: str) -> list[str]:
+    """The files that make up the tokenizer at `path` (as `load_tokenizer` takes it): a sentencepiece `.model`;
+    a `tokenizer.json` and the `tokenizer_config.json` beside it; or a directory's HF tokenizer files."""
+    if os.path.isdir(path):
+        names = [os.path.join(path, name) for name in HF_TOKENIZER_FILES]
+    elif path.endswith(".json"):
+        names = [path, os.path.join(os.path.dirname(path), "tokenizer_config.json")]
+    else:
+        names = [path]
+    return [name for name in names if os.path.isfile(name)]
+
 
 class Tokenizer(Protocol):
     vocab_size: int

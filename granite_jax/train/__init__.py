@@ -2,6 +2,6 @@
 checkpoints, the loop and the ahead-of-time dry run."""
 
 from granite_jax.train.config import RunConfig, RunConfigError, load_run_config
-from granite_jax.train.loop import NonFiniteLossError, train
+from granite_jax.train.loop import NonFiniteLossError, TrainingStopped, train
 
-__all__ = ["NonFiniteLossError", "RunConfig", "RunConfigError", "load_run_config", "train"]
+__all__ = ["NonFiniteLossError", "TrainingStopped", "RunConfig", "RunConfigError", "load_run_config", "train"]

@@ -6,9 +6,12 @@ one that fails (truncated, corrupted) is reported and the one before it is tried
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
+import threading
 
 import grain
 import jax
@@ -44,29 +47,79 @@ class _DataPosition:
         pass
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written, or its write did not finish within the configured time."""
+
+
 class RunCheckpoints:
-    def __init__(self, run_dir: str, *, keep: int, async_save: bool):
-        self.directory = RunDir(run_dir).checkpoints
+    """The checkpoints of one run directory. Saves are bounded in time (`wait`); checkpoints that do not restore
+    are moved to RUN_DIR/corrupt/ once a good one has restored, so their steps are saved again."""
+
+    def __init__(self, run_dir: str, *, keep: int, async_save: bool, save_timeout_s: float = 3600.0):
+        self.run_dir = RunDir(run_dir)
+        self.directory = self.run_dir.checkpoints
+        self.save_timeout_s = save_timeout_s
+        _check_writable(self.directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                  create=True))
 
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state, data_state: dict, meta: dict) -> None:
         """Start saving `step` (the caller decides when); returns before the write finishes if async."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_DataPosition(data_state)),
-            meta=ocp.args.JsonSave(meta)),
-            force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_DataPosition(data_state)),
+                meta=ocp.args.JsonSave(meta)),
+                force=True)
+        except OSError as e:
+            raise CheckpointSaveError(f"checkpoint {self.directory}/{step} could not be written: {e}") from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the save in flight, at most `save_timeout_s` (a write that hangs, e.g. on a storage
+        mount gone away, is an error, not a run that never ends)."""
+        errors: list[BaseException] = []
+
+        def finish():
+            try:
+                self.manager.wait_until_finished()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                errors.append(e)
+
+        waiter = threading.Thread(target=finish, daemon=True)
+        waiter.start()
+        waiter.join(self.save_timeout_s)
+        if waiter.is_alive():
+            raise CheckpointSaveError(f"saving a checkpoint to {self.directory} did not finish within "
+                                      f"checkpoint.save_timeout_s={self.save_timeout_s:g} s")
+        if errors:
+            raise CheckpointSaveError(f"saving a checkpoint to {self.directory} failed: "
+                                      f"{type(errors[0]).__name__}: {_first_line(errors[0])}") from None
+
+    def latest_meta(self) -> tuple[int, dict] | None:
+        """(step, meta) of the newest checkpoint whose metadata reads (the run config it was saved with)."""
+        for step in reversed(self.steps):
+            try:
+                with _quiet_orbax():
+                    restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                return step, restored["meta"]
+            except Exception as e:  # noqa: BLE001 - unreadable: the restore will report it
+                log.debug("could not read the metadata of step %d: %s", step, e)
+        return None
 
     def restore_latest(self, abstract_state):
-        """(step, state, data_state, meta) of the newest checkpoint that restores, or None if there is none."""
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        """(step, state, data_state, meta) of the newest checkpoint that restores, or None if none does.
+
+        A checkpoint that fails (truncated, corrupted) is reported and the one before it is tried; once one
+        restores, the failed ones are moved to RUN_DIR/corrupt/ (by process 0)."""
+        failed = []
+        for step in reversed(self.steps):
             try:
                 self._check_parameters_fit(step, abstract_state)
             except CheckpointMismatchError:
@@ -74,19 +127,35 @@ class RunCheckpoints:
             except Exception as e:  # noqa: BLE001 - unreadable metadata: let the restore below report it
                 log.debug("could not read the metadata of step %d: %s", step, e)
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(_DataPosition()), meta=ocp.args.JsonRestore()))
+                with _quiet_orbax():
+                    restored = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=grain.checkpoint.CheckpointRestore(_DataPosition()), meta=ocp.args.JsonRestore()))
             except Exception as e:  # noqa: BLE001 - any failure to read one checkpoint means: try the previous
                 log.warning("checkpoint at step %d could not be restored (%s: %s); trying the previous one",
                             step, type(e).__name__, _first_line(e))
+                failed.append(step)
                 continue
+            self._set_aside(failed)
             return step, restored["state"], restored["data"].state, restored["meta"]
         return None
 
+    def _set_aside(self, steps: list[int]) -> None:
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                log.warning("moved the unreadable checkpoint of step %d to %s", step, self.run_dir.move_corrupt(step))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("granite_jax: unreadable checkpoints moved")
+        self.manager.reload()
+
     def _check_parameters_fit(self, step: int, abstract_state) -> None:
         """Compare the stored parameter names and shapes with the model's, naming the first difference."""
-        metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+        with _quiet_orbax():  # Orbax warns that state/ has no _CHECKPOINT_METADATA of its own: it is the step's
+            metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
         stored = _parameter_shapes(getattr(metadata, "item_metadata", metadata))
         if not stored:  # unreadable metadata (e.g. a truncated checkpoint): the restore will report it
             return
@@ -102,11 +171,38 @@ class RunCheckpoints:
                                               f"checkpoint, {tuple(expected[name])} in the model")
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 
-def _first_line(e: Exception) -> str:
+def _check_writable(directory: str) -> None:
+    """Create `directory` and write a file in it: an unwritable checkpoint directory is found at the start,
+    not by an asynchronous save that never returns."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise CheckpointSaveError(f"checkpoint directory {directory!r} is not writable ({e.strerror}); "
+                                  "choose a run_dir this user can write") from None
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Silence Orbax's own logging of a failed read (thousands of lines of asyncio / TensorStore traceback for
+    one truncated file): the caller reports the failure in one line."""
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 

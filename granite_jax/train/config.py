@@ -83,6 +83,7 @@ class CheckpointConfig:
     every_steps: int = 50
     keep: int = 3
     async_save: bool = True
+    save_timeout_s: float = 3600.0  # a save that has not finished after this long stops the run with an error
 
 
 @dataclasses.dataclass
@@ -128,6 +129,18 @@ class RunConfig:
                             ("data.packing_bins", self.data.packing_bins)]:
             if value <= 0:
                 raise RunConfigError(f"{name}={value} must be positive")
+        for name, value, interval in _ranges(self):
+            if not interval.contains(value):
+                raise RunConfigError(f"{name}={value} is outside {interval}")
+        if self.data.streams is not None and self.data.streams <= 0:
+            raise RunConfigError(f"data.streams={self.data.streams} must be positive (or null: one per process)")
+        from granite_jax.config import ModelConfig  # the model's fields, for the keys of model_overrides
+
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+        unknown = sorted(set(self.model_overrides) - model_fields)
+        if unknown:
+            raise RunConfigError(f"model_overrides has unknown model config keys {unknown}; known keys: "
+                                 f"{sorted(model_fields)}")
         if self.optimizer.schedule not in ("cosine", "wsd", "constant"):
             raise RunConfigError(f"optimizer.schedule={self.optimizer.schedule!r}: expected cosine, wsd or constant")
         self.initial_weights  # noqa: B018 - parses init_from, raising on a malformed one
@@ -160,6 +173,84 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class Interval(typing.NamedTuple):
+    """Bounds of a numeric field; `closed_low` / `closed_high` say whether the bound itself is allowed."""
+    low: float
+    high: float = float("inf")
+    closed_low: bool = True
+    closed_high: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = value >= self.low if self.closed_low else value > self.low
+        below = value <= self.high if self.closed_high else value < self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'[' if self.closed_low else '('}{self.low}, {self.high}{']' if self.closed_high else ')'}"
+
+
+def _ranges(config: "RunConfig") -> list[tuple[str, float, Interval]]:
+    """The numeric fields with a range, and the range. Values outside would train silently wrong (a negative
+    lr ascends the loss, min_lr_ratio > 1 raises the lr as it "decays", eval_batches=0 reports a loss of 0)."""
+    o = config.optimizer
+    return [("optimizer.lr", o.lr, Interval(0.0)),
+            ("optimizer.warmup_steps", o.warmup_steps, Interval(0)),
+            ("optimizer.min_lr_ratio", o.min_lr_ratio, Interval(0.0, 1.0, closed_high=True)),
+            ("optimizer.decay_fraction", o.decay_fraction, Interval(0.0, 1.0, closed_low=False, closed_high=True)),
+            ("optimizer.weight_decay", o.weight_decay, Interval(0.0)),
+            ("optimizer.b1", o.b1, Interval(0.0, 1.0)),
+            ("optimizer.b2", o.b2, Interval(0.0, 1.0)),
+            ("optimizer.eps", o.eps, Interval(0.0, closed_low=False)),
+            ("optimizer.clip_norm", o.clip_norm, Interval(0.0, closed_low=False)),
+            ("z_loss", config.z_loss, Interval(0.0)),
+            ("eval_batches", config.eval_batches, Interval(1)),
+            ("checkpoint.save_timeout_s", config.checkpoint.save_timeout_s, Interval(0.0, closed_low=False))]
+
+
+# What a checkpoint's data position and optimizer state depend on. A resume with one of them changed would read
+# the data from the wrong place (or another corpus) or fail to restore the optimizer state.
+RESUME_FIELDS = ("model", "data.format", "data.train", "data.text_field", "data.tokenizer", "data.seq_len",
+                 "data.batch_size", "data.shuffle_seed", "data.streams", "data.chat_template", "data.packing_bins",
+                 "data.overlong", "optimizer.grad_accum_steps")
+_PATH_FIELDS = {"data.train", "data.tokenizer", "data.chat_template"}
+
+
+def resume_differences(saved: dict, config: RunConfig) -> list[str]:
+    """["data.seq_len: 64 in the checkpoint, 128 now", ...]: the RESUME_FIELDS on which `saved` (a checkpoint's
+    run configuration) and `config` differ. Paths compare by absolute path; `model` only when neither run
+    started from other weights (init_from), whose model the checkpoint's parameter shapes then describe."""
+    current, defaults = config.to_dict(), RunConfig().to_dict()
+    differences = []
+    for name in RESUME_FIELDS:
+        if name == "model" and (saved.get("init_from") or config.init_from):
+            continue
+        was, now = (_field(tree, name) for tree in (saved, current))
+        if was is _MISSING:  # saved by a version without the field: it had the default's behaviour
+            was = _field(defaults, name)
+        if name in _PATH_FIELDS:
+            was, now = _absolute(was), _absolute(now)
+        if was != now:
+            differences.append(f"{name}: {was!r} in the checkpoint, {now!r} now")
+    return differences
+
+
+_MISSING = object()
+
+
+def _field(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def _absolute(value):
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]
+    return os.path.abspath(value) if isinstance(value, str) and value not in ("auto", "builtin") else value
 
 
 def _check_type(key: str, value: Any, annotation) -> Any:
@@ -227,7 +318,10 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise RunConfigError(f"override {pair!r} is not of the form key=value")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"override {pair!r}: the value is not valid YAML ({_first_line(e)})") from None
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -236,13 +330,20 @@ def parse_overrides(pairs: list[str]) -> dict:
     return tree
 
 
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split("\n")[:1])
+
+
 def load_run_config(path: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
     config = RunConfig()
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"run config {path!r} does not exist")
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise RunConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(raw, dict):
             raise RunConfigError(f"{path}: expected a mapping at the top level")
         _apply(config, raw)

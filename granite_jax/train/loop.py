@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
+import sys
 import time
 
 import jax
@@ -25,9 +27,9 @@ from granite_jax.model.flops import mean_keys_per_query, training_flops_per_toke
 from granite_jax.parallel.distributed import process_block
 from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
-from granite_jax.train.config import RunConfig, RunConfigError, save_run_config
+from granite_jax.train.config import RunConfig, RunConfigError, resume_differences, save_run_config
 from granite_jax.train.metrics import TensorBoardWriter, console_line, print_line
-from granite_jax.train.optim import learning_rate_schedule
+from granite_jax.train.optim import learning_rate_at
 from granite_jax.train.setup import build_run, existing_run_dir
 
 log = logging.getLogger("granite_jax.train")
@@ -37,8 +39,19 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class TrainingStopped(Exception):
+    """SIGTERM or SIGINT stopped the run between two steps, after it saved a checkpoint. `exit_code` is the shell's
+    128 + the signal's number (130 for SIGINT, 143 for SIGTERM), so schedulers can tell it from a run that
+    finished."""
+
+    def __init__(self, signum: int, step: int, where: str):
+        super().__init__(f"received signal {signum}: saved step {step} to {where}")
+        self.exit_code = 128 + signum
+
+
 class _StopSignal:
-    """Remembers SIGTERM/SIGINT so the loop can checkpoint and exit between steps."""
+    """Remembers SIGTERM/SIGINT so the loop can checkpoint and exit between steps. A second signal stops the
+    process at once (exit 128 + signal), whatever it is waiting on."""
 
     def __init__(self):
         self.received: int | None = None
@@ -50,7 +63,11 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, _frame):
+        if self.received is not None:
+            print(f"received signal {signum} again: stopping now, without saving", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
         self.received = signum
+        print_line(f"received signal {signum}: stopping after this step (send it again to stop at once)")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -158,20 +175,69 @@ def evaluate(run, params, dataset, batches: int) -> float:
     return total / max(tokens, 1.0)
 
 
-def train(config: RunConfig) -> list[float]:
-    """Run (or resume) training; returns the per-step training losses of the steps run in this call."""
-    # Saved resolved, so that export finds the tokenizer files.
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=resolve_tokenizer(config)))
-    run = build_run(config)
+def train(config: RunConfig, *, restart: bool = False) -> list[float]:
+    """Run (or resume) training; returns the per-step training losses of the steps run in this call.
+
+    The run directory is locked while it trains (RunLock). A directory with checkpoints resumes from the
+    newest one that restores, after checking that the settings it depends on (RESUME_FIELDS) are unchanged;
+    when none restores, or the settings differ, the run is refused: `restart` moves the earlier run to
+    RUN_DIR/previous/ and starts over. Raises TrainingStopped after a signal, NonFiniteLossError on a
+    non-finite loss."""
+    # Saved resolved and absolute, so that what the run read does not depend on the directory of a later command.
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, tokenizer=os.path.abspath(resolve_tokenizer(config))))
+    run_dir = RunDir(config.run_dir)
+    lock = run_dir.lock() if jax.process_index() == 0 else None
+    try:
+        if restart:
+            _move_earlier_run_aside(run_dir)
+        return _train(config, run_dir)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _move_earlier_run_aside(run_dir: RunDir) -> None:
+    if jax.process_index() == 0:
+        moved = run_dir.move_aside("moved aside by train.py --restart")
+        print_line(f"--restart: moved the earlier run to {moved}" if moved else
+                   f"--restart: {run_dir.path} holds no earlier run")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("granite_jax: --restart")
+
+
+def _check_resumable(checkpoints: RunCheckpoints, config: RunConfig) -> None:
+    """Refuse to resume from a checkpoint saved with other data or optimizer settings, or past `steps`."""
+    latest = checkpoints.latest_meta()
+    if latest is None:
+        return
+    step, meta = latest
+    where = f"run_dir {config.run_dir!r} holds a checkpoint at step {step}"
+    differences = resume_differences(meta.get("run", {}), config)
+    if differences:
+        raise RunConfigError(
+            f"{where} saved with other settings: {'; '.join(differences)}. Resume with the checkpoint's "
+            "settings, use a new run_dir, or pass --restart to move the earlier run to "
+            f"{os.path.join(config.run_dir, 'previous')}/ and start over")
+    if step > config.steps:
+        raise RunConfigError(f"{where}, beyond steps={config.steps}: give steps > {step} to train further")
+
+
+def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
+    checkpoints = RunCheckpoints(config.run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                                 save_timeout_s=config.checkpoint.save_timeout_s)
+    try:
+        _check_resumable(checkpoints, config)
+        run = build_run(config)
+    except BaseException:
+        checkpoints.close()
+        raise
     model_config = run.model_config
     rows, positions = process_block(run.data_sharding, run.batch_shape)  # this process's block of every batch
     train_data, eval_data = build_datasets(config, model_config.vocab_size, rows=rows)
     state, run.state = run.state, None  # from here the loop owns the state (donated to every step)
-    schedule = learning_rate_schedule(config.optimizer, config.steps)
-
-    run_dir = RunDir(config.run_dir)
-    save_run_config(config, run_dir.path)
-    checkpoints = RunCheckpoints(config.run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     iterator = iter(train_data)
     try:
         restored = checkpoints.restore_latest(abstract_like(state))
@@ -182,7 +248,21 @@ def train(config: RunConfig) -> list[float]:
         step, state, data_state, _ = restored
         iterator.set_state(data_state)
         print_line(f"resumed from {checkpoints.directory}/{step}")
+    elif checkpoints.steps:
+        checkpoints.close()
+        raise RuntimeError(
+            f"none of the checkpoints in {checkpoints.directory} (steps {checkpoints.steps}) restores (see the "
+            "warnings above); refusing to start over in the same directory. Pass --restart to move them to "
+            f"{os.path.join(config.run_dir, 'previous')}/ and start over, or use a new run_dir")
+    if jax.process_index() == 0:  # only once the run is known to go ahead: a refused resume changes nothing
+        save_run_config(config, run_dir.path)
+        if restored is None or not os.path.isdir(run_dir.tokenizer_dir):
+            run_dir.keep_tokenizer(config.data.tokenizer)
     start = int(state.step)
+    if start == config.steps:
+        checkpoints.close()
+        print_line(f"{config.run_dir} is already at step {start} = steps: nothing to train (raise steps to go on)")
+        return []
 
     writer = TensorBoardWriter(run_dir.tensorboard) if jax.process_index() == 0 else None
     # Every step's metrics at full precision, appended across resumptions (the last line of a step wins).
@@ -191,6 +271,7 @@ def train(config: RunConfig) -> list[float]:
     tokens_per_step = config.data.batch_size * config.data.seq_len
     meta = dict(model=model_config.to_hf(), run=config.to_dict())
     losses: list[float] = []
+    skipped_updates = 0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     print_line(f"training {config.model if not config.init_from else config.init_from} "
                f"({n_params:,} parameters) for steps {start + 1}..{config.steps}; "
@@ -207,6 +288,7 @@ def train(config: RunConfig) -> list[float]:
                     state, global_batch(batch, run.data_sharding, run.batch_shape, positions))
                 metrics = _to_host(metrics)
                 losses.append(metrics["loss"])
+                skipped_updates += int(metrics["skipped_update"])
                 if not np.isfinite(metrics["loss"]):
                     raise NonFiniteLossError(
                         f"loss is {metrics['loss']} at step {step}; stopping. The last good checkpoint is kept "
@@ -219,7 +301,8 @@ def train(config: RunConfig) -> list[float]:
                     checkpoints.save(step, state, iterator.get_state(), meta)
                 if step % config.log_every == 0 or step == config.steps:
                     elapsed = time.perf_counter() - window_start
-                    metrics["lr"] = float(schedule(step - 1))
+                    metrics["lr"] = learning_rate_at(config.optimizer, config.steps, step)
+                    metrics["skipped_updates"] = skipped_updates
                     metrics["tokens_per_s"] = window_steps * tokens_per_step / elapsed
                     if peak:  # the model FLOPs of the window's batches (attention over their documents)
                         metrics["mfu"] = window_flops / elapsed / (peak * 1e12)
@@ -237,8 +320,7 @@ def train(config: RunConfig) -> list[float]:
                 if stop.received is not None:
                     checkpoints.save(step, state, iterator.get_state(), meta)
                     checkpoints.wait()
-                    print_line(f"received signal {stop.received}: saved step {step} to {checkpoints.directory}")
-                    break
+                    raise TrainingStopped(stop.received, step, checkpoints.directory)
             else:
                 if config.steps > start:
                     checkpoints.save(config.steps, state, iterator.get_state(), meta)

@@ -38,6 +38,8 @@ def console_line(step: int, total: int, metrics: dict[str, float], eta_s: float 
     parts += [f"gnorm {metrics['grad_norm']:.2f}", f"lr {metrics['lr']:.2e}", f"{metrics['tokens_per_s']:,.0f} tok/s"]
     if "mfu" in metrics:
         parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    if metrics.get("skipped_updates"):
+        parts.append(f"skipped {metrics['skipped_updates']:,.0f} non-finite updates")
     if metrics.get("moe_dropped"):
         parts.append(f"dropped {metrics['moe_dropped']:,.0f} expert copies")
     if eta_s is not None:

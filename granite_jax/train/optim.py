@@ -30,6 +30,21 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+def update_learning_rate(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """The learning rate of optimizer update u (counted from 0). `total_steps`, the warmup and the schedule count
+    micro-steps (batches); with gradient accumulation over k of them, update u comes after micro-step
+    (u + 1)·k and takes the schedule's value at micro-step u·k, so the schedule ends where the run does (optax's
+    MultiSteps counts updates: a schedule over micro-steps given to it unchanged would only reach 1/k of its
+    length)."""
+    schedule, k = learning_rate_schedule(config, total_steps), config.grad_accum_steps
+    return schedule if k == 1 else (lambda update: schedule(update * k))
+
+
+def learning_rate_at(config: OptimizerConfig, total_steps: int, step: int) -> float:
+    """The learning rate applied by the update that micro-step `step` (from 1) contributes to."""
+    return float(update_learning_rate(config, total_steps)((step - 1) // config.grad_accum_steps))
+
+
 def decay_mask(params: nnx.State) -> nnx.State:
     """True for weights that get weight decay: matrices and embeddings, not norms, biases or A_log/D/dt_bias."""
     def wants_decay(path, leaf):
@@ -60,7 +75,7 @@ def clip_by_gradient_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(config, total_steps)
+    schedule = update_learning_rate(config, total_steps)
     tx = optax.chain(
         clip_by_gradient_norm(config.clip_norm),
         optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,

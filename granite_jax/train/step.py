@@ -176,12 +176,28 @@ def make_train_step(tx: optax.GradientTransformation, *, aux_coef: float, z_loss
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
     def train_step(graphdef, state: TrainState, batch):
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, graphdef, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = gradient_norm(grads)
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return apply_finite_update(tx, state, grads, metrics)
 
     return train_step
+
+
+def apply_finite_update(tx: optax.GradientTransformation, state: TrainState, grads, metrics: dict):
+    """The state after `tx`'s update with `grads`, or the state as it was (parameters and optimizer state,
+    accumulated gradients included) when the gradients or the update are not finite; `skipped_update` is 1
+    then. A loss can be finite while its gradient or Adam's update overflows: such an update is never applied,
+    so no checkpoint holds non-finite weights (large-scale trainers skip and count such steps too). The step
+    counter advances either way: it counts the batches read."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(optax.global_norm(updates))
+
+    def unless_skipped(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    metrics["skipped_update"] = 1.0 - finite.astype(jnp.float32)
+    return TrainState(state.step + 1, unless_skipped(params, state.params),
+                      unless_skipped(opt_state, state.opt_state)), metrics
 
 
 def make_eval_step(*, chunk: int):
