@@ -10,9 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
+import types
+import typing
 from typing import Any, Mapping
 
+import numpy as np
 import yaml
 
 from granite_jax.parallel.plan import ShardingPlan
@@ -111,6 +115,7 @@ class ModelConfig:
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        _check_scalar_types(self)
         if self.num_key_value_heads is None:
             set_("num_key_value_heads", self.num_attention_heads)
         if self.layer_types is None:
@@ -255,7 +260,12 @@ class ModelConfig:
         model_type = raw.get("model_type", "granitemoehybrid")
         if model_type != "granitemoehybrid":
             raise ConfigError(f"model_type={model_type!r}: expected 'granitemoehybrid' (Granite 4.0)")
-        return cls.from_dict({**raw, **overrides})
+        if isinstance(source, Mapping):
+            return cls.from_dict({**raw, **overrides})
+        try:
+            return cls.from_dict({**raw, **overrides})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ModelConfig":
@@ -334,6 +344,40 @@ def load_preset(name: str, **overrides) -> ModelConfig:
         available = sorted(p[:-5] for p in os.listdir(PRESETS_DIR) if p.endswith(".yaml"))
         raise ConfigError(f"unknown model preset {name!r}; available: {available}")
     return ModelConfig.from_yaml(path, **overrides)
+
+
+_SCALAR_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _accepts(kind: type, value) -> bool:
+    """JSON's types as Python reads them: a float field takes an integer too; a bool is no number."""
+    if kind is bool:
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    if kind is float:
+        return isinstance(value, numbers.Real)
+    return isinstance(value, kind)
+
+
+def _check_scalar_types(config: "ModelConfig") -> None:
+    """Every int / float / bool / str field (or `X | None`, `int | str`) holds a value of its type, so a
+    config.json with `"rms_norm_eps": "1e-5"` is a `ConfigError` naming the field, not a TypeError later."""
+    hints = typing.get_type_hints(ModelConfig)
+    for field in dataclasses.fields(ModelConfig):
+        hint = hints[field.name]
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        kinds = [o for o in options if o in _SCALAR_TYPES]
+        if not kinds or not all(o in _SCALAR_TYPES or o is type(None) for o in options):
+            continue  # tuples, mappings, ShardingPlan: checked where they are converted
+        value = getattr(config, field.name)
+        if value is None and type(None) in options:
+            continue
+        if not any(_accepts(kind, value) for kind in kinds):
+            expected = " or ".join(_SCALAR_TYPES[k] for k in kinds) + (" or null" if type(None) in options else "")
+            raise ConfigError(f"{field.name}={value!r} has type {type(value).__name__}; expected {expected}")
 
 
 def _decode_float(value) -> float:

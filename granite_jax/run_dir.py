@@ -4,6 +4,7 @@
     RUN_DIR/checkpoints/STEP/     Orbax: state (params, optimizer state, step), data (per-process positions), meta
     RUN_DIR/metrics.jsonl         every step's metrics (process 0)
     RUN_DIR/tensorboard/          TensorBoard event files (process 0)
+    RUN_DIR/tokenizer/            the run's own copy of its tokenizer files (what export copies)
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class RunDir:
     @property
     def tensorboard(self) -> str:
         return os.path.join(self.path, "tensorboard")
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return os.path.join(self.path, "tokenizer")
 
     def has_checkpoints(self) -> bool:
         return os.path.isdir(self.checkpoints)
