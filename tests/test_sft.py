@@ -90,6 +90,11 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
     assert saved["data"]["tokenizer"] == source  # data.tokenizer: null → the checkpoint directory's
 
     out = tmp_path / "exported"
+    # export copies tokenizer files only from the run's own RUN_DIR/tokenizer/ (never from the path recorded in
+    # the checkpoint); training fills it when a run starts, this makes sure of it here.
+    os.makedirs(run_dir / "tokenizer", exist_ok=True)
+    for name in os.listdir(TOKENIZER):
+        shutil.copy(os.path.join(TOKENIZER, name), run_dir / "tokenizer")
     proc = _run(["-m", "granite_jax.convert", "export", str(run_dir), str(out)])
     assert "tokenizer files copied" in proc.stdout
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
