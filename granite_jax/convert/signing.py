@@ -1,8 +1,7 @@
 """Sign and verify checkpoint directories with OpenSSF model signing (`model_signing`, PyPI `model-signing`).
 
 A signed directory holds `model.sig`: a Sigstore bundle over the hash of every file in the directory (except
-`model.sig` itself and git bookkeeping such as `.gitattributes`), as the Granite 4.0 releases ship. The same
-files verify with model_signing's own command line, e.g.
+`model.sig` itself and git bookkeeping such as `.gitattributes`). The same files verify with model_signing's own command line, e.g.
 
     python -m model_signing verify key DIR --signature DIR/model.sig --public_key KEY.pub
 
