@@ -1,7 +1,8 @@
 """Sign and verify checkpoint directories with OpenSSF model signing (`model_signing`, PyPI `model-signing`).
 
 A signed directory holds `model.sig`: a Sigstore bundle over the hash of every file in the directory (except
-`model.sig` itself and git bookkeeping such as `.gitattributes`). The same files verify with model_signing's own command line, e.g.
+`model.sig` itself and git bookkeeping such as `.gitattributes`). The same files verify with model_signing's own command
+line, e.g.
 
     python -m model_signing verify key DIR --signature DIR/model.sig --public_key KEY.pub
 
