@@ -8,6 +8,7 @@ say how *we* compute, not what the model is, and are never written to `config.js
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -362,22 +363,30 @@ def _accepts(kind: type, value) -> bool:
     return isinstance(value, kind)
 
 
-def _check_scalar_types(config: "ModelConfig") -> None:
-    """Every int / float / bool / str field (or `X | None`, `int | str`) holds a value of its type, so a
-    config.json with `"rms_norm_eps": "1e-5"` is a `ConfigError` naming the field, not a TypeError later."""
+@functools.cache
+def _scalar_fields() -> tuple[tuple[str, tuple[type, ...], bool], ...]:
+    """(name, accepted scalar types, nullable) of every `ModelConfig` field typed int / float / bool / str (or
+    `X | None`, `int | str`); tuples, mappings and `ShardingPlan` are checked where they are converted."""
     hints = typing.get_type_hints(ModelConfig)
+    fields = []
     for field in dataclasses.fields(ModelConfig):
         hint = hints[field.name]
         options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        kinds = [o for o in options if o in _SCALAR_TYPES]
-        if not kinds or not all(o in _SCALAR_TYPES or o is type(None) for o in options):
-            continue  # tuples, mappings, ShardingPlan: checked where they are converted
-        value = getattr(config, field.name)
-        if value is None and type(None) in options:
+        kinds = tuple(o for o in options if o in _SCALAR_TYPES)
+        if kinds and all(o in _SCALAR_TYPES or o is type(None) for o in options):
+            fields.append((field.name, kinds, type(None) in options))
+    return tuple(fields)
+
+
+def _check_scalar_types(config: "ModelConfig") -> None:
+    """Every scalar field holds a value of its type, so a config.json with `"rms_norm_eps": "1e-5"` is a
+    `ConfigError` naming the field, value and expected type, not a TypeError deep in the model."""
+    for name, kinds, nullable in _scalar_fields():
+        value = getattr(config, name)
+        if (value is None and nullable) or any(_accepts(kind, value) for kind in kinds):
             continue
-        if not any(_accepts(kind, value) for kind in kinds):
-            expected = " or ".join(_SCALAR_TYPES[k] for k in kinds) + (" or null" if type(None) in options else "")
-            raise ConfigError(f"{field.name}={value!r} has type {type(value).__name__}; expected {expected}")
+        expected = " or ".join(_SCALAR_TYPES[k] for k in kinds) + (" or null" if nullable else "")
+        raise ConfigError(f"{name}={value!r} has type {type(value).__name__}; expected {expected}")
 
 
 def _decode_float(value) -> float:
