@@ -265,6 +265,10 @@ def test_export_takes_tokenizer_files_only_from_the_run_or_the_user(tiny_run, tm
     assert code == 0 and (tmp_path / "user" / "tokenizer.json").read_text() == '{"from": "user"}'
     code, _, err = _export(tiny_run, tmp_path / "bad", "--tokenizer", tmp_path / "elsewhere" / "nope.model")
     assert code == 2 and "--tokenizer" in _one_error_line(err) and not (tmp_path / "bad").exists()
+    (tmp_path / "empty").mkdir()
+    code, _, err = _export(tiny_run, tmp_path / "bad", "--tokenizer", tmp_path / "empty")
+    assert code == 2 and "holds none of the HF tokenizer files" in _one_error_line(err)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("entry", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/model.safetensors",

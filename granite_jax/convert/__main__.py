@@ -44,11 +44,13 @@ def tokenizer_source(run_dir: str, tokenizer: str | None) -> str | None:
     """The directory to copy tokenizer files from: the user's `--tokenizer` (a directory, or a tokenizer.json in
     one), else the run's own `RUN_DIR/tokenizer/`, else None. Paths stored in checkpoints are never used."""
     if tokenizer is not None:
-        if os.path.isdir(tokenizer):
-            return tokenizer
         if os.path.isfile(tokenizer) and os.path.basename(tokenizer) == "tokenizer.json":
             return os.path.dirname(tokenizer) or "."
-        raise ValueError(f"--tokenizer {tokenizer!r}: expected an HF tokenizer directory or its tokenizer.json")
+        if not os.path.isdir(tokenizer):
+            raise ValueError(f"--tokenizer {tokenizer!r}: expected an HF tokenizer directory or its tokenizer.json")
+        if not any(os.path.isfile(os.path.join(tokenizer, name)) for name in TOKENIZER_FILES):
+            raise ValueError(f"--tokenizer {tokenizer!r} holds none of the HF tokenizer files {list(TOKENIZER_FILES)}")
+        return tokenizer
     own = RunDir(run_dir).tokenizer_dir
     return own if os.path.isdir(own) else None
 
@@ -63,13 +65,11 @@ def copy_tokenizer(source: str, out_dir: str) -> list[str]:
     return copied
 
 
-def _tokenizer_note(source: str | None, copied: list[str], given: bool) -> str:
+def _tokenizer_note(source: str | None, copied: list[str]) -> str:
     if source is None:
         return ("no tokenizer files: the run has no tokenizer/ directory and no --tokenizer was given, so only "
                 "the weights were exported")
     if not copied:
-        if given:
-            raise ValueError(f"--tokenizer {source!r} holds none of the HF tokenizer files {list(TOKENIZER_FILES)}")
         return f"no tokenizer files: {source} holds no HF tokenizer files (e.g. a sentencepiece model)"
     return f"tokenizer files copied from {source}: {copied}"
 
@@ -98,7 +98,7 @@ def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | 
     if removed:
         lines.append(f"removed from {out_dir} (left by an earlier checkpoint, not part of this export): {removed}")
     copied = copy_tokenizer(source, out_dir) if source is not None else []
-    lines.append(_tokenizer_note(source, copied, given=tokenizer is not None))
+    lines.append(_tokenizer_note(source, copied))
     if sign_key is not None:
         signature = sign_directory(out_dir, sign_key, certificate=sign_cert, certificate_chain=tuple(sign_cert_chain))
         lines.append(f"signed: {signature}")
