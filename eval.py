@@ -24,6 +24,22 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="HF checkpoint directory or training run directory")
     parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the checkpoint's own)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    verify = parser.add_argument_group("signature verification of an HF checkpoint's model.sig (one of)")
+    verify.add_argument("--verify-key", default=None, help="public key (PEM) of the key that signed")
+    verify.add_argument("--verify-cert-chain", nargs="+", default=None, help="certificate chain (PEM files)")
+    verify.add_argument("--verify-identity", default=None, help="Sigstore: the signer identity")
+    verify.add_argument("--verify-issuer", default=None, help="Sigstore: the identity's OIDC issuer URL")
+
+
+def _verify_spec(args):
+    """The `VerifySpec` the --verify-* flags describe, or None when none was given."""
+    from granite_jax.convert.signing import VerifySpec
+
+    given = [args.verify_key, args.verify_cert_chain, args.verify_identity, args.verify_issuer]
+    if all(v is None for v in given):
+        return None
+    return VerifySpec(public_key=args.verify_key, certificate_chain=tuple(args.verify_cert_chain or ()),
+                      identity=args.verify_identity, issuer=args.verify_issuer)
 
 
 def _generate(args) -> dict | None:
@@ -32,7 +48,8 @@ def _generate(args) -> dict | None:
     from granite_jax.eval.checkpoints import load_for_eval
     from granite_jax.eval.generate import Generator, SamplingConfig
 
-    model, tokenizer, tokenizer_path = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+    model, tokenizer, tokenizer_path = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer,
+                                                verify=_verify_spec(args))
     prompts = args.prompt
     if args.chat:
         formatter = chat_format("auto", tokenizer_path)
@@ -86,7 +103,8 @@ def _perplexity(args) -> dict:
     from granite_jax.eval.checkpoints import load_for_eval
     from granite_jax.eval.scoring import Scorer, perplexity_of_files
 
-    model, tokenizer, _ = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+    model, tokenizer, _ = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer,
+                                        verify=_verify_spec(args))
     result = perplexity_of_files(Scorer(model, **_scorer_options(args)), args.data, tokenizer, args.text_field)
     return dict(documents=result.documents, windows=result.windows, tokens=result.tokens, bytes=result.bytes,
                 loss=result.loss, perplexity=result.perplexity, bits_per_byte=result.bits_per_byte)
@@ -96,7 +114,8 @@ def _choice(args) -> dict:
     from granite_jax.eval.checkpoints import load_for_eval
     from granite_jax.eval.scoring import Scorer, multiple_choice, read_choice_task
 
-    model, tokenizer, _ = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+    model, tokenizer, _ = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer,
+                                        verify=_verify_spec(args))
     result = multiple_choice(Scorer(model, **_scorer_options(args)), read_choice_task(args.task), tokenizer)
     return dict(task=args.task, questions=result.questions, accuracy=result.accuracy,
                 accuracy_norm=result.accuracy_norm)
@@ -109,7 +128,7 @@ def _lm_eval(args) -> dict:
     from granite_jax.eval.lm_eval_adapter import GraniteLM
 
     model = GraniteLM(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, seq_len=args.seq_len,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, verify=_verify_spec(args))
     manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
     results = lm_eval.simple_evaluate(model=model, tasks=args.tasks.split(","), task_manager=manager,
                                       limit=args.limit, num_fewshot=args.num_fewshot, log_samples=False,

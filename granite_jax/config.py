@@ -8,11 +8,16 @@ say how *we* compute, not what the model is, and are never written to `config.js
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import numbers
 import os
+import types
+import typing
 from typing import Any, Mapping
 
+import numpy as np
 import yaml
 
 from granite_jax.parallel.plan import ShardingPlan
@@ -111,6 +116,7 @@ class ModelConfig:
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        _check_scalar_types(self)
         if self.num_key_value_heads is None:
             set_("num_key_value_heads", self.num_attention_heads)
         if self.layer_types is None:
@@ -255,7 +261,12 @@ class ModelConfig:
         model_type = raw.get("model_type", "granitemoehybrid")
         if model_type != "granitemoehybrid":
             raise ConfigError(f"model_type={model_type!r}: expected 'granitemoehybrid' (Granite 4.0)")
-        return cls.from_dict({**raw, **overrides})
+        if isinstance(source, Mapping):
+            return cls.from_dict({**raw, **overrides})
+        try:
+            return cls.from_dict({**raw, **overrides})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ModelConfig":
@@ -334,6 +345,48 @@ def load_preset(name: str, **overrides) -> ModelConfig:
         available = sorted(p[:-5] for p in os.listdir(PRESETS_DIR) if p.endswith(".yaml"))
         raise ConfigError(f"unknown model preset {name!r}; available: {available}")
     return ModelConfig.from_yaml(path, **overrides)
+
+
+_SCALAR_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _accepts(kind: type, value) -> bool:
+    """JSON's types as Python reads them: a float field takes an integer too; a bool is no number."""
+    if kind is bool:
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    if kind is float:
+        return isinstance(value, numbers.Real)
+    return isinstance(value, kind)
+
+
+@functools.cache
+def _scalar_fields() -> tuple[tuple[str, tuple[type, ...], bool], ...]:
+    """(name, accepted scalar types, nullable) of every `ModelConfig` field typed int / float / bool / str (or
+    `X | None`, `int | str`); tuples, mappings and `ShardingPlan` are checked where they are converted."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = []
+    for field in dataclasses.fields(ModelConfig):
+        hint = hints[field.name]
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        kinds = tuple(o for o in options if o in _SCALAR_TYPES)
+        if kinds and all(o in _SCALAR_TYPES or o is type(None) for o in options):
+            fields.append((field.name, kinds, type(None) in options))
+    return tuple(fields)
+
+
+def _check_scalar_types(config: "ModelConfig") -> None:
+    """Every scalar field holds a value of its type, so a config.json with `"rms_norm_eps": "1e-5"` is a
+    `ConfigError` naming the field, value and expected type, not a TypeError deep in the model."""
+    for name, kinds, nullable in _scalar_fields():
+        value = getattr(config, name)
+        if (value is None and nullable) or any(_accepts(kind, value) for kind in kinds):
+            continue
+        expected = " or ".join(_SCALAR_TYPES[k] for k in kinds) + (" or null" if nullable else "")
+        raise ConfigError(f"{name}={value!r} has type {type(value).__name__}; expected {expected}")
 
 
 def _decode_float(value) -> float:

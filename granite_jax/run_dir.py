@@ -71,19 +71,16 @@ class RunDir:
             yaml.safe_dump(config, f, sort_keys=False)
         return self.config_file
 
-    def tokenizer(self, run_config: dict | None = None) -> str | None:
-        """The run's tokenizer: its copy in the run directory (`keep_tokenizer`); for runs made before runs
-        kept a copy, `data.tokenizer` of `run_config` (e.g. a checkpoint's saved config), else of config.yaml;
-        None when neither names one."""
-        if os.path.isdir(self.tokenizer_dir):
-            names = sorted(os.listdir(self.tokenizer_dir))
-            models = [n for n in names if n.endswith(".model")]
-            return os.path.join(self.tokenizer_dir, models[0]) if models and "tokenizer.json" not in names \
-                else self.tokenizer_dir
-        tokenizer = (run_config or {}).get("data", {}).get("tokenizer")
-        if tokenizer is None and os.path.isfile(self.config_file):
-            tokenizer = self.saved_config()["data"]["tokenizer"]
-        return tokenizer
+    def tokenizer(self) -> str | None:
+        """The run's copy of its tokenizer (`keep_tokenizer`): the directory, or the sentencepiece `.model` in it;
+        None for a run made before runs kept a copy (paths recorded in the run's files are never followed: they
+        may name anything, relative to any directory)."""
+        if not os.path.isdir(self.tokenizer_dir):
+            return None
+        names = sorted(os.listdir(self.tokenizer_dir))
+        models = [n for n in names if n.endswith(".model")]
+        return os.path.join(self.tokenizer_dir, models[0]) if models and "tokenizer.json" not in names \
+            else self.tokenizer_dir
 
     def keep_tokenizer(self, source: str) -> str:
         """Copy the tokenizer at `source` (its files only, not a checkpoint's weights) into the run directory,

@@ -1,8 +1,16 @@
-"""`python -m granite_jax.convert export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16]`
+"""`python -m granite_jax.convert export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16] [--overwrite]
+[--tokenizer PATH] [--sign-key KEY.pem [--sign-cert CERT.pem --sign-cert-chain CA.pem ...]]`
 
 Exports the parameters of a training run's checkpoint (the newest, or `--step`) to a Hugging Face directory
-(`config.json` + safetensors) that `transformers.AutoModelForCausalLM.from_pretrained` loads. When the run's
-tokenizer is an HF tokenizer (a `tokenizer.json` or a checkpoint directory), its files are copied too.
+(`config.json` + safetensors) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+OUT_DIR must be new or empty: a directory with files in it (e.g. the HF checkpoint the run started from) is
+refused unless `--overwrite` is given, and then only the files the export writes are replaced; safetensors files
+and an index that the new export does not name, and a `model.sig` (no longer valid), are removed and listed.
+
+Tokenizer files are copied from `RUN_DIR/tokenizer/` (the run's own copy) or from `--tokenizer PATH` (an HF
+tokenizer directory or its `tokenizer.json`), never from a path recorded in the checkpoint; with neither, only
+the weights are exported. `--sign-key` writes `model.sig` (OpenSSF model signing) over all written files.
 """
 
 from __future__ import annotations
@@ -13,28 +21,87 @@ import shutil
 import sys
 
 import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
-from granite_jax.convert.hf import save_hf_checkpoint
+from granite_jax.convert.hf import save_hf_checkpoint, weight_files
+from granite_jax.convert.signing import SIGNATURE_FILE, sign_directory
+from granite_jax.data.tokenizer import HF_TOKENIZER_FILES
 from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import load_run_model
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "chat_template.jinja", "generation_config.json")
+
+def check_output_dir(out_dir: str, overwrite: bool) -> None:
+    """OUT_DIR may be new or empty; a non-empty directory only with `overwrite`; never a file."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"output {out_dir!r} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(f"output directory {out_dir!r} is not empty (it holds {sorted(os.listdir(out_dir))[:5]}"
+                         f"{' ...' if len(os.listdir(out_dir)) > 5 else ''}); choose a new directory, or pass "
+                         "--overwrite to replace the files the export writes")
 
 
-def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None) -> str:
-    model, run, step = load_run_model(run_dir, step)
-    save_hf_checkpoint(model, out_dir, dtype=dtype)
-    tokenizer = RunDir(run_dir).tokenizer(run)
-    source = tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
+def tokenizer_source(run_dir: str, tokenizer: str | None) -> str | None:
+    """The directory to copy tokenizer files from: the user's `--tokenizer` (a directory, or a tokenizer.json in
+    one), else the run's own `RUN_DIR/tokenizer/`, else None. Paths stored in checkpoints are never used."""
+    if tokenizer is not None:
+        if os.path.isfile(tokenizer) and os.path.basename(tokenizer) == "tokenizer.json":
+            return os.path.dirname(tokenizer) or "."
+        if not os.path.isdir(tokenizer):
+            raise ValueError(f"--tokenizer {tokenizer!r}: expected an HF tokenizer directory or its tokenizer.json")
+        if not any(os.path.isfile(os.path.join(tokenizer, name)) for name in HF_TOKENIZER_FILES):
+            raise ValueError(f"--tokenizer {tokenizer!r} holds none of the HF tokenizer files "
+                             f"{list(HF_TOKENIZER_FILES)}")
+        return tokenizer
+    own = RunDir(run_dir).tokenizer_dir
+    return own if os.path.isdir(own) else None
+
+
+def copy_tokenizer(source: str, out_dir: str) -> list[str]:
+    """Copy the HF tokenizer files `source` holds into `out_dir`; returns their names."""
     copied = []
-    if tokenizer.endswith(".json") or os.path.isdir(tokenizer):
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(source, name)):
-                shutil.copy(os.path.join(source, name), out_dir)
-                copied.append(name)
-    note = f"; tokenizer files copied: {copied}" if copied else (
-        f"; the run's tokenizer {tokenizer!r} is not an HF tokenizer, so none was copied")
-    return f"exported step {step} of {run_dir} to {out_dir}{note}"
+    for name in HF_TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
+
+
+def _tokenizer_note(source: str | None, copied: list[str]) -> str:
+    if source is None:
+        return ("no tokenizer files: the run has no tokenizer/ directory and no --tokenizer was given, so only "
+                "the weights were exported")
+    if not copied:
+        return f"no tokenizer files: {source} holds no HF tokenizer files (e.g. a sentencepiece model)"
+    return f"tokenizer files copied from {source}: {copied}"
+
+
+def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None,
+           overwrite: bool = False, tokenizer: str | None = None, sign_key: str | None = None,
+           sign_cert: str | None = None, sign_cert_chain: tuple[str, ...] = ()) -> str:
+    """Export, then report what was written (and removed) in a few lines."""
+    check_output_dir(out_dir, overwrite)
+    source = tokenizer_source(run_dir, tokenizer)
+    if sign_cert is not None and sign_key is None:
+        raise ValueError("--sign-cert needs --sign-key (the certificate's private key)")
+    for flag, path in [("--sign-key", sign_key), ("--sign-cert", sign_cert),
+                       *[("--sign-cert-chain", c) for c in sign_cert_chain]]:
+        if path is not None and not os.path.isfile(path):  # checked before anything is written
+            raise ValueError(f"{flag} {path!r} is not a file")
+    model, _, step = load_run_model(run_dir, step)
+    before = set(weight_files(out_dir))
+    written = save_hf_checkpoint(model, out_dir, dtype=dtype)
+    lines = [f"exported step {step} of {run_dir} to {out_dir}: {[os.path.basename(p) for p in written]}"]
+    removed = sorted(before - set(weight_files(out_dir)))
+    stale_signature = os.path.join(out_dir, SIGNATURE_FILE)
+    if os.path.isfile(stale_signature):  # it signed the files just replaced
+        os.remove(stale_signature)
+        removed.append(SIGNATURE_FILE)
+    if removed:
+        lines.append(f"removed from {out_dir} (left by an earlier checkpoint, not part of this export): {removed}")
+    copied = copy_tokenizer(source, out_dir) if source is not None else []
+    lines.append(_tokenizer_note(source, copied))
+    if sign_key is not None:
+        signature = sign_directory(out_dir, sign_key, certificate=sign_cert, certificate_chain=tuple(sign_cert_chain))
+        lines.append(f"signed: {signature}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -46,9 +113,18 @@ def main(argv=None) -> int:
     ex.add_argument("out_dir")
     ex.add_argument("--step", type=int, default=None)
     ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ex.add_argument("--overwrite", action="store_true",
+                    help="export into a non-empty directory, replacing the files the export writes")
+    ex.add_argument("--tokenizer", default=None,
+                    help="HF tokenizer directory (or tokenizer.json) to copy; default: RUN_DIR/tokenizer/")
+    ex.add_argument("--sign-key", default=None, help="elliptic-curve private key (PEM): write OUT_DIR/model.sig")
+    ex.add_argument("--sign-cert", default=None, help="with --sign-key: sign as this signing certificate (PEM)")
+    ex.add_argument("--sign-cert-chain", nargs="+", default=[], help="with --sign-cert: the chain of trust (PEM)")
     args = parser.parse_args(argv)
     try:
-        print(export(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype))
+        print(export(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
+                     tokenizer=args.tokenizer, sign_key=args.sign_key, sign_cert=args.sign_cert,
+                     sign_cert_chain=tuple(args.sign_cert_chain)))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

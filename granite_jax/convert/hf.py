@@ -9,6 +9,7 @@ checkpoints (`*.bin`, `*.pt`, ...) are refused, never unpickled.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Callable
 
@@ -21,7 +22,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from granite_jax.config import ModelConfig
+from granite_jax.convert.signing import SIGNATURE_FILE, VerifySpec, verify_directory
 from granite_jax.model.granite import GraniteForCausalLM
+
+log = logging.getLogger("granite_jax.convert")
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -86,6 +90,8 @@ def safetensors_files(directory: str) -> list[str]:
             weight_map = json.load(f).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path}: no 'weight_map' mapping tensor names to files")
+        for name in weight_map.values():
+            _check_shard_name(index_path, name)
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
         if missing:
@@ -104,15 +110,38 @@ def safetensors_files(directory: str) -> list[str]:
     raise CheckpointError(f"{directory!r} has no *.safetensors files (and no {SAFE_INDEX})")
 
 
+def _check_shard_name(index_path: str, name) -> None:
+    """A shard named by an index must be a plain file name in the checkpoint directory: `../x.safetensors`, a
+    subdirectory or an absolute path would make loading read files the directory does not hold."""
+    plain = (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+             and os.path.basename(name) == name and not os.path.isabs(name))
+    if not plain:
+        raise CheckpointError(f"{index_path}: shard entry {name!r} is not a plain file name inside the checkpoint "
+                              "directory (paths such as '../x.safetensors', 'sub/x.safetensors' or absolute ones "
+                              "are refused)")
+
+
+def check_signature(directory: str, verify: VerifySpec | None) -> None:
+    """Verify `directory` against `verify`; unverified loads of a signed directory say so once (quiet for
+    unsigned ones), so users learn that they could verify it."""
+    if verify is not None:
+        verify_directory(directory, verify)
+    elif os.path.isfile(os.path.join(directory, SIGNATURE_FILE)):
+        log.warning("%s has a %s but was loaded unverified (pass a public key, certificate chain or Sigstore "
+                    "identity to verify it)", directory, SIGNATURE_FILE)
+
+
 def load_hf_checkpoint(directory: str | os.PathLike, dtype="float32", *, param_dtype="float32",
-                       **config_overrides) -> GraniteForCausalLM:
+                       verify: VerifySpec | None = None, **config_overrides) -> GraniteForCausalLM:
     """A ready `GraniteForCausalLM` from an HF directory (`config.json` + safetensors, single or sharded).
 
     `dtype` is the compute dtype (a dtype or its name); parameters are stored in `param_dtype` (float32 master
-    weights by default; pass "bfloat16" to halve memory for inference).
+    weights by default; pass "bfloat16" to halve memory for inference). `verify`: check the directory's
+    `model.sig` first (`granite_jax.convert.signing.VerifySpec`; `SignatureError` when it does not verify).
     """
     directory = os.fspath(directory)
     files = safetensors_files(directory)
+    check_signature(directory, verify)
     config = ModelConfig.from_hf(directory, compute_dtype=_resolve_dtype(dtype),
                                  param_dtype=_resolve_dtype(param_dtype), **config_overrides)
     abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
@@ -125,27 +154,38 @@ def load_hf_checkpoint(directory: str | os.PathLike, dtype="float32", *, param_d
 
     loaded, unexpected = set(), []
     for file in files:
-        with safe_open(file, framework="numpy") as reader:
-            for name in reader.keys():
-                if name not in expected:
-                    if name == "lm_head.weight" and config.tie_word_embeddings:
-                        continue  # a redundant copy of the tied embedding
-                    unexpected.append(name)
-                    continue
-                path, variable, hf_shape, from_hf = expected[name]
-                shape = tuple(reader.get_slice(name).get_shape())
-                if shape != hf_shape:
-                    raise CheckpointError(
-                        f"{os.path.basename(file)}: tensor {name!r} has shape {shape}; the config implies {hf_shape}")
-                value = from_hf(reader.get_tensor(name))
-                variable.set_value(jnp.asarray(value, dtype=variable.dtype))
-                loaded.add(name)
+        try:
+            _load_file(file, expected, config, loaded, unexpected)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors' errors (truncated header/data) name no file
+            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupted?): "
+                                  f"{type(e).__name__}: {e}") from None
     if unexpected:
         raise CheckpointError(f"{directory!r}: unexpected tensors not used by the model: {sorted(unexpected)}")
     missing = sorted(set(expected) - loaded)
     if missing:
         raise CheckpointError(f"{directory!r}: missing tensors: {missing}")
     return nnx.merge(graphdef, state)
+
+
+def _load_file(file: str, expected: dict, config: ModelConfig, loaded: set, unexpected: list) -> None:
+    """Set every expected tensor `file` holds; note the names it holds that the model does not use."""
+    with safe_open(file, framework="numpy") as reader:
+        for name in reader.keys():
+            if name not in expected:
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # a redundant copy of the tied embedding
+                unexpected.append(name)
+                continue
+            path, variable, hf_shape, from_hf = expected[name]
+            shape = tuple(reader.get_slice(name).get_shape())
+            if shape != hf_shape:
+                raise CheckpointError(
+                    f"{os.path.basename(file)}: tensor {name!r} has shape {shape}; the config implies {hf_shape}")
+            value = from_hf(reader.get_tensor(name))
+            variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+            loaded.add(name)
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -160,13 +200,38 @@ def _parse_size(size: int | str) -> int:
     return int(text)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def weight_files(directory: str) -> list[str]:
+    """The names of `directory`'s safetensors files and index (what loading it reads)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(e for e in os.listdir(directory) if e == SAFE_INDEX or e.endswith(".safetensors"))
+
+
+def remove_stale_weights(directory: str, keep: set[str]) -> list[str]:
+    """Delete the safetensors files and index of `directory` that are not in `keep` (those just written):
+    leftovers of an earlier save with another shard count would shadow or contradict the new one. Nothing
+    else is touched. Returns the removed names."""
+    stale = [name for name in weight_files(directory) if name not in keep]
+    for name in stale:
+        os.remove(os.path.join(directory, name))
+    return stale
+
+
 def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, *, dtype=None,
                        max_shard_size: int | str = "5GB") -> list[str]:
     """Write `config.json` and safetensors that transformers' `from_pretrained` loads.
 
     dtype: tensor dtype on disk; default the `torch_dtype`/`dtype` recorded in the source config.json if any,
     else the parameters' dtype. Files hold at most `max_shard_size` bytes (more than one file adds
-    `model.safetensors.index.json`). Returns the written safetensors paths.
+    `model.safetensors.index.json`). Files are readable as the umask allows (like any other written file).
+    Safetensors files and an index that this save did not write are removed afterwards (they would shadow or
+    contradict it); no other file is touched. Returns the written safetensors paths.
     """
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -189,9 +254,6 @@ def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, 
     if current:
         shards.append(current)
 
-    for stale in os.listdir(directory):  # leftovers of an earlier save would shadow or contradict this one
-        if stale == SAFE_INDEX or stale.endswith(".safetensors"):
-            os.remove(os.path.join(directory, stale))
     weight_map, written, total = {}, [], 0
     for i, shard in enumerate(shards):
         filename = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -201,10 +263,13 @@ def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, 
             weight_map[name] = filename
             total += arrays[name].nbytes
         save_file(arrays, os.path.join(directory, filename), metadata={"format": "pt"})
+        os.chmod(os.path.join(directory, filename), 0o666 & ~_umask())  # safetensors writes 0600
         written.append(os.path.join(directory, filename))
     if len(shards) > 1:
         with open(os.path.join(directory, SAFE_INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    index = {SAFE_INDEX} if len(shards) > 1 else set()
+    remove_stale_weights(directory, {os.path.basename(p) for p in written} | index)
     # transformers 5 records the dtype as "dtype", 4.x as "torch_dtype"; 5 reads both.
     dtype_keys = {"torch_dtype"} | ({"dtype"} & set(config.extra))
     hf_config = config.replace(extra={**config.extra, **{k: _resolve_dtype(dtype) for k in dtype_keys}})

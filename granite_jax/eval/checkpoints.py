@@ -14,20 +14,24 @@ class EvalCheckpointError(ValueError):
     """The checkpoint or tokenizer given to evaluation is missing or does not fit."""
 
 
-def load_for_eval(checkpoint: str, *, dtype: str = "float32", tokenizer: str | None = None):
+def load_for_eval(checkpoint: str, *, dtype: str = "float32", tokenizer: str | None = None, verify=None):
     """(model, tokenizer, tokenizer path) for `checkpoint`: an HF directory (`config.json` + safetensors) or a
     run directory (`checkpoints/`, newest step). The tokenizer defaults to the HF directory's own files or the
-    run's `data.tokenizer`."""
+    run's own copy (RUN_DIR/tokenizer/). `verify` (a `VerifySpec`): check an HF directory's `model.sig` before
+    loading."""
     if not os.path.exists(checkpoint):
         raise EvalCheckpointError(f"checkpoint {checkpoint!r} does not exist")
     if os.path.isfile(os.path.join(checkpoint, "config.json")):
-        model = load_hf_checkpoint(checkpoint, dtype=dtype)
+        model = load_hf_checkpoint(checkpoint, dtype=dtype, verify=verify)
         default_tokenizer = checkpoint if os.path.isfile(os.path.join(checkpoint, "tokenizer.json")) else None
     elif RunDir(checkpoint).has_checkpoints():
+        if verify is not None:
+            raise EvalCheckpointError(f"checkpoint {checkpoint!r} is a training run directory; signature "
+                                      "verification (--verify-*) applies to HF checkpoint directories")
         from granite_jax.train.checkpoint import load_run_model
 
-        model, run, _ = load_run_model(checkpoint, compute_dtype=dtype)
-        default_tokenizer = RunDir(checkpoint).tokenizer(run)
+        model, _, _ = load_run_model(checkpoint, compute_dtype=dtype)
+        default_tokenizer = RunDir(checkpoint).tokenizer()
     else:
         raise EvalCheckpointError(f"checkpoint {checkpoint!r} is neither an HF directory (no config.json) nor a "
                                   "training run directory (no checkpoints/)")

@@ -93,6 +93,9 @@ class RunConfig:
     # Start from other weights: "hf:DIR" (an HF checkpoint directory) or "run:DIR" (the newest checkpoint of
     # one of our runs, e.g. runs/pretrain-tiny); the optimizer starts fresh.
     init_from: str | None = None
+    # With init_from=hf:DIR: verify DIR's model.sig before loading it, e.g. {public_key: keys/granite.pub}, or
+    # {certificate_chain: [ca.pem]}, or {identity: ..., issuer: ...} (Sigstore); null: not verified.
+    init_verify: dict | None = None
     run_dir: str = "runs/pretrain-tiny"
     steps: int = 200
     seed: int = 0
@@ -144,6 +147,7 @@ class RunConfig:
         if self.optimizer.schedule not in ("cosine", "wsd", "constant"):
             raise RunConfigError(f"optimizer.schedule={self.optimizer.schedule!r}: expected cosine, wsd or constant")
         self.initial_weights  # noqa: B018 - parses init_from, raising on a malformed one
+        self.init_verify_spec  # noqa: B018 - parses init_verify, raising on a malformed one
         choices = {"data.format": (self.data.format, ("text", "chat")),
                    "data.bad_lines": (self.data.bad_lines, ("error", "skip")),
                    "data.overlong": (self.data.overlong, ("truncate", "drop"))}
@@ -164,6 +168,21 @@ class RunConfig:
     def initial_weights(self) -> InitFrom | None:
         """`init_from` parsed (None: a fresh model from the preset)."""
         return None if self.init_from is None else InitFrom.parse(self.init_from)
+
+    @property
+    def init_verify_spec(self):
+        """`init_verify` parsed (a `granite_jax.convert.signing.VerifySpec`; None: no verification)."""
+        if self.init_verify is None:
+            return None
+        from granite_jax.convert.signing import SignatureError, VerifySpec
+
+        if self.initial_weights is None or self.initial_weights.kind != "hf":
+            raise RunConfigError(f"init_verify is set but init_from={self.init_from!r}: verification applies to "
+                                 "init_from=hf:DIR")
+        try:
+            return VerifySpec.from_mapping(self.init_verify, where="init_verify")
+        except SignatureError as e:
+            raise RunConfigError(str(e)) from None
 
     @property
     def sharding_plan(self) -> ShardingPlan:

@@ -92,7 +92,12 @@ def resolve_tokenizer(config: RunConfig) -> str:
     source = config.initial_weights
     if source.kind == "hf":
         return source.path
-    return RunDir(existing_run_dir(config)).tokenizer()
+    run_dir = existing_run_dir(config)
+    tokenizer = RunDir(run_dir).tokenizer()
+    if tokenizer is None:
+        raise RunConfigError(f"data.tokenizer is null (the tokenizer of init_from) but {run_dir!r} keeps no copy of "
+                             "its tokenizer (a run made by an earlier version): give data.tokenizer")
+    return tokenizer
 
 
 def build_datasets(config: RunConfig, vocab_size: int, rows: slice | None = None):

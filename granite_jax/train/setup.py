@@ -103,7 +103,8 @@ def initial_model(config: RunConfig) -> GraniteForCausalLM:
         return GraniteForCausalLM(load_preset(config.model, **model_overrides(config)), rngs=nnx.Rngs(config.seed))
     if source.kind == "hf":
         overrides = model_overrides(config)
-        return load_hf_checkpoint(source.path, dtype=overrides.pop("compute_dtype"), **overrides)
+        return load_hf_checkpoint(source.path, dtype=overrides.pop("compute_dtype"), verify=config.init_verify_spec,
+                                  **overrides)
     return load_run_model(existing_run_dir(config), **model_overrides(config))[0]
 
 
