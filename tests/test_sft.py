@@ -126,7 +126,8 @@ def test_sft_from_a_pretraining_run(tmp_path):
                  f"data.train=[{data}]", "data.validation=[]", "steps=2", "data.seq_len=256", "data.batch_size=2",
                  "checkpoint.every_steps=2"])
     assert f"training run:{pretrain}" in proc.stdout
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["tokenizer"] == "data/tokenizer"
+    # the pretraining run's own copy of its tokenizer, by absolute path
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["tokenizer"] == str(pretrain / "tokenizer")
     # eval.py reads a run directory as well as an HF one (newest checkpoint, the run's tokenizer).
     generated = _run(["eval.py", "generate", "--checkpoint", str(run_dir), "--chat", "--prompt", "What is 2 + 2?",
                       "--max-new-tokens", "4", "--ignore-eos"])
