@@ -48,8 +48,6 @@ def _write(path, lines: list[bytes]) -> str:
 # ------------------------------------------------------------------------------------------- invalid UTF-8
 @pytest.mark.parametrize("name", ["docs.jsonl", "docs.jsonl.gz", "docs.txt"])
 def test_invalid_utf8_is_a_bad_line_in_pretraining_data(tmp_path, name):
-    from granite_jax.data.sources import BadLines
-
     if name.endswith(".txt"):  # three paragraphs; the second holds the bad line (line 4)
         lines = [b"first para", b"", b"second para", BAD_UTF8, b"", b"third para"]
         bad_number, kept = 4, ["first para", "third para"]
@@ -59,6 +57,8 @@ def test_invalid_utf8_is_a_bad_line_in_pretraining_data(tmp_path, name):
     path = _write(tmp_path / name, lines)
     with pytest.raises(DataError, match=rf"{name}:{bad_number}: not valid UTF-8 \(byte 0xff.*data.bad_lines=skip"):
         load_documents([path])
+    from granite_jax.data.sources import BadLines
+
     bad = BadLines("skip")
     assert load_documents([path], bad_lines=bad) == kept  # a .txt paragraph with a bad line is dropped whole
     assert len(bad.skipped) == 1 and f"{name}:{bad_number}: not valid UTF-8" in bad.skipped[0]
