@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+
+import numpy as np
 
 import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
 
@@ -24,6 +27,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="HF checkpoint directory or training run directory")
     parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the checkpoint's own)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    parser.add_argument("--allow-vocab-mismatch", action="store_true",
+                        help="accept a tokenizer that leaves more of the model's vocabulary unused than padding "
+                             "explains (one with ids outside the vocabulary is always refused)")
     verify = parser.add_argument_group("signature verification of an HF checkpoint's model.sig (one of)")
     verify.add_argument("--verify-key", default=None, help="public key (PEM) of the key that signed")
     verify.add_argument("--verify-cert-chain", nargs="+", default=None, help="certificate chain (PEM files)")
@@ -42,14 +48,21 @@ def _verify_spec(args):
                       identity=args.verify_identity, issuer=args.verify_issuer)
 
 
+def _load(args):
+    """(model, tokenizer, tokenizer path) of --checkpoint / --tokenizer, checked against each other (and the
+    checkpoint's signature when a --verify-* flag is given)."""
+    from granite_jax.eval.checkpoints import load_for_eval
+
+    return load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer, verify=_verify_spec(args),
+                         allow_vocab_mismatch=args.allow_vocab_mismatch)
+
+
 def _generate(args) -> dict | None:
     from granite_jax.data.chat import Conversation
     from granite_jax.data.chat_template import chat_format
-    from granite_jax.eval.checkpoints import load_for_eval
     from granite_jax.eval.generate import Generator, SamplingConfig
 
-    model, tokenizer, tokenizer_path = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer,
-                                                verify=_verify_spec(args))
+    model, tokenizer, tokenizer_path = _load(args)
     prompts = args.prompt
     if args.chat:
         formatter = chat_format("auto", tokenizer_path)
@@ -100,22 +113,26 @@ def _scorer_options(args) -> dict:
 
 
 def _perplexity(args) -> dict:
-    from granite_jax.eval.checkpoints import load_for_eval
+    from granite_jax.data.sources import BadLines
     from granite_jax.eval.scoring import Scorer, perplexity_of_files
 
-    model, tokenizer, _ = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer,
-                                        verify=_verify_spec(args))
-    result = perplexity_of_files(Scorer(model, **_scorer_options(args)), args.data, tokenizer, args.text_field)
-    return dict(documents=result.documents, windows=result.windows, tokens=result.tokens, bytes=result.bytes,
-                loss=result.loss, perplexity=result.perplexity, bits_per_byte=result.bits_per_byte)
+    bad = BadLines(args.bad_lines, hint="pass --bad-lines skip to skip such lines")
+    model, tokenizer, _ = _load(args)
+    result = perplexity_of_files(Scorer(model, **_scorer_options(args)), args.data, tokenizer, args.text_field, bad)
+    output = dict(documents=result.documents, windows=result.windows, tokens=result.tokens, bytes=result.bytes,
+                  loss=result.loss, perplexity=result.perplexity, bits_per_byte=result.bits_per_byte,
+                  skipped_lines=len(bad.skipped))
+    if not math.isfinite(result.loss):
+        output["notes"] = [f"the loss is {result.loss}: the model gave non-finite log-probabilities for the "
+                           f"{result.tokens} scored tokens (NaN or infinite weights or logits; check the checkpoint "
+                           "and --dtype)"]
+    return output
 
 
 def _choice(args) -> dict:
-    from granite_jax.eval.checkpoints import load_for_eval
     from granite_jax.eval.scoring import Scorer, multiple_choice, read_choice_task
 
-    model, tokenizer, _ = load_for_eval(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer,
-                                        verify=_verify_spec(args))
+    model, tokenizer, _ = _load(args)
     result = multiple_choice(Scorer(model, **_scorer_options(args)), read_choice_task(args.task), tokenizer)
     return dict(task=args.task, questions=result.questions, accuracy=result.accuracy,
                 accuracy_norm=result.accuracy_norm)
@@ -128,7 +145,8 @@ def _lm_eval(args) -> dict:
     from granite_jax.eval.lm_eval_adapter import GraniteLM
 
     model = GraniteLM(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, seq_len=args.seq_len,
-                      batch_size=args.batch_size, verify=_verify_spec(args))
+                      batch_size=args.batch_size, verify=_verify_spec(args),
+                      allow_vocab_mismatch=args.allow_vocab_mismatch)
     manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
     results = lm_eval.simple_evaluate(model=model, tasks=args.tasks.split(","), task_manager=manager,
                                       limit=args.limit, num_fewshot=args.num_fewshot, log_samples=False,
@@ -169,6 +187,8 @@ def main(argv=None) -> int:
         if name == "perplexity":
             p.add_argument("--data", nargs="+", required=True)
             p.add_argument("--text-field", default="text")
+            p.add_argument("--bad-lines", choices=["error", "skip"], default="error",
+                           help="a malformed line (not UTF-8, not JSON, no text field): stop, or skip and count it")
         elif name == "choice":
             p.add_argument("--task", required=True, help='JSONL of {"context", "choices", "answer"}')
         else:
@@ -185,8 +205,42 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result is not None:
-        print(json.dumps(result, default=float))
+        print(json_line(result))
     return 0
+
+
+def _finite(value, where: str, notes: list[str]):
+    """`value` with every non-finite float (NaN, ±inf: not JSON) replaced by None, each one noted."""
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{where}.{k}" if where else str(k), notes) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{where}[{i}]", notes) for i, v in enumerate(value)]
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            notes.append(f"{where} is {float(value)}, written as null")
+            return None
+        return float(value)
+    return value
+
+
+def json_line(result: dict) -> str:
+    """`result` as one line of valid JSON: a non-finite number becomes null and `notes` (also printed to
+    stderr) says which and, where the command knows, why."""
+    notes: list[str] = []
+    clean = _finite({k: v for k, v in result.items() if k != "notes"}, "", notes)
+    notes = list(result.get("notes", [])) + notes
+    if notes:
+        clean["notes"] = notes
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+    return json.dumps(clean, allow_nan=False, default=_json_default)
+
+
+def _json_default(value):
+    """numpy scalars (lm-eval's results hold some) as Python numbers; anything else as its text."""
+    if isinstance(value, np.integer):
+        return int(value)
+    return str(value)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ before any compilation (`SFTStats`); a 1M-conversation file takes minutes (progr
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
-import os
 import time
 
 import grain
@@ -28,10 +26,9 @@ import numpy as np
 
 from granite_jax.data.chat import END_OF_TEXT, SPECIAL_TOKENS, ChatFormatError, parse_conversation
 from granite_jax.data.chat_template import ChatTemplateError
-from granite_jax.data.sources import DataError
+from granite_jax.data.sources import BadLines, DataError, check_data_file, data_lines
 from granite_jax.data.tokenizer import Tokenizer
 
-BAD_LINE_POLICIES = ("error", "skip")
 OVERLONG_POLICIES = ("truncate", "drop")
 
 
@@ -87,13 +84,13 @@ def tokenize_conversation(conversation, chat_format, tokenizer: Tokenizer) -> tu
 
 
 def _lines(path: str):
-    if not os.path.isfile(path):
-        raise DataError(f"data file {path!r} does not exist")
+    """The file's `Line`s (`sources.data_lines`: a line that is not UTF-8 has `text=None`)."""
+    expected = "JSON lines (.jsonl or .jsonl.gz)"
+    check_data_file(path, expected)
     name = path[:-3] if path.endswith(".gz") else path
     if not (name.endswith(".jsonl") or name.endswith(".json")):
-        raise DataError(f"SFT data file {path!r}: expected JSON lines (.jsonl or .jsonl.gz)")
-    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
-        yield from enumerate(f, 1)
+        raise DataError(f"SFT data file {path!r}: expected {expected}")
+    return data_lines(path, expected)
 
 
 def load_sft_samples(paths: list[str], chat_format, tokenizer: Tokenizer, *, seq_len: int, vocab_size: int,
@@ -101,29 +98,27 @@ def load_sft_samples(paths: list[str], chat_format, tokenizer: Tokenizer, *, seq
                      progress=print) -> tuple[list[dict], SFTStats]:
     """Read, check, render and tokenize every conversation of `paths`; returns per-sample
     `{"input_ids", "targets", "loss_weights"}` (length ≤ seq_len) and what was found."""
-    if bad_lines not in BAD_LINE_POLICIES:
-        raise DataError(f"data.bad_lines={bad_lines!r}: expected one of {BAD_LINE_POLICIES}")
+    bad = BadLines(bad_lines)
     if overlong not in OVERLONG_POLICIES:
         raise DataError(f"data.overlong={overlong!r}: expected one of {OVERLONG_POLICIES}")
     check_chat_tokenizer(tokenizer, getattr(tokenizer, "path", "?"))
     if tokenizer.vocab_size > vocab_size:
         raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
-    stats, samples, last_report = SFTStats(), [], time.monotonic()
+    stats, samples, last_report = SFTStats(bad_lines=bad.skipped), [], time.monotonic()
     for path in paths:
-        for number, line in _lines(path):
-            if not line.strip():
+        for number, line, problem in _lines(path):
+            if line is not None and not line.strip():
                 continue
             try:
+                if line is None:
+                    raise ChatFormatError(problem)
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ChatFormatError(f"not valid JSON ({e.msg} at column {e.colno})") from None
                 ids, trainable = tokenize_conversation(parse_conversation(record), chat_format, tokenizer)
             except (ChatFormatError, ChatTemplateError) as e:
-                where = f"{path}:{number}: {e}"
-                if bad_lines == "error":
-                    raise DataError(where + " (set data.bad_lines=skip to skip such lines)") from None
-                stats.bad_lines.append(where)
+                bad.found(f"{path}:{number}", str(e))
                 continue
             if len(ids) > seq_len + 1:
                 if overlong == "drop":

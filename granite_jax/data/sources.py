@@ -1,76 +1,185 @@
-"""Document sources: plain text, JSONL (a text field), Parquet (a text column). Gzip is read transparently."""
+"""Document sources: plain text, JSONL (a text field), Parquet (a text column). Gzip is read transparently.
+
+Every text reader goes through `data_lines`, which checks the path, opens it (gunzipping `.gz`), and decodes
+each line as UTF-8 on its own, so that a line that is not valid UTF-8 is one bad line, named by file and line
+number, like a line of malformed JSON: `BadLines` decides whether it is an error (`data.bad_lines=error`, the
+default) or skipped and counted (`skip`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
-from typing import Iterator
+import zlib
+from typing import Iterator, NamedTuple
+
+BAD_LINE_POLICIES = ("error", "skip")
+TEXT_FORMATS = ".jsonl, .json, .txt or .parquet (optionally .gz)"
 
 
 class DataError(ValueError):
     """A data path or its content is unusable; the message names the file (and line) and what was expected."""
 
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+@dataclasses.dataclass
+class BadLines:
+    """What to do with a malformed line (`policy`: "error" or "skip") and the lines skipped so far
+    ("path:line: reason"). `hint` tells the user how to skip such lines instead (appended to the error)."""
+
+    policy: str = "error"
+    hint: str = "set data.bad_lines=skip to skip such lines"
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.policy not in BAD_LINE_POLICIES:
+            raise DataError(f"data.bad_lines={self.policy!r}: expected one of {BAD_LINE_POLICIES}")
+
+    def found(self, where: str, reason: str) -> None:
+        """A bad line at `where` ("path:line"): raise under "error", record it under "skip"."""
+        if self.policy == "error":
+            raise DataError(f"{where}: {reason}" + (f" ({self.hint})" if self.hint else ""))
+        self.skipped.append(f"{where}: {reason}")
+
+    def summary(self) -> str:
+        text = f"{len(self.skipped)} bad lines skipped"
+        return text + (" (first: " + self.skipped[0] + ")" if self.skipped else "")
 
 
-def read_documents(path: str, text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of one file: a JSONL line's `text_field`, a Parquet row's column, or a whole text
-    file's blank-line-separated paragraphs."""
-    if not os.path.isfile(path):
+def bad_lines_of(bad_lines: str | BadLines | None) -> BadLines:
+    """A `BadLines` from a policy name (or the default, "error")."""
+    return bad_lines if isinstance(bad_lines, BadLines) else BadLines(bad_lines or "error")
+
+
+class Line(NamedTuple):
+    number: int  # 1-based
+    text: str | None  # without its line ending; None when the line is not valid UTF-8
+    problem: str | None  # why `text` is None
+
+
+def check_data_file(path: str, expected: str = TEXT_FORMATS) -> None:
+    """A data path must be an existing regular file; the error says what it is instead and what was expected."""
+    if os.path.isdir(path):
+        raise DataError(f"data file {path!r} is a directory; expected a file: {expected}")
+    if not os.path.exists(path):
         raise DataError(f"data file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path!r} is not a regular file; expected a file: {expected}")
+
+
+def _decode(raw: bytes, number: int) -> Line:
+    """One line's bytes → `Line`; invalid UTF-8 is reported with the offending byte and its position."""
+    if raw.endswith(b"\n"):
+        raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+    try:
+        return Line(number, raw.decode("utf-8"), None)
+    except UnicodeDecodeError as e:
+        return Line(number, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)")
+
+
+def data_lines(path: str, expected: str = TEXT_FORMATS) -> Iterator[Line]:
+    """The lines of a text file, gunzipped if its name ends in `.gz`, each decoded as UTF-8 on its own.
+
+    A missing path, a directory, an unreadable file or a `.gz` that is not gzip data is a `DataError` naming
+    the file; a line that is not UTF-8 comes as a `Line` with `text=None`, for the caller's `BadLines`."""
+    check_data_file(path, expected)
+    gzipped = path.endswith(".gz")
+    number = 0
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+            for number, raw in enumerate(f, 1):
+                yield _decode(raw, number)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        where = f" after line {number}" if number else ""
+        raise DataError(f"data file {path!r}: not valid gzip data{where} ({e}); a .gz name must hold "
+                        "gzip-compressed text") from None
+    except OSError as e:
+        raise DataError(f"data file {path!r}: cannot be read ({e.strerror or e})") from None
+
+
+def _jsonl_documents(path: str, text_field: str, bad: BadLines) -> Iterator[str]:
+    for number, line, problem in data_lines(path):
+        if line is None:
+            bad.found(f"{path}:{number}", problem)
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.found(f"{path}:{number}", f"not valid JSON ({e.msg})")
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            bad.found(f"{path}:{number}", f"expected an object with a string field {text_field!r}")
+            continue
+        yield record[text_field]
+
+
+def _text_documents(path: str, bad: BadLines) -> Iterator[str]:
+    """Blank-line-separated paragraphs. A paragraph with a line that is not UTF-8 is dropped whole under
+    `skip` (the document would otherwise miss a line); the bad line is what is reported and counted."""
+    paragraph, broken = [], False
+    for number, line, problem in data_lines(path):
+        if line is None:
+            bad.found(f"{path}:{number}", problem)
+            broken = True
+        elif line.strip():
+            paragraph.append(line)
+        else:
+            if paragraph and not broken:
+                yield "\n".join(paragraph)
+            paragraph, broken = [], False
+    if paragraph and not broken:
+        yield "\n".join(paragraph)
+
+
+def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    check_data_file(path)
+    try:
+        table = pq.read_table(path, columns=[text_field])
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"data file {path!r}: cannot read it as Parquet with a column {text_field!r} ({e})") from None
+    yield from (t for t in table.column(text_field).to_pylist() if t)
+
+
+def read_documents(path: str, text_field: str = "text", bad_lines: str | BadLines | None = None) -> Iterator[str]:
+    """Yield the documents of one file: a JSONL line's `text_field`, a Parquet row's column, or a whole text
+    file's blank-line-separated paragraphs. Malformed lines (not UTF-8, not JSON, no string `text_field`) go to
+    `bad_lines` (a policy name or a `BadLines` that counts them; default: an error)."""
+    bad = bad_lines_of(bad_lines)
     name = path[:-3] if path.endswith(".gz") else path
     if name.endswith(".jsonl") or name.endswith(".json"):
-        with _open_text(path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise DataError(f"{path}:{number}: expected an object with a string field {text_field!r}")
-                yield record[text_field]
+        yield from _jsonl_documents(path, text_field, bad)
     elif name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path, columns=[text_field])
-        yield from (t for t in table.column(text_field).to_pylist() if t)
+        yield from _parquet_documents(path, text_field)
     elif name.endswith(".txt"):
-        with _open_text(path) as f:
-            paragraph = []
-            for line in f:
-                if line.strip():
-                    paragraph.append(line.rstrip("\n"))
-                elif paragraph:
-                    yield "\n".join(paragraph)
-                    paragraph = []
-            if paragraph:
-                yield "\n".join(paragraph)
+        yield from _text_documents(path, bad)
     else:
-        raise DataError(
-            f"data file {path!r}: unknown format; expected .jsonl, .json, .txt or .parquet (optionally .gz)")
+        check_data_file(path)
+        raise DataError(f"data file {path!r}: unknown format; expected {TEXT_FORMATS}")
 
 
-def load_documents(paths: list[str], text_field: str = "text"):
+def load_documents(paths: list[str], text_field: str = "text", bad_lines: str | BadLines | None = None):
     """All documents of `paths`: a list of strings, or, when every path is an `.arrayrecord` file of
-    pre-tokenized documents (`granite_jax.data.pretokenize`), a random-access source of their records."""
+    pre-tokenized documents (`granite_jax.data.pretokenize`), a random-access source of their records.
+    `bad_lines` as in `read_documents` (pass a `BadLines` to learn what was skipped)."""
     if paths and all(p.endswith(".arrayrecord") for p in paths):
         import grain
 
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise DataError(f"data files {missing} do not exist")
+        for path in paths:
+            check_data_file(path, "a pre-tokenized .arrayrecord file")
         source = grain.sources.ArrayRecordDataSource(list(paths))
         if len(source) == 0:
             raise DataError(f"no documents in {paths} (empty corpus)")
         return source
     if any(p.endswith(".arrayrecord") for p in paths):
         raise DataError(f"data paths {paths} mix pre-tokenized .arrayrecord files with text files")
-    docs = [doc for path in paths for doc in read_documents(path, text_field) if doc.strip()]
+    bad = bad_lines_of(bad_lines)
+    docs = [doc for path in paths for doc in read_documents(path, text_field, bad) if doc.strip()]
     if not docs:
         raise DataError(f"no documents in {paths} (empty corpus)")
     return docs

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Protocol, Sequence
 
 # The files of an HF tokenizer directory (a checkpoint directory holds them beside the weights).
@@ -33,6 +34,10 @@ def tokenizer_files(path: str) -> list[str]:
     else:
         names = [path]
     return [name for name in names if os.path.isfile(name)]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer path is missing, of an unknown kind, or its files cannot be read; the message names the file."""
 
 
 class Tokenizer(Protocol):
@@ -55,7 +60,8 @@ class SentencePieceTokenizer:
         self.eos_id = self._sp.eos_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
         if self.eos_id < 0:
-            raise ValueError(f"{path}: the sentencepiece model has no end-of-sequence id (train it with eos_id >= 0)")
+            raise TokenizerError(f"{path}: the sentencepiece model has no end-of-sequence id "
+                                 "(train it with eos_id >= 0)")
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -73,18 +79,28 @@ class HFTokenizer:
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         self.path = file
-        self._tok = _Tokenizer.from_file(file)
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        try:
+            self._tok = _Tokenizer.from_file(file)
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise TokenizerError(f"{file}: not a readable tokenizer.json ({str(e).strip()})") from None
+        # The id space, not the token count: ids may have holes, and every id it can produce must fit a model.
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(len(vocab), max(vocab.values(), default=-1) + 1)
         settings = {}
         config_path = os.path.join(directory, "tokenizer_config.json")
         if os.path.isfile(config_path):
-            with open(config_path) as f:
-                settings = json.load(f)
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    settings = json.load(f)
+            except (ValueError, OSError) as e:
+                raise TokenizerError(f"{config_path}: not readable JSON ({e})") from None
+            if not isinstance(settings, dict):
+                raise TokenizerError(f"{config_path}: expected a JSON object")
         token_id = lambda t: None if t is None else self._tok.token_to_id(t if isinstance(t, str) else t["content"])  # noqa: E731
         self.eos_id = token_id(settings.get("eos_token")) if settings.get("eos_token") else token_id("<|end_of_text|>")
         self.pad_id = token_id(settings.get("pad_token"))
         if self.eos_id is None:
-            raise ValueError(f"{file}: cannot tell the end-of-text token (set eos_token in tokenizer_config.json)")
+            raise TokenizerError(f"{file}: cannot tell the end-of-text token (set eos_token in tokenizer_config.json)")
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -94,14 +110,23 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """A `.model` sentencepiece file, a `tokenizer.json`, or a directory holding `tokenizer.json`."""
+    """A `.model` sentencepiece file, a `tokenizer.json`, or a directory holding `tokenizer.json`. Whatever goes
+    wrong reading it (a missing path, a corrupt file) is a `TokenizerError` naming the path."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer {path!r} does not exist")
+        raise TokenizerError(f"tokenizer {path!r} does not exist")
     if path.endswith(".model"):
-        return SentencePieceTokenizer(path)
-    if path.endswith(".json") or os.path.isfile(os.path.join(path, "tokenizer.json")):
-        return HFTokenizer(path)
-    raise ValueError(f"tokenizer {path!r}: expected a sentencepiece .model, a tokenizer.json, or a directory with one")
+        kind = SentencePieceTokenizer
+    elif path.endswith(".json") or os.path.isfile(os.path.join(path, "tokenizer.json")):
+        kind = HFTokenizer
+    else:
+        raise TokenizerError(f"tokenizer {path!r}: expected a sentencepiece .model, a tokenizer.json, or a directory "
+                             "with one")
+    try:
+        return kind(path)
+    except TokenizerError:
+        raise
+    except (RuntimeError, OSError) as e:  # sentencepiece's errors for a file that is not a model
+        raise TokenizerError(f"tokenizer {path!r} cannot be read: {str(e).strip() or type(e).__name__}") from None
 
 
 # The Granite 4.0 special tokens (reference/granite4-architecture.md §7), first in the vocabulary of a
@@ -141,24 +166,62 @@ def train_byte_level_bpe(texts, vocab_size: int, out_dir: str) -> str:
     return out_dir
 
 
-def train_sentencepiece(inputs: list[str], vocab_size: int, out_prefix: str, text_field: str = "text") -> str:
+def train_sentencepiece(inputs: list[str], vocab_size: int, out_prefix: str, text_field: str = "text",
+                        bad_lines=None) -> str:
     """Train a BPE sentencepiece model on text/JSONL files; ids: pad 0, bos 1, eos 2, unk 3."""
     import sentencepiece
 
-    from granite_jax.data.sources import read_documents
+    from granite_jax.data.sources import DataError, read_documents
+
+    failures = []  # sentencepiece turns an error of the iterator into a RuntimeError with a traceback in its text
 
     def documents():
-        for path in inputs:
-            yield from read_documents(path, text_field)
+        try:
+            for path in inputs:
+                yield from read_documents(path, text_field, bad_lines)
+        except DataError as e:
+            failures.append(e)
+            raise
 
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=documents(), model_prefix=out_prefix, vocab_size=vocab_size, model_type="bpe",
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True, character_coverage=1.0,
-        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=documents(), model_prefix=out_prefix, vocab_size=vocab_size, model_type="bpe",
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True, character_coverage=1.0,
+            max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError:
+        if failures:
+            raise failures[0] from None
+        raise
     return out_prefix + ".model"
 
 
-def main(argv=None) -> None:
+def _check_train_args(args) -> None:
+    """Flags a tokenizer trainer would otherwise reject late, with a traceback, or silently adjust."""
+    from granite_jax.data.sources import check_data_file
+
+    for path in args.input:
+        check_data_file(path)
+    smallest = len(GRANITE_SPECIAL_TOKENS) + 256 if args.kind == "byte-level-bpe" else 1
+    if args.vocab_size < smallest:
+        raise TokenizerError(f"--vocab-size {args.vocab_size}: a {args.kind} tokenizer needs at least {smallest} "
+                             f"tokens" + (" (256 bytes + the Granite special tokens)" if smallest > 1 else ""))
+    out_dir = args.out if args.kind == "byte-level-bpe" else os.path.dirname(args.out) or "."
+    if args.kind == "byte-level-bpe" and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TokenizerError(f"--out {out_dir!r} is a file; expected a directory (new or existing) to write into")
+    if args.kind == "byte-level-bpe":
+        try:  # fails now, not after training, when it cannot be written
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise TokenizerError(f"--out {out_dir!r}: cannot create the directory ({e.strerror})") from None
+    if args.kind == "sentencepiece" and not os.path.isdir(out_dir):
+        raise TokenizerError(f"--out {args.out!r}: directory {out_dir!r} does not exist")
+
+
+def main(argv=None) -> int:
+    """The `train` command; a mistake (missing input, bad line, bad --vocab-size, unwritable --out) is one
+    `error:` line on stderr and exit status 2."""
+    from granite_jax.data.sources import BadLines, read_documents
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a tokenizer")
@@ -168,16 +231,30 @@ def main(argv=None) -> None:
     train.add_argument("--out", required=True,
                        help="byte-level-bpe: output directory; sentencepiece: prefix of PREFIX.model / PREFIX.vocab")
     train.add_argument("--text-field", default="text")
+    train.add_argument("--bad-lines", choices=["error", "skip"], default="error",
+                       help="a malformed input line (not UTF-8, not JSON, no text field): stop, or skip and count it")
     args = parser.parse_args(argv)
-    if args.kind == "sentencepiece":
-        path = train_sentencepiece(args.input, args.vocab_size, args.out, args.text_field)
-    else:
-        from granite_jax.data.sources import read_documents
+    bad = BadLines(args.bad_lines, hint="pass --bad-lines skip to skip such lines")
+    try:
+        _check_train_args(args)
+        if args.kind == "sentencepiece":
+            path = train_sentencepiece(args.input, args.vocab_size, args.out, args.text_field, bad)
+        else:
+            texts = (doc for p in args.input for doc in read_documents(p, args.text_field, bad))
+            path = train_byte_level_bpe(texts, args.vocab_size, args.out)
+        vocab = load_tokenizer(path).vocab_size
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (vocab {vocab})" + (f"; {bad.summary()}" if bad.skipped else ""))
+    return 0
 
-        texts = (doc for p in args.input for doc in read_documents(p, args.text_field))
-        path = train_byte_level_bpe(texts, args.vocab_size, args.out)
-    print(f"wrote {path} (vocab {load_tokenizer(path).vocab_size})")
+
+def one_line(error: Exception) -> str:
+    """An exception as one line for an `error:` message (libraries' messages may carry their own traceback)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,12 +20,14 @@ from granite_jax.eval.scoring import Request, Scorer
 @register_model("granite_jax")
 class GraniteLM(TemplateLM):
     def __init__(self, checkpoint: str | None = None, *, model=None, tokenizer=None, dtype: str = "float32",
-                 seq_len: int = 2048, batch_size: int | str = 8, max_gen_toks: int = 256, verify=None, **_ignored):
+                 seq_len: int = 2048, batch_size: int | str = 8, max_gen_toks: int = 256, verify=None,
+                 allow_vocab_mismatch: bool = False, **_ignored):
         super().__init__()
         if model is None:
             if checkpoint is None:
                 raise ValueError("granite_jax lm-eval model: give model_args checkpoint=DIR")
-            model, tokenizer, _ = load_for_eval(checkpoint, dtype=dtype, tokenizer=tokenizer, verify=verify)
+            model, tokenizer, _ = load_for_eval(checkpoint, dtype=dtype, tokenizer=tokenizer, verify=verify,
+                                                allow_vocab_mismatch=allow_vocab_mismatch)
         self.model, self.granite_tokenizer = model, tokenizer
         self.max_gen_toks = max_gen_toks
         self.scorer = Scorer(model, seq_len=seq_len, batch_size=int(batch_size))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from granite_jax.data.sources import DataError, read_documents
+from granite_jax.data.sources import BadLines, DataError, data_lines, read_documents
 from granite_jax.model.granite import GraniteForCausalLM
 from granite_jax.parallel.mesh import check_batch, check_sequence, parameter_shardings
 from granite_jax.parallel.plan import ShardingPlan
@@ -154,7 +154,11 @@ class PerplexityResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        """exp(loss); inf where that overflows a float (a loss above ~709 nats per token)."""
+        try:
+            return math.exp(self.loss)
+        except OverflowError:
+            return math.inf
 
     @property
     def bits_per_byte(self) -> float:
@@ -180,9 +184,12 @@ def perplexity(scorer: Scorer, documents: Iterable[str], tokenizer) -> Perplexit
                             bytes=n_bytes, nats=-sum(s for s, _ in scores))
 
 
-def perplexity_of_files(scorer: Scorer, paths: Sequence[str], tokenizer, text_field: str = "text") -> PerplexityResult:
-    return perplexity(scorer, (doc for path in paths for doc in read_documents(path, text_field) if doc.strip()),
-                      tokenizer)
+def perplexity_of_files(scorer: Scorer, paths: Sequence[str], tokenizer, text_field: str = "text",
+                        bad_lines: str | BadLines | None = None) -> PerplexityResult:
+    """`perplexity` of the documents of `paths`; malformed lines (not UTF-8, not JSON, ...) go to `bad_lines`
+    (`sources.read_documents`: an error by default; pass a `BadLines` to skip and count them)."""
+    documents = (doc for path in paths for doc in read_documents(path, text_field, bad_lines) if doc.strip())
+    return perplexity(scorer, documents, tokenizer)
 
 
 @dataclasses.dataclass
@@ -194,24 +201,23 @@ class ChoiceResult:
 
 def read_choice_task(path: str) -> list[dict]:
     """JSON lines of {"context": str, "choices": [str, ...], "answer": int}; errors name the line."""
-    from granite_jax.data.sources import _open_text
-
     items = []
-    with _open_text(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not (isinstance(item, dict) and isinstance(item.get("context"), str)
-                    and isinstance(item.get("choices"), list) and len(item["choices"]) >= 2
-                    and all(isinstance(c, str) and c for c in item["choices"])
-                    and isinstance(item.get("answer"), int) and 0 <= item["answer"] < len(item["choices"])):
-                raise DataError(f"{path}:{number}: expected {{\"context\": str, \"choices\": [at least two non-empty "
-                                f"strings], \"answer\": index of the right choice}}")
-            items.append(item)
+    for number, line, problem in data_lines(path, "JSON lines of questions (.jsonl, optionally .gz)"):
+        if line is None:
+            raise DataError(f"{path}:{number}: {problem}")
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not (isinstance(item, dict) and isinstance(item.get("context"), str)
+                and isinstance(item.get("choices"), list) and len(item["choices"]) >= 2
+                and all(isinstance(c, str) and c for c in item["choices"])
+                and isinstance(item.get("answer"), int) and 0 <= item["answer"] < len(item["choices"])):
+            raise DataError(f"{path}:{number}: expected {{\"context\": str, \"choices\": [at least two non-empty "
+                            f"strings], \"answer\": index of the right choice}}")
+        items.append(item)
     if not items:
         raise DataError(f"{path}: no questions")
     return items

@@ -55,10 +55,14 @@ class DataConfig:
     # null: one per process. Fix it to resume a run on a different number of processes.
     streams: int | None = None
     # chat only: "auto" (the tokenizer's own template, else the built-in Granite 4.0 format), "builtin", or a
-    # Jinja file; what to do with a malformed line ("error" or "skip", counted); with a sample longer than
-    # seq_len + 1 tokens ("truncate" or "drop", counted); how many rows first-fit packing fills at once.
+    # Jinja file.
     chat_template: str = "auto"
+    # Any text data file (pretraining and chat): what to do with a malformed line — not UTF-8, not JSON, no
+    # text field, a bad conversation: "error" (naming file and line) or "skip" (counted and printed; in a .txt
+    # file the paragraph holding a non-UTF-8 line is skipped with it).
     bad_lines: str = "error"
+    # chat only: with a sample longer than seq_len + 1 tokens ("truncate" or "drop", counted); how many rows
+    # first-fit packing fills at once.
     overlong: str = "truncate"
     packing_bins: int = 16
 

@@ -21,7 +21,7 @@ import numpy as np
 from granite_jax.data.chat_template import chat_format
 from granite_jax.data.pipeline import interleave_streams, pretraining_dataset
 from granite_jax.data.sft import load_sft_samples, sft_dataset
-from granite_jax.data.sources import load_documents
+from granite_jax.data.sources import BadLines, load_documents
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.model.flops import mean_keys_per_query, training_flops_per_token
 from granite_jax.parallel.distributed import process_block
@@ -149,8 +149,17 @@ def build_datasets(config: RunConfig, vocab_size: int, rows: slice | None = None
         return interleave_streams([pretraining_dataset(documents, tokenizer, vocab_size=vocab_size, seed=seed,
                                                        shard_index=i, **stream_rows) for i in mine])
 
-    train_data = make(load_documents(data.train, data.text_field), data.shuffle_seed)
-    eval_data = make(load_documents(data.validation, data.text_field), 0) if data.validation else None
+    def documents(paths, split):
+        bad = BadLines(data.bad_lines)
+        docs = load_documents(paths, data.text_field, bad)
+        if bad.skipped:
+            print_line(f"{split} data: {bad.summary()}")
+            for line in bad.skipped[:10]:
+                log.warning("skipped %s", line)
+        return docs
+
+    train_data = make(documents(data.train, "train"), data.shuffle_seed)
+    eval_data = make(documents(data.validation, "validation"), 0) if data.validation else None
     return train_data, eval_data
 
 
