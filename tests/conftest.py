@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import os
+
+# One persistent XLA compilation cache for the suite: this process and every subprocess it starts (they inherit
+# the environment). Dozens of training subprocesses compile the same small train step; with the cache each one
+# after the first starts in about half the time (65 s -> 34 s on the 2-core machine). Executables read from the
+# cache give the same results, memory analysis and HLO text. Set before JAX is imported.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax-compilation"))
+
+import jax.numpy as jnp  # noqa: E402
 import numpy as np
 import pytest
 from flax import nnx

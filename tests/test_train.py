@@ -50,6 +50,21 @@ def test_yaml_and_overrides():
     (["steps=0"], r"steps=0 must be positive"),
     (["optimizer.schedule=linear"], r"optimizer.schedule='linear'"),
     (["init_from=/some/dir"], r"init_from='/some/dir': expected 'hf:DIRECTORY'"),
+    # values that would train silently wrong, or crash later with a raw traceback
+    (["optimizer.lr=-1e-3"], r"optimizer.lr=-0.001 is outside \[0.0, inf\)"),
+    (["optimizer.warmup_steps=-1"], r"optimizer.warmup_steps=-1 is outside \[0, inf\)"),
+    (["optimizer.min_lr_ratio=1.5"], r"optimizer.min_lr_ratio=1.5 is outside \[0.0, 1.0\]"),
+    (["optimizer.clip_norm=0"], r"optimizer.clip_norm=0.0 is outside \(0.0, inf\)"),
+    (["optimizer.b1=1"], r"optimizer.b1=1.0 is outside \[0.0, 1.0\)"),
+    (["optimizer.b2=-0.1"], r"optimizer.b2=-0.1 is outside \[0.0, 1.0\)"),
+    (["optimizer.eps=0"], r"optimizer.eps=0.0 is outside \(0.0, inf\)"),
+    (["optimizer.weight_decay=-0.1"], r"optimizer.weight_decay=-0.1 is outside"),
+    (["optimizer.decay_fraction=1.5"], r"optimizer.decay_fraction=1.5 is outside \(0.0, 1.0\]"),
+    (["z_loss=-1"], r"z_loss=-1.0 is outside"),
+    (["eval_batches=0"], r"eval_batches=0 is outside \[1, inf\)"),
+    (["data.streams=-1"], r"data.streams=-1 must be positive"),
+    (["model_overrides={remat_polcy: full}"], r"model_overrides has unknown model config keys \['remat_polcy'\]"),
+    (["model_overrides={num_hidden_layers: 2"], r"override 'model_overrides=.*': the value is not valid YAML"),
 ])
 def test_bad_config_is_reported(override, message):
     with pytest.raises(RunConfigError, match=message):
