@@ -452,3 +452,63 @@ def test_init_verify_refuses_a_changed_checkpoint(signed_export, tmp_path):
         load_run_config(None, [f"init_from=hf:{directory}", f"init_verify={{key: {public}}}"])
     with pytest.raises(RunConfigError, match="applies to init_from=hf:DIR"):
         load_run_config(None, [f"init_verify={{public_key: {public}}}"])
+
+
+# ------------------------------------------------------------------------------------------ convert import
+def _import(*args):
+    """`python -m granite_jax.convert import ARGS` in this process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from granite_jax.convert.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["import", *map(str, args)])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_import_then_export_gives_the_same_checkpoint(hf_checkpoint, tmp_path):
+    """HF → `convert import` → `convert export` → HF: every tensor byte-identical, config.json equal, the
+    tokenizer files carried through RUN_DIR/tokenizer/; the checkpoint is step 0 and holds only parameters."""
+    from granite_jax.train.checkpoint import IMPORTED_FROM, RunCheckpoints
+
+    directory, _ = hf_checkpoint(tie_word_embeddings=False, mamba_proj_bias=True)
+    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+        f.write('{"from": "hf"}')
+    run_dir = tmp_path / "imported"
+    code, stdout, err = _import(directory, run_dir)
+    assert code == 0, err
+    assert "step 0" in stdout
+    assert sorted(os.listdir(run_dir / "tokenizer")) == ["generation_config.json", "tokenizer.json"]
+    checkpoints = RunCheckpoints(str(run_dir), keep=1, async_save=False)
+    step, meta = checkpoints.latest_meta()
+    checkpoints.close()
+    assert step == 0 and meta[IMPORTED_FROM] == os.path.abspath(directory)
+    import orbax.checkpoint as ocp
+
+    stored = ocp.StandardCheckpointer().metadata(str(run_dir / "checkpoints" / "0" / "state"))
+    assert set(getattr(stored, "item_metadata", stored)) == {"params"}  # no optimizer state, no step
+
+    code, _, err = _export(run_dir, tmp_path / "exported")
+    assert code == 0, err
+    original, written = _tensors(directory), _tensors(tmp_path / "exported")
+    assert sorted(original) == sorted(written)
+    for name, value in original.items():
+        assert written[name].dtype == value.dtype and written[name].tobytes() == value.tobytes(), name
+    # config.json as a direct HF → ours → HF conversion writes it (which names layer types and the dtype as
+    # transformers 4.57 does, so it is not the source's text when transformers 5 wrote that)
+    save_hf_checkpoint(load_hf_checkpoint(directory), tmp_path / "direct")
+    read = lambda d: json.loads((d / "config.json").read_text())  # noqa: E731
+    assert read(tmp_path / "exported") == read(tmp_path / "direct")
+    assert (tmp_path / "exported" / "tokenizer.json").read_text() == '{"from": "hf"}'
+
+
+def test_import_refuses_a_run_with_checkpoints_and_bad_sources(tiny_run, hf_checkpoint, tmp_path):
+    directory, _ = hf_checkpoint()
+    before = sorted(os.listdir(os.path.join(tiny_run, "checkpoints")))
+    code, _, err = _import(directory, tiny_run)
+    assert code == 2 and "already has checkpoints" in _one_error_line(err) and tiny_run in err
+    assert sorted(os.listdir(os.path.join(tiny_run, "checkpoints"))) == before
+    code, _, err = _import(tmp_path / "nowhere", tmp_path / "new")
+    assert code == 2 and "nowhere" in _one_error_line(err) and not (tmp_path / "new").exists()

@@ -361,6 +361,37 @@ def test_init_from_hf_checkpoint(tmp_path):
     assert jnp.isfinite(jnp.asarray(runs[0])).all()
 
 
+def test_init_from_an_imported_run_matches_init_from_hf(tmp_path):
+    """`convert import` then `init_from=run:` starts from the same weights as `init_from=hf:` (the first
+    step's loss is identical); training in the imported directory itself is refused (no optimizer state)."""
+    from flax import nnx
+
+    from granite_jax import GraniteForCausalLM, load_preset, save_hf_checkpoint
+    from granite_jax.convert.__main__ import main as convert
+    from granite_jax.train.checkpoint import RunCheckpoints
+    from granite_jax.train.loop import _check_resumable
+
+    config = load_preset("tiny-hybrid-moe").replace(num_hidden_layers=2, layer_types=("mamba", "attention"))
+    save_hf_checkpoint(GraniteForCausalLM(config, rngs=nnx.Rngs(42)), tmp_path / "hf")
+    assert convert(["import", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
+    first_losses = []
+    for source in (f"hf:{tmp_path / 'hf'}", f"run:{tmp_path / 'imported'}"):
+        run_dir = tmp_path / source[:2]
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *SMALL, "steps=1",
+               f"init_from={source}", "model_overrides={}"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        first_losses.append(_losses(str(run_dir))[0])
+    assert first_losses[0] == first_losses[1]
+
+    run_config = load_run_config(os.path.join(ROOT, "configs/pretrain-tiny.yaml"),
+                                 [f"run_dir={tmp_path / 'imported'}"])
+    checkpoints = RunCheckpoints(str(tmp_path / "imported"), keep=1, async_save=False)
+    with pytest.raises(RunConfigError, match="imported from .*parameters only.*init_from=run:"):
+        _check_resumable(checkpoints, run_config)
+    checkpoints.close()
+
+
 def test_parquet_and_text_sources(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

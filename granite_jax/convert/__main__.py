@@ -1,5 +1,6 @@
 """`python -m granite_jax.convert export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16] [--overwrite]
 [--tokenizer PATH] [--sign-key KEY.pem [--sign-cert CERT.pem --sign-cert-chain CA.pem ...]]`
+`python -m granite_jax.convert import HF_DIR RUN_DIR [--dtype float32|bfloat16]`
 
 Exports the parameters of a training run's checkpoint (the newest, or `--step`) to a Hugging Face directory
 (`config.json` + safetensors) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
@@ -11,6 +12,10 @@ and an index that the new export does not name, and a `model.sig` (no longer val
 Tokenizer files are copied from `RUN_DIR/tokenizer/` (the run's own copy) or from `--tokenizer PATH` (an HF
 tokenizer directory or its `tokenizer.json`), never from a path recorded in the checkpoint; with neither, only
 the weights are exported. `--sign-key` writes `model.sig` (OpenSSF model signing) over all written files.
+
+`import` writes an HF directory's weights as a run checkpoint (parameters only, step 0, the model's config.json
+in its metadata) and copies its tokenizer files to RUN_DIR/tokenizer/, so that `init_from=run:RUN_DIR` (and
+`export`, and eval) read it like any run. A RUN_DIR that already holds checkpoints is refused.
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ import shutil
 import sys
 
 import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
-from granite_jax.convert.hf import save_hf_checkpoint, weight_files
+from granite_jax.convert.hf import load_hf_checkpoint, save_hf_checkpoint, weight_files
 from granite_jax.convert.signing import SIGNATURE_FILE, sign_directory
 from granite_jax.data.tokenizer import HF_TOKENIZER_FILES
-from granite_jax.run_dir import RunDir
-from granite_jax.train.checkpoint import load_run_model
+from granite_jax.run_dir import RunDir, RunDirError
+from granite_jax.train.checkpoint import IMPORTED_FROM, load_run_model, save_parameters
 
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
@@ -104,6 +109,41 @@ def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | 
     return "\n".join(lines)
 
 
+def check_import_target(run_dir: str) -> None:
+    """RUN_DIR may be new, or a directory without checkpoints: an import never mixes with a run's own."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"run directory {run_dir!r} exists and is not a directory")
+    checkpoints = RunDir(run_dir).checkpoints
+    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+        raise ValueError(f"run directory {run_dir!r} already has checkpoints ({checkpoints}); import into a new "
+                         "directory")
+
+
+def import_checkpoint(hf_dir: str, run_dir: str, *, dtype: str = "float32") -> str:
+    """Write HF_DIR's parameters (stored in `dtype`) as RUN_DIR's checkpoint at step 0 and copy its tokenizer
+    files to RUN_DIR/tokenizer/; report what was written in a few lines. The metadata holds the model's
+    config.json (`meta["model"]`, as training writes it), an empty run config and where the weights came from
+    (`meta["imported_from"]`: training refuses to resume such a parameters-only checkpoint)."""
+    check_import_target(run_dir)
+    model = load_hf_checkpoint(hf_dir, param_dtype=dtype)  # the source is checked before RUN_DIR is created
+    target = RunDir(run_dir)
+    with target.lock():
+        save_parameters(run_dir, model, {"model": model.config.to_hf(), "run": {},
+                                         IMPORTED_FROM: os.path.abspath(hf_dir)})
+        copied = copy_tokenizer(hf_dir, _fresh_dir(target.tokenizer_dir))
+        if not copied:
+            os.rmdir(target.tokenizer_dir)
+    lines = [f"imported {hf_dir} into {run_dir} as step 0 ({dtype} parameters): {target.checkpoints}/0",
+             f"tokenizer files copied to {target.tokenizer_dir}: {copied}" if copied else
+             f"no tokenizer files: {hf_dir} holds none of {list(HF_TOKENIZER_FILES)}"]
+    return "\n".join(lines)
+
+
+def _fresh_dir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m granite_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,12 +160,20 @@ def main(argv=None) -> int:
     ex.add_argument("--sign-key", default=None, help="elliptic-curve private key (PEM): write OUT_DIR/model.sig")
     ex.add_argument("--sign-cert", default=None, help="with --sign-key: sign as this signing certificate (PEM)")
     ex.add_argument("--sign-cert-chain", nargs="+", default=[], help="with --sign-cert: the chain of trust (PEM)")
+    im = sub.add_parser("import", help="an HF directory → a run checkpoint (step 0) for init_from=run:RUN_DIR")
+    im.add_argument("hf_dir")
+    im.add_argument("run_dir")
+    im.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="parameter storage dtype (default float32: the master weights training keeps)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "import":
+            print(import_checkpoint(args.hf_dir, args.run_dir, dtype=args.dtype))
+            return 0
         print(export(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
                      tokenizer=args.tokenizer, sign_key=args.sign_key, sign_cert=args.sign_cert,
                      sign_cert_chain=tuple(args.sign_cert_chain)))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -25,6 +25,8 @@ from granite_jax.tree import path_names
 
 log = logging.getLogger("granite_jax.checkpoint")
 
+IMPORTED_FROM = "imported_from"  # meta key of a parameters-only checkpoint written by `convert import`
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model being trained (a different shape or parameter set)."""
@@ -216,6 +218,17 @@ def _parameter_shapes(tree) -> dict[str, tuple]:
     return shapes
 
 
+def save_parameters(run_dir: str, model: GraniteForCausalLM, meta: dict) -> str:
+    """Write `model`'s parameters alone (no optimizer state) as RUN_DIR's checkpoint at step 0, in the layout
+    `load_run_model` restores (`state` = {"params": ...}); returns the checkpoint's directory."""
+    checkpoints = RunCheckpoints(run_dir, keep=1, async_save=False)
+    try:
+        checkpoints.save(0, {"params": nnx.state(model, nnx.Param)}, {}, meta)
+    finally:
+        checkpoints.close()
+    return os.path.join(checkpoints.directory, "0")
+
+
 def abstract_like(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -248,11 +261,15 @@ def run_model_config(run_dir: str, step: int | None = None, **model_overrides) -
         manager.close()
 
 
-def load_run_model(run_dir: str, step: int | None = None, **model_overrides) -> tuple[GraniteForCausalLM, dict, int]:
+def load_run_model(run_dir: str, step: int | None = None, *, shardings=None,
+                   **model_overrides) -> tuple[GraniteForCausalLM, dict, int]:
     """The model of a run's checkpoint (newest unless `step`), its saved run config, and the step.
 
-    Only the parameters are read (not the optimizer state); `model_overrides` set compute-only fields such as
-    `compute_dtype`, `remat_policy` or `sharding`."""
+    Only the parameters are read (not the optimizer state), so a parameters-only checkpoint (`convert import`)
+    restores too; `model_overrides` set compute-only fields such as `compute_dtype`, `remat_policy` or
+    `sharding`. `shardings`: NamedShardings like the model's parameters (`parameter_shardings` of its `nnx.Param`
+    state); each parameter is then restored straight onto its devices, every process reading only the shards
+    its devices hold, instead of whole onto one device."""
     manager, steps = _open_run(run_dir)
     try:
         step, meta = _checkpoint_meta(manager, steps, step)
@@ -261,8 +278,20 @@ def load_run_model(run_dir: str, step: int | None = None, **model_overrides) -> 
     config = ModelConfig.from_hf(meta["model"], **model_overrides)
     abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
+    target = {"params": params if shardings is None else with_shardings(params, shardings)}
     restored = ocp.PyTreeCheckpointer().restore(  # the parameters only, not the optimizer state
         os.path.join(RunDir(run_dir).checkpoints, str(step), "state"),
-        args=ocp.args.PyTreeRestore({"params": params}, partial_restore=True,
-                                    restore_args=ocp.checkpoint_utils.construct_restore_args({"params": params})))
-    return nnx.merge(graphdef, restored["params"]), meta["run"], step
+        args=ocp.args.PyTreeRestore(target, partial_restore=True,
+                                    restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+    return nnx.merge(graphdef, restored["params"]), meta.get("run", {}), step
+
+
+def with_shardings(abstract, shardings):
+    """`abstract` (a tree of shapes) with each leaf a `jax.ShapeDtypeStruct` carrying the matching leaf of
+    `shardings` (a tree of the same structure, e.g. from `parameter_shardings`)."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    sharding_leaves = jax.tree.leaves(shardings)
+    if len(sharding_leaves) != len(leaves):
+        raise ValueError(f"{len(sharding_leaves)} shardings for {len(leaves)} parameters")
+    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                                        for x, s in zip(leaves, sharding_leaves)])

@@ -26,7 +26,7 @@ from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.model.flops import mean_keys_per_query, training_flops_per_token
 from granite_jax.parallel.distributed import process_block
 from granite_jax.run_dir import RunDir
-from granite_jax.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
+from granite_jax.train.checkpoint import IMPORTED_FROM, CheckpointMismatchError, RunCheckpoints, abstract_like
 from granite_jax.train.config import RunConfig, RunConfigError, resume_differences, save_run_config
 from granite_jax.train.metrics import TensorBoardWriter, console_line, print_line
 from granite_jax.train.optim import learning_rate_at
@@ -229,6 +229,9 @@ def _check_resumable(checkpoints: RunCheckpoints, config: RunConfig) -> None:
         return
     step, meta = latest
     where = f"run_dir {config.run_dir!r} holds a checkpoint at step {step}"
+    if meta.get(IMPORTED_FROM):  # parameters only: restoring a train state from it would fail
+        raise RunConfigError(f"{where} imported from {meta[IMPORTED_FROM]} (parameters only, no optimizer "
+                             f"state): train from it with init_from=run:{config.run_dir} and a new run_dir")
     differences = resume_differences(meta.get("run", {}), config)
     if differences:
         raise RunConfigError(

@@ -96,8 +96,10 @@ def resolve_model_config(config: RunConfig) -> ModelConfig:
     return run_model_config(existing_run_dir(config), **model_overrides(config))
 
 
-def initial_model(config: RunConfig) -> GraniteForCausalLM:
-    """A fresh model from the preset, or the weights named by `init_from` (hf:DIR or run:DIR)."""
+def initial_model(config: RunConfig, shardings=None) -> GraniteForCausalLM:
+    """A fresh model from the preset, or the weights named by `init_from` (hf:DIR or run:DIR). `shardings`
+    (the parameters' NamedShardings, `initial_shardings`): read those weights straight onto their devices, each
+    process reading only the shards its devices hold."""
     source = config.initial_weights
     if source is None:
         return GraniteForCausalLM(load_preset(config.model, **model_overrides(config)), rngs=nnx.Rngs(config.seed))
@@ -105,7 +107,15 @@ def initial_model(config: RunConfig) -> GraniteForCausalLM:
         overrides = model_overrides(config)
         return load_hf_checkpoint(source.path, dtype=overrides.pop("compute_dtype"), verify=config.init_verify_spec,
                                   **overrides)
-    return load_run_model(existing_run_dir(config), **model_overrides(config))[0]
+    return load_run_model(existing_run_dir(config), shardings=shardings, **model_overrides(config))[0]
+
+
+def initial_shardings(config: RunConfig, model_config: ModelConfig, mesh: Mesh):
+    """Where the parameters of `init_from`'s weights will live on `mesh` (None for a fresh model)."""
+    if config.initial_weights is None:
+        return None
+    abstract = nnx.eval_shape(lambda: GraniteForCausalLM(model_config, rngs=nnx.Rngs(0)))
+    return parameter_shardings(nnx.state(abstract, nnx.Param), mesh, config.sharding_plan.table)
 
 
 def existing_run_dir(config: RunConfig) -> str:
@@ -161,7 +171,7 @@ def build_run(config: RunConfig, devices=None, *, abstract: bool = False) -> Run
     if abstract:
         model = nnx.eval_shape(lambda: GraniteForCausalLM(model_config, rngs=nnx.Rngs(config.seed)))
     else:
-        model = initial_model(config)
+        model = initial_model(config, initial_shardings(config, model_config, mesh))
         model_config = model.config
     graphdef, params = nnx.split(model, nnx.Param)
     del model
