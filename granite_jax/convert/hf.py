@@ -2,14 +2,19 @@
 
 Names: our parameter path `model.layers.3.mamba.in_proj.kernel` is the on-disk `model.layers.3.mamba.in_proj.weight`
 transposed; `hf_tensor_name` holds the few exceptions (router, experts, conv). Loading builds the model
-abstractly and fills it one tensor at a time, so peak host memory stays near one copy of the model. Pickle
-checkpoints (`*.bin`, `*.pt`, ...) are refused, never unpickled.
+abstractly and fills it one tensor at a time, so peak host memory stays near one copy of the model; given the
+parameters' shardings on a mesh, each process reads only the slices of each tensor that its devices hold.
+Pickle checkpoints (`*.bin`, `*.pt`, ...) are refused, never unpickled.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Callable
 
@@ -51,6 +56,19 @@ def _conv_from_hf(weight):  # (C, 1, K) -> (K, C)
 
 
 _identity = np.asarray
+
+
+def _hf_index(from_hf: Callable, index: tuple) -> tuple:
+    """The index of the on-disk tensor that holds the elements of our parameter's `index` (a tuple of slices),
+    such that `from_hf(hf_tensor[_hf_index(from_hf, index)]) == parameter[index]`: every HF→ours transform is a
+    permutation of axes, so a slice of ours is a slice of theirs (no tensor is split, fused or stacked)."""
+    if from_hf is _transpose:
+        return (*index[:-2], index[-1], index[-2])
+    if from_hf is _conv_from_hf:  # ours (K, C) is theirs (C, 1, K)
+        return (index[1], slice(None), index[0])
+    if from_hf is _identity:
+        return index
+    raise ValueError(f"no slice mapping for the transform {from_hf.__name__}")
 
 
 def hf_tensor_name(path: tuple) -> tuple[str, Callable, Callable]:
@@ -131,13 +149,29 @@ def check_signature(directory: str, verify: VerifySpec | None) -> None:
                     "identity to verify it)", directory, SIGNATURE_FILE)
 
 
+@dataclasses.dataclass
+class ReadStats:
+    """What a sharded load read: `bytes_read`, the tensor bytes this process read from disk (a slice that several
+    of its devices hold is read once), and `per_device`, device id → the bytes of the slices that device holds."""
+
+    bytes_read: int = 0
+    per_device: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(int))
+
+
 def load_hf_checkpoint(directory: str | os.PathLike, dtype="float32", *, param_dtype="float32",
-                       verify: VerifySpec | None = None, **config_overrides) -> GraniteForCausalLM:
+                       verify: VerifySpec | None = None, shardings=None, stats: ReadStats | None = None,
+                       **config_overrides) -> GraniteForCausalLM:
     """A ready `GraniteForCausalLM` from an HF directory (`config.json` + safetensors, single or sharded).
 
     `dtype` is the compute dtype (a dtype or its name); parameters are stored in `param_dtype` (float32 master
     weights by default; pass "bfloat16" to halve memory for inference). `verify`: check the directory's
     `model.sig` first (`granite_jax.convert.signing.VerifySpec`; `SignatureError` when it does not verify).
+
+    `shardings`: NamedShardings like the model's parameters (`parameter_shardings` of its `nnx.Param` state).
+    Each parameter is then a global array on those devices, and this process reads from disk only the slices of
+    each tensor that its own devices hold (safetensors' lazy `get_slice`), so its host memory is bounded by its
+    shard (plus one parameter's slices at a time). Every tensor is sliced; none is read whole. `stats`: a
+    `ReadStats` that counts the bytes read.
     """
     directory = os.fspath(directory)
     files = safetensors_files(directory)
@@ -151,41 +185,97 @@ def load_hf_checkpoint(directory: str | os.PathLike, dtype="float32", *, param_d
         hf_name, to_hf, from_hf = hf_tensor_name(path)
         hf_shape = to_hf(np.empty(variable.shape, np.bool_)).shape
         expected[hf_name] = (path, variable, hf_shape, from_hf)
-
-    loaded, unexpected = set(), []
-    for file in files:
-        try:
-            _load_file(file, expected, config, loaded, unexpected)
-        except CheckpointError:
-            raise
-        except Exception as e:  # noqa: BLE001 - safetensors' errors (truncated header/data) name no file
-            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupted?): "
-                                  f"{type(e).__name__}: {e}") from None
-    if unexpected:
-        raise CheckpointError(f"{directory!r}: unexpected tensors not used by the model: {sorted(unexpected)}")
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        raise CheckpointError(f"{directory!r}: missing tensors: {missing}")
+    located = _locate_tensors(directory, files, expected, config)
+    by_path = None if shardings is None else dict(nnx.to_flat_state(shardings))
+    stats = ReadStats() if stats is None else stats
+    with contextlib.ExitStack() as stack:
+        readers = {}
+        for name, file in located.items():
+            path, variable, _, from_hf = expected[name]
+            with _naming_file(file):
+                if file not in readers:
+                    readers[file] = stack.enter_context(safe_open(file, framework="numpy"))
+                if by_path is None:
+                    variable.set_value(jnp.asarray(from_hf(readers[file].get_tensor(name)), dtype=variable.dtype))
+                else:
+                    variable.set_value(_sharded_parameter(readers[file].get_slice(name), variable, from_hf,
+                                                          _sharding_of(by_path, path), stats))
     return nnx.merge(graphdef, state)
 
 
-def _load_file(file: str, expected: dict, config: ModelConfig, loaded: set, unexpected: list) -> None:
-    """Set every expected tensor `file` holds; note the names it holds that the model does not use."""
-    with safe_open(file, framework="numpy") as reader:
-        for name in reader.keys():
-            if name not in expected:
-                if name == "lm_head.weight" and config.tie_word_embeddings:
-                    continue  # a redundant copy of the tied embedding
-                unexpected.append(name)
-                continue
-            path, variable, hf_shape, from_hf = expected[name]
-            shape = tuple(reader.get_slice(name).get_shape())
-            if shape != hf_shape:
-                raise CheckpointError(
-                    f"{os.path.basename(file)}: tensor {name!r} has shape {shape}; the config implies {hf_shape}")
-            value = from_hf(reader.get_tensor(name))
-            variable.set_value(jnp.asarray(value, dtype=variable.dtype))
-            loaded.add(name)
+@contextlib.contextmanager
+def _naming_file(file: str):
+    """Report safetensors' own errors (a truncated header or data), which name no file, as a CheckpointError
+    naming `file`."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' errors (truncated header/data) name no file
+        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupted?): "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def _locate_tensors(directory: str, files: list[str], expected: dict, config: ModelConfig) -> dict[str, str]:
+    """{HF name: file} for every expected tensor, from the files' headers only; an unexpected tensor, a missing
+    one or a shape other than the config implies is a CheckpointError naming it."""
+    located, unexpected = {}, []
+    for file in files:
+        with _naming_file(file), safe_open(file, framework="numpy") as reader:
+            for name in reader.keys():
+                if name not in expected:
+                    if name == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # a redundant copy of the tied embedding
+                    unexpected.append(name)
+                    continue
+                hf_shape = expected[name][2]
+                shape = tuple(reader.get_slice(name).get_shape())
+                if shape != hf_shape:
+                    raise CheckpointError(f"{os.path.basename(file)}: tensor {name!r} has shape {shape}; the "
+                                          f"config implies {hf_shape}")
+                located[name] = file
+    if unexpected:
+        raise CheckpointError(f"{directory!r}: unexpected tensors not used by the model: {sorted(unexpected)}")
+    missing = sorted(set(expected) - set(located))
+    if missing:
+        raise CheckpointError(f"{directory!r}: missing tensors: {missing}")
+    return located
+
+
+def _sharding_of(by_path: dict, path: tuple):
+    if path not in by_path:
+        raise ValueError(f"shardings has no entry for parameter {'.'.join(map(str, path))}")
+    return by_path[path]
+
+
+def _sharded_parameter(tensor, variable, from_hf: Callable, sharding, stats: ReadStats) -> jax.Array:
+    """`variable`'s value as a global array with `sharding`, built from the slices of the on-disk `tensor` (a
+    safetensors slice handle) that this process's devices hold; each distinct slice is read once."""
+    shape, dtype = tuple(variable.shape), variable.dtype
+    slices = {}
+
+    def read(index):
+        bounds = _bounds(index, shape)
+        if bounds not in slices:
+            part = tensor[_hf_index(from_hf, tuple(slice(a, b) for a, b in bounds))]
+            stats.bytes_read += part.nbytes
+            slices[bounds] = np.asarray(from_hf(part), dtype=dtype)
+        return slices[bounds]
+
+    array = jax.make_array_from_callback(shape, sharding, read)
+    itemsize = _ON_DISK_ITEMSIZE[tensor.get_dtype()]
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        stats.per_device[device.id] += itemsize * math.prod(b - a for a, b in _bounds(index, shape))
+    return array
+
+
+_ON_DISK_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                     "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}  # bytes per element of safetensors' dtypes
+
+
+def _bounds(index: tuple, shape: tuple) -> tuple:
+    """((start, stop), ...) of a tuple of slices over `shape` (a hashable, normalized form)."""
+    return tuple(slice_.indices(n)[:2] for slice_, n in zip(index, shape))
 
 
 # ---------------------------------------------------------------------------------------------- saving

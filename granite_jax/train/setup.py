@@ -106,7 +106,7 @@ def initial_model(config: RunConfig, shardings=None) -> GraniteForCausalLM:
     if source.kind == "hf":
         overrides = model_overrides(config)
         return load_hf_checkpoint(source.path, dtype=overrides.pop("compute_dtype"), verify=config.init_verify_spec,
-                                  **overrides)
+                                  shardings=shardings, **overrides)
     return load_run_model(existing_run_dir(config), shardings=shardings, **model_overrides(config))[0]
 
 
