@@ -295,3 +295,22 @@ def test_sharded_hf_load_reads_only_each_devices_slices(hf_checkpoint):
         # only the small vectors (norms, biases, Mamba constants) are whole on every device: measured 0.137
         # (fsdp8) and 0.162 (fsdp2 x tensor2 x expert2) of the checkpoint per device, against 1/8 = 0.125
         assert got["max_device_fraction"] < 1.5 / 8, got
+
+
+def test_two_processes_each_read_about_half_of_an_hf_checkpoint(hf_checkpoint):
+    """2 processes x 4 devices, fsdp=8 across both: each process's shards equal the plain load's, and each
+    reads from disk about half the checkpoint (only the small vectors are read by both)."""
+    directory, _ = hf_checkpoint(tie_word_embeddings=False)
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.multidevice.sharded_hf_load_processes", json.dumps(
+        {"directory": directory, "coordinator": f"127.0.0.1:{port}", "process": i})], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    results = []
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+        results.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
+    for result in results:
+        assert result["mismatched"] == [], result
+        assert result["bytes_read"] < 0.6 * result["checkpoint_bytes"], result  # measured: 0.505
