@@ -18,6 +18,7 @@ FLOPs and collectives: `--topology v5p:4x4x4` compiles with the TPU compiler for
 
 Several processes (e.g. two on one machine, each with its devices):
     python train.py --coordinator-address 127.0.0.1:8476 --num-processes 2 --process-id 0 ...   # and id 1
+On a pod no flags: see scripts/launch/ (TPU VM slice, Slurm, Kubernetes) and README "Launching on a pod".
 """
 
 import argparse
@@ -37,7 +38,8 @@ def main(argv=None) -> int:
                         help="dry-run for a TPU slice compiled without it, e.g. v5p:4x4x4 (64 chips; needs libtpu)")
     parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                         help="multi-process: the address of process 0 (with --num-processes, --process-id); "
-                             "TPU pods, Slurm and Open MPI launches are detected without flags")
+                             "TPU VMs, Slurm srun, Open MPI mpirun and GRANITE_JAX_COORDINATOR / "
+                             "GRANITE_JAX_NUM_PROCESSES (e.g. a Kubernetes indexed Job) need no flags")
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--restart", action="store_true",
@@ -63,7 +65,13 @@ def main(argv=None) -> int:
     try:
         from granite_jax.parallel.distributed import initialize
 
-        initialize(args.coordinator_address, args.num_processes, args.process_id)
+        joined = initialize(args.coordinator_address, args.num_processes, args.process_id)
+        if joined:
+            import jax
+
+            if jax.process_index() == 0:
+                print(f"joined {jax.process_count()} processes ({joined}): {jax.device_count()} devices, "
+                      f"{jax.local_device_count()} per process", flush=True)
         config = load_run_config(args.config, args.overrides)
         if args.dry_run:
             from granite_jax.parallel.topology import tpu_topology_devices

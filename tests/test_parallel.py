@@ -177,22 +177,28 @@ TWO_STREAMS = ["data.streams=2", "mesh={data: 2, fsdp: 4}", "data.batch_size=8",
                "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}"]
 
 
-def _launch(run_dir, steps: int, processes: int, settings=TWO_STREAMS, devices: int = 8) -> None:
-    """`train.py` as `processes` processes sharing `devices` virtual CPU devices."""
+def _launch(run_dir, steps: int, processes: int, settings=TWO_STREAMS, devices: int = 8,
+            launcher=None) -> list[str]:
+    """`train.py` as `processes` processes sharing `devices` virtual CPU devices. They join with the
+    --coordinator-address flags, or, with `launcher` (process index -> environment variables), with no flags
+    and the variables a cluster launcher would set (tests/test_launch.py). Returns each process's output."""
     args = ["train.py", f"run_dir={run_dir}", f"steps={steps}", *settings, "data.validation=[]", "log_every=1",
             "eval_every=1000", "optimizer.warmup_steps=1", "checkpoint.every_steps=2", "checkpoint.async_save=false"]
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // processes}",
            "JAX_PLATFORMS": "cpu"}
     port = _free_port()
     distributed = (lambda i: [f"--coordinator-address=127.0.0.1:{port}", f"--num-processes={processes}",
-                              f"--process-id={i}"]) if processes > 1 else (lambda i: [])
-    procs = [subprocess.Popen([sys.executable, *args[:1], *distributed(i), *args[1:]], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+                              f"--process-id={i}"]) if processes > 1 and launcher is None else (lambda i: [])
+    launcher = launcher or (lambda i: {})
+    procs = [subprocess.Popen([sys.executable, *args[:1], *distributed(i), *args[1:]], cwd=ROOT,
+                              env={**env, **launcher(i)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(processes)]
     outputs = [p.communicate(timeout=1200)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
     if processes > 1:  # only process 0 logs
         assert "| loss " in outputs[0] and "| loss " not in outputs[1]
+    return outputs
 
 
 def _metrics(run_dir, name: str = "loss") -> list[float]:

@@ -1,41 +1,164 @@
 """Joining a multi-process job: JAX's own runtime (`jax.distributed`), no home-made process management.
 
-`initialize()` is called once, before any computation, by `train.py`:
-- explicit coordinator address / process count / process id (flags): e.g. two processes on one machine;
-- launched by a cluster launcher that JAX detects itself (TPU pod slices, Slurm with several tasks, Open MPI):
-  `jax.distributed.initialize()` with no arguments;
-- otherwise nothing: a single process.
+`initialize()` is called once, before any computation, by `train.py`. It decides, in this order:
+1. flags: `--coordinator-address HOST:PORT --num-processes N --process-id I` (e.g. two processes on one machine);
+2. our environment spec, for launchers JAX cannot read without extra services (a Kubernetes indexed Job):
+   `GRANITE_JAX_COORDINATOR=HOST:PORT`, `GRANITE_JAX_NUM_PROCESSES=N` and the process id from
+   `GRANITE_JAX_PROCESS_ID` or, in an indexed Job, Kubernetes' own `JOB_COMPLETION_INDEX`;
+3. a launcher that JAX's auto-detection (`jax/_src/clusters/`) reads, when it started several processes:
+   Slurm `srun` (SLURM_NTASKS > 1), Open MPI `mpirun` (OMPI_COMM_WORLD_SIZE > 1), a Cloud TPU VM (TPU slice
+   workers, GKE TPU pods): `jax.distributed.initialize()` with no arguments;
+4. otherwise nothing: a single process.
+A launcher whose variables are incomplete or inconsistent is an error naming the variable, not a hang.
 On CPU the processes exchange collectives through gloo.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from collections.abc import Mapping
 
 import jax
 
+log = logging.getLogger(__name__)
 
-def launched_by_cluster() -> bool:
-    """Whether a launcher that `jax.distributed.initialize()` understands started several processes."""
-    return (int(os.environ.get("SLURM_NTASKS", "1")) > 1
-            or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-            or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+COORDINATOR = "GRANITE_JAX_COORDINATOR"
+NUM_PROCESSES = "GRANITE_JAX_NUM_PROCESSES"
+PROCESS_ID = "GRANITE_JAX_PROCESS_ID"
+JOB_INDEX = "JOB_COMPLETION_INDEX"  # set by Kubernetes in every pod of a Job with completionMode: Indexed
+# What JAX's SlurmCluster.is_env_present() requires besides SLURM_NTASKS (jax/_src/clusters/slurm_cluster.py);
+# the SLURM_STEP_* variables exist only inside a job step, i.e. under `srun`.
+SLURM_NEEDS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+# What JAX's OmpiCluster reads (jax/_src/clusters/ompi_cluster.py): the URI only Open MPI's ORTE mpirun sets.
+OMPI_NEEDS = ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK")
+
+
+def _env_int(name: str, environ: Mapping[str, str]) -> int | None:
+    """The integer value of environment variable `name`, None when unset; an error naming it when not a number."""
+    value = environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _check_rank(id_name: str, process_id: int, count_name: str, count: int) -> None:
+    """A process id must lie in [0, count): otherwise the job would wait for a process that never comes."""
+    if count < 1:
+        raise ValueError(f"{count_name}={count} must be at least 1")
+    if not 0 <= process_id < count:
+        raise ValueError(f"{id_name}={process_id} must be in [0, {count_name}={count})")
+
+
+def env_spec(environ: Mapping[str, str] = os.environ) -> tuple[str, int, int] | None:
+    """(coordinator address, number of processes, process id) from our GRANITE_JAX_* variables, or None.
+
+    For a Kubernetes indexed Job: Kubernetes sets JOB_COMPLETION_INDEX in each pod, and the manifest sets the
+    coordinator (pod 0's stable DNS name through the headless service) and the count. JAX's own Kubernetes
+    detection would need the `kubernetes` package and a service account allowed to read pods and jobs.
+    """
+    coordinator, count = environ.get(COORDINATOR), _env_int(NUM_PROCESSES, environ)
+    if coordinator is None and count is None:
+        return None
+    if coordinator is None or count is None:
+        missing, given = (COORDINATOR, NUM_PROCESSES) if coordinator is None else (NUM_PROCESSES, COORDINATOR)
+        raise ValueError(f"{given}={environ[given]!r} is set but {missing} is not: they go together")
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{COORDINATOR}={coordinator!r} must be HOST:PORT, e.g. granite-0.granite:8476")
+    ids = {name: _env_int(name, environ) for name in (PROCESS_ID, JOB_INDEX) if name in environ}
+    if not ids:
+        raise ValueError(f"{COORDINATOR} is set but neither {PROCESS_ID} nor {JOB_INDEX} (set by Kubernetes in "
+                         "an indexed Job) says which process this is")
+    if len(set(ids.values())) > 1:
+        raise ValueError(f"{PROCESS_ID}={ids[PROCESS_ID]} and {JOB_INDEX}={ids[JOB_INDEX]} disagree")
+    id_name, process_id = next(iter(ids.items()))
+    _check_rank(id_name, process_id, NUM_PROCESSES, count)
+    return coordinator, count, process_id
+
+
+def _on_cloud_tpu_vm(environ: Mapping[str, str]) -> bool:
+    """Whether JAX found TPU chips and libtpu at import: the condition of its TPU detection (GCE TPU VMs read
+    the worker list from the metadata server, GKE TPU pods from TPU_WORKER_HOSTNAMES and TPU_WORKER_ID).
+    The flag is private to JAX (jax/_src/cloud_tpu_init.py), hence read defensively. A run kept off the TPU
+    (JAX_PLATFORMS=cpu: `--topology` / `--simulate-devices` dry runs) is no part of the slice's job."""
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if platforms and "tpu" not in platforms:
+        return False
+    try:
+        from jax._src import cloud_tpu_init
+    except ImportError:
+        return False
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def cluster_launcher(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The launcher, detected by JAX itself, that started this process among several: "slurm", "ompi" or
+    "tpu"; None for none. An error names the variable that JAX would miss or that contradicts the others."""
+    ntasks = _env_int("SLURM_NTASKS", environ)
+    if ntasks is not None and ntasks > 1:
+        _require("SLURM_NTASKS", ntasks, SLURM_NEEDS, environ,
+                 "start train.py with srun (srun --ntasks=1 for one process)")
+        _check_rank("SLURM_PROCID", _env_int("SLURM_PROCID", environ), "SLURM_NTASKS", ntasks)
+        _env_int("SLURM_JOB_ID", environ)  # JAX derives the coordinator's port from it
+        return "slurm"
+    size = _env_int("OMPI_COMM_WORLD_SIZE", environ)
+    if size is not None and size > 1:
+        _require("OMPI_COMM_WORLD_SIZE", size, OMPI_NEEDS, environ,
+                 f"JAX reads it from Open MPI's mpirun (ORTE); otherwise set {COORDINATOR} and {NUM_PROCESSES}")
+        _check_rank("OMPI_COMM_WORLD_RANK", _env_int("OMPI_COMM_WORLD_RANK", environ), "OMPI_COMM_WORLD_SIZE",
+                    size)
+        return "ompi"
+    return "tpu" if _on_cloud_tpu_vm(environ) else None
+
+
+def _require(count_name: str, count: int, names: tuple[str, ...], environ: Mapping[str, str], hint: str) -> None:
+    """Every variable of `names` is set: a launcher that says several processes but lacks one is an error."""
+    missing = [name for name in names if name not in environ]
+    if missing:
+        raise ValueError(f"{count_name}={count} says this is one of several processes, but {missing[0]} is not "
+                         f"set: {hint}")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None) -> str | None:
+    """Join the job this process is part of (see the module's docstring for the order); returns how it joined
+    ("flags", the name of the variable spec or launcher) or None for a single process."""
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
         raise ValueError("--coordinator-address, --num-processes and --process-id go together "
                          f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
-    if num_processes is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"--process-id={process_id} must be in [0, {num_processes})")
-    if coordinator_address is None and not launched_by_cluster():
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used only by the CPU backend
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    how = "flags"
+    if coordinator_address is None:
+        spec = env_spec()
+        if spec is not None:
+            (coordinator_address, num_processes, process_id), how = spec, COORDINATOR
+    if coordinator_address is not None:
+        _check_rank("--process-id", process_id, "--num-processes", num_processes)
+        _use_gloo_on_cpu()
+        # explicit values are used as given: JAX's detection would still restrict GPUs to SLURM_LOCALID's
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, cluster_detection_method="deactivate")
+        return how
+    launcher = cluster_launcher()
+    if launcher is None:
+        if JOB_INDEX in os.environ:
+            log.warning("%s=%s is set but %s is not: running as a single process (an indexed Job of several "
+                        "workers sets %s and %s)", JOB_INDEX, os.environ[JOB_INDEX], COORDINATOR, COORDINATOR,
+                        NUM_PROCESSES)
+        return None
+    _use_gloo_on_cpu()
+    jax.distributed.initialize()
+    return launcher
+
+
+def _use_gloo_on_cpu() -> None:
+    """CPU collectives across processes go through gloo (the setting is read only by the CPU backend)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def process_block(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[slice, ...]:

@@ -1,0 +1,124 @@
+"""Joining a job the way cluster launchers start one: no --coordinator-address flags, only the environment
+variables that Slurm's `srun` or a Kubernetes indexed Job sets. Two local processes x 2 virtual CPU devices
+(gloo) train 2 steps and must give the losses of one process holding all 4 devices."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import numpy as np
+import pytest
+
+from granite_jax.parallel.distributed import cluster_launcher, env_spec
+from tests.test_parallel import _free_port, _launch, _metrics
+
+SETTINGS = ["data.streams=2", "mesh={data: 2, fsdp: 2}", "data.batch_size=4", "data.seq_len=64",
+            "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}"]
+LAUNCHER_VARIABLES = ("SLURM_", "OMPI_", "GRANITE_JAX_", "JOB_COMPLETION_INDEX", "JAX_COORDINATOR", "TPU_WORKER")
+
+
+@pytest.fixture(autouse=True)
+def _no_outer_launcher(monkeypatch):
+    """The launchers' variables of the shell running the tests (e.g. a Slurm job) must not leak in."""
+    for name in list(os.environ):
+        if name.startswith(LAUNCHER_VARIABLES):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[float]:
+    """The losses of one process with the 4 devices: what every 2-process launch must give."""
+    run_dir = tmp_path_factory.mktemp("launch") / "one"
+    _launch(run_dir, steps=2, processes=1, settings=SETTINGS, devices=4)
+    return _metrics(run_dir)
+
+
+def _assert_like_one_process(run_dir, reference: list[float]) -> None:
+    losses = _metrics(run_dir)
+    assert len(losses) == len(reference) == 2
+    np.testing.assert_allclose(losses, reference, rtol=2e-5)
+    data = sorted(f for f in os.listdir(run_dir / "checkpoints" / "2" / "data") if f.endswith(".json"))
+    assert data == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def _free_slurm_port() -> int:
+    """A free port in the range JAX's Slurm detection derives from the job id: 61440 + SLURM_JOB_ID % 4096."""
+    for port in random.sample(range(65535 - 2**12 + 1, 65536), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 61440..65535")
+
+
+def test_slurm_srun_variables_join_one_job(tmp_path, reference):
+    """What `srun --ntasks=2` on one node sets, as JAX's SlurmCluster reads it (jax/_src/clusters/
+    slurm_cluster.py): the coordinator is the first host of SLURM_STEP_NODELIST, its port 61440 + the job id
+    mod 4096 (no JAX_COORDINATOR_PORT here: the job id is chosen to land on a free port)."""
+    port = _free_slurm_port()
+    job_id = 7 * 2**12 + port - (65535 - 2**12 + 1)
+
+    def srun(i):
+        return {"SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+                "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_NODELIST": "localhost",
+                "SLURM_STEP_NUM_NODES": "1"}
+
+    outputs = _launch(tmp_path / "slurm", steps=2, processes=2, settings=SETTINGS, devices=4, launcher=srun)
+    assert "joined 2 processes (slurm): 4 devices, 2 per process" in outputs[0]
+    _assert_like_one_process(tmp_path / "slurm", reference)
+
+
+def test_kubernetes_indexed_job_variables_join_one_job(tmp_path, reference):
+    """An indexed Job's pods: Kubernetes sets JOB_COMPLETION_INDEX, the manifest the coordinator and the count
+    (scripts/launch/k8s-indexed-job.yaml); nothing asks the Kubernetes API."""
+    port = _free_port()
+
+    def indexed_job(i):
+        return {"JOB_COMPLETION_INDEX": str(i), "GRANITE_JAX_COORDINATOR": f"localhost:{port}",
+                "GRANITE_JAX_NUM_PROCESSES": "2"}
+
+    outputs = _launch(tmp_path / "k8s", steps=2, processes=2, settings=SETTINGS, devices=4, launcher=indexed_job)
+    assert "joined 2 processes (GRANITE_JAX_COORDINATOR): 4 devices, 2 per process" in outputs[0]
+    _assert_like_one_process(tmp_path / "k8s", reference)
+
+
+SRUN = {"SLURM_JOB_ID": "12", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
+        "SLURM_STEP_NODELIST": "node[001-002]"}
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({**SRUN, "SLURM_STEP_NODELIST": None}, "SLURM_NTASKS=2 says this is one of several processes, but "
+                                            "SLURM_STEP_NODELIST is not set: start train.py with srun"),
+    ({**SRUN, "SLURM_PROCID": "2"}, r"SLURM_PROCID=2 must be in \[0, SLURM_NTASKS=2\)"),
+    ({**SRUN, "SLURM_NTASKS": "two"}, "environment variable SLURM_NTASKS='two' is not an integer"),
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "0"},
+     "OMPI_COMM_WORLD_SIZE=4 says .* but OMPI_MCA_orte_hnp_uri is not set"),
+    ({"GRANITE_JAX_COORDINATOR": "job-0.job:8476"}, "GRANITE_JAX_COORDINATOR='job-0.job:8476' is set but "
+                                                    "GRANITE_JAX_NUM_PROCESSES is not"),
+    ({"GRANITE_JAX_COORDINATOR": "job-0.job", "GRANITE_JAX_NUM_PROCESSES": "2", "JOB_COMPLETION_INDEX": "0"},
+     "GRANITE_JAX_COORDINATOR='job-0.job' must be HOST:PORT"),
+    ({"GRANITE_JAX_COORDINATOR": "job-0.job:8476", "GRANITE_JAX_NUM_PROCESSES": "2"},
+     "neither GRANITE_JAX_PROCESS_ID nor JOB_COMPLETION_INDEX"),
+    ({"GRANITE_JAX_COORDINATOR": "job-0.job:8476", "GRANITE_JAX_NUM_PROCESSES": "2", "JOB_COMPLETION_INDEX": "2"},
+     r"JOB_COMPLETION_INDEX=2 must be in \[0, GRANITE_JAX_NUM_PROCESSES=2\)"),
+    ({"GRANITE_JAX_COORDINATOR": "job-0.job:8476", "GRANITE_JAX_NUM_PROCESSES": "2", "JOB_COMPLETION_INDEX": "1",
+      "GRANITE_JAX_PROCESS_ID": "0"}, "GRANITE_JAX_PROCESS_ID=0 and JOB_COMPLETION_INDEX=1 disagree"),
+])
+def test_inconsistent_launcher_variables_are_errors_naming_them(environ, message):
+    environ = {k: v for k, v in environ.items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        env_spec(environ)
+        cluster_launcher(environ)
+
+
+def test_launcher_detection_without_a_job():
+    """One task, a single-pod Job or no launcher at all: a single process; srun with 2 tasks: Slurm."""
+    assert cluster_launcher({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+    assert env_spec({"JOB_COMPLETION_INDEX": "0"}) is None and cluster_launcher({"JOB_COMPLETION_INDEX": "0"}) is None
+    assert cluster_launcher(SRUN) == "slurm"
+    assert env_spec({"GRANITE_JAX_COORDINATOR": "j-0.j:1", "GRANITE_JAX_NUM_PROCESSES": "3",
+                     "GRANITE_JAX_PROCESS_ID": "2"}) == ("j-0.j:1", 3, 2)
