@@ -90,7 +90,9 @@ class RunDir:
 
         os.makedirs(self.tokenizer_dir, exist_ok=True)
         for path in tokenizer_files(source):
-            shutil.copy2(path, os.path.join(self.tokenizer_dir, os.path.basename(path)))
+            target = os.path.join(self.tokenizer_dir, os.path.basename(path))
+            if not (os.path.exists(target) and os.path.samefile(path, target)):  # the run's copy named as source
+                shutil.copy2(path, target)
         return self.tokenizer()
 
     def lock(self) -> "RunLock":
