@@ -106,11 +106,11 @@ class RunCheckpoints:
 
     def latest_meta(self) -> tuple[int, dict] | None:
         """(step, meta) of the newest checkpoint whose metadata reads (the run config it was saved with)."""
-        for step in reversed(self.steps):
+        steps = self.steps
+        for step in reversed(steps):
             try:
                 with _quiet_orbax():
-                    restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-                return step, restored["meta"]
+                    return _checkpoint_meta(self.manager, steps, step)
             except Exception as e:  # noqa: BLE001 - unreadable: the restore will report it
                 log.debug("could not read the metadata of step %d: %s", step, e)
         return None

@@ -30,7 +30,7 @@ from granite_jax.parallel.mesh import (
     parameter_shardings,
 )
 from granite_jax.run_dir import RunDir
-from granite_jax.train.checkpoint import load_run_model, run_model_config
+from granite_jax.train.checkpoint import load_run_model, run_model_config, with_shardings
 from granite_jax.train.config import RunConfig
 from granite_jax.train.optim import make_optimizer
 from granite_jax.train.step import TrainState, make_eval_step, make_train_step
@@ -149,11 +149,6 @@ def sharded_train_state(params, tx, mesh: Mesh, rules: dict) -> TrainState:
 
 
 def _abstract_train_state(params, tx, shardings: TrainState) -> TrainState:
-    def with_shardings(abstract, tree_of_shardings):
-        leaves, treedef = jax.tree.flatten(abstract)
-        return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                                            for x, s in zip(leaves, jax.tree.leaves(tree_of_shardings))])
-
     return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
                       with_shardings(params, shardings.params),
                       with_shardings(jax.eval_shape(tx.init, params), shardings.opt_state))
