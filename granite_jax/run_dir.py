@@ -8,19 +8,27 @@
     RUN_DIR/run.lock              held by the process that trains in the directory (process 0 of a run)
     RUN_DIR/corrupt/STEP/         checkpoints found unreadable on resume, moved out of the way (never deleted)
     RUN_DIR/previous/TIME/        what `--restart` moved aside: the earlier run's config, metrics, checkpoints
+
+RUN_DIR may be an object-storage URL (`gs://bucket/run`; see `granite_jax.storage`). Object stores cannot
+append, so metrics.jsonl and the TensorBoard files are then written in a local staging directory (`logs_dir`)
+and uploaded whole by `upload_logs` (at every checkpoint save and when the run ends).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
+import tempfile
 
 import yaml
+
+from granite_jax import storage
 
 log = logging.getLogger("granite_jax.run_dir")
 
@@ -35,51 +43,82 @@ class RunDir:
 
     @property
     def checkpoints(self) -> str:
-        return os.path.abspath(os.path.join(self.path, "checkpoints"))
+        return storage.absolute(storage.join(self.path, "checkpoints"))
 
     @property
     def config_file(self) -> str:
-        return os.path.join(self.path, "config.yaml")
+        return storage.join(self.path, "config.yaml")
+
+    @property
+    def logs_dir(self) -> str:
+        """Where metrics.jsonl and tensorboard/ are written: the run directory itself, or for a URL a local
+        staging directory named after it (uploaded by `upload_logs`)."""
+        if not storage.is_url(self.path):
+            return self.path
+        return os.path.join(tempfile.gettempdir(), "granite_jax-logs",
+                            hashlib.sha256(self.path.rstrip("/").encode()).hexdigest()[:16])
 
     @property
     def metrics_file(self) -> str:
-        return os.path.join(self.path, "metrics.jsonl")
+        return os.path.join(self.logs_dir, "metrics.jsonl")
 
     @property
     def tensorboard(self) -> str:
-        return os.path.join(self.path, "tensorboard")
+        return os.path.join(self.logs_dir, "tensorboard")
 
     @property
     def tokenizer_dir(self) -> str:
-        return os.path.join(self.path, "tokenizer")
+        return storage.join(self.path, "tokenizer")
 
     @property
     def lock_file(self) -> str:
-        return os.path.join(self.path, "run.lock")
+        return storage.join(self.path, "run.lock")
 
     def has_checkpoints(self) -> bool:
-        return os.path.isdir(self.checkpoints)
+        return storage.isdir(self.checkpoints)
 
     def saved_config(self) -> dict:
         """The run configuration written when the run started (a dict of the YAML)."""
-        with open(self.config_file) as f:
+        with storage.open_file(self.config_file) as f:
             return yaml.safe_load(f)
 
     def save_config(self, config: dict) -> str:
-        os.makedirs(self.path, exist_ok=True)
-        with open(self.config_file, "w") as f:
+        storage.makedirs(self.path)
+        with storage.open_file(self.config_file, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
         return self.config_file
+
+    def open_logs(self) -> None:
+        """Make `logs_dir` ready to append to: for a URL, a fresh staging directory holding the run's
+        metrics.jsonl so far (TensorBoard writes a new events file per start, so those are not fetched)."""
+        if not storage.is_url(self.path):
+            return
+        shutil.rmtree(self.logs_dir, ignore_errors=True)
+        os.makedirs(self.logs_dir)
+        remote = storage.join(self.path, "metrics.jsonl")
+        if storage.exists(remote):
+            storage.copy_file(remote, self.metrics_file)
+
+    def upload_logs(self) -> None:
+        """For a URL run directory, upload metrics.jsonl and the TensorBoard files (whole: object stores cannot
+        append); nothing to do for a local one."""
+        if not storage.is_url(self.path) or not os.path.isdir(self.logs_dir):
+            return
+        for directory, _, names in os.walk(self.logs_dir):
+            relative = os.path.relpath(directory, self.logs_dir)
+            for name in names:
+                target = storage.join(self.path, *([] if relative == "." else relative.split(os.sep)), name)
+                storage.copy_file(os.path.join(directory, name), target)
 
     def tokenizer(self) -> str | None:
         """The run's copy of its tokenizer (`keep_tokenizer`): the directory, or the sentencepiece `.model` in it;
         None for a run made before runs kept a copy (paths recorded in the run's files are never followed: they
         may name anything, relative to any directory)."""
-        if not os.path.isdir(self.tokenizer_dir):
+        if not storage.isdir(self.tokenizer_dir):
             return None
-        names = sorted(os.listdir(self.tokenizer_dir))
+        names = storage.listdir(self.tokenizer_dir)
         models = [n for n in names if n.endswith(".model")]
-        return os.path.join(self.tokenizer_dir, models[0]) if models and "tokenizer.json" not in names \
+        return storage.join(self.tokenizer_dir, models[0]) if models and "tokenizer.json" not in names \
             else self.tokenizer_dir
 
     def keep_tokenizer(self, source: str) -> str:
@@ -88,17 +127,22 @@ class RunDir:
         whatever happens to `source` later. Returns the copy as `tokenizer()` names it."""
         from granite_jax.data.tokenizer import tokenizer_files
 
-        os.makedirs(self.tokenizer_dir, exist_ok=True)
+        storage.makedirs(self.tokenizer_dir)
         for path in tokenizer_files(source):
-            target = os.path.join(self.tokenizer_dir, os.path.basename(path))
-            if not (os.path.exists(target) and os.path.samefile(path, target)):  # the run's copy named as source
-                shutil.copy2(path, target)
+            target = storage.join(self.tokenizer_dir, storage.basename(path))
+            if storage.absolute(target) == storage.absolute(path) or (
+                    not storage.is_url(target) and os.path.exists(target) and os.path.samefile(path, target)):
+                continue  # the run's copy named as the source
+            storage.copy_file(path, target)
         return self.tokenizer()
 
     def lock(self) -> "RunLock":
         """Take the run directory for this process (see RunLock); fails if it cannot be written."""
+        problem = storage.checkpoint_location_problem(self.path)
+        if problem:
+            raise RunDirError(f"run_dir {self.path!r}: {problem}")
         try:
-            os.makedirs(self.path, exist_ok=True)
+            storage.makedirs(self.path)
         except OSError as e:
             raise RunDirError(f"run_dir {self.path!r} cannot be created: {e.strerror}") from None
         return RunLock(self.lock_file).acquire()
@@ -107,25 +151,26 @@ class RunDir:
         """Move the earlier run's config, metrics, TensorBoard files and checkpoints to previous/TIME/ (for
         `--restart`): nothing is deleted. Returns where they went, or None if there was nothing."""
         names = [n for n in ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "corrupt")
-                 if os.path.exists(os.path.join(self.path, n))]
+                 if storage.exists(storage.join(self.path, n))]
         if not names:
             return None
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        target = os.path.join(self.path, "previous", stamp)
-        os.makedirs(target)
+        target = storage.join(self.path, "previous", stamp)
+        if not storage.is_url(target):
+            os.makedirs(target)
         for name in names:
-            os.rename(os.path.join(self.path, name), os.path.join(target, name))
-        with open(os.path.join(target, "REASON"), "w") as f:
+            storage.move(storage.join(self.path, name), storage.join(target, name))
+        with storage.open_file(storage.join(target, "REASON"), "w") as f:
             f.write(reason + "\n")
         return target
 
     def move_corrupt(self, step: int) -> str:
         """Move an unreadable checkpoint to corrupt/STEP (so the step can be saved again); returns where."""
-        target = os.path.join(self.path, "corrupt", str(step))
-        if os.path.exists(target):
+        target = storage.join(self.path, "corrupt", str(step))
+        if storage.exists(target):
             target += datetime.datetime.now(datetime.timezone.utc).strftime("-%Y%m%dT%H%M%S.%fZ")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.rename(os.path.join(self.checkpoints, str(step)), target)
+        storage.makedirs(storage.dirname(target))
+        storage.move(storage.join(self.checkpoints, str(step)), target)
         return target
 
 
@@ -134,7 +179,7 @@ class RunLock:
 
     A second run on the same directory is refused with the holder's pid and host. A lock left by a process
     that no longer runs on this host is taken over (with a warning); one from another host cannot be checked
-    and is refused with what to do."""
+    and is refused with what to do. Under a URL the lock is a create-only write (GCS: `ifGenerationMatch=0`)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -144,40 +189,34 @@ class RunLock:
                   "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
+                created = storage.create_exclusive(self.path, json.dumps(holder).encode())
             except OSError as e:
-                raise RunDirError(f"run_dir {os.path.dirname(self.path)!r} is not writable ({e.strerror}): "
-                                  "choose a run_dir this user can write") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(holder, f)
-            return self
+                raise RunDirError(f"run_dir {storage.dirname(self.path)!r} is not writable "
+                                  f"({e.strerror or e}): choose a run_dir this user can write") from None
+            if created:
+                return self
+            self._take_over_if_stale()
         raise RunDirError(f"could not take {self.path} (another process took it at the same time)")
 
     def _take_over_if_stale(self) -> None:
         try:
-            with open(self.path) as f:
+            with storage.open_file(self.path) as f:
                 holder = json.load(f)
             pid, host = int(holder["pid"]), str(holder["host"])
         except (OSError, ValueError, KeyError, TypeError):
             raise RunDirError(f"{self.path} exists but cannot be read: if no run uses this directory, "
                               "delete the file") from None
         if host != socket.gethostname():
-            raise RunDirError(f"run_dir {os.path.dirname(self.path)!r} is in use by process {pid} on {host} "
+            raise RunDirError(f"run_dir {storage.dirname(self.path)!r} is in use by process {pid} on {host} "
                               f"(since {holder.get('since')}); if that run has ended, delete {self.path}")
         if _alive(pid):
-            raise RunDirError(f"run_dir {os.path.dirname(self.path)!r} is in use by process {pid} on this host "
+            raise RunDirError(f"run_dir {storage.dirname(self.path)!r} is in use by process {pid} on this host "
                               f"(since {holder.get('since')}): wait for it to finish, or use another run_dir")
         log.warning("taking over %s from process %d, which no longer runs", self.path, pid)
-        os.remove(self.path)
+        storage.remove(self.path)
 
     def release(self) -> None:
-        try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass
+        storage.remove(self.path)
 
     def __enter__(self):
         return self

@@ -1,4 +1,6 @@
 """Document sources: plain text, JSONL (a text field), Parquet (a text column). Gzip is read transparently.
+Paths may be object-storage URLs (`gs://`, `s3://`, any fsspec protocol; `granite_jax.storage`), except
+pre-tokenized `.arrayrecord` files, which array_record reads from local (or mounted) paths only.
 
 Every text reader goes through `data_lines`, which checks the path, opens it (gunzipping `.gz`), and decodes
 each line as UTF-8 on its own, so that a line that is not valid UTF-8 is one bad line, named by file and line
@@ -14,6 +16,8 @@ import json
 import os
 import zlib
 from typing import Iterator, NamedTuple
+
+from granite_jax import storage
 
 BAD_LINE_POLICIES = ("error", "skip")
 TEXT_FORMATS = ".jsonl, .json, .txt or .parquet (optionally .gz)"
@@ -60,6 +64,15 @@ class Line(NamedTuple):
 
 def check_data_file(path: str, expected: str = TEXT_FORMATS) -> None:
     """A data path must be an existing regular file; the error says what it is instead and what was expected."""
+    try:
+        if storage.is_url(path):
+            if not storage.exists(path):
+                raise DataError(f"data file {path!r} does not exist")
+            if not storage.isfile(path):
+                raise DataError(f"data file {path!r} is a directory; expected a file: {expected}")
+            return
+    except OSError as e:  # a missing fsspec package, the store's refusal
+        raise DataError(f"data file {path!r}: cannot be read ({e})") from None
     if os.path.isdir(path):
         raise DataError(f"data file {path!r} is a directory; expected a file: {expected}")
     if not os.path.exists(path):
@@ -87,7 +100,8 @@ def data_lines(path: str, expected: str = TEXT_FORMATS) -> Iterator[Line]:
     gzipped = path.endswith(".gz")
     number = 0
     try:
-        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+        with storage.open_file(path, "rb") as raw_file, \
+                (gzip.GzipFile(fileobj=raw_file) if gzipped else raw_file) as f:
             for number, raw in enumerate(f, 1):
                 yield _decode(raw, number)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
@@ -140,7 +154,11 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
 
     check_data_file(path)
     try:
-        table = pq.read_table(path, columns=[text_field])
+        if storage.is_url(path):
+            with storage.open_file(path, "rb") as f:
+                table = pq.read_table(f, columns=[text_field])
+        else:
+            table = pq.read_table(path, columns=[text_field])
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"data file {path!r}: cannot read it as Parquet with a column {text_field!r} ({e})") from None
     yield from (t for t in table.column(text_field).to_pylist() if t)
@@ -171,6 +189,10 @@ def load_documents(paths: list[str], text_field: str = "text", bad_lines: str | 
         import grain
 
         for path in paths:
+            if storage.is_url(path):
+                raise DataError(f"data file {path!r}: pre-tokenized .arrayrecord files are read from local paths "
+                                "only (array_record opens local files); copy them to local disk or a mounted "
+                                "bucket, or give the text files")
             check_data_file(path, "a pre-tokenized .arrayrecord file")
         source = grain.sources.ArrayRecordDataSource(list(paths))
         if len(source) == 0:

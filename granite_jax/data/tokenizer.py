@@ -19,6 +19,8 @@ import os
 import sys
 from typing import Protocol, Sequence
 
+from granite_jax import storage
+
 # The files of an HF tokenizer directory (a checkpoint directory holds them beside the weights).
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                       "merges.txt", "chat_template.jinja", "generation_config.json")
@@ -26,14 +28,15 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 
 def tokenizer_files(path: str) -> list[str]:
     """The files that make up the tokenizer at `path` (as `load_tokenizer` takes it): a sentencepiece `.model`;
-    a `tokenizer.json` and the `tokenizer_config.json` beside it; or a directory's HF tokenizer files."""
-    if os.path.isdir(path):
-        names = [os.path.join(path, name) for name in HF_TOKENIZER_FILES]
+    a `tokenizer.json` and the `tokenizer_config.json` beside it; or a directory's HF tokenizer files. `path` may
+    be a URL (`granite_jax.storage`)."""
+    if storage.isdir(path):
+        names = [storage.join(path, name) for name in HF_TOKENIZER_FILES]
     elif path.endswith(".json"):
-        names = [path, os.path.join(os.path.dirname(path), "tokenizer_config.json")]
+        names = [path, storage.join(storage.dirname(path), "tokenizer_config.json")]
     else:
         names = [path]
-    return [name for name in names if os.path.isfile(name)]
+    return [name for name in names if storage.isfile(name)]
 
 
 class TokenizerError(ValueError):
@@ -110,10 +113,18 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """A `.model` sentencepiece file, a `tokenizer.json`, or a directory holding `tokenizer.json`. Whatever goes
-    wrong reading it (a missing path, a corrupt file) is a `TokenizerError` naming the path."""
-    if not os.path.exists(path):
+    """A `.model` sentencepiece file, a `tokenizer.json`, or a directory holding `tokenizer.json`; under a URL
+    (`gs://...`) its files are copied to a local cache first. Whatever goes wrong reading it (a missing path, a
+    corrupt file) is a `TokenizerError` naming the path."""
+    if not storage.exists(path):
         raise TokenizerError(f"tokenizer {path!r} does not exist")
+    if storage.is_url(path):
+        files = tokenizer_files(path)
+        if not files:
+            raise TokenizerError(f"tokenizer {path!r}: expected a sentencepiece .model, a tokenizer.json, or a "
+                                 "directory with one")
+        local = storage.local_copy(storage.dirname(files[0]), [storage.basename(f) for f in files])
+        path = os.path.join(local, storage.basename(path)) if not storage.isdir(path) else local
     if path.endswith(".model"):
         kind = SentencePieceTokenizer
     elif path.endswith(".json") or os.path.isfile(os.path.join(path, "tokenizer.json")):

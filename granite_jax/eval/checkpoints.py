@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from granite_jax import storage
 from granite_jax.convert import load_hf_checkpoint
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.model import GraniteForCausalLM
@@ -20,8 +21,12 @@ def load_for_eval(checkpoint: str, *, dtype: str = "float32", tokenizer: str | N
     run directory (`checkpoints/`, newest step). The tokenizer defaults to the HF directory's own files or the
     run's own copy (RUN_DIR/tokenizer/); whichever it is, `check_tokenizer_fits` checks it against the model.
     `verify` (a `VerifySpec`): check an HF directory's `model.sig` before loading."""
-    if not os.path.exists(checkpoint):
+    if not storage.exists(checkpoint):
         raise EvalCheckpointError(f"checkpoint {checkpoint!r} does not exist")
+    if storage.is_url(checkpoint) and storage.isfile(storage.join(checkpoint, "config.json")):
+        raise EvalCheckpointError(f"checkpoint {checkpoint!r}: HF checkpoint directories are read from local "
+                                  "paths only (copy it to local disk, e.g. gcloud storage cp -r); training "
+                                  "run directories may be gs:// URLs")
     if os.path.isfile(os.path.join(checkpoint, "config.json")):
         model = load_hf_checkpoint(checkpoint, dtype=dtype, verify=verify)
         default_tokenizer = checkpoint if os.path.isfile(os.path.join(checkpoint, "tokenizer.json")) else None

@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from granite_jax import storage
 from granite_jax.config import ModelConfig
 from granite_jax.model import GraniteForCausalLM
 from granite_jax.run_dir import RunDir
@@ -180,12 +181,21 @@ class RunCheckpoints:
 def _check_writable(directory: str) -> None:
     """Create `directory` and write a file in it: an unwritable checkpoint directory is found at the start,
     not by an asynchronous save that never returns."""
+    problem = storage.checkpoint_location_problem(directory)
+    if problem:
+        raise CheckpointSaveError(f"checkpoint directory {directory!r}: {problem}")
     try:
+        if storage.is_url(directory):
+            probe = storage.join(directory, f".write-test-{jax.process_index()}-{os.getpid()}")
+            with storage.open_file(probe, "wb") as f:
+                f.write(b"")
+            storage.remove(probe)
+            return
         os.makedirs(directory, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise CheckpointSaveError(f"checkpoint directory {directory!r} is not writable ({e.strerror}); "
+        raise CheckpointSaveError(f"checkpoint directory {directory!r} is not writable ({e.strerror or e}); "
                                   "choose a run_dir this user can write") from None
 
 
@@ -235,7 +245,7 @@ def abstract_like(tree):
 
 def _open_run(run_dir: str) -> tuple[ocp.CheckpointManager, list[int]]:
     directory = RunDir(run_dir).checkpoints
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         raise FileNotFoundError(f"{run_dir!r} has no checkpoints directory")
     manager = ocp.CheckpointManager(directory)
     steps = sorted(manager.all_steps())

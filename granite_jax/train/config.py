@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from granite_jax import storage
 from granite_jax.parallel.plan import ShardingPlan
 from granite_jax.run_dir import RunDir
 
@@ -37,6 +38,12 @@ class InitFrom:
         kind, _, path = text.partition(":")
         if kind not in ("hf", "run") or not path:
             raise RunConfigError(f"init_from={text!r}: expected 'hf:DIRECTORY' or 'run:RUN_DIR'")
+        if kind == "hf" and storage.is_url(path):
+            raise RunConfigError(f"init_from={text!r}: HF checkpoint directories are read from local paths only "
+                                 "(safetensors slices are memory-mapped); copy it to local disk, or import it once "
+                                 "(python -m granite_jax.convert import DIR gs://.../run) and use init_from=run:")
+        if storage.checkpoint_location_problem(path):
+            raise RunConfigError(f"init_from={text!r}: {storage.checkpoint_location_problem(path)}")
         return cls(kind, path)
 
 
@@ -167,6 +174,9 @@ class RunConfig:
             raise RunConfigError(str(e)) from None
         if not self.data.train:
             raise RunConfigError("data.train is empty: give at least one training file")
+        if storage.checkpoint_location_problem(self.run_dir):
+            raise RunConfigError(f"run_dir={self.run_dir!r}: {storage.checkpoint_location_problem(self.run_dir)}")
+        self.initial_weights  # noqa: B018 - parses and checks init_from
 
     @property
     def initial_weights(self) -> InitFrom | None:
@@ -273,7 +283,7 @@ def _field(tree: dict, dotted: str):
 def _absolute(value):
     if isinstance(value, list):
         return [_absolute(v) for v in value]
-    return os.path.abspath(value) if isinstance(value, str) and value not in ("auto", "builtin") else value
+    return storage.absolute(value) if isinstance(value, str) and value not in ("auto", "builtin") else value
 
 
 def _check_type(key: str, value: Any, annotation) -> Any:

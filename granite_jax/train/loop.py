@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from granite_jax import storage
 from granite_jax.data.chat_template import chat_format
 from granite_jax.data.pipeline import interleave_streams, pretraining_dataset
 from granite_jax.data.sft import load_sft_samples, sft_dataset
@@ -199,7 +200,7 @@ def train(config: RunConfig, *, restart: bool = False) -> list[float]:
     non-finite loss."""
     # Saved resolved and absolute, so that what the run read does not depend on the directory of a later command.
     config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, tokenizer=os.path.abspath(resolve_tokenizer(config))))
+        config.data, tokenizer=storage.absolute(resolve_tokenizer(config))))
     run_dir = RunDir(config.run_dir)
     lock = run_dir.lock() if jax.process_index() == 0 else None
     try:
@@ -273,8 +274,9 @@ def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
             f"{os.path.join(config.run_dir, 'previous')}/ and start over, or use a new run_dir")
     if jax.process_index() == 0:  # only once the run is known to go ahead: a refused resume changes nothing
         save_run_config(config, run_dir.path)
-        if restored is None or not os.path.isdir(run_dir.tokenizer_dir):
+        if restored is None or not storage.isdir(run_dir.tokenizer_dir):
             run_dir.keep_tokenizer(config.data.tokenizer)
+        run_dir.open_logs()
     start = int(state.step)
     if start == config.steps:
         checkpoints.close()
@@ -316,6 +318,8 @@ def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
                     metrics_file.flush()
                 if step % config.checkpoint.every_steps == 0:
                     checkpoints.save(step, state, iterator.get_state(), meta)
+                    if metrics_file:
+                        run_dir.upload_logs()
                 if step % config.log_every == 0 or step == config.steps:
                     elapsed = time.perf_counter() - window_start
                     metrics["lr"] = learning_rate_at(config.optimizer, config.steps, step)
@@ -347,4 +351,5 @@ def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
                 writer.close()
             if metrics_file:
                 metrics_file.close()
+                run_dir.upload_logs()
     return losses
