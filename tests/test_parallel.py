@@ -288,15 +288,23 @@ def test_one_train_step_traced_under_two_plans_gives_two_programs():
     assert len(result["equal_to_traced_alone"]) == 5, result
 
 
-def test_sharded_hf_load_reads_only_each_devices_slices(hf_checkpoint):
+def test_sharded_hf_load_reads_only_each_devices_slices(hf_checkpoint, tmp_path):
     """`load_hf_checkpoint(shardings=...)` on 8 devices equals the plain load for every parameter, places each
-    as the rules say, and the bytes a device's slices take are about 1/8 of the checkpoint under fsdp=8."""
+    as the rules say, and the bytes a device's slices take are about 1/8 of the checkpoint under fsdp=8. The
+    same checkpoint imported as a run (`convert import`) and restored onto the mesh by `load_run_model`
+    (`init_from=run:`) is equal and placed alike."""
+    from granite_jax.convert.__main__ import import_checkpoint
+
     directory, _ = hf_checkpoint(tie_word_embeddings=False, mamba_proj_bias=True)
-    result = _run_module("sharded_hf_load", {"directory": directory, "meshes": {
+    run_dir = str(tmp_path / "imported")
+    import_checkpoint(directory, run_dir)
+    result = _run_module("sharded_hf_load", {"directory": directory, "run_dir": run_dir, "meshes": {
         "fsdp8": [{"fsdp": 8}, "fsdp"], "fsdp2_tensor2_expert2": [{"fsdp": 2, "tensor": 2, "expert": 2}, "fsdp_tp"]}})
     for name in ("fsdp8", "fsdp2_tensor2_expert2"):
         got = result[name]
         assert got["mismatched"] == [] and got["misplaced"] == [], got
+        assert got["run"] == {"mismatched": [], "misplaced": [], "split": got["split"]}, got
+        assert got["split"] > 0, got
         assert got["bytes_read"] == got["checkpoint_bytes"]  # one process: every slice once, nothing twice
         # only the small vectors (norms, biases, Mamba constants) are whole on every device: measured 0.137
         # (fsdp8) and 0.162 (fsdp2 x tensor2 x expert2) of the checkpoint per device, against 1/8 = 0.125
