@@ -33,7 +33,7 @@ _LAYER_TYPE_ALIASES = {
     "full_attention": ATTENTION,
 }
 _DTYPES = ("float32", "bfloat16", "float16")
-MOE_IMPLS = ("auto", "ragged_dot", "tiled")  # see granite_jax/model/moe.py
+MOE_IMPLS = ("auto", "ragged_dot", "megablox", "tiled")  # see granite_jax/model/moe.py
 # Fields that say how we compute, not what the model is: never written to config.json.
 COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_block_size", "remat_policy", "scan_layers",
                   "subpiece_tokens", "sharding")
@@ -95,7 +95,9 @@ class ModelConfig:
     # --- ours, not HF's: how to compute -------------------------------------------------------------
     compute_dtype: str = "float32"  # dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (float32 master weights by default)
-    moe_impl: str = "auto"  # grouped matmul of the experts: "ragged_dot", "tiled", or "auto" (tiled on CPU)
+    # grouped matmul of the experts: "ragged_dot", "megablox" (Pallas TPU kernels), "tiled", or "auto" (megablox
+    # on TPU, ragged_dot on GPU, tiled on CPU)
+    moe_impl: str = "auto"
     attention_block_size: int = 512  # queries per block of the memory-bounded attention
     # Activation checkpointing of each decoder layer: "none" keeps every intermediate for the backward pass,
     # "full" keeps only layer inputs and recomputes the rest, "save_dots" also keeps matmul outputs.

@@ -35,11 +35,11 @@ def test_every_parameter_has_logical_axes(preset):
     assert layer.block_sparse_moe.input_linear.get_metadata()["out_sharding"] == ("expert", "embed", "mlp")
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "tiled"])
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled", "megablox"])
 @pytest.mark.parametrize("empty_rows", [0, 7])
 def test_grouped_matmul_matches_per_group_product(impl, empty_rows):
     """Each group of rows times its weight; rows past the groups (an exchange buffer's empty rows) are zero and
-    take no gradient, forward and backward."""
+    take no gradient, forward and backward (megablox: the Pallas TPU kernels in interpret mode)."""
     rng = np.random.default_rng(0)
     sizes = np.array([5, 0, 17, 1, 9])
     x = jnp.asarray(rng.normal(size=(sizes.sum() + empty_rows, 6)), jnp.float32)

@@ -112,6 +112,18 @@ def test_dry_run_counts_matmul_flops_in_loops_once_per_iteration():
     assert total == (1 + 7 + 1) * matmul + convolution
 
 
+def test_dry_run_counts_pallas_tpu_kernels_by_their_cost_estimate():
+    """A Pallas TPU kernel is an opaque `tpu_custom_call` to the HLO: the dry run counts the FLOPs of the cost
+    estimate it carries (megablox's grouped matmuls: 2·m·k·n), and nothing for other custom calls."""
+    from granite_jax.train.dry_run import matmul_flops
+
+    kernel = ('%gmm = bf16[1024,256]{1,0} custom-call(%a, %b, %c), custom_call_target="tpu_custom_call", '
+              'backend_config={"custom_call_config":{"body":"...","cost_estimate":{"flops":"268435456",'
+              '"transcendentals":"0","bytes_accessed":"8650752"},"needs_layout_passes":true}}')
+    other = '%t = token[] custom-call(%p), custom_call_target="PrepareAsyncCallDone", backend_config={}'
+    assert matmul_flops(kernel, {}) == 268435456 and matmul_flops(other, {}) == 0
+
+
 def test_loss_chunks_do_not_multiply_the_collectives():
     """The output head is gathered, and its gradient reduced, once per step however many chunks the loss takes
     (each device keeps its own head copy): 64 chunks per device move the same bytes as one chunk."""

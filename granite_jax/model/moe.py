@@ -4,7 +4,12 @@ Routed experts are computed as a *grouped matmul* over token copies sorted by ex
 only the tokens routed to it, with no per-expert Python loop and no dense all-experts compute. Two
 implementations of the grouped matmul compute the same thing:
 
-- `ragged_dot`: `jax.lax.ragged_dot`, lowered to grouped GEMM kernels on GPU and TPU;
+- `ragged_dot`: `jax.lax.ragged_dot`, lowered by XLA. Its weight gradient (a matmul whose contracted rows are
+  grouped) the TPU compiler lowers densely over the experts: every expert's gradient contracts every row, the
+  rows of the other experts masked (E x the useful work; benchmarks/RESULTS.md).
+- `megablox`: the Pallas TPU grouped-matmul kernels shipped with JAX (`gmm`, and `tgmm` for the weight
+  gradient: each expert contracts only its own rows), the TPU default. On CPU they run in Pallas' interpret
+  mode (tests only: slow).
 - `tiled`: groups padded to tiles of `tile` rows, one `lax.scan` step per tile multiplying by that tile's
   expert. XLA:CPU lowers `ragged_dot` densely over all experts (about 6x slower here at 8 experts), so this is
   the CPU default.
@@ -96,13 +101,33 @@ def load_balancing_loss(stats: RouterStats, num_experts: int) -> jax.Array:
 
 
 def _resolve_impl(impl: str, platform: str | None = None) -> str:
-    """`auto`: `tiled` on CPU, `ragged_dot` on accelerators; `platform` is the target's (a dry run compiles
-    for TPU devices from a CPU host), by default JAX's default backend."""
+    """`auto`: `tiled` on CPU, `megablox` on TPU, `ragged_dot` on GPU; `platform` is the target's (a dry run
+    compiles for TPU devices from a CPU host), by default JAX's default backend."""
     if impl not in MOE_IMPLS:
         raise ValueError(f"grouped matmul impl={impl!r}; expected one of {MOE_IMPLS}")
     if impl == "auto":
-        return "tiled" if (platform or jax.default_backend()) == "cpu" else "ragged_dot"
+        return {"cpu": "tiled", "tpu": "megablox"}.get(platform or jax.default_backend(), "ragged_dot")
     return impl
+
+
+def _megablox_grouped_matmul(x, weights, group_sizes, *, interpret: bool):
+    """`jax.experimental.pallas.ops.tpu.megablox.gmm` (differentiable: gmm for the input gradient, tgmm for the
+    weights'), in row tiles of up to 128 (x is padded to a whole number of them). The kernels leave the rows
+    past the groups unwritten: they are selected to zero, in the output and (through the select on x) in the
+    input gradient."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    M, K = x.shape
+    N = weights.shape[2]
+    grouped = (jnp.arange(M) < jnp.sum(group_sizes))[:, None]
+    x = jnp.where(grouped, x, 0)
+    tile_m = min(128, -(-M // 8) * 8)
+    padded = -(-M // tile_m) * tile_m
+    if padded != M:
+        x = jnp.pad(x, ((0, padded - M), (0, 0)))
+    tiling = (tile_m, min(K, 512), min(N, 512))
+    out = gmm(x, weights, group_sizes.astype(jnp.int32), x.dtype, tiling, None, None, False, interpret)
+    return jnp.where(grouped, out[:M], 0)
 
 
 @jax.custom_vjp
@@ -165,7 +190,11 @@ def grouped_matmul(x, weights, group_sizes, *, impl: str = "auto", tile: int = 1
     """Multiply each contiguous group of rows of `x` by its group's weight matrix. Rows past the last group
     (`group_sizes` may sum to less than len(x): an exchange buffer's empty rows) cost no matmul and are zero."""
     x, weights = jnp.asarray(x), jnp.asarray(weights)
-    if _resolve_impl(impl, platform) == "ragged_dot":
+    impl = _resolve_impl(impl, platform)
+    if impl == "megablox":
+        return _megablox_grouped_matmul(x, weights, group_sizes,
+                                        interpret=(platform or jax.default_backend()) == "cpu")
+    if impl == "ragged_dot":
         out = jax.lax.ragged_dot(x, weights, group_sizes)
         # ragged_dot does not document the rows past the groups: make them zero
         return jnp.where((jnp.arange(x.shape[0]) < jnp.sum(group_sizes))[:, None], out, 0)

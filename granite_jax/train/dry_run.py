@@ -207,6 +207,8 @@ def collective_traffic(hlo_text: str) -> tuple[dict[str, tuple[int, int]], int]:
     return {k: (v[0], v[1]) for k, v in traffic.items()}, unknown_loops
 
 
+_PALLAS_TPU = 'custom_call_target="tpu_custom_call"'
+_KERNEL_FLOPS = re.compile(r'"cost_estimate":\{[^}]*?"flops":"(\d+)"')
 _DOT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+dot\((?:\w+\[[\d,]*\]\S*\s+)?%([\w.\-]+),"
                   r".*lhs_contracting_dims=\{([\d,]*)\}")
 _CONVOLUTION = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+convolution\((?:\w+\[[\d,]*\]\S*\s+)?%[\w.\-]+,\s*"
@@ -215,10 +217,15 @@ _CONVOLUTION = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+convolution\((?:\w+\[[\d,]*
 
 def matmul_flops(line: str, shapes: dict[str, list[int]]) -> float:
     """FLOPs of one HLO `dot` (2 x output elements x contracted size) or `convolution`, operand shapes looked
-    up in `shapes`; 0 for any other instruction. A convolution's output element multiplies the kernel's input
-    features by the window taps that fall on input elements: all of them, except where the input is dilated
-    (`lhs_dilate`), where only one in `lhs_dilate` does — the TPU compiler writes batched matmuls as such
-    "base-dilated" convolutions, their batch dimensions as windows holding one input element each."""
+    up in `shapes`, or of a Pallas TPU kernel (a `tpu_custom_call`: the FLOPs of the cost estimate it was
+    compiled with, e.g. megablox's 2·m·k·n); 0 for any other instruction. A convolution's output element
+    multiplies the kernel's input features by the window taps that fall on input elements: all of them, except
+    where the input is dilated (`lhs_dilate`), where only one in `lhs_dilate` does — the TPU compiler writes
+    batched matmuls as such "base-dilated" convolutions, their batch dimensions as windows holding one input
+    element each."""
+    if _PALLAS_TPU in line:
+        estimate = _KERNEL_FLOPS.search(line)
+        return float(estimate.group(1)) if estimate else 0.0
     if match := _DOT.search(line):
         lhs = shapes[match.group(2)]
         return 2.0 * math.prod(_dims(match.group(1))) * math.prod(lhs[d] for d in _dims(match.group(3)))
@@ -238,7 +245,7 @@ def executed_matmul_flops(hlo_text: str) -> tuple[float, float]:
     """(matmul FLOPs one run of a compiled module executes, loop iterations included; the part of them in
     loops whose trip count depends on the data, counted there once per run of the loop)."""
     module = HloModule(hlo_text)
-    found, _ = module.executed(lambda line: " dot(" in line or " convolution(" in line)
+    found, _ = module.executed(lambda line: " dot(" in line or " convolution(" in line or _PALLAS_TPU in line)
     flops = [(times * matmul_flops(line, module.shapes), in_unknown_loop) for line, times, in_unknown_loop in found]
     return sum(f for f, _ in flops), sum(f for f, unknown in flops if unknown)
 
