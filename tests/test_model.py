@@ -80,11 +80,13 @@ def test_moe_matches_a_loop_over_tokens():
     assert float(stats.tokens) == 14 and float(stats.assignments.sum()) == 28
 
 
-def test_moe_gradients_equal_a_dense_reference():
+@pytest.mark.parametrize("impl", ["tiled", "megablox"])
+def test_moe_gradients_equal_a_dense_reference(impl):
     """The routed path moves rows with gathers whose backward pass is hand-written (model/permute.py): its
-    gradients against every expert computed densely and masked by the router's choice."""
+    output and gradients against every expert computed densely and masked by the router's choice, with the
+    grouped matmul tiled or megablox's kernels (interpret mode)."""
     config = load_preset("tiny-hybrid-moe").replace(hidden_size=16, mamba_d_head=4, intermediate_size=8,
-                                                    num_local_experts=4, num_experts_per_tok=2, moe_impl="tiled")
+                                                    num_local_experts=4, num_experts_per_tok=2, moe_impl=impl)
     moe = MoE(config, rngs=nnx.Rngs(1))
     u = jnp.asarray(np.random.default_rng(2).normal(size=(2, 7, 16)), jnp.float32)
     params = (moe.router.kernel[...], moe.input_linear[...], moe.output_linear[...])
@@ -101,6 +103,7 @@ def test_moe_gradients_equal_a_dense_reference():
         every = jnp.einsum("enf,efh->enh", jax.nn.silu(gate) * up, w_out)
         return jnp.sum(jnp.sin(jnp.einsum("enh,ne->nh", every, gates)))
 
+    np.testing.assert_allclose(routed(moe, u), dense(u, *params), rtol=1e-5)
     d_moe, d_u = nnx.grad(routed, argnums=(0, 1))(moe, u)
     got = (d_u, d_moe["router"]["kernel"][...], d_moe["input_linear"][...], d_moe["output_linear"][...])
     want = jax.grad(dense, argnums=(0, 1, 2, 3))(u, *params)
