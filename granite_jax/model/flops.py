@@ -59,3 +59,18 @@ def mean_keys_per_query(segment_ids) -> float | None:
     boundaries = np.flatnonzero(np.concatenate([starts.ravel(), [True]]))
     lengths = np.diff(boundaries).astype(np.float64)  # row starts are document starts too
     return float(np.sum(lengths * (lengths + 1) / 2) / ids.size)
+
+
+# Dense bf16 matmul peak per chip, TFLOP/s (vendors' datasheets, without sparsity), by a substring of the
+# device kind; the CPU figure is the measured float32 jnp.dot peak of the 2-core reference machine.
+PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("B200", 2250.0), ("A100", 312.0),
+               ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v6", 918.0), ("TPU v4", 275.0))
+CPU_PEAK_TFLOPS = 0.08
+
+
+def peak_tflops(device) -> float | None:
+    """The MFU denominator for `device` (a jax Device): its dense bf16 peak, or None when it is not known."""
+    if device.platform == "cpu":
+        return CPU_PEAK_TFLOPS
+    kind = getattr(device, "device_kind", "")
+    return next((peak for name, peak in PEAK_TFLOPS if name in kind), None)

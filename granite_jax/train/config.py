@@ -116,7 +116,7 @@ class RunConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4
-    peak_tflops: float | None = None  # MFU denominator; None: 0.08 on CPU (measured), 989 on H100, else no MFU
+    peak_tflops: float | None = None  # MFU denominator; None: model/flops.py's PEAK_TFLOPS (else no MFU)
     # Device mesh sizes per axis (data, fsdp, tensor, expert, context); -1 = the remaining devices. context > 1
     # splits every row's tokens over that many devices (context parallelism).
     mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1,

@@ -24,7 +24,7 @@ from granite_jax.data.pipeline import interleave_streams, pretraining_dataset
 from granite_jax.data.sft import load_sft_samples, sft_dataset
 from granite_jax.data.sources import BadLines, load_documents
 from granite_jax.data.tokenizer import load_tokenizer
-from granite_jax.model.flops import mean_keys_per_query, training_flops_per_token
+from granite_jax.model.flops import mean_keys_per_query, peak_tflops, training_flops_per_token
 from granite_jax.parallel.distributed import process_block
 from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import IMPORTED_FROM, CheckpointMismatchError, RunCheckpoints, abstract_like
@@ -76,14 +76,7 @@ class _StopSignal:
 
 
 def _peak_tflops(config: RunConfig) -> float | None:
-    if config.peak_tflops is not None:
-        return config.peak_tflops
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return 0.08  # measured float32 jnp.dot peak of the 2-core reference machine (reference/stack-notes.md)
-    if "H100" in getattr(device, "device_kind", ""):
-        return 989.0
-    return None
+    return config.peak_tflops if config.peak_tflops is not None else peak_tflops(jax.devices()[0])
 
 
 def resolve_tokenizer(config: RunConfig) -> str:

@@ -1,0 +1,223 @@
+"""The train step on one accelerator: tokens/s, MFU and peak device memory of each kernel option against
+today's path, in one run (issue 15).
+
+    python benchmarks/accelerator_step.py            # GPU or TPU: every case and option (sized for < 8 min on one H100)
+    python benchmarks/accelerator_step.py --smoke    # CPU: the tiny model, two options (the test suite runs this)
+
+What is timed is the step `train.py` runs (`train/setup.py: build_run`, forward + backward + AdamW), on one
+device, bf16 compute with float32 weights and moments, no rematerialisation, 32,768 tokens per step of packed
+documents (lengths drawn uniformly from 256..2,048 tokens, fixed seed) so that attention sees what training
+sees. Cases: granite-4.0-h-1b at 4K (8 rows) and 32K (1 row); an h-tiny-shaped MoE (granite-4.0-h-tiny cut to
+one group of 10 layers: 9 Mamba-2 + 1 attention) at 4K (8 rows).
+
+Options, today's path first; an option is run only for the cases it changes (the MoE options for the MoE):
+  GPU  moe_impl=ragged_dot: XLA's lowering (dense over the experts on NVIDIA GPUs: `ragged_dot_rewriter`)
+       ragged_dot with jax_ragged_dot_use_gpu_pallas_triton_lowering: JAX's Pallas/Triton grouped matmul
+  TPU  moe_impl=ragged_dot: XLA's lowering;  moe_impl=megablox: the Pallas TPU gmm/tgmm kernels
+  CPU  moe_impl=tiled (the CPU default) and ragged_dot, on the tiny model (--smoke)
+
+MFU = model FLOPs / step time / peak: `granite_jax/model/flops.py` counts 6·N_active per token (matmul weights,
+routed experts at k/E, output head), the SSD's chunk matmuls and causal attention over each token's own
+document (`mean_keys_per_query` of the batch); no rematerialisation. Peak: `PEAK_TFLOPS` there (dense bf16).
+Each (case, option) runs in its own subprocess, so its peak memory (the device's `peak_bytes_in_use`; on CPU
+the process's maximum RSS) and its compile are its own. Results are printed and appended to
+benchmarks/results/accelerator_step.jsonl with the date, device and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "accelerator_step.jsonl")
+TOKENS_PER_STEP = 32768
+H_TINY_GROUP = ("{num_hidden_layers: 10, layer_types: [mamba, mamba, mamba, mamba, mamba, attention, mamba, mamba, "
+                "mamba, mamba]}")  # granite-4.0-h-tiny's first group
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    model: str
+    seq_len: int
+    rows: int
+    model_overrides: str = "{}"
+    moe: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str
+    moe_impl: str
+    jax_flags: tuple = ()  # (name, value) set with jax.config.update before anything is traced
+    moe_only: bool = False
+
+
+CASES = {
+    "accelerator": [Case("h-1b 4K", "granite-4.0-h-1b", 4096, 8),
+                    Case("h-1b 32K", "granite-4.0-h-1b", 32768, 1),
+                    Case("h-tiny group 4K", "granite-4.0-h-tiny", 4096, 8, H_TINY_GROUP, moe=True)],
+    "smoke": [Case("tiny MoE 256", "tiny-hybrid-moe", 256, 2, "{num_hidden_layers: 2, layer_types: [mamba, attention]}",
+                   moe=True)],
+}
+OPTIONS = {
+    "gpu": [Option("xla ragged_dot", "ragged_dot"),
+            Option("pallas-triton ragged_dot", "ragged_dot",
+                   (("jax_ragged_dot_use_gpu_pallas_triton_lowering", True),), moe_only=True)],
+    "tpu": [Option("xla ragged_dot", "ragged_dot"), Option("megablox", "megablox", moe_only=True)],
+    "cpu": [Option("tiled", "tiled"), Option("xla ragged_dot", "ragged_dot", moe_only=True)],
+}
+
+
+def document_segments(rows: int, seq_len: int, seed: int = 0):
+    """(segment ids, positions) of rows packed with documents of 256..2,048 tokens (the last one cut)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    segments, positions = np.zeros((rows, seq_len), np.int32), np.zeros((rows, seq_len), np.int32)
+    for row in range(rows):
+        start, doc = 0, 1
+        while start < seq_len:
+            length = min(int(rng.integers(256, 2049)), seq_len - start)
+            segments[row, start:start + length] = doc
+            positions[row, start:start + length] = np.arange(length)
+            start, doc = start + length, doc + 1
+    return segments, positions
+
+
+def measure(case: Case, option: Option, steps: int) -> dict:
+    """Build the run, time `steps` train steps after two warm-up steps (the first compiles); one device."""
+    import jax
+
+    for name, value in option.jax_flags:
+        jax.config.update(name, value)
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    from granite_jax.model.flops import mean_keys_per_query, peak_tflops, training_flops_per_token
+    from granite_jax.train import load_run_config
+    from granite_jax.train.setup import BATCH_FIELDS, build_run
+
+    overrides = case.model_overrides.rstrip("}").strip("{").strip()
+    compute = "{" + ", ".join(filter(None, [overrides, f"moe_impl: {option.moe_impl}", "remat_policy: none"])) + "}"
+    config = load_run_config(None, [f"model={case.model}", f"data.seq_len={case.seq_len}",
+                                    f"data.batch_size={case.rows}", "compute_dtype=bfloat16", "mesh={data: 1}",
+                                    f"model_overrides={compute}"])
+    run = build_run(config, jax.devices()[:1])
+    segments, positions = document_segments(case.rows, case.seq_len)
+    ids = np.random.default_rng(1).integers(0, run.model_config.vocab_size, (case.rows, case.seq_len + 1))
+    last = np.append(segments[:, 1:] != segments[:, :-1], np.ones((case.rows, 1), bool), axis=1)
+    batch = {"input_ids": ids[:, :-1], "segment_ids": segments, "positions": positions, "targets": ids[:, 1:],
+             "loss_weights": np.where(last, 0.0, 1.0)}  # no target across a document's end
+    batch = {name: jax.device_put(np.asarray(batch[name], dtype), run.data_sharding) for name, dtype in BATCH_FIELDS}
+    state = run.state
+    with run.activate():
+        started = time.perf_counter()
+        for _ in range(2):
+            state, metrics = run.train_step(state, batch)
+            float(metrics["loss"])
+        warmup_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = run.train_step(state, batch)
+        loss = float(metrics["loss"])
+        elapsed = time.perf_counter() - started
+    device = jax.devices()[0]
+    tokens = case.rows * case.seq_len
+    flops = tokens * training_flops_per_token(run.model_config, case.seq_len, mean_keys_per_query(segments))
+    peak = peak_tflops(device)
+    stats = device.memory_stats() or {}
+    return {"case": case.name, "option": option.name, "tokens_per_s": steps * tokens / elapsed,
+            "step_s": elapsed / steps, "mfu": flops * steps / elapsed / (peak * 1e12) if peak else None,
+            "model_tflop_per_step": flops / 1e12, "peak_tflops": peak, "loss": loss,
+            "peak_device_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+            "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "warmup_s": warmup_s, "device": getattr(device, "device_kind", device.platform)}
+
+
+def _run_one(case: Case, option: Option, steps: int, timeout: float) -> dict:
+    spec = json.dumps({"case": dataclasses.asdict(case), "option": dataclasses.asdict(option), "steps": steps})
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", spec], capture_output=True,
+                              text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"case": case.name, "option": option.name, "error": f"did not finish within {timeout:g} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if "RESOURCE_EXHAUSTED" in line or "Error" in line),
+                  lines[-1] if lines else f"exit code {proc.returncode}")
+    return {"case": case.name, "option": option.name, "error": reason[:300]}
+
+
+def _versions() -> dict:
+    import jax
+    import jaxlib
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "commit": commit.stdout.strip() or None}
+
+
+def _row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['case']:<16} {r['option']:<26} {r['error']}"
+    mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "   n/a"
+    memory = r["peak_device_gib"] if r.get("peak_device_gib") else r["peak_host_rss_gib"]
+    return (f"{r['case']:<16} {r['option']:<26} {r['tokens_per_s']:>11,.0f} tok/s  MFU {mfu}  "
+            f"peak {memory:6.2f} GiB  (step {r['step_s']:.3f} s, compile+2 steps {r['warmup_s']:.0f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="the tiny CPU case (what the test suite runs)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per option (default 10; smoke 2)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per (case, option)")
+    parser.add_argument("--out", default=RESULTS, help="JSONL file the results are appended to")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, in this process
+    args = parser.parse_args()
+    if args.one:
+        spec = json.loads(args.one)
+        case, option = Case(**spec["case"]), Option(**{**spec["option"],
+                                                        "jax_flags": tuple(map(tuple, spec["option"]["jax_flags"]))})
+        print("RESULT " + json.dumps(measure(case, option, spec["steps"])), flush=True)
+        return
+
+    import jax
+
+    platform = jax.default_backend()
+    if args.smoke:
+        platform = "cpu"
+    elif platform == "cpu":
+        parser.error("no GPU or TPU here: run with --smoke for the CPU check")
+    steps = args.steps or (2 if args.smoke else 10)
+    stamp = {"date": datetime.date.today().isoformat(), "platform": platform, **_versions()}
+    print(f"{platform}: {jax.devices()[0]}; {stamp}", flush=True)
+    results = []
+    for case in CASES["smoke" if args.smoke else "accelerator"]:
+        for option in OPTIONS[platform]:
+            if option.moe_only and not case.moe:
+                continue
+            result = {**stamp, **_run_one(case, option, steps, args.timeout)}
+            print(_row(result), flush=True)
+            results.append(result)
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+    baseline = {r["case"]: r for r in results if r["option"] == OPTIONS[platform][0].name and "error" not in r}
+    for r in results:
+        if r["case"] in baseline and r["option"] != OPTIONS[platform][0].name and "error" not in r:
+            print(f"{r['case']}: {r['option']} / {OPTIONS[platform][0].name} = "
+                  f"{r['tokens_per_s'] / baseline[r['case']]['tokens_per_s']:.2f}x tokens/s")
+
+
+if __name__ == "__main__":
+    main()
