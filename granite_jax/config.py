@@ -34,9 +34,10 @@ _LAYER_TYPE_ALIASES = {
 }
 _DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "ragged_dot", "megablox", "tiled")  # see granite_jax/model/moe.py
+ATTENTION_IMPLS = ("auto", "blockwise", "splash")  # see granite_jax/model/attention.py
 # Fields that say how we compute, not what the model is: never written to config.json.
-COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_block_size", "remat_policy", "scan_layers",
-                  "subpiece_tokens", "sharding")
+COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_impl", "attention_block_size", "remat_policy",
+                  "scan_layers", "subpiece_tokens", "sharding")
 REMAT_POLICIES = ("none", "full", "save_dots")
 
 
@@ -98,6 +99,9 @@ class ModelConfig:
     # grouped matmul of the experts: "ragged_dot", "megablox" (Pallas TPU kernels), "tiled", or "auto" (megablox
     # on TPU, ragged_dot on GPU, tiled on CPU)
     moe_impl: str = "auto"
+    # whole-row attention: "blockwise" (model/flash.py), "splash" (Pallas TPU kernel), "auto" (splash on TPU);
+    # rows split over `context` always use the blockwise context-parallel attention
+    attention_impl: str = "auto"
     attention_block_size: int = 512  # queries per block of the memory-bounded attention
     # Activation checkpointing of each decoder layer: "none" keeps every intermediate for the backward pass,
     # "full" keeps only layer inputs and recomputes the rest, "save_dots" also keeps matmul outputs.
@@ -229,6 +233,8 @@ class ModelConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {_DTYPES}")
         if self.moe_impl not in MOE_IMPLS:
             raise ConfigError(f"moe_impl={self.moe_impl!r} is not one of {MOE_IMPLS}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         _require_positive("attention_block_size", self.attention_block_size)
         if not isinstance(self.scan_layers, bool):
             raise ConfigError(f"scan_layers={self.scan_layers!r} must be true or false")

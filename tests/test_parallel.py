@@ -115,13 +115,32 @@ def test_dry_run_counts_matmul_flops_in_loops_once_per_iteration():
 def test_dry_run_counts_pallas_tpu_kernels_by_their_cost_estimate():
     """A Pallas TPU kernel is an opaque `tpu_custom_call` to the HLO: the dry run counts the FLOPs of the cost
     estimate it carries (megablox's grouped matmuls: 2·m·k·n), and nothing for other custom calls."""
-    from granite_jax.train.dry_run import matmul_flops
+    from granite_jax.train.dry_run import executed_matmul_flops, matmul_flops
 
     kernel = ('%gmm = bf16[1024,256]{1,0} custom-call(%a, %b, %c), custom_call_target="tpu_custom_call", '
               'backend_config={"custom_call_config":{"body":"...","cost_estimate":{"flops":"268435456",'
               '"transcendentals":"0","bytes_accessed":"8650752"},"needs_layout_passes":true}}')
     other = '%t = token[] custom-call(%p), custom_call_target="PrepareAsyncCallDone", backend_config={}'
     assert matmul_flops(kernel, {}) == 268435456 and matmul_flops(other, {}) == 0
+    # A kernel's backend config may span lines (splash attention's does), one of them starting with "}":
+    # it is part of the instruction, not the end of the computation (the dot after it still counts).
+    module = "\n".join([
+        "HloModule m", "",
+        "ENTRY %main (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {",
+        "  %a = f32[8,16]{1,0} parameter(0)",
+        '  %k = f32[8,16]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", backend_config={"x":"y',
+        '}}, metadata={op_name="kernel"}, "cost_estimate":{"flops":"1000"}}',
+        "  %b = f32[16,4]{1,0} parameter(1)",
+        "  ROOT %d = f32[8,4]{1,0} dot(%k, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+        "}", ""])
+    assert executed_matmul_flops(module) == (1000 + 2 * 8 * 4 * 16, 0)
+
+
+def test_splash_attention_on_a_mesh_equals_blockwise_attention():
+    """On data 2 x fsdp 2 x tensor 2 the splash kernel runs under shard_map (rows and heads split): logits and
+    every gradient equal the blockwise attention's."""
+    result = _run_module("splash_mesh")
+    assert result["logits"] < 1e-5 and result["gradients"] < 1e-4, result
 
 
 def test_loss_chunks_do_not_multiply_the_collectives():

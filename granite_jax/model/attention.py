@@ -2,7 +2,8 @@
 
 A query attends to keys at or before it *in the same document*. Scores are scaled by `attention_multiplier`
 (not 1/sqrt(head_dim)) and normalised in float32, as transformers does. The attention itself is the
-block-wise kernel of `flash.py`: memory linear in the sequence length, work proportional to document length.
+block-wise kernel of `flash.py` (memory linear in the sequence length, work proportional to document length),
+or on TPU the Pallas splash kernel (`splash.py`, `attention_impl`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flax import nnx
 
 from granite_jax.model.flash import flash_attention, flash_attention_context_parallel
 from granite_jax.model.linear import make_linear
+from granite_jax.model.splash import splash_attention
 from granite_jax.parallel.plan import sequence_split
 
 
@@ -52,6 +54,7 @@ class Attention(nnx.Module):
         self.use_rope = config.uses_rope
         self.rope_theta = config.rope_theta
         self.block_size = config.attention_block_size
+        self.impl = config.attention_impl
         self.dtype = config.compute_dtype
         self.plan = config.sharding
         linear = functools.partial(make_linear, config, use_bias=config.attention_bias, rngs=rngs)
@@ -84,7 +87,9 @@ class Attention(nnx.Module):
         b, T, _ = u.shape
         q, k, v = self._qkv(u, positions)
         split = sequence_split(self.plan)
-        if split is None:
+        if split is None and self._impl() == "splash":
+            out = splash_attention(q, k, v, runs, scale=self.scale, plan=self.plan)
+        elif split is None:
             out = flash_attention(q, k, v, runs, scale=self.scale, block_size=self.block_size)
         elif state is not None:
             raise NotImplementedError("a decoding prefill with the sequence split over devices (context > 1) is "
@@ -102,6 +107,14 @@ class Attention(nnx.Module):
             return out
         return out, KVCache(jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), 0, axis=1),
                             jax.lax.dynamic_update_slice_in_dim(state.v, v.astype(state.v.dtype), 0, axis=1))
+
+    def _impl(self) -> str:
+        """`attention_impl` resolved for the platform compiled for (the mesh's, e.g. TPU in a dry run)."""
+        if self.impl != "auto":
+            return self.impl
+        mesh = jax.sharding.get_abstract_mesh()
+        platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+        return "splash" if platform == "tpu" else "blockwise"
 
     def decode(self, u: jax.Array, *, index: jax.Array, start: jax.Array, positions: jax.Array,
                cache: KVCache) -> tuple[jax.Array, KVCache]:

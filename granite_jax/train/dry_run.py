@@ -152,8 +152,11 @@ class HloModule:
                 self.computations[current] = []
                 self.entry = current if line.startswith("ENTRY") else self.entry
                 self.shapes.update((name, _dims(dims)) for name, dims in _PARAMETER.findall(line.split("->")[0]))
-            elif line.startswith("}"):
+            elif _END_OF_COMPUTATION.match(line):
                 current = None
+            elif current is not None and not line.startswith("  ") and self.computations[current]:
+                # an attribute that spans lines (a Pallas kernel's backend config): part of the instruction
+                self.computations[current][-1] += line
             elif current is not None:
                 self.computations[current].append(line)
                 if match := _INSTRUCTION.match(line):
@@ -207,6 +210,7 @@ def collective_traffic(hlo_text: str) -> tuple[dict[str, tuple[int, int]], int]:
     return {k: (v[0], v[1]) for k, v in traffic.items()}, unknown_loops
 
 
+_END_OF_COMPUTATION = re.compile(r'\}(, execution_thread="[^"]*")?\s*$')
 _PALLAS_TPU = 'custom_call_target="tpu_custom_call"'
 _KERNEL_FLOPS = re.compile(r'"cost_estimate":\{[^}]*?"flops":"(\d+)"')
 _DOT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+dot\((?:\w+\[[\d,]*\]\S*\s+)?%([\w.\-]+),"
