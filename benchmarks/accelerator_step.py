@@ -10,10 +10,12 @@ documents (lengths drawn uniformly from 256..2,048 tokens, fixed seed) so that a
 sees. Cases: granite-4.0-h-1b at 4K (8 rows) and 32K (1 row); an h-tiny-shaped MoE (granite-4.0-h-tiny cut to
 one group of 10 layers: 9 Mamba-2 + 1 attention) at 4K (8 rows).
 
-Options, today's path first; an option is run only for the cases it changes (the MoE options for the MoE):
-  GPU  moe_impl=ragged_dot: XLA's lowering (dense over the experts on NVIDIA GPUs: `ragged_dot_rewriter`)
-       ragged_dot with jax_ragged_dot_use_gpu_pallas_triton_lowering: JAX's Pallas/Triton grouped matmul
-  TPU  moe_impl=ragged_dot: XLA's lowering;  moe_impl=megablox: the Pallas TPU gmm/tgmm kernels
+Options, today's path first (XLA: `ragged_dot`, the blockwise attention); each other option changes one
+thing, or all of them; MoE options run only for the MoE case:
+  GPU  ragged_dot with jax_ragged_dot_use_gpu_pallas_triton_lowering (JAX's Pallas/Triton grouped matmul,
+       where XLA's lowering is dense over the experts on NVIDIA GPUs: `ragged_dot_rewriter`);
+       attention_impl=pallas_gpu (the Pallas Triton attention kernel); both
+  TPU  moe_impl=megablox (Pallas gmm/tgmm); attention_impl=splash; both (the TPU defaults)
   CPU  moe_impl=tiled (the CPU default) and ragged_dot, on the tiny model (--smoke)
 
 MFU = model FLOPs / step time / peak: `granite_jax/model/flops.py` counts 6·N_active per token (matmul weights,
@@ -57,6 +59,7 @@ class Case:
 class Option:
     name: str
     moe_impl: str
+    attention_impl: str = "blockwise"
     jax_flags: tuple = ()  # (name, value) set with jax.config.update before anything is traced
     moe_only: bool = False
 
@@ -68,11 +71,14 @@ CASES = {
     "smoke": [Case("tiny MoE 256", "tiny-hybrid-moe", 256, 2, "{num_hidden_layers: 2, layer_types: [mamba, attention]}",
                    moe=True)],
 }
+_TRITON_RAGGED_DOT = (("jax_ragged_dot_use_gpu_pallas_triton_lowering", True),)
 OPTIONS = {
-    "gpu": [Option("xla ragged_dot", "ragged_dot"),
-            Option("pallas-triton ragged_dot", "ragged_dot",
-                   (("jax_ragged_dot_use_gpu_pallas_triton_lowering", True),), moe_only=True)],
-    "tpu": [Option("xla ragged_dot", "ragged_dot"), Option("megablox", "megablox", moe_only=True)],
+    "gpu": [Option("xla", "ragged_dot"),
+            Option("triton ragged_dot", "ragged_dot", jax_flags=_TRITON_RAGGED_DOT, moe_only=True),
+            Option("pallas_gpu attention", "ragged_dot", "pallas_gpu"),
+            Option("both", "ragged_dot", "pallas_gpu", jax_flags=_TRITON_RAGGED_DOT, moe_only=True)],
+    "tpu": [Option("xla", "ragged_dot"), Option("megablox", "megablox", moe_only=True),
+            Option("splash attention", "ragged_dot", "splash"), Option("both", "megablox", "splash", moe_only=True)],
     "cpu": [Option("tiled", "tiled"), Option("xla ragged_dot", "ragged_dot", moe_only=True)],
 }
 
@@ -107,7 +113,8 @@ def measure(case: Case, option: Option, steps: int) -> dict:
     from granite_jax.train.setup import BATCH_FIELDS, build_run
 
     overrides = case.model_overrides.rstrip("}").strip("{").strip()
-    compute = "{" + ", ".join(filter(None, [overrides, f"moe_impl: {option.moe_impl}", "remat_policy: none"])) + "}"
+    compute = "{" + ", ".join(filter(None, [overrides, f"moe_impl: {option.moe_impl}",
+                                            f"attention_impl: {option.attention_impl}", "remat_policy: none"])) + "}"
     config = load_run_config(None, [f"model={case.model}", f"data.seq_len={case.seq_len}",
                                     f"data.batch_size={case.rows}", "compute_dtype=bfloat16", "mesh={data: 1}",
                                     f"model_overrides={compute}"])

@@ -34,7 +34,7 @@ _LAYER_TYPE_ALIASES = {
 }
 _DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "ragged_dot", "megablox", "tiled")  # see granite_jax/model/moe.py
-ATTENTION_IMPLS = ("auto", "blockwise", "splash")  # see granite_jax/model/attention.py
+ATTENTION_IMPLS = ("auto", "blockwise", "splash", "pallas_gpu")  # see granite_jax/model/attention.py
 # Fields that say how we compute, not what the model is: never written to config.json.
 COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_impl", "attention_block_size", "remat_policy",
                   "scan_layers", "subpiece_tokens", "sharding")
@@ -99,8 +99,9 @@ class ModelConfig:
     # grouped matmul of the experts: "ragged_dot", "megablox" (Pallas TPU kernels), "tiled", or "auto" (megablox
     # on TPU, ragged_dot on GPU, tiled on CPU)
     moe_impl: str = "auto"
-    # whole-row attention: "blockwise" (model/flash.py), "splash" (Pallas TPU kernel), "auto" (splash on TPU);
-    # rows split over `context` always use the blockwise context-parallel attention
+    # whole-row attention: "blockwise" (model/flash.py), "splash" (Pallas TPU kernel), "pallas_gpu" (Pallas
+    # Triton kernel), "auto" (splash on TPU, else blockwise); rows split over `context` always use the
+    # blockwise context-parallel attention
     attention_impl: str = "auto"
     attention_block_size: int = 512  # queries per block of the memory-bounded attention
     # Activation checkpointing of each decoder layer: "none" keeps every intermediate for the backward pass,

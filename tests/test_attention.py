@@ -8,7 +8,7 @@ import pytest
 from granite_jax.model.attention import apply_rope, rope_cos_sin
 from granite_jax.model.documents import document_runs
 from granite_jax.model.flash import flash_attention
-from granite_jax.model.splash import splash_attention
+from granite_jax.model.pallas_attention import pallas_attention
 
 
 def dense_attention(q, k, v, runs, scale):
@@ -44,10 +44,12 @@ def test_flash_matches_dense(block, packed):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
 @pytest.mark.parametrize("packed", [True, False])
-def test_splash_kernel_matches_dense_on_packed_rows(packed):
-    """`attention_impl: splash` (the Pallas TPU kernel, interpret mode here) equals the dense reference, values
-    and gradients of q, k, v: grouped-query heads, a row of 137 tokens (padded to the kernel's 256) packed with
+def test_pallas_kernels_match_dense_on_packed_rows(impl, packed):
+    """`attention_impl: splash` and `pallas_gpu` (JAX's Pallas TPU and Triton kernels, interpret mode here)
+    equal the dense reference, values and gradients of q, k, v: grouped-query heads, a row of 137 tokens
+    (padded to the kernel's block) packed with
     documents of 1 to 60 tokens, one-token documents, a reused segment id (1 1 2 2 1 1: three documents) and
     trailing padding; or rows that are one document each."""
     T = 137
@@ -56,12 +58,12 @@ def test_splash_kernel_matches_dense_on_packed_rows(packed):
     ids = [[1, 2, 3, 4, 5, 0], [1, 1, 2, 2, 1, 1]]
     seg = jnp.asarray([np.repeat(i, n) for i, n in zip(ids, lengths)]) if packed else None
     runs = document_runs(seg, (2, T))
-    splash = lambda q, k, v: splash_attention(q, k, v, runs, scale=0.3, plan=None)  # noqa: E731
+    kernel = lambda q, k, v: pallas_attention(q, k, v, runs, impl=impl, scale=0.3, plan=None)  # noqa: E731
     dense = lambda q, k, v: dense_attention(q, k, v, runs, 0.3)  # noqa: E731
-    np.testing.assert_allclose(splash(q, k, v), dense(q, k, v), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernel(q, k, v), dense(q, k, v), rtol=1e-5, atol=1e-5)
     w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
     loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * w)  # noqa: E731
-    grads = jax.grad(loss(splash), argnums=(0, 1, 2))(q, k, v)
+    grads = jax.grad(loss(kernel), argnums=(0, 1, 2))(q, k, v)
     expected = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
     for g, e in zip(grads, expected):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)

@@ -3,7 +3,7 @@
 A query attends to keys at or before it *in the same document*. Scores are scaled by `attention_multiplier`
 (not 1/sqrt(head_dim)) and normalised in float32, as transformers does. The attention itself is the
 block-wise kernel of `flash.py` (memory linear in the sequence length, work proportional to document length),
-or on TPU the Pallas splash kernel (`splash.py`, `attention_impl`).
+or a Pallas kernel (`pallas_attention.py`, `attention_impl`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flax import nnx
 
 from granite_jax.model.flash import flash_attention, flash_attention_context_parallel
 from granite_jax.model.linear import make_linear
-from granite_jax.model.splash import splash_attention
+from granite_jax.model.pallas_attention import pallas_attention
 from granite_jax.parallel.plan import sequence_split
 
 
@@ -87,8 +87,8 @@ class Attention(nnx.Module):
         b, T, _ = u.shape
         q, k, v = self._qkv(u, positions)
         split = sequence_split(self.plan)
-        if split is None and self._impl() == "splash":
-            out = splash_attention(q, k, v, runs, scale=self.scale, plan=self.plan)
+        if split is None and self._impl() != "blockwise":
+            out = pallas_attention(q, k, v, runs, impl=self._impl(), scale=self.scale, plan=self.plan)
         elif split is None:
             out = flash_attention(q, k, v, runs, scale=self.scale, block_size=self.block_size)
         elif state is not None:
