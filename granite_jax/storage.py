@@ -170,9 +170,9 @@ def move(source: str, target: str) -> None:
 
 
 def copy_file(source: str, target: str) -> None:
-    """Copy one file between any two places (local or URL)."""
+    """Copy one file's content between any two places (local or URL); a new local file's mode follows the umask."""
     if not is_url(source) and not is_url(target):
-        shutil.copy2(local_path(source), local_path(target))
+        shutil.copyfile(local_path(source), local_path(target))
         return
     with open_file(source, "rb") as f, open_file(target, "wb") as g:
         shutil.copyfileobj(f, g, 1 << 20)

@@ -159,3 +159,25 @@ def test_unsupported_locations_are_refused_naming_the_field():
         load_run_config(None, ["init_from=hf:gs://b/model", "data.tokenizer=data/tokenizer"])
     with pytest.raises(RunDirError, match="mount the bucket"):
         RunDir("s3://b/run").lock()
+
+
+def test_convert_import_into_gcs_and_export_from_it(gcs, hf_checkpoint, tmp_path):
+    """`convert import HF_DIR gs://.../run` (the route the hf: refusal points to) writes the step-0 checkpoint
+    and the tokenizer copy into the bucket; `convert export gs://.../run OUT` gives back every tensor
+    byte-identical, with the tokenizer files."""
+    from granite_jax.convert.__main__ import export, import_checkpoint
+    from tests.test_convert import _tensors
+
+    directory, _ = hf_checkpoint(tie_word_embeddings=False)
+    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+        f.write('{"from": "hf"}')
+    run_dir = f"gs://{BUCKET}/runs/imported"
+    import_checkpoint(directory, run_dir)
+    assert storage.listdir(f"{run_dir}/tokenizer") == ["generation_config.json", "tokenizer.json"]
+    assert storage.listdir(f"{run_dir}/checkpoints") == ["0"]
+    export(run_dir, str(tmp_path / "exported"))
+    original, written = _tensors(directory), _tensors(tmp_path / "exported")
+    assert sorted(original) == sorted(written)
+    for name, value in original.items():
+        assert written[name].tobytes() == value.tobytes(), name
+    assert (tmp_path / "exported" / "tokenizer.json").read_text() == '{"from": "hf"}'

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
+from granite_jax import storage
 from granite_jax.convert.hf import load_hf_checkpoint, save_hf_checkpoint, weight_files
 from granite_jax.convert.signing import SIGNATURE_FILE, sign_directory
 from granite_jax.data.tokenizer import HF_TOKENIZER_FILES
@@ -56,15 +56,15 @@ def tokenizer_source(run_dir: str, tokenizer: str | None) -> str | None:
                              f"{list(HF_TOKENIZER_FILES)}")
         return tokenizer
     own = RunDir(run_dir).tokenizer_dir
-    return own if os.path.isdir(own) else None
+    return own if storage.isdir(own) else None
 
 
 def copy_tokenizer(source: str, out_dir: str) -> list[str]:
-    """Copy the HF tokenizer files `source` holds into `out_dir`; returns their names."""
+    """Copy the HF tokenizer files `source` holds into `out_dir` (either may be a URL); returns their names."""
     copied = []
     for name in HF_TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
+        if storage.isfile(storage.join(source, name)):
+            storage.copy_file(storage.join(source, name), storage.join(out_dir, name))
             copied.append(name)
     return copied
 
@@ -111,10 +111,10 @@ def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | 
 
 def check_import_target(run_dir: str) -> None:
     """RUN_DIR may be new, or a directory without checkpoints: an import never mixes with a run's own."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+    if storage.isfile(run_dir):
         raise ValueError(f"run directory {run_dir!r} exists and is not a directory")
     checkpoints = RunDir(run_dir).checkpoints
-    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    if storage.isdir(checkpoints) and storage.listdir(checkpoints):
         raise ValueError(f"run directory {run_dir!r} already has checkpoints ({checkpoints}); import into a new "
                          "directory")
 
@@ -131,7 +131,7 @@ def import_checkpoint(hf_dir: str, run_dir: str, *, dtype: str = "float32") -> s
         save_parameters(run_dir, model, {"model": model.config.to_hf(), "run": {},
                                          IMPORTED_FROM: os.path.abspath(hf_dir)})
         copied = copy_tokenizer(hf_dir, _fresh_dir(target.tokenizer_dir))
-        if not copied:
+        if not copied and not storage.is_url(run_dir):  # under a URL, an empty prefix does not exist
             os.rmdir(target.tokenizer_dir)
     lines = [f"imported {hf_dir} into {run_dir} as step 0 ({dtype} parameters): {target.checkpoints}/0",
              f"tokenizer files copied to {target.tokenizer_dir}: {copied}" if copied else
@@ -140,7 +140,7 @@ def import_checkpoint(hf_dir: str, run_dir: str, *, dtype: str = "float32") -> s
 
 
 def _fresh_dir(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
+    storage.makedirs(path)
     return path
 
 
