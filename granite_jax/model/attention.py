@@ -18,7 +18,7 @@ from flax import nnx
 from granite_jax.model.flash import flash_attention, flash_attention_context_parallel
 from granite_jax.model.linear import make_linear
 from granite_jax.model.pallas_attention import pallas_attention
-from granite_jax.parallel.plan import sequence_split
+from granite_jax.parallel.plan import sequence_split, target_platform
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -86,9 +86,9 @@ class Attention(nnx.Module):
         returned."""
         b, T, _ = u.shape
         q, k, v = self._qkv(u, positions)
-        split = sequence_split(self.plan)
-        if split is None and self._impl() != "blockwise":
-            out = pallas_attention(q, k, v, runs, impl=self._impl(), scale=self.scale, plan=self.plan)
+        split, impl = sequence_split(self.plan), self._impl()
+        if split is None and impl != "blockwise":
+            out = pallas_attention(q, k, v, runs, impl=impl, scale=self.scale, plan=self.plan)
         elif split is None:
             out = flash_attention(q, k, v, runs, scale=self.scale, block_size=self.block_size)
         elif state is not None:
@@ -112,9 +112,7 @@ class Attention(nnx.Module):
         """`attention_impl` resolved for the platform compiled for (the mesh's, e.g. TPU in a dry run)."""
         if self.impl != "auto":
             return self.impl
-        mesh = jax.sharding.get_abstract_mesh()
-        platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
-        return "splash" if platform == "tpu" else "blockwise"
+        return "splash" if target_platform() == "tpu" else "blockwise"
 
     def decode(self, u: jax.Array, *, index: jax.Array, start: jax.Array, positions: jax.Array,
                cache: KVCache) -> tuple[jax.Array, KVCache]:

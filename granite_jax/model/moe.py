@@ -110,6 +110,11 @@ def _resolve_impl(impl: str, platform: str | None = None) -> str:
     return impl
 
 
+def _grouped_rows(x, group_sizes) -> jax.Array:
+    """(M, 1): True for the rows of `x` inside the groups (an exchange buffer's empty rows come after them)."""
+    return (jnp.arange(x.shape[0]) < jnp.sum(group_sizes))[:, None]
+
+
 def _megablox_grouped_matmul(x, weights, group_sizes, *, interpret: bool):
     """`jax.experimental.pallas.ops.tpu.megablox.gmm` (differentiable: gmm for the input gradient, tgmm for the
     weights'), in row tiles of up to 128 (x is padded to a whole number of them). The kernels leave the rows
@@ -119,7 +124,7 @@ def _megablox_grouped_matmul(x, weights, group_sizes, *, interpret: bool):
 
     M, K = x.shape
     N = weights.shape[2]
-    grouped = (jnp.arange(M) < jnp.sum(group_sizes))[:, None]
+    grouped = _grouped_rows(x, group_sizes)
     x = jnp.where(grouped, x, 0)
     tile_m = min(128, -(-M // 8) * 8)
     padded = -(-M // tile_m) * tile_m
@@ -196,8 +201,7 @@ def grouped_matmul(x, weights, group_sizes, *, impl: str = "auto", tile: int = 1
                                         interpret=(platform or jax.default_backend()) == "cpu")
     if impl == "ragged_dot":
         out = jax.lax.ragged_dot(x, weights, group_sizes)
-        # ragged_dot does not document the rows past the groups: make them zero
-        return jnp.where((jnp.arange(x.shape[0]) < jnp.sum(group_sizes))[:, None], out, 0)
+        return jnp.where(_grouped_rows(x, group_sizes), out, 0)  # ragged_dot leaves them undocumented
     return _tiled_grouped_matmul(x, weights, group_sizes, tile)
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from granite_jax.parallel.plan import axes_size, current_mesh
+from granite_jax.parallel.plan import axes_size, current_mesh, target_platform
 
 _BLOCK = 512  # the splash kernel's query / key block (smaller rows: the row, rounded up to a multiple of 128)
 _GPU_BLOCK = 128  # the Triton kernel's query / key block (its backward's blocks: 32, as JAX's defaults)
@@ -82,9 +82,8 @@ def pallas_attention(q, k, v, runs, *, impl: str, scale: float, plan) -> jax.Arr
     `impl` ("splash" or "pallas_gpu"); on the current mesh (if any) rows and heads stay where `plan`'s rules
     put them."""
     mesh = current_mesh()
-    platform = mesh.abstract_device.platform if mesh is not None else jax.default_backend()
     rows_fn, multiple = _KERNELS[impl]
-    local = functools.partial(_padded, rows_fn, multiple, scale=scale, interpret=platform == "cpu")
+    local = functools.partial(_padded, rows_fn, multiple, scale=scale, interpret=target_platform() == "cpu")
     if mesh is None:
         return local(q, k, v, runs)
     rows = plan.batch_axes(mesh)

@@ -229,6 +229,13 @@ def sequence_split(plan: ShardingPlan) -> SequenceSplit | None:
     return SequenceSplit(mesh, plan.batch_axes(mesh), plan.sequence_axes(mesh), plan.context_layout)
 
 
+def target_platform() -> str:
+    """The platform the code being traced is compiled for: the current mesh's devices' (a dry run compiles for
+    TPU devices from a CPU host), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
 def current_mesh():
     """The mesh installed with `jax.set_mesh`, or None when there is none or it has one device."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -42,8 +42,8 @@ class InitFrom:
             raise RunConfigError(f"init_from={text!r}: HF checkpoint directories are read from local paths only "
                                  "(safetensors slices are memory-mapped); copy it to local disk, or import it once "
                                  "(python -m granite_jax.convert import DIR gs://.../run) and use init_from=run:")
-        if storage.checkpoint_location_problem(path):
-            raise RunConfigError(f"init_from={text!r}: {storage.checkpoint_location_problem(path)}")
+        if problem := storage.checkpoint_location_problem(path):
+            raise RunConfigError(f"init_from={text!r}: {problem}")
         return cls(kind, path)
 
 
@@ -174,8 +174,8 @@ class RunConfig:
             raise RunConfigError(str(e)) from None
         if not self.data.train:
             raise RunConfigError("data.train is empty: give at least one training file")
-        if storage.checkpoint_location_problem(self.run_dir):
-            raise RunConfigError(f"run_dir={self.run_dir!r}: {storage.checkpoint_location_problem(self.run_dir)}")
+        if problem := storage.checkpoint_location_problem(self.run_dir):
+            raise RunConfigError(f"run_dir={self.run_dir!r}: {problem}")
         self.initial_weights  # noqa: B018 - parses and checks init_from
 
     @property
