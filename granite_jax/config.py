@@ -35,9 +35,10 @@ _LAYER_TYPE_ALIASES = {
 _DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "ragged_dot", "megablox", "tiled")  # see granite_jax/model/moe.py
 ATTENTION_IMPLS = ("auto", "blockwise", "splash", "pallas_gpu")  # see granite_jax/model/attention.py
+SSD_IMPLS = ("xla", "pallas")  # see granite_jax/model/ssd.py and pallas_ssd.py
 # Fields that say how we compute, not what the model is: never written to config.json.
-COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_impl", "attention_block_size", "remat_policy",
-                  "scan_layers", "subpiece_tokens", "sharding")
+COMPUTE_FIELDS = ("compute_dtype", "param_dtype", "moe_impl", "attention_impl", "ssd_impl", "attention_block_size",
+                  "remat_policy", "scan_layers", "subpiece_tokens", "sharding")
 REMAT_POLICIES = ("none", "full", "save_dots")
 
 
@@ -103,6 +104,9 @@ class ModelConfig:
     # Triton kernel), "auto" (splash on TPU, else blockwise); rows split over `context` always use the
     # blockwise context-parallel attention
     attention_impl: str = "auto"
+    # Mamba's SSD: "xla" (the chunked einsums of model/ssd.py) or "pallas" (model/pallas_ssd.py: forward and
+    # backward Pallas kernels written for GPUs, Triton; interpret mode on CPU; refused on TPU)
+    ssd_impl: str = "xla"
     attention_block_size: int = 512  # queries per block of the memory-bounded attention
     # Activation checkpointing of each decoder layer: "none" keeps every intermediate for the backward pass,
     # "full" keeps only layer inputs and recomputes the rest, "save_dots" also keeps matmul outputs.
@@ -236,6 +240,8 @@ class ModelConfig:
             raise ConfigError(f"moe_impl={self.moe_impl!r} is not one of {MOE_IMPLS}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.ssd_impl not in SSD_IMPLS:
+            raise ConfigError(f"ssd_impl={self.ssd_impl!r} is not one of {SSD_IMPLS}")
         _require_positive("attention_block_size", self.attention_block_size)
         if not isinstance(self.scan_layers, bool):
             raise ConfigError(f"scan_layers={self.scan_layers!r} must be true or false")

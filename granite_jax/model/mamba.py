@@ -14,8 +14,9 @@ from jax.sharding import PartitionSpec as P
 from granite_jax.model.documents import document_runs
 from granite_jax.model.linear import make_linear
 from granite_jax.model.norms import GatedRMSNorm
+from granite_jax.model.pallas_ssd import ssd_pallas, ssd_pallas_on_mesh
 from granite_jax.model.ssd import ssd_chunked, ssd_context_parallel, ssd_decode_step
-from granite_jax.parallel.plan import logical_param, sequence_split
+from granite_jax.parallel.plan import logical_param, sequence_split, target_platform
 from granite_jax.parallel.sequence import (
     continues_previous_piece,
     entering_states,
@@ -142,6 +143,7 @@ class Mamba2Mixer(nnx.Module):
         self.n_groups, self.d_state = config.mamba_n_groups, config.mamba_d_state
         self.d_inner, self.conv_dim = config.mamba_d_inner, config.mamba_conv_dim
         self.chunk_size = config.mamba_chunk_size
+        self.ssd_impl = config.ssd_impl
         self.time_step_limit = config.time_step_limit
         self.dtype = config.compute_dtype
         self.plan = config.sharding
@@ -188,7 +190,7 @@ class Mamba2Mixer(nnx.Module):
         ssd_args = (x.reshape(b, T, self.n_heads, self.head_dim), dt, self._A(),
                     B.reshape(b, T, self.n_groups, self.d_state), C.reshape(b, T, self.n_groups, self.d_state))
         if split is None:
-            y, ssm_state = ssd_chunked(*ssd_args, chunk_size=self.chunk_size, segment_ids=runs)
+            y, ssm_state = self._ssd(in_shard_map=False)(*ssd_args, chunk_size=self.chunk_size, segment_ids=runs)
         else:
             y = self._ssd_over_pieces(*ssd_args, runs, split)
         out = self._output(y.reshape(b, T, self.d_inner), x, z)
@@ -210,7 +212,7 @@ class Mamba2Mixer(nnx.Module):
         """The chunked SSD with each device holding pieces of every row (context parallelism)."""
         def local(x, dt, A, B, C, runs):
             return ssd_context_parallel(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=runs,
-                                        axis=split.axis, layout=split.layout)
+                                        axis=split.axis, layout=split.layout, ssd=self._ssd(in_shard_map=True))
 
         per_head = split.spec(None, None)
         return jax.shard_map(local, mesh=split.mesh,
@@ -248,6 +250,7 @@ class Mamba2Mixer(nnx.Module):
             raise ValueError(f"subpiece_tokens={sub} does not divide the {L} tokens of a row (or context "
                              f"piece) on a device; use a divisor of {L}")
         kernel, bias, A = self._conv_kernel(), self._conv_bias(), self._A()
+        ssd = self._ssd(in_shard_map=axis is not None)
 
         # What enters each row (piece): the previous context piece's last conv inputs, or nothing.
         history = jnp.zeros((rows, K, self.conv_dim), self.dtype)
@@ -279,8 +282,8 @@ class Mamba2Mixer(nnx.Module):
                        B.reshape(*ids.shape, self.n_groups, self.d_state),
                        C.reshape(*ids.shape, self.n_groups, self.d_state))
             entering = jnp.where(continues[:, None, None, None], state, 0.0)
-            y, state, sub_decay = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=ids,
-                                              initial_state=entering, return_decay=True)
+            y, state, sub_decay = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=ids,
+                                      initial_state=entering, return_decay=True)
             decay = jnp.where(continues[:, None], decay * sub_decay, sub_decay)
             return (xBC[:, -K:], runs[:, -K:] == runs[:, -1:], state, decay), (y, z, x, C, dt)
 
@@ -326,6 +329,16 @@ class Mamba2Mixer(nnx.Module):
                                  B.reshape(b, self.n_groups, self.d_state), C.reshape(b, self.n_groups, self.d_state))
         out = self._output(y.reshape(b, self.d_inner), x, z)
         return out[:, None], MambaState(conv, ssm)
+
+    def _ssd(self, *, in_shard_map: bool):
+        """The SSD function `ssd_impl` names, for a caller on the global arrays (on a mesh: GSPMD) or inside
+        `shard_map` on one device's."""
+        if self.ssd_impl == "xla":
+            return ssd_chunked
+        if target_platform() == "tpu":
+            raise NotImplementedError("ssd_impl='pallas' is a GPU (Triton) kernel; it has no TPU (Mosaic) "
+                                      "version yet: use ssd_impl='xla' on TPU")
+        return ssd_pallas if in_shard_map else functools.partial(ssd_pallas_on_mesh, plan=self.plan)
 
     def _conv_kernel(self):
         return self.conv1d.kernel[...].astype(self.dtype)

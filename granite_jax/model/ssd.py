@@ -174,16 +174,17 @@ def entering_state_outputs(C, dt, A, state, *, segment_ids=None):
     return jnp.einsum("bthn,bhpn->bthp", Ch, state.astype(_F32)) * decay[..., None]
 
 
-def ssd_context_parallel(x, dt, A, B, C, *, chunk_size: int, segment_ids, axis: str, layout: str = "contiguous"):
+def ssd_context_parallel(x, dt, A, B, C, *, chunk_size: int, segment_ids, axis: str, layout: str = "contiguous",
+                         ssd=ssd_chunked):
     """`ssd_chunked` of a row split over the mesh axis `axis`, called inside `shard_map` on this shard's local
     row (x, dt, B, C, segment_ids: its pieces side by side, `parallel/sequence.py`). Each piece runs the chunked
     SSD from a zero state; the pieces' (decay, final state) summaries give every piece its entering state (an
     all-gather of b·H·P·N floats per piece), which is added to the outputs of the piece's first document
-    (`entering_state_outputs`): no part of the SSD runs twice. Returns y (b, T_local, H, P) float32."""
+    (`entering_state_outputs`): no part of the SSD runs twice. `ssd` computes the pieces (`ssd_chunked`, or
+    `pallas_ssd.ssd_pallas`: same signature). Returns y (b, T_local, H, P) float32."""
     n = pieces_per_shard(layout)
     x, dt, B, C, segment_ids = (pieces_as_rows(to_pieces(a, layout)) for a in (x, dt, B, C, segment_ids))
-    y, final_state, decay = ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, segment_ids=segment_ids,
-                                        return_decay=True)
+    y, final_state, decay = ssd(x, dt, A, B, C, chunk_size=chunk_size, segment_ids=segment_ids, return_decay=True)
     continues = continues_previous_piece(rows_as_pieces(segment_ids, n), axis, layout)
     entering = entering_states(rows_as_pieces(decay, n), rows_as_pieces(final_state, n), continues, axis, layout)
     y = y + entering_state_outputs(C, dt, A, pieces_as_rows(entering), segment_ids=segment_ids)
