@@ -14,7 +14,8 @@ Options, today's path first (XLA: `ragged_dot`, the blockwise attention); each o
 thing, or all of them; MoE options run only for the MoE case:
   GPU  ragged_dot with jax_ragged_dot_use_gpu_pallas_triton_lowering (JAX's Pallas/Triton grouped matmul,
        where XLA's lowering is dense over the experts on NVIDIA GPUs: `ragged_dot_rewriter`);
-       attention_impl=pallas_gpu (the Pallas Triton attention kernel); both
+       attention_impl=pallas_gpu (the Pallas Triton attention kernel); ssd_impl=pallas (our Pallas SSD
+       kernels, model/pallas_ssd.py); all three
   TPU  moe_impl=megablox (Pallas gmm/tgmm); attention_impl=splash; both (the TPU defaults)
   CPU  moe_impl=tiled (the CPU default) and ragged_dot, on the tiny model (--smoke)
 
@@ -60,6 +61,7 @@ class Option:
     name: str
     moe_impl: str
     attention_impl: str = "blockwise"
+    ssd_impl: str = "xla"
     jax_flags: tuple = ()  # (name, value) set with jax.config.update before anything is traced
     moe_only: bool = False
 
@@ -76,7 +78,8 @@ OPTIONS = {
     "gpu": [Option("xla", "ragged_dot"),
             Option("triton ragged_dot", "ragged_dot", jax_flags=_TRITON_RAGGED_DOT, moe_only=True),
             Option("pallas_gpu attention", "ragged_dot", "pallas_gpu"),
-            Option("both", "ragged_dot", "pallas_gpu", jax_flags=_TRITON_RAGGED_DOT, moe_only=True)],
+            Option("pallas ssd", "ragged_dot", ssd_impl="pallas"),
+            Option("all kernels", "ragged_dot", "pallas_gpu", "pallas", jax_flags=_TRITON_RAGGED_DOT)],
     "tpu": [Option("xla", "ragged_dot"), Option("megablox", "megablox", moe_only=True),
             Option("splash attention", "ragged_dot", "splash"), Option("both", "megablox", "splash", moe_only=True)],
     "cpu": [Option("tiled", "tiled"), Option("xla ragged_dot", "ragged_dot", moe_only=True)],
@@ -114,7 +117,8 @@ def measure(case: Case, option: Option, steps: int) -> dict:
 
     overrides = case.model_overrides.rstrip("}").strip("{").strip()
     compute = "{" + ", ".join(filter(None, [overrides, f"moe_impl: {option.moe_impl}",
-                                            f"attention_impl: {option.attention_impl}", "remat_policy: none"])) + "}"
+                                            f"attention_impl: {option.attention_impl}",
+                                            f"ssd_impl: {option.ssd_impl}", "remat_policy: none"])) + "}"
     config = load_run_config(None, [f"model={case.model}", f"data.seq_len={case.seq_len}",
                                     f"data.batch_size={case.rows}", "compute_dtype=bfloat16", "mesh={data: 1}",
                                     f"model_overrides={compute}"])

@@ -143,6 +143,14 @@ def test_splash_attention_on_a_mesh_equals_blockwise_attention():
     assert result["logits"] < 1e-5 and result["gradients"] < 1e-4, result
 
 
+def test_pallas_ssd_on_meshes_equals_the_xla_ssd():
+    """`ssd_impl: pallas` under shard_map (rows over data x fsdp, heads over tensor) and inside the
+    context-parallel SSD (context 4): logits and every gradient equal the XLA SSD's on the same mesh."""
+    result = _run_module("pallas_ssd_mesh")
+    for mesh, errors in result.items():
+        assert errors["logits"] < 1e-5 and errors["gradients"] < 1e-4, (mesh, errors)
+
+
 def test_loss_chunks_do_not_multiply_the_collectives():
     """The output head is gathered, and its gradient reduced, once per step however many chunks the loss takes
     (each device keeps its own head copy): 64 chunks per device move the same bytes as one chunk."""
