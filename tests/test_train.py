@@ -282,7 +282,8 @@ def test_missing_data_path_is_reported_by_train(tmp_path):
 @pytest.mark.parametrize("chunk", [1, 6, 64, 10_000])
 def test_chunked_cross_entropy_equals_the_whole_batch_loss(chunk):
     """Any chunk size (one token, uneven, whole rows, more than the batch) gives the loss of logits built for
-    the whole batch at once, and the same gradients for the hidden states and the head."""
+    the whole batch at once, and the same gradients for the hidden states and the head (computed in the
+    forward pass: the fused head loss)."""
     import jax
     import jax.numpy as jnp
 
@@ -302,12 +303,39 @@ def test_chunked_cross_entropy_equals_the_whole_batch_loss(chunk):
         return jnp.sum(weights * (lse - target)) + 0.1 * jnp.sum(weights * lse**2)
 
     def chunked(hidden, head):
-        ce, z = chunked_cross_entropy(hidden, head, targets, weights, chunk=chunk, logits_scaling=2.5)
-        return ce + 0.1 * z
+        objective, _, _ = chunked_cross_entropy(hidden, head, targets, weights, chunk=chunk, logits_scaling=2.5,
+                                                z_coef=0.1)
+        return 3.0 * objective  # a cotangent other than 1 reaches the fused gradient
 
-    np.testing.assert_allclose(chunked(hidden, head), whole(hidden, head), rtol=1e-5)
+    objective, ce, z = chunked_cross_entropy(hidden, head, targets, weights, chunk=chunk, logits_scaling=2.5,
+                                             z_coef=0.1)
+    np.testing.assert_allclose(objective, ce + 0.1 * z, rtol=1e-6)
+    np.testing.assert_allclose(chunked(hidden, head), 3.0 * whole(hidden, head), rtol=1e-5)
     for got, want in zip(jax.grad(chunked, (0, 1))(hidden, head), jax.grad(whole, (0, 1))(hidden, head)):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got, 3.0 * want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_head_loss_gradient_costs_three_matmuls_not_four():
+    """The compiled gradient of the chunked head loss multiplies by the head three times per token (logits,
+    ∂hidden, ∂head): its gradient is computed while the logits exist, nothing is recomputed (differentiating a
+    rematerialised chunk would be four)."""
+    import jax
+    import jax.numpy as jnp
+
+    from granite_jax.train.dry_run import executed_matmul_flops
+    from granite_jax.train.step import chunked_cross_entropy
+
+    B, T, H, V = 2, 64, 32, 512
+    hidden, head = jnp.ones((B, T, H), jnp.float32), jnp.ones((V, H), jnp.float32)
+    targets, weights = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.float32)
+
+    def loss(hidden, head):
+        return chunked_cross_entropy(hidden, head, targets, weights, chunk=32, z_coef=1e-4)[0]
+
+    compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(hidden, head).compile()  # as the train step
+    flops, _ = executed_matmul_flops(compiled.as_text())
+    one_matmul = 2 * B * T * H * V
+    assert flops == 3 * one_matmul, flops / one_matmul
 
 
 def test_weight_decay_skips_norms_biases_and_ssm_constants():

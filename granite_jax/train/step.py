@@ -1,7 +1,7 @@
 """Loss, train step and eval step.
 
-The cross-entropy is computed `chunk` tokens per device at a time under `jax.checkpoint`, so logits over the (up
-to 100K) vocabulary exist for one chunk at a time, forward and backward, never for the whole batch. On a mesh,
+The cross-entropy is computed `chunk` tokens per device at a time, its gradient with it (a custom VJP), so
+logits over the (up to 100K) vocabulary exist for one chunk at a time and are never recomputed. On a mesh,
 every batch shard multiplies its rows by its own copy of the output head (gathered once per step), so that
 each device sums its head gradient over its chunks and the devices' sums are reduced once per step: with one
 head shared by all shards, XLA reduces the head gradient across devices (and re-gathers the FSDP-sharded
@@ -85,29 +85,91 @@ PER_SHARD = ("activation_batch", "activation_length")     # one dimension: row s
 
 
 def chunked_cross_entropy(hidden, head_weight, targets, weights, *, chunk: int, logits_scaling: float = 1.0,
-                          plan: ShardingPlan = ShardingPlan()):
-    """Σ weights · CE and Σ weights · logsumexp² over all tokens, logits built for about `chunk` tokens per
-    batch shard (device) at a time.
+                          z_coef: float = 0.0, plan: ShardingPlan = ShardingPlan()):
+    """The output head's loss over all tokens, logits built for about `chunk` tokens per batch shard (device) at a
+    time: returns (objective, ce_sum, z_sum) with ce_sum = Σ weights · CE, z_sum = Σ weights · logsumexp² and
+    objective = ce_sum + z_coef · z_sum.
+
+    Only `objective` carries gradients (for hidden and head_weight; ce_sum and z_sum are values), and they are
+    computed in the forward pass, chunk by chunk, while the chunk's logits exist: the loss is the last thing the
+    step computes, so its gradient is known up to the one scalar cotangent the backward pass multiplies in
+    (`_fused_head_loss`). No logits are kept or recomputed: the head costs three matmuls per token (logits,
+    ∂hidden, ∂head) where differentiating a rematerialised chunk costs four.
 
     hidden (B, T, H) in the compute dtype; head_weight (V, H), the output head's parameter; logits are
-    `head_logits(hidden, head_weight, logits_scaling)` in float32. targets, weights (B, T). Returns
-    (ce_sum, z_sum). `plan` says where the batch shards live on the mesh being traced under.
+    `head_logits(hidden, head_weight, logits_scaling)` in float32. targets, weights (B, T). `plan` says where
+    the batch shards live on the mesh being traced under.
     """
     chunks = _DeviceChunks.of(*hidden.shape[:2], chunk, plan)
     per_shard_head = chunks.per_shard_head(head_weight)
+    objective, ce, z = _fused_head_loss(chunks.split(hidden), per_shard_head, chunks.split(targets),
+                                        chunks.split(weights), float(logits_scaling), float(z_coef))
+    return objective, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(z)
 
-    @jax.checkpoint
+
+def _chunk_loss(h, head, t, w, logits_scaling: float, z_coef: float, *, with_gradients: bool):
+    """One chunk h (shards, rows, length, H) with one head per shard (shards, V, H), already in h's dtype: (ce, z)
+    and, `with_gradients`, the chunk's ∂objective/∂h and ∂objective/∂head (float32). The gradient is the
+    transpose of `head_logits` written out, so that the head's gradient is accumulated in float32 straight
+    from the matmul (no compute-dtype copy of it per chunk)."""
+    logits = jax.vmap(head_logits, (0, 0, None))(h, head, logits_scaling).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    sums = jnp.sum(w * (lse - target_logit)), jnp.sum(w * lse**2)
+    if not with_gradients:
+        return sums
+    # ∂(w·(lse − logit_t) + z_coef·w·lse²)/∂logits = w·(1 + 2·z_coef·lse)·softmax − w·onehot(t), then through
+    # logits = h · headᵀ / logits_scaling.
+    scale = w * (1.0 + 2.0 * z_coef * lse) / logits_scaling
+    is_target = jnp.arange(logits.shape[-1]) == t[..., None]
+    d_logits = scale[..., None] * jnp.exp(logits - lse[..., None])
+    d_logits = (d_logits - jnp.where(is_target, w[..., None] / logits_scaling, 0.0)).astype(h.dtype)
+    d_h = jnp.einsum("srlv,svh->srlh", d_logits, head)
+    d_head = jnp.einsum("srlv,srlh->svh", d_logits, h, preferred_element_type=jnp.float32)
+    return sums, (d_h, d_head)
+
+
+def _scan_chunks(h, head, t, w, logits_scaling, z_coef, *, with_gradients: bool):
+    zero = jnp.zeros((), jnp.float32)
+    head_in_compute_dtype = head.astype(h.dtype)  # cast once per step, not once per chunk
+
     def one_chunk(carry, inputs):
-        h, t, w = inputs                                    # (shards, rows, length, ...)
-        logits = jax.vmap(head_logits, (0, 0, None))(h, per_shard_head, logits_scaling).astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        ce, z = carry
-        return (ce + jnp.sum(w * (lse - target_logit)), z + jnp.sum(w * lse**2)), None
+        ce, z, d_head = carry
+        h, t, w = inputs
+        out = _chunk_loss(h, head_in_compute_dtype, t, w, logits_scaling, z_coef, with_gradients=with_gradients)
+        if not with_gradients:
+            return (ce + out[0], z + out[1], d_head), None
+        (chunk_ce, chunk_z), (d_h, chunk_d_head) = out
+        return (ce + chunk_ce, z + chunk_z, d_head + chunk_d_head), d_h
 
-    (ce, z), _ = jax.lax.scan(one_chunk, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-                              (chunks.split(hidden), chunks.split(targets), chunks.split(weights)))
-    return ce, z
+    d_head = jnp.zeros(head.shape, jnp.float32) if with_gradients else zero
+    (ce, z, d_head), d_h = jax.lax.scan(one_chunk, (zero, zero, d_head), (h, t, w))
+    return ce, z, d_h, d_head
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_head_loss(h, head, t, w, logits_scaling: float, z_coef: float):
+    """(objective, ce, z) over chunks h (n, shards, rows, length, H) with one head per shard (shards, V, H)."""
+    ce, z, _, _ = _scan_chunks(h, head, t, w, logits_scaling, z_coef, with_gradients=False)
+    return ce + z_coef * z, ce, z
+
+
+def _fused_head_loss_fwd(h, head, t, w, logits_scaling, z_coef):
+    ce, z, d_h, d_head = _scan_chunks(h, head, t, w, logits_scaling, z_coef, with_gradients=True)
+    return (ce + z_coef * z, ce, z), (d_h, d_head.astype(head.dtype), t, w)
+
+
+def _fused_head_loss_bwd(logits_scaling, z_coef, residuals, cotangents):
+    d_h, d_head, t, w = residuals
+    g = cotangents[0]  # ce and z leave `chunked_cross_entropy` under stop_gradient: their cotangents are 0
+    return (g.astype(d_h.dtype) * d_h, g.astype(d_head.dtype) * d_head, _zero_cotangent(t), jnp.zeros_like(w))
+
+
+def _zero_cotangent(x):
+    return np.zeros(x.shape, jax.dtypes.float0) if not jnp.issubdtype(x.dtype, jnp.inexact) else jnp.zeros_like(x)
+
+
+_fused_head_loss.defvjp(_fused_head_loss_fwd, _fused_head_loss_bwd)
 
 
 def chunked_token_scores(hidden, head_weight, targets, *, chunk: int, logits_scaling: float = 1.0,
@@ -157,12 +219,13 @@ def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: i
     batch = in_context_layout(batch, model.config.sharding)
     hidden, stats = model.model(batch["input_ids"], batch["segment_ids"], batch["positions"])
     weights = batch["loss_weights"]
-    ce_sum, z_sum = chunked_cross_entropy(hidden, model.output_weight(), batch["targets"], weights, chunk=chunk,
-                                          logits_scaling=model.config.logits_scaling, plan=model.config.sharding)
+    objective, ce_sum, z_sum = chunked_cross_entropy(
+        hidden, model.output_weight(), batch["targets"], weights, chunk=chunk, z_coef=z_loss,
+        logits_scaling=model.config.logits_scaling, plan=model.config.sharding)
     tokens = jnp.maximum(jnp.sum(weights), 1.0)
     ce = ce_sum / tokens
     aux = model.aux_loss(stats)
-    total = ce + aux_coef * aux + z_loss * z_sum / tokens
+    total = objective / tokens + aux_coef * aux
     dropped = jnp.zeros((), jnp.float32) if stats is None else stats.dropped
     return total, dict(loss=ce, aux_loss=aux, z=z_sum / tokens, tokens=jnp.sum(weights), moe_dropped=dropped)
 
