@@ -15,8 +15,9 @@ thing, or all of them; MoE options run only for the MoE case:
   GPU  ragged_dot with jax_ragged_dot_use_gpu_pallas_triton_lowering (JAX's Pallas/Triton grouped matmul,
        where XLA's lowering is dense over the experts on NVIDIA GPUs: `ragged_dot_rewriter`);
        attention_impl=pallas_gpu (the Pallas Triton attention kernel); ssd_impl=pallas (our Pallas SSD
-       kernels, model/pallas_ssd.py); all three
-  TPU  moe_impl=megablox (Pallas gmm/tgmm); attention_impl=splash; both (the TPU defaults)
+       kernels, model/pallas_ssd.py); loss_impl=fused (the head loss's gradient in the forward pass); all
+  TPU  moe_impl=megablox (Pallas gmm/tgmm); attention_impl=splash; loss_impl=fused; megablox and splash (the
+       TPU defaults)
   CPU  moe_impl=tiled (the CPU default) and ragged_dot, on the tiny model (--smoke)
 
 MFU = model FLOPs / step time / peak: `granite_jax/model/flops.py` counts 6·N_active per token (matmul weights,
@@ -62,6 +63,7 @@ class Option:
     moe_impl: str
     attention_impl: str = "blockwise"
     ssd_impl: str = "xla"
+    loss_impl: str = "recompute"
     jax_flags: tuple = ()  # (name, value) set with jax.config.update before anything is traced
     moe_only: bool = False
 
@@ -79,9 +81,11 @@ OPTIONS = {
             Option("triton ragged_dot", "ragged_dot", jax_flags=_TRITON_RAGGED_DOT, moe_only=True),
             Option("pallas_gpu attention", "ragged_dot", "pallas_gpu"),
             Option("pallas ssd", "ragged_dot", ssd_impl="pallas"),
-            Option("all kernels", "ragged_dot", "pallas_gpu", "pallas", jax_flags=_TRITON_RAGGED_DOT)],
+            Option("fused loss", "ragged_dot", loss_impl="fused"),
+            Option("all kernels", "ragged_dot", "pallas_gpu", "pallas", "fused", jax_flags=_TRITON_RAGGED_DOT)],
     "tpu": [Option("xla", "ragged_dot"), Option("megablox", "megablox", moe_only=True),
-            Option("splash attention", "ragged_dot", "splash"), Option("both", "megablox", "splash", moe_only=True)],
+            Option("splash attention", "ragged_dot", "splash"), Option("fused loss", "ragged_dot", loss_impl="fused"),
+            Option("both", "megablox", "splash", moe_only=True)],
     "cpu": [Option("tiled", "tiled"), Option("xla ragged_dot", "ragged_dot", moe_only=True)],
 }
 
@@ -121,6 +125,7 @@ def measure(case: Case, option: Option, steps: int) -> dict:
                                             f"ssd_impl: {option.ssd_impl}", "remat_policy: none"])) + "}"
     config = load_run_config(None, [f"model={case.model}", f"data.seq_len={case.seq_len}",
                                     f"data.batch_size={case.rows}", "compute_dtype=bfloat16", "mesh={data: 1}",
+                                    f"loss_impl={option.loss_impl}",
                                     f"model_overrides={compute}"])
     run = build_run(config, jax.devices()[:1])
     segments, positions = document_segments(case.rows, case.seq_len)

@@ -1,6 +1,6 @@
-"""The output head's loss and its gradient: today's fused chunks (`train/step.py: chunked_cross_entropy`, the
-gradient computed in the forward pass) against the previous implementation (each chunk under `jax.checkpoint`,
-its logits recomputed in the backward pass), in one run (issue 15, item 5).
+"""The output head's loss and its gradient, `loss_impl` recompute (each chunk under `jax.checkpoint`, its logits
+built again in the backward pass; the default) against fused (the gradient computed in the forward pass), in
+one run (issue 15, item 5; `train/step.py: chunked_cross_entropy`).
 
     python benchmarks/head_loss.py             # granite-4.0-h-1b's head (100,352 x 2,048), bf16 hidden states
 
@@ -24,40 +24,16 @@ import jax.numpy as jnp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from granite_jax.model.granite import head_logits  # noqa: E402
 from granite_jax.train.dry_run import executed_matmul_flops  # noqa: E402
 from granite_jax.train.step import chunked_cross_entropy  # noqa: E402
 
 VOCAB, HIDDEN, CHUNK = 100_352, 2_048, 1_024
 
 
-def previous_head_loss(hidden, head, targets, weights, *, chunk: int, z_coef: float):
-    """The implementation before 2026-12-03, on one device: chunks of the sequence under `jax.checkpoint`."""
-    B, T, H = hidden.shape
-    length = max(1, min(T, chunk // B))
-    n = T // length
-    split = lambda x: jnp.moveaxis(x.reshape(B, n, length, *x.shape[2:]), 1, 0)  # noqa: E731
-
-    @jax.checkpoint
-    def one_chunk(carry, inputs):
-        h, t, w = inputs
-        logits = head_logits(h, head, 1.0).astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        ce, z = carry
-        return (ce + jnp.sum(w * (lse - target)), z + jnp.sum(w * lse**2)), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (ce, z), _ = jax.lax.scan(one_chunk, (zero, zero), (split(hidden), split(targets), split(weights)))
-    return ce + z_coef * z
-
-
-def fused_head_loss(hidden, head, targets, weights, *, chunk: int, z_coef: float):
-    return chunked_cross_entropy(hidden, head, targets, weights, chunk=chunk, z_coef=z_coef)[0]
-
-
-IMPLEMENTATIONS = {"previous (checkpointed chunks)": previous_head_loss,
-                   "fused (gradient in the forward)": fused_head_loss}
+def head_loss(impl: str):
+    def loss(hidden, head, targets, weights):
+        return chunked_cross_entropy(hidden, head, targets, weights, chunk=CHUNK, z_coef=1e-4, impl=impl)[0]
+    return loss
 
 
 def _arguments(tokens: int, abstract: bool):
@@ -77,9 +53,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     results = []
-    for name, fn in IMPLEMENTATIONS.items():
-        step = jax.jit(jax.value_and_grad(
-            lambda h, w, t, m, fn=fn: fn(h, w, t, m, chunk=CHUNK, z_coef=1e-4), argnums=(0, 1)))
+    for name in ("recompute", "fused"):
+        step = jax.jit(jax.value_and_grad(head_loss(name), argnums=(0, 1)))
         compiled = step.lower(*_arguments(args.compiled_tokens, abstract=True)).compile()
         flops, _ = executed_matmul_flops(compiled.as_text())
         temporaries = compiled.memory_analysis().temp_size_in_bytes
@@ -97,7 +72,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         results.append(row)
     previous, fused = results
-    print(f"fused / previous: time {fused['seconds'] / previous['seconds']:.3f}, head matmuls "
+    print(f"fused / recompute: time {fused['seconds'] / previous['seconds']:.3f}, head matmuls "
           f"{fused['head_matmuls']:.2f} / {previous['head_matmuls']:.2f}, temporaries "
           f"{fused['temporaries_gib']:.2f} / {previous['temporaries_gib']:.2f} GiB")
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)

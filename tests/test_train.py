@@ -279,11 +279,12 @@ def test_missing_data_path_is_reported_by_train(tmp_path):
     assert proc.returncode == 2 and "missing.jsonl' does not exist" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("impl", ["recompute", "fused"])
 @pytest.mark.parametrize("chunk", [1, 6, 64, 10_000])
-def test_chunked_cross_entropy_equals_the_whole_batch_loss(chunk):
+def test_chunked_cross_entropy_equals_the_whole_batch_loss(chunk, impl):
     """Any chunk size (one token, uneven, whole rows, more than the batch) gives the loss of logits built for
-    the whole batch at once, and the same gradients for the hidden states and the head (computed in the
-    forward pass: the fused head loss)."""
+    the whole batch at once, and the same gradients for the hidden states and the head, by either
+    implementation (the gradient recomputed in the backward pass, or computed in the forward: `fused`)."""
     import jax
     import jax.numpy as jnp
 
@@ -304,21 +305,22 @@ def test_chunked_cross_entropy_equals_the_whole_batch_loss(chunk):
 
     def chunked(hidden, head):
         objective, _, _ = chunked_cross_entropy(hidden, head, targets, weights, chunk=chunk, logits_scaling=2.5,
-                                                z_coef=0.1)
+                                                z_coef=0.1, impl=impl)
         return 3.0 * objective  # a cotangent other than 1 reaches the fused gradient
 
     objective, ce, z = chunked_cross_entropy(hidden, head, targets, weights, chunk=chunk, logits_scaling=2.5,
-                                             z_coef=0.1)
+                                             z_coef=0.1, impl=impl)
     np.testing.assert_allclose(objective, ce + 0.1 * z, rtol=1e-6)
     np.testing.assert_allclose(chunked(hidden, head), 3.0 * whole(hidden, head), rtol=1e-5)
     for got, want in zip(jax.grad(chunked, (0, 1))(hidden, head), jax.grad(whole, (0, 1))(hidden, head)):
         np.testing.assert_allclose(got, 3.0 * want, rtol=1e-4, atol=1e-5)
 
 
-def test_the_head_loss_gradient_costs_three_matmuls_not_four():
-    """The compiled gradient of the chunked head loss multiplies by the head three times per token (logits,
-    ∂hidden, ∂head): its gradient is computed while the logits exist, nothing is recomputed (differentiating a
-    rematerialised chunk would be four)."""
+@pytest.mark.parametrize("impl, head_matmuls", [("recompute", 4), ("fused", 3)])
+def test_the_fused_head_loss_costs_three_head_matmuls_not_four(impl, head_matmuls):
+    """The compiled value and gradient of the chunked head loss multiply by the head four times per token with
+    the recomputing chunks (logits, logits again, ∂hidden, ∂head) and three with `fused`, whose gradient is
+    computed while the logits exist."""
     import jax
     import jax.numpy as jnp
 
@@ -330,12 +332,12 @@ def test_the_head_loss_gradient_costs_three_matmuls_not_four():
     targets, weights = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.float32)
 
     def loss(hidden, head):
-        return chunked_cross_entropy(hidden, head, targets, weights, chunk=32, z_coef=1e-4)[0]
+        return chunked_cross_entropy(hidden, head, targets, weights, chunk=32, z_coef=1e-4, impl=impl)[0]
 
     compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(hidden, head).compile()  # as the train step
     flops, _ = executed_matmul_flops(compiled.as_text())
     one_matmul = 2 * B * T * H * V
-    assert flops == 3 * one_matmul, flops / one_matmul
+    assert flops == head_matmuls * one_matmul, flops / one_matmul
 
 
 def test_weight_decay_skips_norms_biases_and_ssm_constants():

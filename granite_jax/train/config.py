@@ -113,6 +113,9 @@ class RunConfig:
     compute_dtype: str = "float32"
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2)
     loss_chunk_tokens: int = 1024  # logits exist for about this many tokens per device at a time (a slice of its rows)
+    # the head loss's gradient: "recompute" (chunks under jax.checkpoint) or "fused" (computed in the forward pass;
+    # one head matmul per token fewer; see train/step.py: chunked_cross_entropy)
+    loss_impl: str = "recompute"
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4
@@ -161,7 +164,8 @@ class RunConfig:
         self.init_verify_spec  # noqa: B018 - parses init_verify, raising on a malformed one
         choices = {"data.format": (self.data.format, ("text", "chat")),
                    "data.bad_lines": (self.data.bad_lines, ("error", "skip")),
-                   "data.overlong": (self.data.overlong, ("truncate", "drop"))}
+                   "data.overlong": (self.data.overlong, ("truncate", "drop")),
+                   "loss_impl": (self.loss_impl, ("recompute", "fused"))}
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise RunConfigError(f"{name}={value!r}: expected one of {list(allowed)}")

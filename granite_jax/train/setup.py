@@ -174,7 +174,7 @@ def build_run(config: RunConfig, devices=None, *, abstract: bool = False) -> Run
     shardings = train_state_shardings(tx, params, mesh, plan.table)
     state = (_abstract_train_state(params, tx, shardings) if abstract else
              sharded_train_state(params, tx, mesh, plan.table))
-    step_options = dict(chunk=config.loss_chunk_tokens)
+    step_options = dict(chunk=config.loss_chunk_tokens, loss_impl=config.loss_impl)
     return Run(config=config, mesh=mesh, model_config=model_config, graphdef=graphdef, state=state,
                state_shardings=shardings, data_sharding=batch_sharding(mesh, plan), tx=tx,
                _train_step=make_train_step(tx, aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,

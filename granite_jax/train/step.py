@@ -1,7 +1,7 @@
 """Loss, train step and eval step.
 
-The cross-entropy is computed `chunk` tokens per device at a time, its gradient with it (a custom VJP), so
-logits over the (up to 100K) vocabulary exist for one chunk at a time and are never recomputed. On a mesh,
+The cross-entropy is computed `chunk` tokens per device at a time (`chunked_cross_entropy`), so logits over the
+(up to 100K) vocabulary exist for one chunk at a time, forward and backward, never for the whole batch. On a mesh,
 every batch shard multiplies its rows by its own copy of the output head (gathered once per step), so that
 each device sums its head gradient over its chunks and the devices' sums are reduced once per step: with one
 head shared by all shards, XLA reduces the head gradient across devices (and re-gathers the FSDP-sharded
@@ -84,31 +84,54 @@ class _DeviceChunks(NamedTuple):
 PER_SHARD = ("activation_batch", "activation_length")     # one dimension: row shards x sequence pieces
 
 
+LOSS_IMPLS = ("recompute", "fused")
+
+
 def chunked_cross_entropy(hidden, head_weight, targets, weights, *, chunk: int, logits_scaling: float = 1.0,
-                          z_coef: float = 0.0, plan: ShardingPlan = ShardingPlan()):
+                          z_coef: float = 0.0, impl: str = "recompute", plan: ShardingPlan = ShardingPlan()):
     """The output head's loss over all tokens, logits built for about `chunk` tokens per batch shard (device) at a
     time: returns (objective, ce_sum, z_sum) with ce_sum = Σ weights · CE, z_sum = Σ weights · logsumexp² and
-    objective = ce_sum + z_coef · z_sum.
+    objective = ce_sum + z_coef · z_sum. Only `objective` carries gradients (for hidden and head_weight).
 
-    Only `objective` carries gradients (for hidden and head_weight; ce_sum and z_sum are values), and they are
-    computed in the forward pass, chunk by chunk, while the chunk's logits exist: the loss is the last thing the
-    step computes, so its gradient is known up to the one scalar cotangent the backward pass multiplies in
-    (`_fused_head_loss`). No logits are kept or recomputed: the head costs three matmuls per token (logits,
-    ∂hidden, ∂head) where differentiating a rematerialised chunk costs four.
+    `impl` (`loss_impl` in the run config), the same values and gradients either way:
+    - "recompute": each chunk under `jax.checkpoint`, differentiated by JAX: the backward pass builds the chunk's
+      logits again, four head matmuls per token (logits, recomputed logits, ∂hidden, ∂head).
+    - "fused": the gradient computed in the forward pass while the chunk's logits exist, as the loss is the
+      last thing the step computes (`_fused_head_loss`, a custom VJP; the backward multiplies in the one scalar
+      cotangent): three head matmuls per token. On XLA:CPU it measured slower and with more temporaries
+      (benchmarks/RESULTS.md), so it is not the default until measured on an accelerator.
 
     hidden (B, T, H) in the compute dtype; head_weight (V, H), the output head's parameter; logits are
     `head_logits(hidden, head_weight, logits_scaling)` in float32. targets, weights (B, T). `plan` says where
     the batch shards live on the mesh being traced under.
     """
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"loss_impl={impl!r}: expected one of {list(LOSS_IMPLS)}")
     chunks = _DeviceChunks.of(*hidden.shape[:2], chunk, plan)
     per_shard_head = chunks.per_shard_head(head_weight)
-    objective, ce, z = _fused_head_loss(chunks.split(hidden), per_shard_head, chunks.split(targets),
-                                        chunks.split(weights), float(logits_scaling), float(z_coef))
+    inputs = (chunks.split(hidden), per_shard_head, chunks.split(targets), chunks.split(weights),
+              float(logits_scaling), float(z_coef))
+    if impl == "recompute":
+        ce, z = _recomputed_head_loss(*inputs)
+        return ce + z_coef * z, ce, z
+    objective, ce, z = _fused_head_loss(*inputs)
     return objective, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(z)
 
 
+def _recomputed_head_loss(h, head, t, w, logits_scaling: float, z_coef: float):
+    @jax.checkpoint
+    def one_chunk(carry, inputs):
+        h, t, w = inputs
+        ce, z = _chunk_loss(h, head, t, w, logits_scaling, z_coef, with_gradients=False)
+        return (carry[0] + ce, carry[1] + z), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (ce, z), _ = jax.lax.scan(one_chunk, (zero, zero), (h, t, w))
+    return ce, z
+
+
 def _chunk_loss(h, head, t, w, logits_scaling: float, z_coef: float, *, with_gradients: bool):
-    """One chunk h (shards, rows, length, H) with one head per shard (shards, V, H), already in h's dtype: (ce, z)
+    """One chunk h (shards, rows, length, H) with one head per shard (shards, V, H): (ce, z)
     and, `with_gradients`, the chunk's ∂objective/∂h and ∂objective/∂head (float32). The gradient is the
     transpose of `head_logits` written out, so that the head's gradient is accumulated in float32 straight
     from the matmul (no compute-dtype copy of it per chunk)."""
@@ -126,7 +149,7 @@ def _chunk_loss(h, head, t, w, logits_scaling: float, z_coef: float, *, with_gra
     d_logits = (d_logits - jnp.where(is_target, w[..., None] / logits_scaling, 0.0)).astype(h.dtype)
     d_h = jnp.einsum("srlv,svh->srlh", d_logits, head)
     d_head = jnp.einsum("srlv,srlh->svh", d_logits, h, preferred_element_type=jnp.float32)
-    return sums, (d_h, d_head)
+    return sums, (d_h, d_head)  # (head is in h's dtype here: `_scan_chunks` casts it once)
 
 
 def _scan_chunks(h, head, t, w, logits_scaling, z_coef, *, with_gradients: bool):
@@ -213,14 +236,14 @@ def in_context_layout(batch: dict, plan: ShardingPlan) -> dict:
     return {name: (value if value is None else jnp.take(value, order, axis=1)) for name, value in batch.items()}
 
 
-def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: int):
+def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: int, loss_impl: str = "recompute"):
     """Mean token cross-entropy + aux_coef · MoE load-balancing loss + z_loss · mean logsumexp²."""
     model = nnx.merge(graphdef, params)
     batch = in_context_layout(batch, model.config.sharding)
     hidden, stats = model.model(batch["input_ids"], batch["segment_ids"], batch["positions"])
     weights = batch["loss_weights"]
     objective, ce_sum, z_sum = chunked_cross_entropy(
-        hidden, model.output_weight(), batch["targets"], weights, chunk=chunk, z_coef=z_loss,
+        hidden, model.output_weight(), batch["targets"], weights, chunk=chunk, z_coef=z_loss, impl=loss_impl,
         logits_scaling=model.config.logits_scaling, plan=model.config.sharding)
     tokens = jnp.maximum(jnp.sum(weights), 1.0)
     ce = ce_sum / tokens
@@ -230,11 +253,12 @@ def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: i
     return total, dict(loss=ce, aux_loss=aux, z=z_sum / tokens, tokens=jnp.sum(weights), moe_dropped=dropped)
 
 
-def make_train_step(tx: optax.GradientTransformation, *, aux_coef: float, z_loss: float, chunk: int):
+def make_train_step(tx: optax.GradientTransformation, *, aux_coef: float, z_loss: float, chunk: int,
+                    loss_impl: str = "recompute"):
     """`train_step(graphdef, state, batch) -> (state, metrics)`, jitted with the model's graphdef static: the
     model's configuration, its sharding plan included, is part of what is compiled, as is the mesh set with
     `jax.set_mesh`. The state is donated."""
-    loss = functools.partial(loss_fn, aux_coef=aux_coef, z_loss=z_loss, chunk=chunk)
+    loss = functools.partial(loss_fn, aux_coef=aux_coef, z_loss=z_loss, chunk=chunk, loss_impl=loss_impl)
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
     def train_step(graphdef, state: TrainState, batch):
@@ -265,11 +289,11 @@ def apply_finite_update(tx: optax.GradientTransformation, state: TrainState, gra
                       unless_skipped(opt_state, state.opt_state)), metrics
 
 
-def make_eval_step(*, chunk: int):
+def make_eval_step(*, chunk: int, loss_impl: str = "recompute"):
     """`eval_step(graphdef, params, batch) -> (Σ token losses, tokens)`, jitted with the graphdef static."""
     @functools.partial(jax.jit, static_argnums=0)
     def eval_step(graphdef, params, batch):
-        _, metrics = loss_fn(params, graphdef, batch, aux_coef=0.0, z_loss=0.0, chunk=chunk)
+        _, metrics = loss_fn(params, graphdef, batch, aux_coef=0.0, z_loss=0.0, chunk=chunk, loss_impl=loss_impl)
         return metrics["loss"] * metrics["tokens"], metrics["tokens"]
 
     return eval_step
