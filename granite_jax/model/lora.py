@@ -111,7 +111,8 @@ def enable_dropout(model: nnx.Module, key: jax.Array) -> None:
     adapters = [m for _, m in model.iter_modules() if isinstance(m, LoRALinear) and m.dropout_key is not None]
     for i, module in enumerate(adapters):
         module.deterministic = False
-        module.dropout_key[...] = jax.random.key_data(jax.random.fold_in(key, i))
+        # A new Variable, not an update of the one merged in: that one may belong to an outer trace (jit).
+        module.dropout_key = LoRADropoutKey(jax.random.key_data(jax.random.fold_in(key, i)))
 
 
 def has_lora(model: nnx.Module) -> bool:
