@@ -1,6 +1,7 @@
 """LoRA: adapters start equal to the base model, compute W + alpha/r·AB, train alone (the base frozen, no optimizer
 state for it), work from init_from=hf:DIR, reject bad settings naming the field, and resume bit for bit."""
 
+import functools
 import os
 
 import jax
@@ -173,3 +174,38 @@ def test_a_lora_run_resumes_with_identical_losses(tmp_path):
     assert len(straight) == 6 and len(first) == 3 and len(second) == 3
     assert first + second == straight
     assert len(set(straight)) > 1
+
+
+def test_adapter_dropout_is_on_in_training_only_with_a_key_per_adapter_and_step():
+    """Under the hardest layout for it: the layers' weights (the dropout keys with them) stacked under lax.scan,
+    each layer recomputed in the backward pass (custom_vjp)."""
+    from granite_jax.model.lora import enable_dropout
+    from granite_jax.train.step import loss_fn
+
+    stack = dict(TINY, num_hidden_layers=4, layer_types=("mamba", "attention") * 2, scan_layers=True,
+                 remat_policy="full")
+    model = GraniteForCausalLM(load_preset("tiny-hybrid-moe").replace(**stack), rngs=nnx.Rngs(0))
+    apply_lora(model, rank=4, alpha=8.0, dropout=0.5, targets=list(LORA_TARGETS), rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    for _, module in model.iter_modules():
+        if isinstance(module, LoRALinear):  # nonzero B, so that dropping the adapters' inputs changes the loss
+            module.lora.lora_b[...] = jnp.asarray(rng.normal(0, 0.05, module.lora.lora_b.shape), jnp.float32)
+    graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    ids = _ids(T=16, vocab=model.config.vocab_size)
+    batch = dict(input_ids=ids, segment_ids=jnp.ones_like(ids), positions=None, targets=jnp.roll(ids, -1, 1),
+                 loss_weights=jnp.ones(ids.shape, jnp.float32))
+    loss = functools.partial(loss_fn, graphdef=graphdef, batch=batch, aux_coef=0.0, z_loss=0.0, chunk=64,
+                             frozen=frozen)
+    loss_and_grad = jax.jit(lambda params, key: jax.value_and_grad(lambda p: loss(p, dropout_key=key)[0])(params))
+
+    plain = jax.jit(lambda params: loss(params)[0])(params)
+    one, grads = loss_and_grad(params, jax.random.key(1))
+    again, _ = loss_and_grad(params, jax.random.key(1))
+    other, _ = loss_and_grad(params, jax.random.key(2))
+    assert float(one) == float(again) and float(one) != float(other) and float(one) != float(plain)
+    assert all(np.isfinite(np.asarray(g)).all() and np.any(g) for g in jax.tree.leaves(grads))
+    np.testing.assert_array_equal(np.asarray(model(ids)[0]), np.asarray(model(ids)[0]))  # deterministic outside
+
+    enable_dropout(model, jax.random.key(3))
+    keys = [tuple(np.asarray(m.dropout_key[...])) for _, m in model.iter_modules() if isinstance(m, LoRALinear)]
+    assert len(set(keys)) == len(keys)  # q, k and v read the same input: each drops its own features
