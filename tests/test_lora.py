@@ -38,6 +38,10 @@ def test_zero_b_adapters_equal_the_base_model_and_nonzero_ones_add_alpha_over_r_
     # 2 layers: q, k, v, o (1 attention layer) + in_proj, out_proj (1 Mamba layer) + 2 shared-MLP per layer
     assert len(adapted) == 4 + 2 + 2 * 2
     assert all(m.lora.lora_b[...].shape[0] == 4 and not np.any(m.lora.lora_b[...]) for m in adapted)
+    for m in adapted:  # logical axes like the kernel's: A (its input axis, rank), B (rank, its output axis)
+        kernel_in, kernel_out = m.kernel.get_metadata()["out_sharding"]
+        assert m.lora.lora_a.get_metadata()["out_sharding"] == (kernel_in, None)
+        assert m.lora.lora_b.get_metadata()["out_sharding"] == (None, kernel_out)
     # The base weights keep their paths: a converter or checkpoint reader sees the same names.
     names = {".".join(path_names(p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert set(kernels) < names and all("lora" in n for n in names - set(kernels))
