@@ -178,6 +178,11 @@ def test_a_lora_run_resumes_with_identical_losses(tmp_path):
     assert len(straight) == 6 and len(first) == 3 and len(second) == 3
     assert first + second == straight
     assert len(set(straight)) > 1
+    # Its checkpoints hold adapters only: reading one as a whole model (eval.py, export, init_from=run:) is refused.
+    from granite_jax.train.checkpoint import load_run_model
+
+    with pytest.raises(ValueError, match="is a LoRA run: its checkpoints hold the adapters"):
+        load_run_model(str(tmp_path / "resumed"))
 
 
 def test_adapter_dropout_is_on_in_training_only_with_a_key_per_adapter_and_step():
