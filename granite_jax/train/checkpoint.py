@@ -285,6 +285,10 @@ def load_run_model(run_dir: str, step: int | None = None, *, shardings=None,
         step, meta = _checkpoint_meta(manager, steps, step)
     finally:
         manager.close()
+    if meta.get("run", {}).get("lora"):
+        raise ValueError(f"{run_dir!r} is a LoRA run: its checkpoints hold the adapters and their optimizer state, "
+                         f"not the base weights (those of its init_from={meta['run'].get('init_from')!r}); merging "
+                         "the adapters into a model, or exporting them, is not implemented yet")
     config = ModelConfig.from_hf(meta["model"], **model_overrides)
     abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract, nnx.Param)

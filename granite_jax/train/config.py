@@ -98,6 +98,18 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class LoRAConfig:
+    """LoRA adapters (`granite_jax/model/lora.py`): only they are trained, the base weights are frozen."""
+    rank: int = 8
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input, in training
+    # Projections to adapt, by name: q_proj k_proj v_proj o_proj (attention), in_proj out_proj (Mamba),
+    # input_linear output_linear (the shared MLP). Routed experts and the router are not adapted.
+    targets: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj"])
+
+
+@dataclasses.dataclass
 class RunConfig:
     model: str = "tiny-hybrid-moe"  # a preset name or a model YAML
     model_overrides: dict = dataclasses.field(default_factory=dict)  # e.g. {remat_policy: full}
@@ -136,6 +148,8 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    # LoRA: train adapters on the projections it names, the base weights frozen; null: train every weight.
+    lora: LoRAConfig | None = None
 
     def validate(self) -> None:
         for name, value in [("steps", self.steps), ("data.seq_len", self.data.seq_len),
@@ -181,6 +195,14 @@ class RunConfig:
         if problem := storage.checkpoint_location_problem(self.run_dir):
             raise RunConfigError(f"run_dir={self.run_dir!r}: {problem}")
         self.initial_weights  # noqa: B018 - parses and checks init_from
+        if self.lora is not None:
+            from granite_jax.model.lora import check_lora
+
+            try:
+                check_lora(rank=self.lora.rank, alpha=self.lora.alpha, dropout=self.lora.dropout,
+                           targets=self.lora.targets)
+            except ValueError as e:
+                raise RunConfigError(str(e)) from None
 
     @property
     def initial_weights(self) -> InitFrom | None:
@@ -250,7 +272,7 @@ def _ranges(config: "RunConfig") -> list[tuple[str, float, Interval]]:
 # the data from the wrong place (or another corpus) or fail to restore the optimizer state.
 RESUME_FIELDS = ("model", "data.format", "data.train", "data.text_field", "data.tokenizer", "data.seq_len",
                  "data.batch_size", "data.shuffle_seed", "data.streams", "data.chat_template", "data.packing_bins",
-                 "data.overlong", "optimizer.grad_accum_steps")
+                 "data.overlong", "optimizer.grad_accum_steps", "lora")
 _PATH_FIELDS = {"data.train", "data.tokenizer", "data.chat_template"}
 
 
@@ -332,12 +354,25 @@ def _apply(obj, updates: dict, prefix: str = "") -> None:
         if key not in fields:
             raise RunConfigError(f"unknown config key {path!r}; known keys here: {sorted(fields)}")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        section = _optional_section(types_[key])
+        if current is None and section is not None and isinstance(value, dict):
+            current = section()  # an optional section (lora) given fields: its defaults, then the fields
+            setattr(obj, key, current)
+        if dataclasses.is_dataclass(current) and not (value is None and section is not None):
             if not isinstance(value, dict):
                 raise RunConfigError(f"{path} must be a mapping of its fields, got {value!r}")
             _apply(current, value, prefix=f"{path}.")
         else:
             setattr(obj, key, _check_type(path, value, types_[key]))
+
+
+def _optional_section(annotation):
+    """The dataclass of an optional section (`LoRAConfig | None`), or None for any other annotation."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            return options[0]
+    return None
 
 
 def apply_overrides(config: RunConfig, updates: dict) -> RunConfig:

@@ -275,8 +275,10 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
         model=config.init_from or config.model, mesh=dict(mesh.shape), devices=devices,
         platform=_describe(mesh.devices.flat[0]),
         device_bytes=device_memory(mesh.devices.flat[0]),
-        parameters=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
-        params_bytes=_shard_bytes(run.state.params, run.state_shardings.params),
+        parameters=sum(int(np.prod(x.shape)) for x in jax.tree.leaves((run.state.params, run.frozen))),
+        # With LoRA, the frozen base weights too (they have no optimizer state).
+        params_bytes=(_shard_bytes(run.state.params, run.state_shardings.params)
+                      + (0 if run.frozen is None else _shard_bytes(run.frozen, run.frozen_shardings))),
         opt_state_bytes=_shard_bytes(run.state.opt_state, run.state_shardings.opt_state),
         batch_bytes=_shard_bytes(batch, [run.data_sharding] * len(batch)),
         temp_bytes=int(memory.temp_size_in_bytes),

@@ -285,8 +285,10 @@ def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
     losses: list[float] = []
     skipped_updates = 0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    frozen = ("" if run.frozen is None else
+              f", LoRA adapters; {sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.frozen)):,} frozen")
     print_line(f"training {config.model if not config.init_from else config.init_from} "
-               f"({n_params:,} parameters) for steps {start + 1}..{config.steps}; "
+               f"({n_params:,} trained parameters{frozen}) for steps {start + 1}..{config.steps}; "
                f"batch {config.data.batch_size} x {config.data.seq_len} tokens; run dir {config.run_dir}")
 
     window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0

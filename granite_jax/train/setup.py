@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from granite_jax.config import ModelConfig, load_preset
 from granite_jax.convert import load_hf_checkpoint
 from granite_jax.model import GraniteForCausalLM
+from granite_jax.model.lora import apply_lora
 from granite_jax.parallel.mesh import (
     batch_sharding,
     check_batch,
@@ -31,7 +32,7 @@ from granite_jax.parallel.mesh import (
 )
 from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import load_run_model, run_model_config, with_shardings
-from granite_jax.train.config import RunConfig
+from granite_jax.train.config import RunConfig, RunConfigError
 from granite_jax.train.optim import make_optimizer
 from granite_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -54,16 +55,20 @@ class Run:
     tx: optax.GradientTransformation
     _train_step: Callable
     _eval_step: Callable
+    # The model state that is not trained (LoRA: the base weights, placed like `state.params` would be), and its
+    # shardings; None when every weight is trained.
+    frozen: Any = None
+    frozen_shardings: Any = None
 
     def activate(self):
         """The context every step of this run is traced and run in: its mesh (`jax.set_mesh`)."""
         return jax.set_mesh(self.mesh)
 
     def train_step(self, state: TrainState, batch: dict):
-        return self._train_step(self.graphdef, state, batch)
+        return self._train_step(self.graphdef, state, batch, self.frozen)
 
     def eval_step(self, params, batch: dict):
-        return self._eval_step(self.graphdef, params, batch)
+        return self._eval_step(self.graphdef, params, batch, self.frozen)
 
     @property
     def batch_shape(self) -> tuple[int, int]:
@@ -77,7 +82,7 @@ class Run:
     def lower_train_step(self):
         """The train step lowered for this run's (possibly abstract) state and a batch of the configured shape."""
         with self.activate():
-            return self._train_step.lower(self.graphdef, self.state, self.abstract_batch())
+            return self._train_step.lower(self.graphdef, self.state, self.abstract_batch(), self.frozen)
 
 
 def model_overrides(config: RunConfig) -> dict:
@@ -108,6 +113,23 @@ def initial_model(config: RunConfig, shardings=None) -> GraniteForCausalLM:
         return load_hf_checkpoint(source.path, dtype=overrides.pop("compute_dtype"), verify=config.init_verify_spec,
                                   shardings=shardings, **overrides)
     return load_run_model(existing_run_dir(config), shardings=shardings, **model_overrides(config))[0]
+
+
+def with_lora(config: RunConfig, model: GraniteForCausalLM) -> GraniteForCausalLM:
+    """The model with `config.lora`'s adapters on it (`granite_jax.model.lora`), or unchanged without them."""
+    lora = config.lora
+    if lora is None:
+        return model
+    try:
+        return apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
+                          rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), LORA_SEED_SALT)))
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
+
+
+# The adapters' initialisation and dropout draw from the run's seed folded with this, not from the streams
+# that initialised a fresh base model from the same seed.
+LORA_SEED_SALT = 0x10A
 
 
 def initial_shardings(config: RunConfig, model_config: ModelConfig, mesh: Mesh):
@@ -164,20 +186,29 @@ def build_run(config: RunConfig, devices=None, *, abstract: bool = False) -> Run
     check_model_fits_mesh(model_config, mesh, plan.table)
     check_sequence(config.data.seq_len, mesh, plan, model_config)
     if abstract:
-        model = nnx.eval_shape(lambda: GraniteForCausalLM(model_config, rngs=nnx.Rngs(config.seed)))
+        model = nnx.eval_shape(lambda: with_lora(config, GraniteForCausalLM(model_config,
+                                                                            rngs=nnx.Rngs(config.seed))))
     else:
-        model = initial_model(config, initial_shardings(config, model_config, mesh))
+        model = with_lora(config, initial_model(config, initial_shardings(config, model_config, mesh)))
         model_config = model.config
-    graphdef, params = nnx.split(model, nnx.Param)
+    if config.lora is None:
+        (graphdef, params), frozen = nnx.split(model, nnx.Param), None
+    else:  # only the adapters are differentiated and have optimizer state; the base weights are frozen
+        graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
     del model
     tx = make_optimizer(config.optimizer, config.steps)
     shardings = train_state_shardings(tx, params, mesh, plan.table)
     state = (_abstract_train_state(params, tx, shardings) if abstract else
              sharded_train_state(params, tx, mesh, plan.table))
+    frozen_shardings = None if frozen is None else parameter_shardings(frozen, mesh, plan.table)
+    if frozen is not None:
+        frozen = (with_shardings(frozen, frozen_shardings) if abstract else
+                  jax.device_put(frozen, frozen_shardings))
     step_options = dict(chunk=config.loss_chunk_tokens, loss_impl=config.loss_impl)
+    dropout_seed = None if config.lora is None or config.lora.dropout == 0 else config.seed
     return Run(config=config, mesh=mesh, model_config=model_config, graphdef=graphdef, state=state,
                state_shardings=shardings, data_sharding=batch_sharding(mesh, plan), tx=tx,
                _train_step=make_train_step(tx, aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,
-                                           **step_options),
-               _eval_step=make_eval_step(**step_options))
+                                           dropout_seed=dropout_seed, **step_options),
+               _eval_step=make_eval_step(**step_options), frozen=frozen, frozen_shardings=frozen_shardings)
 

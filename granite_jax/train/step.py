@@ -21,6 +21,7 @@ from flax import nnx
 
 from granite_jax.model.documents import document_runs, positions_within_documents
 from granite_jax.model.granite import head_logits
+from granite_jax.model.lora import enable_dropout
 from granite_jax.parallel.plan import ShardingPlan, constrain, current_mesh
 from granite_jax.parallel.sequence import layout_order
 from granite_jax.train.optim import gradient_norm
@@ -236,9 +237,16 @@ def in_context_layout(batch: dict, plan: ShardingPlan) -> dict:
     return {name: (value if value is None else jnp.take(value, order, axis=1)) for name, value in batch.items()}
 
 
-def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: int, loss_impl: str = "recompute"):
-    """Mean token cross-entropy + aux_coef · MoE load-balancing loss + z_loss · mean logsumexp²."""
-    model = nnx.merge(graphdef, params)
+def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: int, loss_impl: str = "recompute",
+            frozen=None, dropout_key=None):
+    """Mean token cross-entropy + aux_coef · MoE load-balancing loss + z_loss · mean logsumexp².
+
+    `params` are the weights differentiated; `frozen`, the rest of the model's state when only some weights are
+    trained (LoRA: the base weights), merged in but not differentiated. `dropout_key`: this step's key for the
+    LoRA adapters' dropout (None: no dropout)."""
+    model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+    if dropout_key is not None:
+        enable_dropout(model, dropout_key)
     batch = in_context_layout(batch, model.config.sharding)
     hidden, stats = model.model(batch["input_ids"], batch["segment_ids"], batch["positions"])
     weights = batch["loss_weights"]
@@ -253,16 +261,24 @@ def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: i
     return total, dict(loss=ce, aux_loss=aux, z=z_sum / tokens, tokens=jnp.sum(weights), moe_dropped=dropped)
 
 
+DROPOUT_STREAM = 0xD0  # the dropout keys are the run seed's key folded with this, then with the step
+
+
 def make_train_step(tx: optax.GradientTransformation, *, aux_coef: float, z_loss: float, chunk: int,
-                    loss_impl: str = "recompute"):
-    """`train_step(graphdef, state, batch) -> (state, metrics)`, jitted with the model's graphdef static: the
-    model's configuration, its sharding plan included, is part of what is compiled, as is the mesh set with
-    `jax.set_mesh`. The state is donated."""
+                    loss_impl: str = "recompute", dropout_seed: int | None = None):
+    """`train_step(graphdef, state, batch, frozen=None) -> (state, metrics)`, jitted with the model's graphdef
+    static: the model's configuration, its sharding plan included, is part of what is compiled, as is the mesh
+    set with `jax.set_mesh`. The state is donated. `frozen`: the model state that is not trained (LoRA's base
+    weights), not donated. `dropout_seed`: the LoRA adapters' dropout is on, its key for step s the seed's
+    key folded with DROPOUT_STREAM and s (a resumed run drops the same features)."""
     loss = functools.partial(loss_fn, aux_coef=aux_coef, z_loss=z_loss, chunk=chunk, loss_impl=loss_impl)
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-    def train_step(graphdef, state: TrainState, batch):
-        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, graphdef, batch)
+    def train_step(graphdef, state: TrainState, batch, frozen=None):
+        key = (None if dropout_seed is None else
+               jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), DROPOUT_STREAM), state.step))
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, graphdef, batch, frozen=frozen,
+                                                                     dropout_key=key)
         metrics["grad_norm"] = gradient_norm(grads)
         return apply_finite_update(tx, state, grads, metrics)
 
@@ -290,10 +306,12 @@ def apply_finite_update(tx: optax.GradientTransformation, state: TrainState, gra
 
 
 def make_eval_step(*, chunk: int, loss_impl: str = "recompute"):
-    """`eval_step(graphdef, params, batch) -> (Σ token losses, tokens)`, jitted with the graphdef static."""
+    """`eval_step(graphdef, params, batch, frozen=None) -> (Σ token losses, tokens)`, jitted with the graphdef
+    static; no dropout."""
     @functools.partial(jax.jit, static_argnums=0)
-    def eval_step(graphdef, params, batch):
-        _, metrics = loss_fn(params, graphdef, batch, aux_coef=0.0, z_loss=0.0, chunk=chunk, loss_impl=loss_impl)
+    def eval_step(graphdef, params, batch, frozen=None):
+        _, metrics = loss_fn(params, graphdef, batch, aux_coef=0.0, z_loss=0.0, chunk=chunk, loss_impl=loss_impl,
+                             frozen=frozen)
         return metrics["loss"] * metrics["tokens"], metrics["tokens"]
 
     return eval_step
