@@ -11,6 +11,8 @@ and the collectives per step. Results go to benchmarks/results/recommended_meshe
     python benchmarks/recommended_meshes.py --seq-len 524288 # the entries with rows of 512K tokens
     python benchmarks/recommended_meshes.py --long           # the long-row entries (context parallelism)
     python benchmarks/recommended_meshes.py --report         # the markdown table from the JSONL
+    python benchmarks/recommended_meshes.py --entries 7 --scan-layers  # the layer stack as a scan (less host
+                                                             # memory to compile; recorded in model_overrides)
 """
 
 from __future__ import annotations
@@ -95,7 +97,13 @@ def _overrides(entry: Entry) -> list[str]:
 ALL = ENTRIES + LONG_ENTRIES
 
 
-def run_one(index: int) -> dict:
+def scanned(entry: Entry) -> Entry:
+    """`entry` with its layer stack compiled as a `lax.scan` over the layer pattern (`scan_layers: true`)."""
+    rest = tuple((k, v) for k, v in entry.model_overrides if k != "scan_layers")
+    return dataclasses.replace(entry, model_overrides=(*rest, ("scan_layers", "true")))
+
+
+def run_one(index: int, scan_layers: bool = False) -> dict:
     """Compile entry `index` of ALL in this process and return its figures (called in a subprocess)."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -104,7 +112,7 @@ def run_one(index: int) -> dict:
     from granite_jax.train import load_run_config
     from granite_jax.train.dry_run import dry_run
 
-    entry = ALL[index]
+    entry = scanned(ALL[index]) if scan_layers else ALL[index]
     start = time.time()
     report = dry_run(load_run_config(os.path.join(ROOT, "configs", "pretrain-tiny.yaml"), _overrides(entry)),
                      tpu_topology_devices(entry.topology))
@@ -137,7 +145,8 @@ def _recorded(entries: list[Entry], latest: dict):
     """(newest result, its mesh as text) of every entry that has one, in the entries' order."""
     for entry in entries:
         if (row := latest.get(entry.key)) is not None:
-            yield row, " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
+            scan = ", layers scanned" if row.get("model_overrides", {}).get("scan_layers") == "true" else ""
+        yield row, " × ".join(f"{k} {v}" for k, v in row["mesh"].items()) + (scan if entry in ENTRIES else "")
 
 
 def report() -> str:
@@ -180,27 +189,32 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="only the long-row entries")
     parser.add_argument("--entries", default=None, help="comma-separated entry numbers (as printed, from 1)")
     parser.add_argument("--report", action="store_true", help="print the markdown tables from the results")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="compile the entries with scan_layers: true (the unrolled h-tiny step with the "
+                             "Pallas kernels ran out of a 24 GB host's memory compiling)")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one entry, JSON out
     args = parser.parse_args()
     if args.report:
         print(report())
         return
     if args.one is not None:
-        print(json.dumps(run_one(args.one)))
+        print(json.dumps(run_one(args.one, args.scan_layers)))
         return
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     for index, entry in enumerate(ALL):
+        entry = scanned(entry) if args.scan_layers else entry
         if ((args.only and args.only not in entry.model) or (args.seq_len and entry.seq_len != args.seq_len)
-                or (args.long and entry not in LONG_ENTRIES)
+                or (args.long and ALL[index] not in LONG_ENTRIES)
                 or (args.entries and str(index + 1) not in args.entries.split(","))):
             continue
         print(f"[{index + 1}/{len(ALL)}] {entry.model} at {entry.seq_len:,} tokens on {entry.topology} {entry.mesh} "
               "...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--one", str(index)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--one", str(index), *(["--scan-layers"] * args.scan_layers)],
+                              capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode or not lines:
             error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-            row = {**_identity(entry), "error": error}
+            row = {**_identity(entry), "error": f"exit {proc.returncode}: {error}"}  # -9: killed (host memory?)
         else:
             row = json.loads(lines[-1])
         print("   ", {k: row[k] for k in ("total_gib", "temp_gib", "compile_s", "error") if k in row}, flush=True)

@@ -91,8 +91,9 @@ def test_dry_run_counts_collectives_in_loops_once_per_iteration():
 
 def test_dry_run_counts_matmul_flops_in_loops_once_per_iteration():
     """XLA's cost analysis counts a loop body once; the dry run's executed matmul FLOPs count every iteration:
-    a matmul, a 7-step scan of matmuls and a 3x3 convolution are exactly 2 x output x contracted size each,
-    and a fori_loop whose bound comes from the data (like the block-sparse attention's) is reported apart."""
+    a matmul, a 7-step scan of matmuls and a 3x3 convolution are exactly 2 x output x contracted size each
+    (the convolution's taps on its "SAME" padding not counted), and a fori_loop whose bound comes from the data
+    (like the block-sparse attention's) is reported apart."""
     import jax
     import jax.numpy as jnp
 
@@ -107,9 +108,25 @@ def test_dry_run_counts_matmul_flops_in_loops_once_per_iteration():
 
     args = (jnp.ones((64, 32)), jnp.ones((32, 32)), jnp.ones((4, 1, 3, 3)), jnp.int32(5))
     total, data_dependent = executed_matmul_flops(jax.jit(f).lower(*args).compile().as_text())
-    matmul, convolution = 2 * 64 * 32 * 32, 2 * 4 * 64 * 32 * 9
+    matmul, convolution = 2 * 64 * 32 * 32, 2 * 4 * (3 * 64 - 2) * (3 * 32 - 2)  # taps on the 64 x 32 input
     assert data_dependent == matmul  # the fori_loop's body, once
     assert total == (1 + 7 + 1) * matmul + convolution
+
+
+def test_dry_run_counts_only_the_convolution_taps_on_input_elements():
+    """The TPU compiler writes some matmuls as convolutions over a size-1 spatial dimension padded to the window
+    (`size=32 pad=31_31`): each output position has one tap on the input, 31 on padding. Such a convolution is
+    the batched matmul (8, 64) x (64, 16) for each of 32 windows; a base-dilated one counts one tap per window."""
+    from granite_jax.train.dry_run import matmul_flops
+
+    shapes = {"x": [8, 64, 1], "w": [32, 16, 64]}
+    padded = ("%c = bf16[8,32,16]{2,1,0} convolution(%x, %w), window={size=32 pad=31_31 rhs_reversal=1}, "
+              "dim_labels=bf0_0oi->b0f")
+    assert matmul_flops(padded, shapes) == 2 * 32 * 8 * 64 * 16
+    shapes = {"a": [16, 256, 64], "b": [16, 256, 64]}  # 16 batched (256, 64) x (64, 256), as the TPU writes them
+    dilated = ("%d = f32[16,256,256]{2,1,0} convolution(%a, %b), window={size=16 stride=15 lhs_dilate=16}, "
+               "dim_labels=0bf_0oi->0bf")
+    assert matmul_flops(dilated, shapes) == 2 * 16 * 256 * 256 * 64
 
 
 def test_dry_run_counts_pallas_tpu_kernels_by_their_cost_estimate():
@@ -169,6 +186,9 @@ def test_dry_run_compiles_for_a_tpu_topology_with_the_ragged_exchange():
     assert "= 4 devices (TPU v5, deviceless topology: the TPU compiler's figures)" in proc.stdout
     assert "fits in 95 GiB per device" in proc.stdout
     assert re.search(r"ragged-all-to-all\s+16 runs", proc.stdout)  # 4 MoE layers x 2 exchanges x (fwd + bwd)
+    # megablox and splash compiled as Mosaic kernels, not interpreted (Pallas' interpret mode lowers megablox to
+    # XLA loops of data-dependent length, which the FLOP count would report here)
+    assert "(of which 0.000e+00 in loops of data-dependent length" in proc.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed here")

@@ -28,7 +28,7 @@ from granite_jax.config import MOE_IMPLS
 from granite_jax.model.linear import make_linear
 from granite_jax.parallel.expert import expert_parallel_moe
 from granite_jax.parallel.permute import move_rows, sort_by
-from granite_jax.parallel.plan import current_mesh, logical_param
+from granite_jax.parallel.plan import current_mesh, logical_param, target_platform
 
 
 class RouterStats(NamedTuple):
@@ -197,8 +197,10 @@ def grouped_matmul(x, weights, group_sizes, *, impl: str = "auto", tile: int = 1
     x, weights = jnp.asarray(x), jnp.asarray(weights)
     impl = _resolve_impl(impl, platform)
     if impl == "megablox":
+        # interpret mode only when compiling for CPU: a dry run traces on a CPU host for TPU devices, and must
+        # compile the Mosaic kernels (interpreted, they lower to XLA loops of data-dependent length)
         return _megablox_grouped_matmul(x, weights, group_sizes,
-                                        interpret=(platform or jax.default_backend()) == "cpu")
+                                        interpret=(platform or target_platform()) == "cpu")
     if impl == "ragged_dot":
         out = jax.lax.ragged_dot(x, weights, group_sizes)
         return jnp.where(_grouped_rows(x, group_sizes), out, 0)  # ragged_dot leaves them undocumented

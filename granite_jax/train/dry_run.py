@@ -105,7 +105,6 @@ _COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")
 _CALLEE = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
 _WHILE = re.compile(r"\swhile\(.*condition=%([\w.\-]+), body=%([\w.\-]+)")
 _WINDOW = re.compile(r"window=\{size=([\dx]+)[^}]*\}")
-_LHS_DILATE = re.compile(r"lhs_dilate=([\dx]+)")
 _PARAMETER = re.compile(r"([\w.\-]+): \w+\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
 _LOOP_BOUND = re.compile(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
@@ -215,18 +214,34 @@ _PALLAS_TPU = 'custom_call_target="tpu_custom_call"'
 _KERNEL_FLOPS = re.compile(r'"cost_estimate":\{[^}]*?"flops":"(\d+)"')
 _DOT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+dot\((?:\w+\[[\d,]*\]\S*\s+)?%([\w.\-]+),"
                   r".*lhs_contracting_dims=\{([\d,]*)\}")
-_CONVOLUTION = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+convolution\((?:\w+\[[\d,]*\]\S*\s+)?%[\w.\-]+,\s*"
-                          r"(?:\w+\[[\d,]*\]\S*\s+)?%([\w.\-]+)\).*dim_labels=\w+_(\w+)->")
+_CONVOLUTION = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+convolution\((?:\w+\[[\d,]*\]\S*\s+)?%([\w.\-]+),\s*"
+                          r"(?:\w+\[[\d,]*\]\S*\s+)?%([\w.\-]+)\).*dim_labels=(\w+)_(\w+)->(\w+)")
+_WINDOW_FIELD = re.compile(r"(size|stride|pad|lhs_dilate|rhs_dilate)=([\d_x\-]+)")
+
+
+@functools.cache
+def _taps_on_input(outputs: int, size: int, stride: int, pad_low: int, rhs_dilate: int, inputs: int,
+                   lhs_dilate: int) -> int:
+    """(output position, window tap) pairs of one spatial dimension whose tap lands on an input element, not on
+    padding nor between the elements of a dilated input."""
+    taps = np.arange(size, dtype=np.int64)[None, :] * rhs_dilate - pad_low
+    last, count = (inputs - 1) * lhs_dilate, 0
+    step = max(1, 4_000_000 // max(size, 1))
+    for start in range(0, outputs, step):
+        index = np.arange(start, min(outputs, start + step), dtype=np.int64)[:, None] * stride + taps
+        count += int(np.count_nonzero((index >= 0) & (index <= last) & (index % lhs_dilate == 0)))
+    return count
 
 
 def matmul_flops(line: str, shapes: dict[str, list[int]]) -> float:
     """FLOPs of one HLO `dot` (2 x output elements x contracted size) or `convolution`, operand shapes looked
     up in `shapes`, or of a Pallas TPU kernel (a `tpu_custom_call`: the FLOPs of the cost estimate it was
     compiled with, e.g. megablox's 2·m·k·n); 0 for any other instruction. A convolution's output element
-    multiplies the kernel's input features by the window taps that fall on input elements: all of them, except
-    where the input is dilated (`lhs_dilate`), where only one in `lhs_dilate` does — the TPU compiler writes
-    batched matmuls as such "base-dilated" convolutions, their batch dimensions as windows holding one input
-    element each."""
+    multiplies the kernel's input features by the window taps that fall on input elements, not on padding
+    nor between the elements of a dilated input (`lhs_dilate`) — the TPU compiler writes batched matmuls as
+    "base-dilated" convolutions, their batch dimensions as windows holding one input element each, and some
+    matmuls as convolutions of a size-1 spatial dimension padded to the window (`size=32 pad=31_31`), where
+    one tap in 32 lands on the input."""
     if _PALLAS_TPU in line:
         estimate = _KERNEL_FLOPS.search(line)
         return float(estimate.group(1)) if estimate else 0.0
@@ -234,14 +249,21 @@ def matmul_flops(line: str, shapes: dict[str, list[int]]) -> float:
         lhs = shapes[match.group(2)]
         return 2.0 * math.prod(_dims(match.group(1))) * math.prod(lhs[d] for d in _dims(match.group(3)))
     if match := _CONVOLUTION.search(line):
-        kernel, labels = shapes[match.group(2)], match.group(3)
-        taps = 1
+        out, lhs, kernel = _dims(match.group(1)), shapes[match.group(2)], shapes[match.group(3)]
+        lhs_labels, kernel_labels, out_labels = match.group(4), match.group(5), match.group(6)
+        flops = 2.0 * math.prod(out) * kernel[kernel_labels.index("i")]
         if window := _WINDOW.search(line):
-            sizes = [int(n) for n in window.group(1).split("x")]
-            dilation = _LHS_DILATE.search(window.group(0))
-            dilations = [int(n) for n in dilation.group(1).split("x")] if dilation else [1] * len(sizes)
-            taps = math.prod(-(-size // d) for size, d in zip(sizes, dilations))
-        return 2.0 * math.prod(_dims(match.group(1))) * kernel[labels.index("i")] * taps
+            fields = dict(_WINDOW_FIELD.findall(window.group(0)))
+            sizes = [int(n) for n in fields["size"].split("x")]
+            per_dim = {key: [int(n) for n in fields[key].split("x")] if key in fields else [1] * len(sizes)
+                       for key in ("stride", "lhs_dilate", "rhs_dilate")}
+            pads = [int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields else [0] * len(sizes)
+            for k, size in enumerate(sizes):  # spatial dimension k: the output positions times their taps
+                outputs = out[out_labels.index(str(k))]
+                taps = _taps_on_input(outputs, size, per_dim["stride"][k], pads[k], per_dim["rhs_dilate"][k],
+                                      lhs[lhs_labels.index(str(k))], per_dim["lhs_dilate"][k])
+                flops *= taps / outputs
+        return flops
     return 0.0
 
 
