@@ -150,36 +150,34 @@ def _chunk_loss(h, head, t, w, logits_scaling: float, z_coef: float, *, with_gra
     d_logits = (d_logits - jnp.where(is_target, w[..., None] / logits_scaling, 0.0)).astype(h.dtype)
     d_h = jnp.einsum("srlv,svh->srlh", d_logits, head)
     d_head = jnp.einsum("srlv,srlh->svh", d_logits, h, preferred_element_type=jnp.float32)
-    return sums, (d_h, d_head)  # (head is in h's dtype here: `_scan_chunks` casts it once)
+    return sums, (d_h, d_head)  # (head is in h's dtype here: `_chunks_with_gradients` casts it once)
 
 
-def _scan_chunks(h, head, t, w, logits_scaling, z_coef, *, with_gradients: bool):
+def _chunks_with_gradients(h, head, t, w, logits_scaling, z_coef):
+    """(ce, z, ∂objective/∂h per chunk, ∂objective/∂head) over the chunks, the gradients taken chunk by chunk."""
     zero = jnp.zeros((), jnp.float32)
     head_in_compute_dtype = head.astype(h.dtype)  # cast once per step, not once per chunk
 
     def one_chunk(carry, inputs):
         ce, z, d_head = carry
         h, t, w = inputs
-        out = _chunk_loss(h, head_in_compute_dtype, t, w, logits_scaling, z_coef, with_gradients=with_gradients)
-        if not with_gradients:
-            return (ce + out[0], z + out[1], d_head), None
-        (chunk_ce, chunk_z), (d_h, chunk_d_head) = out
+        (chunk_ce, chunk_z), (d_h, chunk_d_head) = _chunk_loss(h, head_in_compute_dtype, t, w, logits_scaling,
+                                                               z_coef, with_gradients=True)
         return (ce + chunk_ce, z + chunk_z, d_head + chunk_d_head), d_h
 
-    d_head = jnp.zeros(head.shape, jnp.float32) if with_gradients else zero
-    (ce, z, d_head), d_h = jax.lax.scan(one_chunk, (zero, zero, d_head), (h, t, w))
+    (ce, z, d_head), d_h = jax.lax.scan(one_chunk, (zero, zero, jnp.zeros(head.shape, jnp.float32)), (h, t, w))
     return ce, z, d_h, d_head
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _fused_head_loss(h, head, t, w, logits_scaling: float, z_coef: float):
     """(objective, ce, z) over chunks h (n, shards, rows, length, H) with one head per shard (shards, V, H)."""
-    ce, z, _, _ = _scan_chunks(h, head, t, w, logits_scaling, z_coef, with_gradients=False)
+    ce, z = _recomputed_head_loss(h, head, t, w, logits_scaling, z_coef)  # the values only, when not differentiated
     return ce + z_coef * z, ce, z
 
 
 def _fused_head_loss_fwd(h, head, t, w, logits_scaling, z_coef):
-    ce, z, d_h, d_head = _scan_chunks(h, head, t, w, logits_scaling, z_coef, with_gradients=True)
+    ce, z, d_h, d_head = _chunks_with_gradients(h, head, t, w, logits_scaling, z_coef)
     return (ce + z_coef * z, ce, z), (d_h, d_head.astype(head.dtype), t, w)
 
 
