@@ -41,12 +41,11 @@ from flax import nnx  # noqa: E402
 
 from granite_jax import GraniteForCausalLM, load_hf_checkpoint, load_preset, save_hf_checkpoint  # noqa: E402
 from granite_jax.convert.hf import ReadStats, safetensors_files  # noqa: E402
-from granite_jax.parallel.distributed import initialize  # noqa: E402
+from granite_jax.parallel.distributed import free_local_port, initialize  # noqa: E402
 from granite_jax.parallel.mesh import make_mesh  # noqa: E402
 from granite_jax.train.config import RunConfig  # noqa: E402
 from granite_jax.train.setup import initial_shardings, resolve_model_config  # noqa: E402
 from tests.multidevice import report  # noqa: E402
-from tests.test_parallel import _free_port  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "sharded_load.jsonl")
 MODES = ("sharded", "unsharded")
@@ -155,7 +154,7 @@ def launch(directory: str, mode: str, limit: float) -> list[dict]:
     `limit` bytes, stop them and say when (one row; this machine is shared)."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
            "JAX_PLATFORMS": "cpu"}
-    coordinator, start = f"127.0.0.1:{_free_port()}", time.perf_counter()
+    coordinator, start = f"127.0.0.1:{free_local_port()}", time.perf_counter()
     logs = [tempfile.TemporaryFile("w+") for _ in range(PROCESSES)]
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", json.dumps([directory, mode, coordinator, i])],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)

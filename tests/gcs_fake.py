@@ -15,15 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
+
+from granite_jax.parallel.distributed import free_local_port
 
 BUCKET = "granite-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _with_generations() -> None:
@@ -85,7 +80,7 @@ def fake_gcs():
     for name in ("gcp_storage_emulator", "gcsfs", "google", "urllib3"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     _with_generations()
-    port = _free_port()
+    port = free_local_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     server._api._httpd.handle_error = lambda *args: None  # clients that close early: not the test's failure

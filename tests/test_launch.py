@@ -11,8 +11,8 @@ import socket
 import numpy as np
 import pytest
 
-from granite_jax.parallel.distributed import cluster_launcher, env_spec
-from tests.test_parallel import _free_port, _launch, _metrics
+from granite_jax.parallel.distributed import cluster_launcher, env_spec, free_local_port
+from tests.test_parallel import _launch, _metrics
 
 SETTINGS = ["data.streams=2", "mesh={data: 2, fsdp: 2}", "data.batch_size=4", "data.seq_len=64",
             "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}"]
@@ -75,7 +75,7 @@ def test_slurm_srun_variables_join_one_job(tmp_path, reference):
 def test_kubernetes_indexed_job_variables_join_one_job(tmp_path, reference):
     """An indexed Job's pods: Kubernetes sets JOB_COMPLETION_INDEX, the manifest the coordinator and the count
     (scripts/launch/k8s-indexed-job.yaml); nothing asks the Kubernetes API."""
-    port = _free_port()
+    port = free_local_port()
 
     def indexed_job(i):
         return {"JOB_COMPLETION_INDEX": str(i), "GRANITE_JAX_COORDINATOR": f"localhost:{port}",

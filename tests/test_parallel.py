@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from granite_jax import load_preset
+from granite_jax.parallel.distributed import free_local_port
 from granite_jax.parallel.mesh import RULES, MeshError, check_model_fits_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,14 +225,6 @@ def test_meshes_give_the_one_device_losses(tmp_path):
                                    rtol=1e-4, err_msg=name)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TWO_STREAMS = ["data.streams=2", "mesh={data: 2, fsdp: 4}", "data.batch_size=8", "data.seq_len=64",
                "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}"]
 
@@ -245,7 +238,7 @@ def _launch(run_dir, steps: int, processes: int, settings=TWO_STREAMS, devices: 
             "eval_every=1000", "optimizer.warmup_steps=1", "checkpoint.every_steps=2", "checkpoint.async_save=false"]
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // processes}",
            "JAX_PLATFORMS": "cpu"}
-    port = _free_port()
+    port = free_local_port()
     distributed = (lambda i: [f"--coordinator-address=127.0.0.1:{port}", f"--num-processes={processes}",
                               f"--process-id={i}"]) if processes > 1 and launcher is None else (lambda i: [])
     launcher = launcher or (lambda i: {})
@@ -374,7 +367,7 @@ def test_two_processes_each_read_about_half_of_an_hf_checkpoint(hf_checkpoint):
     """2 processes x 4 devices, fsdp=8 across both: each process's shards equal the plain load's, and each
     reads from disk about half the checkpoint (only the small vectors are read by both)."""
     directory, _ = hf_checkpoint(tie_word_embeddings=False)
-    port = _free_port()
+    port = free_local_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multidevice.sharded_hf_load_processes", json.dumps(
         {"directory": directory, "coordinator": f"127.0.0.1:{port}", "process": i})], cwd=ROOT, env=env,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from collections.abc import Mapping
 
 import jax
@@ -181,3 +182,11 @@ def process_block(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tu
         raise ValueError(f"process {jax.process_index()} holds parts of the batch (shape {shape}) that are not one "
                          "block: order the mesh so that each process's devices are neighbours along its axes")
     return block
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now: the coordinator port of processes launched on one host (tests,
+    benchmarks). Another program may take it before the coordinator binds it; one host's launches are short."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
