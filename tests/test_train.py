@@ -41,6 +41,15 @@ def test_yaml_and_overrides():
     assert config.model == "tiny-hybrid-moe"
 
 
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml")))
+def test_every_bundled_run_config_validates(name):
+    """Each demo config under configs/ loads and validates as shipped (sft-hf.yaml with its init_from given,
+    as its header says to); a field renamed in RunConfig would otherwise break a demo silently."""
+    overrides = ["init_from=hf:/checkpoints/granite-4.0-h-tiny"] if name == "sft-hf.yaml" else []
+    config = load_run_config(os.path.join(ROOT, "configs", name), overrides)
+    assert config.run_dir == f"runs/{name.removesuffix('.yaml')}"
+
+
 @pytest.mark.parametrize("override, message", [
     (["stepz=3"], r"unknown config key 'stepz'"),
     (["optimizer.lrr=3"], r"unknown config key 'optimizer.lrr'"),
