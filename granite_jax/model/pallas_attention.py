@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from granite_jax.parallel.plan import axes_size, current_mesh, target_platform
+from granite_jax.parallel.plan import current_mesh, target_platform
 
 _BLOCK = 512  # the splash kernel's query / key block (smaller rows: the row, rounded up to a multiple of 128)
 _GPU_BLOCK = 128  # the Triton kernel's query / key block (its backward's blocks: 32, as JAX's defaults)
@@ -86,12 +86,7 @@ def pallas_attention(q, k, v, runs, *, impl: str, scale: float, plan) -> jax.Arr
     local = functools.partial(_padded, rows_fn, multiple, scale=scale, interpret=target_platform() == "cpu")
     if mesh is None:
         return local(q, k, v, runs)
-    rows = plan.batch_axes(mesh)
-    heads = plan.axes("heads", mesh)
-    shards = axes_size(mesh, heads)
-    if q.shape[2] % shards or k.shape[2] % shards:  # query heads must stay with their key/value head
-        heads = ()
-    row_spec = rows or None
-    qkv = PartitionSpec(row_spec, None, heads or None, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, PartitionSpec(row_spec, None)),
+    rows, heads = plan.kernel_axes(mesh, "heads", q.shape[2], k.shape[2])
+    qkv = PartitionSpec(rows, None, heads, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, PartitionSpec(rows, None)),
                          out_specs=qkv, check_vma=False)(q, k, v, runs)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from granite_jax.model.documents import document_runs
-from granite_jax.parallel.plan import axes_size, current_mesh, target_platform
+from granite_jax.parallel.plan import current_mesh, target_platform
 
 _F32 = jnp.float32
 KERNEL_CHUNK = 64
@@ -243,13 +243,8 @@ def ssd_pallas_on_mesh(x, dt, A, B, C, *, plan, chunk_size: int | None = None, s
                           return_decay=return_decay)
     from jax.sharding import PartitionSpec as P
 
-    H, G = x.shape[2], B.shape[2]
-    rows = plan.batch_axes(mesh) or None
-    heads = plan.axes("ssm_inner", mesh)
-    shards = axes_size(mesh, heads)
-    if H % shards or (G > 1 and G % shards):
-        heads = ()
-    heads = heads or None
+    G = B.shape[2]
+    rows, heads = plan.kernel_axes(mesh, "ssm_inner", x.shape[2], *([G] if G > 1 else []))
     groups = heads if G > 1 else None
     if segment_ids is None:
         segment_ids = jnp.zeros(x.shape[:2], jnp.int32)

@@ -178,6 +178,17 @@ class ShardingPlan:
     def batch_axes(self, mesh) -> tuple[str, ...]:
         return self.axes("activation_batch", mesh)
 
+    def kernel_axes(self, mesh, heads: str, *head_counts: int) -> tuple[tuple[str, ...] | None,
+                                                                        tuple[str, ...] | None]:
+        """(row axes, head axes) a per-row, per-head Pallas kernel keeps under `shard_map` (a Pallas call is
+        opaque to XLA's sharding propagation): rows split as the batch is, heads as the logical axis `heads` is
+        when that divides every one of `head_counts` (e.g. query and key/value heads, which must stay together),
+        else whole on each device. None for an axis that is not split, as a PartitionSpec entry."""
+        head_axes = self.axes(heads, mesh)
+        if any(count % axes_size(mesh, head_axes) for count in head_counts):
+            head_axes = ()
+        return self.batch_axes(mesh) or None, head_axes or None
+
     def sequence_axes(self, mesh) -> tuple[str, ...]:
         """The mesh axes a row's tokens are split over (context parallelism)."""
         return self.axes("activation_length", mesh)
