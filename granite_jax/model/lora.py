@@ -146,7 +146,7 @@ def merge_lora(model):
 
     The merged model computes what the adapted one computes without dropout (the adapter is linear in x:
     x W + s·x A B = x (W + s A B)), up to float rounding, so evaluation, generation and an HF export of it need
-    no adapter code. A model without adapters is returned as a plain copy of its parameters."""
+    no adapter code. A model without adapters comes back as a new model holding the same arrays."""
     from granite_jax.model.granite import GraniteForCausalLM  # granite.py does not import this module
 
     merged = {path + ("kernel",): merged_kernel(module) for path, module in adapters(model)}

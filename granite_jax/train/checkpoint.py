@@ -359,7 +359,10 @@ def lora_base(run_dir: str, run: dict, saved_model: dict, shardings=None, model_
         config = load_preset(run["model"], **{**run.get("model_overrides", {}), **overrides})
         base = GraniteForCausalLM(config, rngs=nnx.Rngs(run.get("seed", 0)))
         if shardings is not None:
-            nnx.update(base, jax.device_put(nnx.state(base, nnx.Param), shardings))
+            params = nnx.state(base, nnx.Param)
+            placed = [jax.device_put(x, s) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings),
+                                                            strict=True)]
+            nnx.update(base, jax.tree.unflatten(jax.tree.structure(params), placed))
     elif kind == "hf":
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{where}, and {path!r} is not a directory (a relative path is read from the "
