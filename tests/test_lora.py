@@ -178,11 +178,27 @@ def test_a_lora_run_resumes_with_identical_losses(tmp_path):
     assert len(straight) == 6 and len(first) == 3 and len(second) == 3
     assert first + second == straight
     assert len(set(straight)) > 1
-    # Its checkpoints hold adapters only: reading one as a whole model (eval.py, export, init_from=run:) is refused.
+    # Its checkpoints hold adapters only; read back (eval.py, export, init_from=run:), the base is the preset
+    # initialised from the run's seed again, as training made it, with the trained adapters on it.
+    from granite_jax.model.lora import has_lora, merge_lora
     from granite_jax.train.checkpoint import load_run_model
+    from granite_jax.train.setup import initial_model
 
-    with pytest.raises(ValueError, match="is a LoRA run: its checkpoints hold the adapters"):
-        load_run_model(str(tmp_path / "resumed"))
+    model, _, step = load_run_model(str(tmp_path / "resumed"), merge=False)
+    assert step == 6 and has_lora(model)
+    base = {".".join(path_names(p)): v for p, v in nnx.to_flat_state(nnx.state(initial_model(config(tmp_path, 6)),
+                                                                               nnx.Param))}
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = ".".join(path_names(path))
+        if isinstance(variable, nnx.LoRAParam):
+            assert name.endswith(("lora_a", "lora_b")) and np.any(variable[...]), name  # B trained away from 0
+        else:
+            np.testing.assert_array_equal(np.asarray(variable[...]), np.asarray(base[name][...]), err_msg=name)
+    merged = load_run_model(str(tmp_path / "resumed"))[0]
+    assert not has_lora(merged)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(merged, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(merge_lora(model), nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=".".join(path_names(path)))
 
 
 def test_adapter_dropout_is_on_in_training_only_with_a_key_per_adapter_and_step():

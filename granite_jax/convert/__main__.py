@@ -1,9 +1,12 @@
-"""`python -m granite_jax.convert export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16] [--overwrite]
+"""`python -m granite_jax.convert export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16] [--overwrite] [--adapter]
 [--tokenizer PATH] [--sign-key KEY.pem [--sign-cert CERT.pem --sign-cert-chain CA.pem ...]]`
 `python -m granite_jax.convert import HF_DIR RUN_DIR [--dtype float32|bfloat16]`
 
 Exports the parameters of a training run's checkpoint (the newest, or `--step`) to a Hugging Face directory
-(`config.json` + safetensors) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+(`config.json` + safetensors) that `transformers.AutoModelForCausalLM.from_pretrained` loads. A LoRA run is
+exported merged: its base (read again from its init_from) with the adapters folded into the kernels,
+W + alpha/r·AB. `--adapter` exports a LoRA run's adapters alone as a PEFT adapter directory
+(`adapter_config.json` + `adapter_model.safetensors`) for `peft.PeftModel.from_pretrained(base, OUT_DIR)`.
 
 OUT_DIR must be new or empty: a directory with files in it (e.g. the HF checkpoint the run started from) is
 refused unless `--overwrite` is given, and then only the files the export writes are replaced; safetensors files
@@ -27,10 +30,11 @@ import sys
 import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
 from granite_jax import storage
 from granite_jax.convert.hf import load_hf_checkpoint, save_hf_checkpoint, weight_files
+from granite_jax.convert.peft import save_peft_adapter
 from granite_jax.convert.signing import SIGNATURE_FILE, sign_directory
 from granite_jax.data.tokenizer import HF_TOKENIZER_FILES
 from granite_jax.run_dir import RunDir, RunDirError
-from granite_jax.train.checkpoint import IMPORTED_FROM, load_run_model, save_parameters
+from granite_jax.train.checkpoint import IMPORTED_FROM, checkpoint_meta, load_run_model, save_parameters
 
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
@@ -80,9 +84,14 @@ def _tokenizer_note(source: str | None, copied: list[str]) -> str:
 
 def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None,
            overwrite: bool = False, tokenizer: str | None = None, sign_key: str | None = None,
-           sign_cert: str | None = None, sign_cert_chain: tuple[str, ...] = ()) -> str:
-    """Export, then report what was written (and removed) in a few lines."""
+           sign_cert: str | None = None, sign_cert_chain: tuple[str, ...] = (), adapter: bool = False) -> str:
+    """Export (the whole model, a LoRA run's merged; or with `adapter`, a LoRA run's adapters as a PEFT
+    directory), then report what was written (and removed) in a few lines."""
     check_output_dir(out_dir, overwrite)
+    run = checkpoint_meta(run_dir, step)[1].get("run", {})
+    if adapter and not run.get("lora"):
+        raise ValueError(f"--adapter: {run_dir!r} is not a LoRA run (its saved config has no lora:), so it has no "
+                         "adapters to export; export its whole model without --adapter")
     source = tokenizer_source(run_dir, tokenizer)
     if sign_cert is not None and sign_key is None:
         raise ValueError("--sign-cert needs --sign-key (the certificate's private key)")
@@ -90,10 +99,18 @@ def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | 
                        *[("--sign-cert-chain", c) for c in sign_cert_chain]]:
         if path is not None and not os.path.isfile(path):  # checked before anything is written
             raise ValueError(f"{flag} {path!r} is not a file")
-    model, _, step = load_run_model(run_dir, step)
+    model, _, step = load_run_model(run_dir, step, merge=not adapter)
     before = set(weight_files(out_dir))
-    written = save_hf_checkpoint(model, out_dir, dtype=dtype)
-    lines = [f"exported step {step} of {run_dir} to {out_dir}: {[os.path.basename(p) for p in written]}"]
+    if adapter:
+        lora, base = run["lora"], adapter_base(run)
+        written = save_peft_adapter(model, out_dir, rank=lora["rank"], alpha=lora["alpha"],
+                                    dropout=lora.get("dropout", 0.0), base_model_name_or_path=base, dtype=dtype)
+    else:
+        written = save_hf_checkpoint(model, out_dir, dtype=dtype)
+    what = "the LoRA adapters of " if adapter else "merged LoRA run " if run.get("lora") else ""
+    lines = [f"exported {what}step {step} of {run_dir} to {out_dir}: {[os.path.basename(p) for p in written]}"]
+    if adapter:
+        lines.append(_adapter_base_note(run, base))
     removed = sorted(before - set(weight_files(out_dir)))
     stale_signature = os.path.join(out_dir, SIGNATURE_FILE)
     if os.path.isfile(stale_signature):  # it signed the files just replaced
@@ -107,6 +124,25 @@ def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | 
         signature = sign_directory(out_dir, sign_key, certificate=sign_cert, certificate_chain=tuple(sign_cert_chain))
         lines.append(f"signed: {signature}")
     return "\n".join(lines)
+
+
+def adapter_base(run: dict) -> str | None:
+    """The HF directory a LoRA run's adapters go on (`base_model_name_or_path`): init_from=hf:DIR's, absolute;
+    None when the base is one of our runs or a fresh preset (it has no HF directory until exported)."""
+    kind, _, path = (run.get("init_from") or "").partition(":")
+    return os.path.abspath(path) if kind == "hf" else None
+
+
+def _adapter_base_note(run: dict, base: str | None) -> str:
+    """Where the adapters' base is, and, when it is no HF directory, how to get one."""
+    if base is not None:
+        return f"PEFT base (base_model_name_or_path): {base}"
+    source = run.get("init_from")
+    if source:
+        return (f"base_model_name_or_path is null: the base is init_from={source!r}; export it with `python -m "
+                f"granite_jax.convert export {source.partition(':')[2]} BASE_DIR` and load the adapter over BASE_DIR")
+    return (f"base_model_name_or_path is null: the base is the preset {run.get('model')!r} initialised from seed "
+            f"{run.get('seed')} (no HF directory); export the merged model without --adapter instead")
 
 
 def check_import_target(run_dir: str) -> None:
@@ -155,6 +191,8 @@ def main(argv=None) -> int:
     ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     ex.add_argument("--overwrite", action="store_true",
                     help="export into a non-empty directory, replacing the files the export writes")
+    ex.add_argument("--adapter", action="store_true",
+                    help="a LoRA run's adapters alone, as a PEFT adapter directory (default: the merged model)")
     ex.add_argument("--tokenizer", default=None,
                     help="HF tokenizer directory (or tokenizer.json) to copy; default: RUN_DIR/tokenizer/")
     ex.add_argument("--sign-key", default=None, help="elliptic-curve private key (PEM): write OUT_DIR/model.sig")
@@ -172,7 +210,7 @@ def main(argv=None) -> int:
             return 0
         print(export(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
                      tokenizer=args.tokenizer, sign_key=args.sign_key, sign_cert=args.sign_cert,
-                     sign_cert_chain=tuple(args.sign_cert_chain)))
+                     sign_cert_chain=tuple(args.sign_cert_chain), adapter=args.adapter))
     except (ValueError, FileNotFoundError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,10 @@ base. Only `nnx.LoRAParam`s are trained (`train/setup.py`); the base weights are
 
 Routed experts (`block_sparse_moe.input_linear` / `output_linear`, stacked (E, in, out) weights used by the
 grouped matmuls) and the router are not adapted.
+
+`merge_lora` folds trained adapters into their kernels (W' = W + alpha / r · A B): a plain `GraniteForCausalLM`
+that computes what the adapted model computes (outside training, where there is no dropout), for evaluation,
+generation, `convert export` and `init_from=run:` of a LoRA run.
 """
 
 from __future__ import annotations
@@ -117,3 +121,38 @@ def enable_dropout(model: nnx.Module, key: jax.Array) -> None:
 
 def has_lora(model: nnx.Module) -> bool:
     return any(isinstance(m, LoRALinear) for _, m in model.iter_modules())
+
+
+def adapters(model: nnx.Module) -> list[tuple[tuple, LoRALinear]]:
+    """[(path, module), ...] of the model's `LoRALinear`s, in the model's module order."""
+    return [(path, m) for path, m in model.iter_modules() if isinstance(m, LoRALinear)]
+
+
+def merged_kernel(module: LoRALinear) -> jax.Array:
+    """W + alpha / r · A B in the kernel's dtype and placement (A B is computed where the adapter lives, then
+    moved to the kernel's devices: a base read onto a mesh keeps its sharding)."""
+    kernel = module.kernel[...]
+    delta = module.scale * jnp.matmul(module.lora.lora_a[...].astype(jnp.float32),
+                                      module.lora.lora_b[...].astype(jnp.float32),
+                                      precision=jax.lax.Precision.HIGHEST)
+    if isinstance(kernel, jax.Array) and not isinstance(kernel, jax.core.Tracer):
+        delta = jax.device_put(delta, kernel.sharding)
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
+def merge_lora(model):
+    """A new plain `GraniteForCausalLM` (no `LoRALinear`, no adapter Variables) whose adapted kernels are
+    W + alpha / r · A B and whose other weights are the model's own arrays; `model` is left unchanged.
+
+    The merged model computes what the adapted one computes without dropout (the adapter is linear in x:
+    x W + s·x A B = x (W + s A B)), up to float rounding, so evaluation, generation and an HF export of it need
+    no adapter code. A model without adapters comes back as a new model holding the same arrays."""
+    from granite_jax.model.granite import GraniteForCausalLM  # granite.py does not import this module
+
+    merged = {path + ("kernel",): merged_kernel(module) for path, module in adapters(model)}
+    own = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    abstract = nnx.eval_shape(lambda: GraniteForCausalLM(model.config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    for path, variable in nnx.to_flat_state(state):
+        variable.set_value(merged[path] if path in merged else own[path][...])
+    return nnx.merge(graphdef, state)

@@ -17,10 +17,13 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from granite_jax import storage
-from granite_jax.config import ModelConfig
+from granite_jax.config import ModelConfig, load_preset
+from granite_jax.convert.hf import load_hf_checkpoint
 from granite_jax.model import GraniteForCausalLM
+from granite_jax.model.lora import apply_lora, merge_lora
 from granite_jax.run_dir import RunDir
 from granite_jax.tree import path_names
 
@@ -262,16 +265,22 @@ def _checkpoint_meta(manager: ocp.CheckpointManager, steps: list[int], step: int
     return step, manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def run_model_config(run_dir: str, step: int | None = None, **model_overrides) -> ModelConfig:
-    """The model configuration saved with a run's checkpoint (newest unless `step`); no weights are read."""
+def checkpoint_meta(run_dir: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, metadata) of a run's checkpoint (newest unless `step`): its model and run configs; no weights are
+    read."""
     manager, steps = _open_run(run_dir)
     try:
-        return ModelConfig.from_hf(_checkpoint_meta(manager, steps, step)[1]["model"], **model_overrides)
+        return _checkpoint_meta(manager, steps, step)
     finally:
         manager.close()
 
 
-def load_run_model(run_dir: str, step: int | None = None, *, shardings=None,
+def run_model_config(run_dir: str, step: int | None = None, **model_overrides) -> ModelConfig:
+    """The model configuration saved with a run's checkpoint (newest unless `step`); no weights are read."""
+    return ModelConfig.from_hf(checkpoint_meta(run_dir, step)[1]["model"], **model_overrides)
+
+
+def load_run_model(run_dir: str, step: int | None = None, *, shardings=None, merge: bool = True,
                    **model_overrides) -> tuple[GraniteForCausalLM, dict, int]:
     """The model of a run's checkpoint (newest unless `step`), its saved run config, and the step.
 
@@ -279,25 +288,108 @@ def load_run_model(run_dir: str, step: int | None = None, *, shardings=None,
     restores too; `model_overrides` set compute-only fields such as `compute_dtype`, `remat_policy` or
     `sharding`. `shardings`: NamedShardings like the model's parameters (`parameter_shardings` of its `nnx.Param`
     state); each parameter is then restored straight onto its devices, every process reading only the shards
-    its devices hold, instead of whole onto one device."""
-    manager, steps = _open_run(run_dir)
-    try:
-        step, meta = _checkpoint_meta(manager, steps, step)
-    finally:
-        manager.close()
-    if meta.get("run", {}).get("lora"):
-        raise ValueError(f"{run_dir!r} is a LoRA run: its checkpoints hold the adapters and their optimizer state, "
-                         f"not the base weights (those of its init_from={meta['run'].get('init_from')!r}); merging "
-                         "the adapters into a model, or exporting them, is not implemented yet")
+    its devices hold, instead of whole onto one device.
+
+    A LoRA run's checkpoint holds only its adapters: the base weights are read again from its `init_from`
+    (`lora_base`), the adapters put on them and restored. With `merge` (the default, what evaluation, generation,
+    `convert export` and `init_from=run:` use) the adapters are folded into the kernels (`merge_lora`): a plain
+    model, exact up to float rounding since no dropout applies outside training. `merge=False` keeps the
+    `LoRALinear`s (to export the adapters themselves); it applies to LoRA runs only."""
+    return _load_run_model(run_dir, step, shardings, merge, model_overrides, seen=())
+
+
+def _load_run_model(run_dir, step, shardings, merge, model_overrides, seen):
+    step, meta = checkpoint_meta(run_dir, step)
+    run = meta.get("run", {})
+    if run.get("lora"):
+        model = _lora_run_model(run_dir, step, meta, shardings, model_overrides, seen)
+        return (merge_lora(model) if merge else model), run, step
     config = ModelConfig.from_hf(meta["model"], **model_overrides)
     abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
-    target = {"params": params if shardings is None else with_shardings(params, shardings)}
-    restored = ocp.PyTreeCheckpointer().restore(  # the parameters only, not the optimizer state
+    restored = _restore_params(run_dir, step, params if shardings is None else with_shardings(params, shardings))
+    return nnx.merge(graphdef, restored), run, step
+
+
+def _restore_params(run_dir: str, step: int, target):
+    """The `params` of a checkpoint's train state, shaped and placed like `target`; the optimizer state is not
+    read."""
+    target = {"params": target}
+    restored = ocp.PyTreeCheckpointer().restore(
         os.path.join(RunDir(run_dir).checkpoints, str(step), "state"),
         args=ocp.args.PyTreeRestore(target, partial_restore=True,
                                     restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
-    return nnx.merge(graphdef, restored["params"]), meta.get("run", {}), step
+    return restored["params"]
+
+
+def _lora_run_model(run_dir, step, meta, shardings, model_overrides, seen) -> GraniteForCausalLM:
+    """A LoRA run's model with its `LoRALinear`s: the base (`lora_base`) with the run's adapters (rank, alpha,
+    dropout and targets as saved) restored from the checkpoint. With `shardings`, the adapters are replicated on
+    the base's mesh (they are small)."""
+    run = meta["run"]
+    key = run_dir if storage.is_url(run_dir) else os.path.abspath(run_dir)
+    if key in seen:
+        raise ValueError(f"{run_dir!r}: its init_from chain of LoRA runs comes back to itself: {list(seen)}")
+    model = lora_base(run_dir, run, meta["model"], shardings, model_overrides, seen=(*seen, key))
+    lora = run["lora"]
+    apply_lora(model, rank=lora["rank"], alpha=lora["alpha"], dropout=lora.get("dropout", 0.0),
+               targets=lora["targets"], rngs=nnx.Rngs(0))
+    replicated = None
+    if shardings is not None:
+        replicated = NamedSharding(jax.tree.leaves(shardings)[0].mesh, PartitionSpec())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          nnx.state(model, nnx.LoRAParam))
+    nnx.update(model, _restore_params(run_dir, step, target))
+    return model
+
+
+def lora_base(run_dir: str, run: dict, saved_model: dict, shardings=None, model_overrides=None, *,
+              seen=()) -> GraniteForCausalLM:
+    """The base weights a LoRA run (saved run config `run`, saved model config `saved_model`) trained its
+    adapters over, read as training read them: init_from=hf:DIR's checkpoint, init_from=run:DIR's newest
+    checkpoint (merged, if that is a LoRA run too), or, without init_from, the preset initialised from the run's
+    seed. A base that is gone is a FileNotFoundError naming its path; one whose shapes are not those the run
+    saved (replaced since) a ValueError. A base read again cannot be told from a changed one of the same shapes
+    (e.g. a run:DIR that trained on): the adapters then apply to the weights found now."""
+    overrides = dict(model_overrides or {})
+    source = run.get("init_from")
+    kind, _, path = (source or "").partition(":")
+    where = f"{run_dir!r} is a LoRA run: its checkpoints hold only the adapters, whose base is init_from={source!r}"
+    if source is None:
+        config = load_preset(run["model"], **{**run.get("model_overrides", {}), **overrides})
+        base = GraniteForCausalLM(config, rngs=nnx.Rngs(run.get("seed", 0)))
+        if shardings is not None:
+            params = nnx.state(base, nnx.Param)
+            placed = [jax.device_put(x, s) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings),
+                                                            strict=True)]
+            nnx.update(base, jax.tree.unflatten(jax.tree.structure(params), placed))
+    elif kind == "hf":
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{where}, and {path!r} is not a directory (a relative path is read from the "
+                                    "current directory, as training read it)")
+        dtype = overrides.pop("compute_dtype", "float32")
+        base = load_hf_checkpoint(path, dtype=dtype, shardings=shardings, **overrides)
+    elif kind == "run":
+        if not RunDir(path).has_checkpoints():
+            raise FileNotFoundError(f"{where}, and {path!r} is not a run directory with checkpoints (a relative path "
+                                    "is read from the current directory, as training read it)")
+        base = _load_run_model(path, None, shardings, True, overrides, seen)[0]
+    else:
+        raise ValueError(f"{where}: expected 'hf:DIRECTORY' or 'run:RUN_DIR'")
+    _check_base_shapes(base, ModelConfig.from_hf(saved_model), where)
+    return base
+
+
+def _check_base_shapes(base: GraniteForCausalLM, saved: ModelConfig, where: str) -> None:
+    """The base must have the parameter shapes of the model the run saved (the one its adapters were trained on)."""
+    expected = nnx.eval_shape(lambda: GraniteForCausalLM(saved, rngs=nnx.Rngs(0)))
+    want = {".".join(path_names(p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(expected, nnx.Param))}
+    have = {".".join(path_names(p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(base, nnx.Param))}
+    if want != have:
+        differ = sorted(n for n in want.keys() | have.keys() if want.get(n) != have.get(n))
+        raise ValueError(f"{where}, which no longer holds the model the run trained on: {differ[0]} has shape "
+                         f"{have.get(differ[0])}, the run's model {want.get(differ[0])} ({len(differ)} parameters "
+                         "differ)")
 
 
 def with_shardings(abstract, shardings):
