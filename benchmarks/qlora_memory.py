@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from recommended_meshes import ENTRIES, GiB, ROOT, _identity, _overrides, scanned  # noqa: E402
+from recommended_meshes import ENTRIES, ROOT, GiB, _identity, _overrides, scanned  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "qlora_memory.jsonl")
 LORA = "lora={rank: 8, alpha: 16}"
