@@ -107,6 +107,9 @@ class LoRAConfig:
     # input_linear output_linear (the shared MLP). Routed experts and the router are not adapted.
     targets: list[str] = dataclasses.field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj"])
+    # QLoRA: store the frozen base weights (every dense projection of the layers and the routed experts)
+    # quantised, int8 (per output channel) or nf4 (blocks of 64); null: float (`granite_jax/model/quantize.py`).
+    quantize_base: str | None = None
 
 
 @dataclasses.dataclass
@@ -197,10 +200,12 @@ class RunConfig:
         self.initial_weights  # noqa: B018 - parses and checks init_from
         if self.lora is not None:
             from granite_jax.model.lora import check_lora
+            from granite_jax.model.quantize import check_quantize_base
 
             try:
                 check_lora(rank=self.lora.rank, alpha=self.lora.alpha, dropout=self.lora.dropout,
                            targets=self.lora.targets)
+                check_quantize_base(self.lora.quantize_base)
             except ValueError as e:
                 raise RunConfigError(str(e)) from None
 

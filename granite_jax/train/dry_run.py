@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from granite_jax.model.flops import training_flops_per_token
+from granite_jax.model.quantize import parameter_count, stored_bytes
 from granite_jax.parallel.topology import device_memory
 from granite_jax.train.config import RunConfig
 from granite_jax.train.setup import build_run
@@ -96,7 +97,8 @@ class DryRunReport:
 
 
 def _shard_bytes(abstract, shardings) -> int:
-    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+    # stored_bytes: a QLoRA base's uint4 (nf4) values take half a byte each on TPU (dtype.itemsize says 1)
+    return sum(stored_bytes(s.shard_shape(x.shape), x.dtype)
                for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
 
 
@@ -297,8 +299,8 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
         model=config.init_from or config.model, mesh=dict(mesh.shape), devices=devices,
         platform=_describe(mesh.devices.flat[0]),
         device_bytes=device_memory(mesh.devices.flat[0]),
-        parameters=sum(int(np.prod(x.shape)) for x in jax.tree.leaves((run.state.params, run.frozen))),
-        # With LoRA, the frozen base weights too (they have no optimizer state).
+        # With LoRA, the frozen base weights too (no optimizer state; QLoRA: quantised, counted once, scales aside).
+        parameters=parameter_count(run.state.params) + (0 if run.frozen is None else parameter_count(run.frozen)),
         params_bytes=(_shard_bytes(run.state.params, run.state_shardings.params)
                       + (0 if run.frozen is None else _shard_bytes(run.frozen, run.frozen_shardings))),
         opt_state_bytes=_shard_bytes(run.state.opt_state, run.state_shardings.opt_state),

@@ -22,6 +22,7 @@ from granite_jax.config import ModelConfig, load_preset
 from granite_jax.convert import load_hf_checkpoint
 from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.lora import apply_lora
+from granite_jax.model.quantize import quantize_base
 from granite_jax.parallel.mesh import (
     batch_sharding,
     check_batch,
@@ -116,13 +117,16 @@ def initial_model(config: RunConfig, shardings=None) -> GraniteForCausalLM:
 
 
 def with_lora(config: RunConfig, model: GraniteForCausalLM) -> GraniteForCausalLM:
-    """The model with `config.lora`'s adapters on it (`granite_jax.model.lora`), or unchanged without them."""
+    """The model with `config.lora`'s adapters on it (`granite_jax.model.lora`), its base quantised if
+    `lora.quantize_base` says so (`granite_jax.model.quantize`), or unchanged without them."""
     lora = config.lora
     if lora is None:
         return model
     try:
-        return apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
-                          rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), LORA_SEED_SALT)))
+        model = apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
+                           rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), LORA_SEED_SALT)))
+        # QLoRA: the frozen base stored quantised, after the adapters took their shapes and axes from it.
+        return model if lora.quantize_base is None else quantize_base(model, lora.quantize_base)
     except ValueError as e:
         raise RunConfigError(str(e)) from None
 

@@ -1,0 +1,119 @@
+"""Per-chip memory of full fine-tuning vs LoRA vs QLoRA (int8, nf4), the TPU compiler's dry run (issue 16).
+
+The recommended-mesh entries of h-tiny and h-small (`benchmarks/recommended_meshes.py`: bf16 compute, float32
+parameters and Adam, `remat_policy: full`, capacity 1.25, rows of 4,096, the layer stack scanned), compiled for
+their deviceless TPU topology four ways: every weight trained; LoRA rank 8 on the default targets (attention
+q/k/v/o, Mamba in_proj/out_proj); and the same with `lora.quantize_base` int8 and nf4. One subprocess per compile;
+one JSON line per compile appended to benchmarks/results/qlora_memory.jsonl.
+
+    flock /tmp/compile.lock python benchmarks/qlora_memory.py --only h-tiny
+    python benchmarks/qlora_memory.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from recommended_meshes import ENTRIES, ROOT, GiB, _identity, _overrides, scanned  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "qlora_memory.jsonl")
+LORA = "lora={rank: 8, alpha: 16}"
+VARIANTS = {"full": [], "lora": [LORA], "qlora-int8": [LORA, "lora.quantize_base=int8"],
+            "qlora-nf4": [LORA, "lora.quantize_base=nf4"]}
+MODELS = ("granite-4.0-h-tiny", "granite-4.0-h-small")
+
+
+def entry_for(model: str):
+    return scanned(next(e for e in ENTRIES if e.model == model))
+
+
+def run_one(model: str, variant: str) -> dict:
+    """Compile one (model, variant) in this process and return its figures."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    sys.path.insert(0, ROOT)
+    from granite_jax.parallel.topology import tpu_topology_devices
+    from granite_jax.train import load_run_config
+    from granite_jax.train.dry_run import dry_run
+
+    entry = entry_for(model)
+    overrides = _overrides(entry) + VARIANTS[variant]
+    start = time.time()
+    report = dry_run(load_run_config(os.path.join(ROOT, "configs", "pretrain-tiny.yaml"), overrides),
+                     tpu_topology_devices(entry.topology))
+    return {**_identity(entry), "variant": variant, "overrides": overrides, "device": report.platform,
+            "parameters": report.parameters, "params_gib": report.params_bytes / GiB,
+            "opt_state_gib": report.opt_state_bytes / GiB, "batch_gib": report.batch_bytes / GiB,
+            "temp_gib": report.temp_bytes / GiB, "total_gib": report.peak_bytes / GiB,
+            "device_gib": (report.device_bytes or 0) / GiB,
+            "collectives_gib": {k: v[1] / GiB for k, v in report.collectives.items()},
+            "compile_s": round(time.time() - start, 1), "date": time.strftime("%Y-%m-%d")}
+
+
+def report() -> str:
+    """The markdown table of the latest row of each (model, variant)."""
+    latest = {}
+    if os.path.exists(RESULTS):
+        for line in open(RESULTS):
+            row = json.loads(line)
+            latest[row["model"], row["variant"]] = row
+    lines = ["| model | pod (mesh) | variant | parameters | trainable state | frozen + trained weights | "
+             "optimizer | temporaries | total (of HBM) | compile |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for model in MODELS:
+        for variant in VARIANTS:
+            row = latest.get((model, variant))
+            if row is None:
+                continue
+            if "error" in row:
+                lines.append(f"| {model} | {row['topology']} | {variant} | {row['error']} |||||||")
+                continue
+            mesh = " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
+            lines.append(f"| {model} | {row['topology']} ({mesh}) | {variant} | {row['parameters']:,} | "
+                         f"{'all' if variant == 'full' else 'adapters'} | {row['params_gib']:.2f} GiB | "
+                         f"{row['opt_state_gib']:.2f} GiB | {row['temp_gib']:.2f} GiB | "
+                         f"**{row['total_gib']:.2f}** of {row['device_gib']:.0f} GiB | {row['compile_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=None, help="models whose name contains this")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: MODEL VARIANT
+    args = parser.parse_args()
+    if args.report:
+        print(report())
+        return
+    if args.one is not None:
+        print(json.dumps(run_one(*args.one)))
+        return
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    for model in MODELS:
+        if args.only and args.only not in model:
+            continue
+        for variant in args.variants.split(","):
+            print(f"{model} {variant} ...", flush=True)
+            proc = subprocess.run([sys.executable, __file__, "--one", model, variant], capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode or not lines:
+                error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                row = {**_identity(entry_for(model)), "variant": variant, "error": f"exit {proc.returncode}: {error}"}
+            else:
+                row = json.loads(lines[-1])
+            print("   ", {k: row[k] for k in ("params_gib", "opt_state_gib", "temp_gib", "total_gib", "compile_s",
+                                              "error") if k in row}, flush=True)
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
