@@ -119,6 +119,30 @@ def test_a_lora_run_loads_merged_or_with_its_adapters(lora_run):
         np.testing.assert_array_equal(_flat(unmerged)[name], value, err_msg=name)
 
 
+def test_a_qlora_run_reads_back_quantised_and_merges_over_the_dequantised_base(tmp_path):
+    """A QLoRA run's adapters were trained over dequant(quant(W)): read back, the base is quantised again (the
+    trained model exactly), and merged, every kernel is dequant(W) (+ alpha/r·AB where adapted) in float32."""
+    from granite_jax.model.quantize import quantize_base, quantized_tensors
+
+    base = tmp_path / "base"
+    save_hf_checkpoint(GraniteForCausalLM(_config(), rngs=nnx.Rngs(7)), base)
+    model = quantize_base(_with_trained_adapters(load_hf_checkpoint(base)), "int8")
+    run = apply_overrides(RunConfig(), {"init_from": f"hf:{base}", "lora": {
+        "rank": RANK, "alpha": ALPHA, "targets": list(LORA_TARGETS), "quantize_base": "int8"}}).to_dict()
+    run_dir = _save_run(tmp_path / "qlora-run", model, run)
+    ids = random_ids(5, (2, 12), vocab=96)
+    trained = np.asarray(forward(model, ids).logits)
+    unmerged = load_run_model(run_dir, merge=False)[0]
+    assert len(quantized_tensors(unmerged)) == len(quantized_tensors(model)) > N_ADAPTERS  # experts too
+    np.testing.assert_array_equal(forward(unmerged, ids).logits, trained)
+    merged = load_run_model(run_dir)[0]
+    assert not quantized_tensors(merged) and not has_lora(merged)
+    assert {v.dtype for v in _flat(merged).values()} == {np.dtype(np.float32)}
+    assert max_rel_error(forward(merged, ids).logits, trained) <= 1e-5
+    float_merged = merge_lora(_with_trained_adapters(load_hf_checkpoint(base)))  # the float base: not what trained
+    assert max_rel_error(forward(float_merged, ids).logits, trained) > 1e-4
+
+
 def test_init_from_a_lora_run_gives_the_merged_weights(lora_run, tmp_path):
     from granite_jax.train.setup import build_run
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from granite_jax.model.quantize import QuantizedTensor, quantized_tensors
 from granite_jax.parallel import partitioned
 from granite_jax.tree import path_names
 
@@ -131,7 +132,8 @@ def adapters(model: nnx.Module) -> list[tuple[tuple, LoRALinear]]:
 def merged_kernel(module: LoRALinear) -> jax.Array:
     """W + alpha / r · A B in the kernel's dtype and placement (A B is computed where the adapter lives, then
     moved to the kernel's devices: a base read onto a mesh keeps its sharding)."""
-    kernel = module.kernel[...]
+    kernel = (module.kernel.dequantize(jnp.float32) if isinstance(module.kernel, QuantizedTensor)
+              else module.kernel[...])
     delta = module.scale * jnp.matmul(module.lora.lora_a[...].astype(jnp.float32),
                                       module.lora.lora_b[...].astype(jnp.float32),
                                       precision=jax.lax.Precision.HIGHEST)
@@ -146,13 +148,19 @@ def merge_lora(model):
 
     The merged model computes what the adapted one computes without dropout (the adapter is linear in x:
     x W + s·x A B = x (W + s A B)), up to float rounding, so evaluation, generation and an HF export of it need
-    no adapter code. A model without adapters comes back as a new model holding the same arrays."""
+    no adapter code. A model without adapters comes back as a new model holding the same arrays.
+
+    A QLoRA base (`lora.quantize_base`) is dequantised in float32: the merged model computes what was trained,
+    dequant(W) + alpha / r · A B, as float weights."""
     from granite_jax.model.granite import GraniteForCausalLM  # granite.py does not import this module
 
     merged = {path + ("kernel",): merged_kernel(module) for path, module in adapters(model)}
-    own = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    own = {path: variable[...] for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    own.update({path: tensor.dequantize(jnp.float32) for path, tensor in quantized_tensors(model)
+                if path not in merged})
     abstract = nnx.eval_shape(lambda: GraniteForCausalLM(model.config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     for path, variable in nnx.to_flat_state(state):
-        variable.set_value(merged[path] if path in merged else own[path][...])
+        value = merged[path] if path in merged else own[path]
+        variable.set_value(value.astype(variable.get_value().dtype))
     return nnx.merge(graphdef, state)

@@ -94,8 +94,9 @@ class QuantizedTensor(nnx.Module):
         """The logical axes of the weight, like the replaced Variable's metadata."""
         return {"out_sharding": self.axes}
 
-    def dequantize(self) -> jax.Array:
-        qarray = qwix.QArray(self.qvalue[...], self.scale[...].astype(self.dtype),
+    def dequantize(self, dtype=None) -> jax.Array:
+        """The weight, dequantised in `dtype` (default: the layer's compute dtype)."""
+        qarray = qwix.QArray(self.qvalue[...], self.scale[...].astype(dtype or self.dtype),
                              qtype=jnp.int8 if self.qtype == "int8" else "nf4")
         return qwix.dequantize(qarray)
 
