@@ -298,9 +298,10 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
         platform=_describe(mesh.devices.flat[0]),
         device_bytes=device_memory(mesh.devices.flat[0]),
         parameters=sum(int(np.prod(x.shape)) for x in jax.tree.leaves((run.state.params, run.frozen))),
-        # With LoRA, the frozen base weights too (they have no optimizer state).
+        # With LoRA, the frozen base weights too (they have no optimizer state); with DPO, the reference copy.
         params_bytes=(_shard_bytes(run.state.params, run.state_shardings.params)
-                      + (0 if run.frozen is None else _shard_bytes(run.frozen, run.frozen_shardings))),
+                      + (0 if run.frozen is None else _shard_bytes(run.frozen, run.frozen_shardings))
+                      + (0 if run.reference is None else _shard_bytes(run.reference, run.state_shardings.params))),
         opt_state_bytes=_shard_bytes(run.state.opt_state, run.state_shardings.opt_state),
         batch_bytes=_shard_bytes(batch, [run.data_sharding] * len(batch)),
         temp_bytes=int(memory.temp_size_in_bytes),

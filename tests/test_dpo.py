@@ -1,0 +1,137 @@
+"""DPO: reply log-probs and the loss against transformers in torch and TRL's formula, packed pairs against pairs
+alone, bad input and settings named, and short runs through the train loop (full weights and LoRA)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from granite_jax import load_hf_checkpoint
+from granite_jax.data.chat_template import chat_format
+from granite_jax.data.preference import load_preference_samples, pair_sample, preference_dataset
+from granite_jax.data.sources import DataError
+from granite_jax.data.tokenizer import load_tokenizer
+from granite_jax.train.config import RunConfigError, load_run_config
+from granite_jax.train.dpo import dpo_loss_fn, dpo_pair_losses, pair_sums, reply_log_probs, token_log_probs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
+PREFERENCE_TRAIN = os.path.join(ROOT, "data", "preference", "train.jsonl.gz")
+VOCAB = 128
+
+
+def _random_pairs(seed: int, count: int) -> list[tuple]:
+    """`count` pairs of (ids, trainable) sequences: a shared random prompt, then two random replies."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(count):
+        prompt = rng.integers(0, VOCAB, int(rng.integers(3, 9)))
+        sequences = []
+        for _ in range(2):
+            reply = rng.integers(0, VOCAB, int(rng.integers(2, 7)))
+            ids = np.concatenate([prompt, reply]).astype(np.int32)
+            sequences.append((ids, np.arange(len(ids)) >= len(prompt)))
+        pairs.append(tuple(sequences))
+    return pairs
+
+
+def _packed_batch(pairs, seq_len: int) -> dict:
+    """All pairs packed into rows of seq_len (first-fit), every row the pipeline makes, as jnp arrays."""
+    samples = [pair_sample(*p) for p in pairs]
+    rows = list(preference_dataset(samples, seq_len=seq_len, batch_size=1, seed=0, num_epochs=1, packing_bins=2))
+    batch = {k: jnp.asarray(np.concatenate([r[k] for r in rows])) for k in rows[0]}
+    assert int((batch["segment_ids"].max(axis=1) // 2).sum()) == len(pairs)
+    return batch
+
+
+def _pair_order(batch, pairs) -> np.ndarray:
+    """(pairs, 2): the (row, pair slot) where each of `pairs` was packed, found by its chosen sequence's ids."""
+    where = {}
+    segments, ids = np.asarray(batch["segment_ids"]), np.asarray(batch["input_ids"])
+    for row in range(segments.shape[0]):
+        for slot in range(segments[row].max() // 2):
+            where[ids[row][segments[row] == 2 * slot + 1].tobytes()] = (row, slot)
+    return np.asarray([where[chosen[0][:-1].tobytes()] for chosen, _ in pairs])
+
+
+_jitted_loss = jax.jit(dpo_loss_fn, static_argnums=1, static_argnames=("beta", "label_smoothing", "loss", "chunk"))
+
+
+def _loss(model, reference, batch, **dpo):
+    """dpo_loss_fn of the model against a reference model's parameters (beta 0.1 unless given), jitted."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    return _jitted_loss(params, graphdef, batch, chunk=16, reference=nnx.state(reference, nnx.Param),
+                        **{"beta": 0.1, **dpo})
+
+
+@nnx.jit(static_argnames="chunk")
+def _reply_log_probs(model, batch, chunk: int = 16):
+    return reply_log_probs(token_log_probs(model, batch, chunk=chunk)[0], batch)
+
+
+def _torch_reply_log_probs(hf_model, pairs):
+    """Per pair (chosen, rejected) Σ log p(token) over the reply, each sequence alone in transformers."""
+    import torch
+
+    out = []
+    for pair in pairs:
+        sums = []
+        for ids, trainable in pair:
+            with torch.no_grad():
+                logits = hf_model(torch.tensor(ids[None].astype(np.int64)), use_cache=False).logits[0, :-1].double()
+            token = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:, None].astype(np.int64)))[:, 0]
+            sums.append(float((token * torch.tensor(trainable[1:], dtype=torch.float64)).sum()))
+        out.append(sums)
+    return np.asarray(out)
+
+
+def test_log_probs_and_loss_match_transformers_and_trl(hf_checkpoint):
+    """Reply log-probs of packed pairs (policy and reference) equal transformers' per sequence; the DPO loss and
+    rewards equal TRL 1.16's sigmoid / IPO formulas (DPOTrainer._compute_loss, written out in torch: it is a
+    method of a full trainer) and cDPO's smoothed loss."""
+    import torch
+    import torch.nn.functional as F
+
+    policy_dir, policy_hf = hf_checkpoint(seed=0, name="policy")
+    reference_dir, reference_hf = hf_checkpoint(seed=1, name="reference")
+    policy, reference = load_hf_checkpoint(policy_dir), load_hf_checkpoint(reference_dir)
+    pairs = _random_pairs(0, 5)
+    batch = _packed_batch(pairs, seq_len=48)
+    expected = {"policy": _torch_reply_log_probs(policy_hf, pairs),
+                "reference": _torch_reply_log_probs(reference_hf, pairs)}
+    order = _pair_order(batch, pairs)
+    for name, model in (("policy", policy), ("reference", reference)):
+        chosen, rejected = _reply_log_probs(model, batch)
+        ours = np.stack([np.asarray(chosen)[order[:, 0], order[:, 1]], np.asarray(rejected)[order[:, 0], order[:, 1]]],
+                        -1)
+        np.testing.assert_allclose(ours, expected[name], rtol=1e-5, atol=1e-5)
+
+    beta = 0.1
+    pc, pr = (torch.tensor(expected["policy"][:, i]) for i in (0, 1))
+    rc, rr = (torch.tensor(expected["reference"][:, i]) for i in (0, 1))
+    delta = (pc - rc) - (pr - rr)
+    lengths = torch.tensor([[t[1:].sum() for _, t in p] for p in pairs], dtype=torch.float64)
+    trl = {"sigmoid": -F.logsigmoid(beta * delta),
+           "ipo": ((pc - rc) / lengths[:, 0] - (pr - rr) / lengths[:, 1] - 1 / (2 * beta)) ** 2}
+    _, metrics = _loss(policy, reference, batch, beta=beta)
+    np.testing.assert_allclose(float(metrics["loss"]), float(trl["sigmoid"].mean()), rtol=1e-5, atol=1e-6)
+    # The other losses, from our log-probs of the packed pairs (one compiled step is enough for the plumbing).
+    policy_lp, reference_lp = (_reply_log_probs(m, batch) for m in (policy, reference))
+    tokens = [np.asarray(t)[order[:, 0], order[:, 1]] for t in pair_sums(batch["loss_weights"], batch["segment_ids"])]
+    cdpo = -(0.9 * F.logsigmoid(beta * delta) + 0.1 * F.logsigmoid(-beta * delta))
+    for settings, expected_loss in ((dict(loss="ipo"), trl["ipo"]), (dict(label_smoothing=0.1), cdpo)):
+        losses, _, _ = dpo_pair_losses(*(np.asarray(x)[order[:, 0], order[:, 1]] for x in (*policy_lp, *reference_lp)),
+                                       beta=beta, chosen_tokens=tokens[0], rejected_tokens=tokens[1], **settings)
+        np.testing.assert_allclose(np.asarray(losses), expected_loss.numpy(), rtol=1e-5, atol=1e-6)
+    chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
+    np.testing.assert_allclose(float(metrics["reward_chosen"]), float(chosen_rewards.mean()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["reward_margin"]), float((chosen_rewards - rejected_rewards).mean()),
+                               rtol=1e-5, atol=1e-6)
+    assert float(metrics["reward_accuracy"]) == pytest.approx(float((chosen_rewards > rejected_rewards).double().mean()))
+    assert float(metrics["pairs"]) == 5
