@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -79,16 +80,17 @@ def _torch_reply_log_probs(hf_model, pairs):
     """Per pair (chosen, rejected) Σ log p(token) over the reply, each sequence alone in transformers."""
     import torch
 
-    out = []
-    for pair in pairs:
-        sums = []
-        for ids, trainable in pair:
-            with torch.no_grad():
-                logits = hf_model(torch.tensor(ids[None].astype(np.int64)), use_cache=False).logits[0, :-1].double()
-            token = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:, None].astype(np.int64)))[:, 0]
-            sums.append(float((token * torch.tensor(trainable[1:], dtype=torch.float64)).sum()))
-        out.append(sums)
-    return np.asarray(out)
+    sequences = [s for pair in pairs for s in pair]
+    width = max(len(ids) for ids, _ in sequences)
+    ids = np.zeros((len(sequences), width), np.int64)  # right-padded: a causal model's earlier tokens see no padding
+    weights = np.zeros((len(sequences), width - 1))
+    for row, (sequence, trainable) in enumerate(sequences):
+        ids[row, :len(sequence)] = sequence
+        weights[row, :len(sequence) - 1] = trainable[1:]
+    with torch.no_grad():
+        logits = hf_model(torch.tensor(ids), use_cache=False).logits[:, :-1].double()
+    token = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[:, 1:, None]))[..., 0]
+    return (token * torch.tensor(weights)).sum(-1).numpy().reshape(len(pairs), 2)
 
 
 def test_log_probs_and_loss_match_transformers_and_trl(hf_checkpoint):
@@ -135,3 +137,98 @@ def test_log_probs_and_loss_match_transformers_and_trl(hf_checkpoint):
                                rtol=1e-5, atol=1e-6)
     assert float(metrics["reward_accuracy"]) == pytest.approx(float((chosen_rewards > rejected_rewards).double().mean()))
     assert float(metrics["pairs"]) == 5
+
+
+def test_packed_pairs_equal_pairs_alone(hf_checkpoint):
+    """Pairs packed several to a row give the loss, pair metrics and gradients of each pair in a row of its own."""
+    policy_dir, _ = hf_checkpoint(seed=0, name="policy")
+    reference_dir, _ = hf_checkpoint(seed=1, name="reference")
+    policy, reference = load_hf_checkpoint(policy_dir), load_hf_checkpoint(reference_dir)
+    pairs = _random_pairs(1, 4)
+    packed = _packed_batch(pairs, seq_len=64)
+    alone = {k: jnp.concatenate([_packed_batch([p], seq_len=64)[k] for p in pairs]) for k in packed}
+    rows = packed["segment_ids"].shape[0]
+    assert rows < len(pairs) == alone["segment_ids"].shape[0]
+    # Rows of padding (segment 0, no weight) fill the packed batch to the same shape: one compilation for both.
+    packed = {k: jnp.pad(v, [(0, len(pairs) - rows), (0, 0)]) for k, v in packed.items()}
+    graphdef, params = nnx.split(policy, nnx.Param)
+    reference_params = nnx.state(reference, nnx.Param)
+
+    @jax.jit
+    def loss_and_grads(params, batch):
+        return jax.value_and_grad(lambda p: dpo_loss_fn(p, graphdef, batch, beta=0.5, chunk=16,
+                                                        reference=reference_params), has_aux=True)(params)
+
+    (_, packed_metrics), packed_grads = loss_and_grads(params, packed)
+    (_, alone_metrics), alone_grads = loss_and_grads(params, alone)
+    for name in ("loss", "reward_accuracy", "reward_chosen", "reward_rejected", "reward_margin", "pairs", "tokens"):
+        np.testing.assert_allclose(float(packed_metrics[name]), float(alone_metrics[name]), rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+    assert float(packed_metrics["pairs"]) == 4 and float(packed_metrics["loss"]) > 0
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(packed_grads), jax.tree.leaves(alone_grads)):
+        scale = max(float(jnp.abs(b).max()), 1e-6)
+        assert float(jnp.abs(a - b).max()) / scale < 1e-4, jax.tree_util.keystr(path)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(packed_grads))
+
+
+def _write_lines(path, records) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+GOOD = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt": GOOD["prompt"], "rejected": GOOD["rejected"]}, "'chosen' is missing"),
+    ({"prompt": GOOD["prompt"], "chosen": GOOD["chosen"]}, "'rejected' is missing"),
+    ({**GOOD, "rejected": 5}, "'rejected' must be a list of {role, content} messages or a string"),
+    ({**GOOD, "chosen": [{"role": "user", "content": "hi"}]}, "'chosen' has no assistant message after the prompt"),
+    ({**GOOD, "prompt": [{"role": "robot", "content": "x"}]}, "prompt + chosen: messages[0].role='robot'"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_preference_lines_name_file_line_and_field(tmp_path, bad, message):
+    path = _write_lines(tmp_path / "pairs.jsonl", [GOOD, bad])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: {message}")):
+        load_preference_samples([path], chat_format("auto", TOKENIZER), load_tokenizer(TOKENIZER), seq_len=128,
+                                vocab_size=4096)
+    # bad_lines=skip: the line is counted, the good one kept
+    samples, stats = load_preference_samples([path], chat_format("auto", TOKENIZER), load_tokenizer(TOKENIZER),
+                                             seq_len=128, vocab_size=4096, bad_lines="skip")
+    assert len(samples) == 1 and stats.bad_lines[0].startswith(f"{path}:2: ")
+
+
+def test_string_replies_and_implicit_prompts_tokenize_like_the_conversational_layout(tmp_path):
+    """The three layouts of one pair give the same tokens and weights; the weights cover the reply only."""
+    plain = {"prompt": GOOD["prompt"], "chosen": "4", "rejected": "5"}
+    implicit = {"chosen": GOOD["prompt"] + GOOD["chosen"], "rejected": GOOD["prompt"] + GOOD["rejected"]}
+    path = _write_lines(tmp_path / "pairs.jsonl", [GOOD, plain, implicit])
+    tokenizer = load_tokenizer(TOKENIZER)
+    samples, _ = load_preference_samples([path], chat_format("auto", TOKENIZER), tokenizer, seq_len=128,
+                                         vocab_size=4096)
+    for other in samples[1:]:
+        for name, value in samples[0].items():
+            np.testing.assert_array_equal(other[name], value, err_msg=name)
+    sample = samples[0]
+    reply = sample["targets"][sample["loss_weights"] > 0]
+    assert tokenizer.decode(reply.tolist()) == "4<|end_of_text|>5<|end_of_text|>"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.format=preference", "dpo.beta=0"], "dpo.beta=0.0 must be positive"),
+    (["data.format=preference", "dpo.beta=-0.1"], "dpo.beta=-0.1 must be positive"),
+    (["data.format=preference", "dpo.label_smoothing=0.5"], "dpo.label_smoothing=0.5 is outside [0, 0.5)"),
+    (["data.format=preference", "dpo.loss=hinge"], "dpo.loss='hinge': expected one of ['sigmoid', 'ipo']"),
+    (["data.format=preference", "dpo={loss: ipo, label_smoothing: 0.1}"], "applies to loss=sigmoid only"),
+    (["data.format=chat", "dpo.beta=0.2"], "dpo is set but data.format='chat'"),
+])
+def test_bad_dpo_settings_name_the_field(overrides, message):
+    with pytest.raises(RunConfigError, match=re.escape(message)):
+        load_run_config(None, overrides)
+
+
+def test_dpo_settings_default_for_preference_data():
+    config = load_run_config(None, ["data.format=preference"])
+    assert config.dpo is None and config.preference_tuning.beta == 0.1 and config.preference_tuning.loss == "sigmoid"
+    assert load_run_config(None, []).preference_tuning is None
