@@ -232,3 +232,52 @@ def test_dpo_settings_default_for_preference_data():
     config = load_run_config(None, ["data.format=preference"])
     assert config.dpo is None and config.preference_tuning.beta == 0.1 and config.preference_tuning.loss == "sigmoid"
     assert load_run_config(None, []).preference_tuning is None
+
+
+def test_lora_reference_is_the_base_model(hf_checkpoint):
+    """With LoRA the reference is the model with its adapters off: its log-probs equal the base model's exactly,
+    while the adapted policy's differ."""
+    from granite_jax.model.lora import apply_lora
+    from granite_jax.train.dpo import reference_model
+
+    directory, _ = hf_checkpoint(seed=0)
+    batch = _packed_batch(_random_pairs(2, 3), seq_len=64)
+    base = _reply_log_probs(load_hf_checkpoint(directory), batch)
+    model = apply_lora(load_hf_checkpoint(directory), rank=4, alpha=8.0, dropout=0.0,
+                       targets=["q_proj", "v_proj", "in_proj", "out_proj"], rngs=nnx.Rngs(0))
+    graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    params = jax.tree.map(lambda x: x + 0.05, params)  # adapters that change the model (B starts at zero)
+    policy = _reply_log_probs(nnx.merge(graphdef, params, frozen), batch)
+    reference = _reply_log_probs(reference_model(graphdef, params, frozen=frozen), batch)
+    for ours, expected in zip(reference, base):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(expected))
+    assert np.abs(np.asarray(policy[0]) - np.asarray(base[0])).max() > 1e-3
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_short_dpo_run_logs_reward_accuracy(tmp_path, lora, capsys):
+    """A few DPO steps through the train loop on the bundled preference set: the loss starts at log 2 (policy =
+    reference), reward accuracy and rewards are logged per step and evaluated; with LoRA too (no evaluation)."""
+    from granite_jax.train.loop import train
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"run_dir={run_dir}", "steps=3", "data.format=preference", f"data.train=[{PREFERENCE_TRAIN}]",
+        f"data.validation=[{PREFERENCE_TRAIN}]" if not lora else "data.validation=[]", f"data.tokenizer={TOKENIZER}",
+        "data.seq_len=192",
+        "data.batch_size=2", "dpo={beta: 0.5}", "model_overrides={num_hidden_layers: 2, layer_types: [mamba, "
+        "attention], mamba_chunk_size: 32}", "optimizer={lr: 3.0e-3, schedule: constant, warmup_steps: 0}",
+        "checkpoint.every_steps=3", "checkpoint.async_save=false", "log_every=1", "eval_every=3", "eval_batches=1"]
+    if lora:
+        overrides.append("lora={rank: 4, alpha: 8}")
+    losses = train(load_run_config(None, overrides))
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert losses[0] == pytest.approx(np.log(2.0), abs=1e-5)  # the first step's policy is the reference
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0]["reward_accuracy"] == 0.0 and records[0]["reward_margin"] == 0.0
+    assert all(0.0 <= r["reward_accuracy"] <= 1.0 and r["pairs"] >= 2 for r in records)
+    assert any(r["reward_margin"] != 0.0 for r in records[1:])  # the policy moved away from the reference
+    out = capsys.readouterr().out
+    assert "preference pairs" in out and "reward acc " in out
+    assert lora or re.search(r"eval step 3: loss [0-9.]+ \| reward acc [0-9.]+ chosen", out)
