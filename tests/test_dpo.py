@@ -135,7 +135,8 @@ def test_log_probs_and_loss_match_transformers_and_trl(hf_checkpoint):
     np.testing.assert_allclose(float(metrics["reward_chosen"]), float(chosen_rewards.mean()), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["reward_margin"]), float((chosen_rewards - rejected_rewards).mean()),
                                rtol=1e-5, atol=1e-6)
-    assert float(metrics["reward_accuracy"]) == pytest.approx(float((chosen_rewards > rejected_rewards).double().mean()))
+    accuracy = float((chosen_rewards > rejected_rewards).double().mean())
+    assert float(metrics["reward_accuracy"]) == pytest.approx(accuracy)
     assert float(metrics["pairs"]) == 5
 
 

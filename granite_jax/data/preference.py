@@ -64,8 +64,8 @@ class PreferenceStats:
     reply_tokens: int = 0
 
     def summary(self, seq_len: int) -> str:
-        text = (f"{self.pairs:,} preference pairs, {self.tokens:,} tokens ({self.reply_tokens / max(self.tokens, 1):.0%} "
-                f"reply tokens in the loss); {self.truncated} pairs truncated to fit {seq_len} tokens, "
+        share = self.reply_tokens / max(self.tokens, 1)
+        text = (f"{self.pairs:,} preference pairs, {self.tokens:,} tokens ({share:.0%} reply tokens in the loss); {self.truncated} pairs truncated to fit {seq_len} tokens, "
                 f"{self.dropped_overlong} dropped as longer, {self.dropped_untrainable} dropped with no reply token "
                 f"left, {len(self.bad_lines)} bad lines skipped")
         if self.bad_lines:
