@@ -65,7 +65,8 @@ class PreferenceStats:
 
     def summary(self, seq_len: int) -> str:
         share = self.reply_tokens / max(self.tokens, 1)
-        text = (f"{self.pairs:,} preference pairs, {self.tokens:,} tokens ({share:.0%} reply tokens in the loss); {self.truncated} pairs truncated to fit {seq_len} tokens, "
+        text = (f"{self.pairs:,} preference pairs, {self.tokens:,} tokens ({share:.0%} reply tokens in the loss); "
+                f"{self.truncated} pairs truncated to fit {seq_len} tokens, "
                 f"{self.dropped_overlong} dropped as longer, {self.dropped_untrainable} dropped with no reply token "
                 f"left, {len(self.bad_lines)} bad lines skipped")
         if self.bad_lines:

@@ -284,8 +284,8 @@ def make_train_step(tx: optax.GradientTransformation, *, aux_coef: float, z_loss
                     loss_impl: str = "recompute", dropout_seed: int | None = None, dpo=None):
     """`train_step(graphdef, state, batch, frozen=None, reference=None) -> (state, metrics)`, jitted with the
     model's graphdef static: the model's configuration, its sharding plan included, is part of what is compiled,
-    as is the mesh set with `jax.set_mesh`. The state is donated. `frozen`: the model state that is not trained (LoRA's base
-    weights), not donated. `dropout_seed`: the LoRA adapters' dropout is on, its key for step s the seed's
+    as is the mesh set with `jax.set_mesh`. The state is donated. `frozen`: the model state that is not trained
+    (LoRA's base weights), not donated. `dropout_seed`: the LoRA adapters' dropout is on, its key for step s the seed's
     key folded with DROPOUT_STREAM and s (a resumed run drops the same features). `dpo` (a `DPOConfig`): the
     DPO loss over preference pairs (`train/dpo.py`) instead of the cross-entropy, `reference` the frozen starting
     parameters (None with LoRA: the adapters turned off); z_loss and loss_impl do not apply to it."""
