@@ -70,8 +70,13 @@ def check_chat_tokenizer(tokenizer: Tokenizer, origin: str) -> None:
 
 def tokenize_conversation(conversation, chat_format, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of the rendered conversation and, per token, whether it is the assistant's."""
+    return tokenize_pieces(chat_format.render(conversation), tokenizer)
+
+
+def tokenize_pieces(pieces, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of rendered chat pieces and, per token, whether its piece is trainable; the pieces must
+    tokenize as the whole text does (else the mask would not match what the model sees at inference)."""
     ids, trainable = [], []
-    pieces = chat_format.render(conversation)
     for piece in pieces:
         piece_ids = tokenizer.encode(piece.text)
         ids += piece_ids

@@ -49,7 +49,9 @@ class InitFrom:
 
 @dataclasses.dataclass
 class DataConfig:
-    format: str = "text"  # "text": documents for pretraining; "chat": conversations for SFT (granite_jax.data.sft)
+    # "text": documents for pretraining; "chat": conversations for SFT (granite_jax.data.sft); "preference":
+    # (prompt, chosen, rejected) lines for DPO (granite_jax.data.preference, the `dpo` section)
+    format: str = "text"
     train: list[str] = dataclasses.field(default_factory=lambda: ["data/kjv/kjv.jsonl.gz"])
     validation: list[str] = dataclasses.field(default_factory=lambda: ["data/kjv/kjv-validation.jsonl.gz"])
     text_field: str = "text"
@@ -61,15 +63,15 @@ class DataConfig:
     # Independent data streams (each its own shard of the files, batch_size / streams rows of each batch);
     # null: one per process. Fix it to resume a run on a different number of processes.
     streams: int | None = None
-    # chat only: "auto" (the tokenizer's own template, else the built-in Granite 4.0 format), "builtin", or a
+    # chat and preference: "auto" (the tokenizer's own template, else the built-in Granite 4.0 format), "builtin", or a
     # Jinja file.
     chat_template: str = "auto"
     # Any text data file (pretraining and chat): what to do with a malformed line — not UTF-8, not JSON, no
     # text field, a bad conversation: "error" (naming file and line) or "skip" (counted and printed; in a .txt
     # file the paragraph holding a non-UTF-8 line is skipped with it).
     bad_lines: str = "error"
-    # chat only: with a sample longer than seq_len + 1 tokens ("truncate" or "drop", counted); how many rows
-    # first-fit packing fills at once.
+    # chat and preference: with a sample (a pair) longer than a row ("truncate" or "drop", counted); how many
+    # rows first-fit packing fills at once.
     overlong: str = "truncate"
     packing_bins: int = 16
 
@@ -113,6 +115,19 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass
+class DPOConfig:
+    """Direct preference optimisation (`granite_jax/train/dpo.py`), for data.format=preference. The reference
+    model is the run's starting weights: a frozen copy of them (one more float32 copy of the parameters), or
+    with `lora` the same model with its adapters off (no copy)."""
+    beta: float = 0.1  # strength of the KL regularisation towards the reference; rewards are beta * log-ratios
+    label_smoothing: float = 0.0  # cDPO: the probability that a pair's labels are flipped (sigmoid loss only)
+    loss: str = "sigmoid"  # "sigmoid" (DPO) or "ipo" (IPO on per-token mean log-ratios, as TRL computes it)
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+@dataclasses.dataclass
 class RunConfig:
     model: str = "tiny-hybrid-moe"  # a preset name or a model YAML
     model_overrides: dict = dataclasses.field(default_factory=dict)  # e.g. {remat_policy: full}
@@ -153,6 +168,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     # LoRA: train adapters on the projections it names, the base weights frozen; null: train every weight.
     lora: LoRAConfig | None = None
+    # DPO settings for data.format=preference; null there: the defaults (beta 0.1, sigmoid loss).
+    dpo: DPOConfig | None = None
 
     def validate(self) -> None:
         for name, value in [("steps", self.steps), ("data.seq_len", self.data.seq_len),
@@ -179,7 +196,7 @@ class RunConfig:
             raise RunConfigError(f"optimizer.schedule={self.optimizer.schedule!r}: expected cosine, wsd or constant")
         self.initial_weights  # noqa: B018 - parses init_from, raising on a malformed one
         self.init_verify_spec  # noqa: B018 - parses init_verify, raising on a malformed one
-        choices = {"data.format": (self.data.format, ("text", "chat")),
+        choices = {"data.format": (self.data.format, ("text", "chat", "preference")),
                    "data.bad_lines": (self.data.bad_lines, ("error", "skip")),
                    "data.overlong": (self.data.overlong, ("truncate", "drop")),
                    "loss_impl": (self.loss_impl, ("recompute", "fused"))}
@@ -198,6 +215,11 @@ class RunConfig:
         if problem := storage.checkpoint_location_problem(self.run_dir):
             raise RunConfigError(f"run_dir={self.run_dir!r}: {problem}")
         self.initial_weights  # noqa: B018 - parses and checks init_from
+        if self.dpo is not None and self.data.format != "preference":
+            raise RunConfigError(f"dpo is set but data.format={self.data.format!r}: DPO trains on "
+                                 "data.format=preference")
+        if self.preference_tuning is not None:
+            check_dpo(self.preference_tuning)
         if self.lora is not None:
             from granite_jax.model.lora import check_lora
             from granite_jax.model.quantize import check_quantize_base
@@ -208,6 +230,13 @@ class RunConfig:
                 check_quantize_base(self.lora.quantize_base)
             except ValueError as e:
                 raise RunConfigError(str(e)) from None
+
+    @property
+    def preference_tuning(self) -> DPOConfig | None:
+        """The DPO settings of a data.format=preference run (`dpo`, or its defaults when null); None otherwise."""
+        if self.data.format != "preference":
+            return None
+        return self.dpo or DPOConfig()
 
     @property
     def initial_weights(self) -> InitFrom | None:
@@ -237,6 +266,19 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_dpo(dpo: DPOConfig, field: str = "dpo") -> None:
+    """RunConfigErrors naming the field: beta ≤ 0, label_smoothing outside [0, 0.5), an unknown loss, label
+    smoothing with the IPO loss (which has none)."""
+    if not dpo.beta > 0:
+        raise RunConfigError(f"{field}.beta={dpo.beta!r} must be positive")
+    if not 0.0 <= dpo.label_smoothing < 0.5:
+        raise RunConfigError(f"{field}.label_smoothing={dpo.label_smoothing!r} is outside [0, 0.5)")
+    if dpo.loss not in DPO_LOSSES:
+        raise RunConfigError(f"{field}.loss={dpo.loss!r}: expected one of {list(DPO_LOSSES)}")
+    if dpo.loss == "ipo" and dpo.label_smoothing:
+        raise RunConfigError(f"{field}.label_smoothing={dpo.label_smoothing!r} applies to loss=sigmoid only")
 
 
 class Interval(typing.NamedTuple):

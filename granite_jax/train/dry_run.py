@@ -301,8 +301,10 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
         device_bytes=device_memory(mesh.devices.flat[0]),
         # With LoRA, the frozen base weights too (no optimizer state; QLoRA: quantised, counted once, scales aside).
         parameters=parameter_count(run.state.params) + (0 if run.frozen is None else parameter_count(run.frozen)),
+        # ... and with DPO (full weights), the frozen reference copy of the starting parameters.
         params_bytes=(_shard_bytes(run.state.params, run.state_shardings.params)
-                      + (0 if run.frozen is None else _shard_bytes(run.frozen, run.frozen_shardings))),
+                      + (0 if run.frozen is None else _shard_bytes(run.frozen, run.frozen_shardings))
+                      + (0 if run.reference is None else _shard_bytes(run.reference, run.state_shardings.params))),
         opt_state_bytes=_shard_bytes(run.state.opt_state, run.state_shardings.opt_state),
         batch_bytes=_shard_bytes(batch, [run.data_sharding] * len(batch)),
         temp_bytes=int(memory.temp_size_in_bytes),

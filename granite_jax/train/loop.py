@@ -21,6 +21,7 @@ import numpy as np
 from granite_jax import storage
 from granite_jax.data.chat_template import chat_format
 from granite_jax.data.pipeline import interleave_streams, pretraining_dataset
+from granite_jax.data.preference import load_preference_samples, preference_dataset
 from granite_jax.data.sft import load_sft_samples, sft_dataset
 from granite_jax.data.sources import BadLines, load_documents
 from granite_jax.data.tokenizer import load_tokenizer
@@ -29,7 +30,7 @@ from granite_jax.parallel.distributed import process_block
 from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import IMPORTED_FROM, CheckpointMismatchError, RunCheckpoints, abstract_like
 from granite_jax.train.config import RunConfig, RunConfigError, resume_differences, save_run_config
-from granite_jax.train.metrics import TensorBoardWriter, console_line, print_line
+from granite_jax.train.metrics import TensorBoardWriter, console_line, eval_line, print_line
 from granite_jax.train.optim import learning_rate_at
 from granite_jax.train.setup import build_run, existing_run_dir
 
@@ -119,21 +120,23 @@ def build_datasets(config: RunConfig, vocab_size: int, rows: slice | None = None
             f"divides {data.batch_size}")
     mine = range(rows.start // per_stream, rows.stop // per_stream)
     stream_rows = dict(seq_len=data.seq_len, batch_size=per_stream, shard_count=streams)
-    if data.format == "chat":
+    if data.format in ("chat", "preference"):
         chat = chat_format(data.chat_template, data.tokenizer)
         print_line(f"chat format: {chat.origin}")
+        read, packed = ((load_sft_samples, sft_dataset) if data.format == "chat" else
+                        (load_preference_samples, preference_dataset))
 
         def load(paths, split):
-            samples, stats = load_sft_samples(paths, chat, tokenizer, seq_len=data.seq_len, vocab_size=vocab_size,
-                                              bad_lines=data.bad_lines, overlong=data.overlong, progress=print_line)
+            samples, stats = read(paths, chat, tokenizer, seq_len=data.seq_len, vocab_size=vocab_size,
+                                  bad_lines=data.bad_lines, overlong=data.overlong, progress=print_line)
             print_line(f"{split} data: {stats.summary(data.seq_len)}")
             for line in stats.bad_lines[:10]:
                 log.warning("skipped %s", line)
             return samples
 
         def make(samples, seed):
-            return interleave_streams([sft_dataset(samples, seed=seed, shard_index=i, packing_bins=data.packing_bins,
-                                                   **stream_rows) for i in mine])
+            return interleave_streams([packed(samples, seed=seed, shard_index=i, packing_bins=data.packing_bins,
+                                              **stream_rows) for i in mine])
 
         train_data = make(load(data.train, "train"), data.shuffle_seed)
         eval_data = make(load(data.validation, "validation"), 0) if data.validation else None
@@ -172,15 +175,20 @@ def _to_host(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(run, params, dataset, batches: int) -> float:
+def evaluate(run, params, dataset, batches: int) -> dict[str, float]:
+    """Metrics over `batches` batches of `dataset`: {"loss": mean token loss}, or for DPO the pair metrics
+    (`train/dpo.py`: PAIR_METRICS), means over all pairs of those batches."""
     block = process_block(run.data_sharding, run.batch_shape)
-    total, tokens = 0.0, 0.0
+    totals, count = {}, 0.0
     iterator = iter(dataset)
     for _ in range(batches):
         batch = global_batch(next(iterator), run.data_sharding, run.batch_shape, block[1])
-        loss_sum, count = run.eval_step(params, batch)
-        total, tokens = total + float(loss_sum), tokens + float(count)
-    return total / max(tokens, 1.0)
+        sums, n = run.eval_step(params, batch)
+        sums = sums if isinstance(sums, dict) else {"loss": sums}
+        for name, value in _to_host(sums).items():
+            totals[name] = totals.get(name, 0.0) + value
+        count += float(n)
+    return {name: value / max(count, 1.0) for name, value in totals.items()}
 
 
 def train(config: RunConfig, *, restart: bool = False) -> list[float]:
@@ -328,10 +336,10 @@ def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
                     print_line(console_line(step, config.steps, metrics, eta))
                     window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
                 if eval_data is not None and (step % config.eval_every == 0 or step == config.steps):
-                    eval_loss = evaluate(run, state.params, eval_data, config.eval_batches)
+                    eval_metrics = evaluate(run, state.params, eval_data, config.eval_batches)
                     if writer:
-                        writer.scalars(step, {"loss": eval_loss}, prefix="eval/")
-                    print_line(f"eval step {step}: loss {eval_loss:.4f} ({config.eval_batches} batches)")
+                        writer.scalars(step, eval_metrics, prefix="eval/")
+                    print_line(f"eval step {step}: {eval_line(eval_metrics)} ({config.eval_batches} batches)")
                     window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
                 if stop.received is not None:
                     checkpoints.save(step, state, iterator.get_state(), meta)

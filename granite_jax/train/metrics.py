@@ -35,6 +35,8 @@ def console_line(step: int, total: int, metrics: dict[str, float], eta_s: float 
     parts = [f"step {step:>{len(str(total))}d}/{total}", f"loss {metrics['loss']:.4f}"]
     if "aux_loss" in metrics:
         parts.append(f"aux {metrics['aux_loss']:.3f}")
+    if "reward_accuracy" in metrics:  # DPO
+        parts.append(preference_part(metrics))
     parts += [f"gnorm {metrics['grad_norm']:.2f}", f"lr {metrics['lr']:.2e}", f"{metrics['tokens_per_s']:,.0f} tok/s"]
     if "mfu" in metrics:
         parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
@@ -45,6 +47,18 @@ def console_line(step: int, total: int, metrics: dict[str, float], eta_s: float 
     if eta_s is not None:
         parts.append(f"eta {format_duration(eta_s)}")
     return " | ".join(parts)
+
+
+def preference_part(metrics: dict[str, float]) -> str:
+    """DPO's pair metrics for a console line: reward accuracy, chosen / rejected rewards, their margin."""
+    return (f"reward acc {metrics['reward_accuracy']:.3f} chosen {metrics['reward_chosen']:+.3f} "
+            f"rejected {metrics['reward_rejected']:+.3f} margin {metrics['reward_margin']:+.3f}")
+
+
+def eval_line(metrics: dict[str, float]) -> str:
+    """An evaluation's console text: the loss, and DPO's pair metrics when there are any."""
+    text = f"loss {metrics['loss']:.4f}"
+    return text + (" | " + preference_part(metrics) if "reward_accuracy" in metrics else "")
 
 
 def print_line(text: str) -> None:

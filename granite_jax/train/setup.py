@@ -34,6 +34,7 @@ from granite_jax.parallel.mesh import (
 from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import load_run_model, run_model_config, with_shardings
 from granite_jax.train.config import RunConfig, RunConfigError
+from granite_jax.train.dpo import make_dpo_eval_step
 from granite_jax.train.optim import make_optimizer
 from granite_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -60,16 +61,22 @@ class Run:
     # shardings; None when every weight is trained.
     frozen: Any = None
     frozen_shardings: Any = None
+    # DPO without LoRA: the reference model's parameters, a frozen copy of the starting ones placed like
+    # `state.params` (one more copy of the parameters in memory; no optimizer state). None otherwise.
+    reference: Any = None
+
+    def _step_arguments(self) -> tuple:
+        return (self.frozen,) if self.config.preference_tuning is None else (self.frozen, self.reference)
 
     def activate(self):
         """The context every step of this run is traced and run in: its mesh (`jax.set_mesh`)."""
         return jax.set_mesh(self.mesh)
 
     def train_step(self, state: TrainState, batch: dict):
-        return self._train_step(self.graphdef, state, batch, self.frozen)
+        return self._train_step(self.graphdef, state, batch, *self._step_arguments())
 
     def eval_step(self, params, batch: dict):
-        return self._eval_step(self.graphdef, params, batch, self.frozen)
+        return self._eval_step(self.graphdef, params, batch, *self._step_arguments())
 
     @property
     def batch_shape(self) -> tuple[int, int]:
@@ -83,7 +90,7 @@ class Run:
     def lower_train_step(self):
         """The train step lowered for this run's (possibly abstract) state and a batch of the configured shape."""
         with self.activate():
-            return self._train_step.lower(self.graphdef, self.state, self.abstract_batch(), self.frozen)
+            return self._train_step.lower(self.graphdef, self.state, self.abstract_batch(), *self._step_arguments())
 
 
 def model_overrides(config: RunConfig) -> dict:
@@ -210,9 +217,17 @@ def build_run(config: RunConfig, devices=None, *, abstract: bool = False) -> Run
                   jax.device_put(frozen, frozen_shardings))
     step_options = dict(chunk=config.loss_chunk_tokens, loss_impl=config.loss_impl)
     dropout_seed = None if config.lora is None or config.lora.dropout == 0 else config.seed
+    dpo = config.preference_tuning
+    reference = None
+    if dpo is not None and frozen is None:  # the starting parameters, kept apart from the donated train state
+        reference = (state.params if abstract else
+                     jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(state.params))
+    eval_step = (make_eval_step(**step_options) if dpo is None else
+                 make_dpo_eval_step(beta=dpo.beta, label_smoothing=dpo.label_smoothing, loss=dpo.loss,
+                                    chunk=config.loss_chunk_tokens))
     return Run(config=config, mesh=mesh, model_config=model_config, graphdef=graphdef, state=state,
                state_shardings=shardings, data_sharding=batch_sharding(mesh, plan), tx=tx,
                _train_step=make_train_step(tx, aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,
-                                           dropout_seed=dropout_seed, **step_options),
-               _eval_step=make_eval_step(**step_options), frozen=frozen, frozen_shardings=frozen_shardings)
+                                           dropout_seed=dropout_seed, dpo=dpo, **step_options),
+               _eval_step=eval_step, frozen=frozen, frozen_shardings=frozen_shardings, reference=reference)
 

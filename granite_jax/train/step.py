@@ -194,6 +194,24 @@ def _zero_cotangent(x):
 _fused_head_loss.defvjp(_fused_head_loss_fwd, _fused_head_loss_bwd)
 
 
+def chunked_token_log_probs(hidden, head_weight, targets, *, chunk: int, logits_scaling: float = 1.0,
+                            plan: ShardingPlan = ShardingPlan()):
+    """Per token, log p(target) (B, T) float32, differentiable, with logits for about `chunk` tokens per device at
+    a time forward and backward (each chunk under `jax.checkpoint`, its logits rebuilt in the backward pass, as
+    `chunked_cross_entropy`'s "recompute"). For losses over sums of token log-probs per sequence (DPO)."""
+    chunks = _DeviceChunks.of(*hidden.shape[:2], chunk, plan)
+    per_shard_head = chunks.per_shard_head(head_weight)
+
+    @jax.checkpoint
+    def one_chunk(inputs):
+        h, t = inputs
+        logits = jax.vmap(head_logits, (0, 0, None))(h, per_shard_head, logits_scaling).astype(jnp.float32)
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+    return chunks.merge(jax.lax.map(one_chunk, (chunks.split(hidden), chunks.split(targets))))
+
+
 def chunked_token_scores(hidden, head_weight, targets, *, chunk: int, logits_scaling: float = 1.0,
                          plan: ShardingPlan = ShardingPlan()):
     """Per token, log p(target) and whether the target is the argmax, logits built for about `chunk` tokens
@@ -263,20 +281,29 @@ DROPOUT_STREAM = 0xD0  # the dropout keys are the run seed's key folded with thi
 
 
 def make_train_step(tx: optax.GradientTransformation, *, aux_coef: float, z_loss: float, chunk: int,
-                    loss_impl: str = "recompute", dropout_seed: int | None = None):
-    """`train_step(graphdef, state, batch, frozen=None) -> (state, metrics)`, jitted with the model's graphdef
-    static: the model's configuration, its sharding plan included, is part of what is compiled, as is the mesh
-    set with `jax.set_mesh`. The state is donated. `frozen`: the model state that is not trained (LoRA's base
-    weights), not donated. `dropout_seed`: the LoRA adapters' dropout is on, its key for step s the seed's
-    key folded with DROPOUT_STREAM and s (a resumed run drops the same features)."""
-    loss = functools.partial(loss_fn, aux_coef=aux_coef, z_loss=z_loss, chunk=chunk, loss_impl=loss_impl)
+                    loss_impl: str = "recompute", dropout_seed: int | None = None, dpo=None):
+    """`train_step(graphdef, state, batch, frozen=None, reference=None) -> (state, metrics)`, jitted with the
+    model's graphdef static: the model's configuration, its sharding plan included, is part of what is compiled,
+    as is the mesh set with `jax.set_mesh`. The state is donated. `frozen`: the model state that is not trained
+    (LoRA's base weights), not donated. `dropout_seed`: the LoRA adapters' dropout is on, its key for step s the seed's
+    key folded with DROPOUT_STREAM and s (a resumed run drops the same features). `dpo` (a `DPOConfig`): the
+    DPO loss over preference pairs (`train/dpo.py`) instead of the cross-entropy, `reference` the frozen starting
+    parameters (None with LoRA: the adapters turned off); z_loss and loss_impl do not apply to it."""
+    if dpo is None:
+        loss = functools.partial(loss_fn, aux_coef=aux_coef, z_loss=z_loss, chunk=chunk, loss_impl=loss_impl)
+    else:
+        from granite_jax.train.dpo import dpo_loss_fn
+
+        loss = functools.partial(dpo_loss_fn, beta=dpo.beta, label_smoothing=dpo.label_smoothing, loss=dpo.loss,
+                                 aux_coef=aux_coef, chunk=chunk)
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-    def train_step(graphdef, state: TrainState, batch, frozen=None):
+    def train_step(graphdef, state: TrainState, batch, frozen=None, reference=None):
         key = (None if dropout_seed is None else
                jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), DROPOUT_STREAM), state.step))
+        extra = {} if dpo is None else {"reference": reference}
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, graphdef, batch, frozen=frozen,
-                                                                     dropout_key=key)
+                                                                     dropout_key=key, **extra)
         metrics["grad_norm"] = gradient_norm(grads)
         return apply_finite_update(tx, state, grads, metrics)
 
