@@ -3,10 +3,18 @@
     python scripts/make_preference_corpus.py            # rewrites data/preference/
 
 Each line is one pair in TRL's preference layout: an arithmetic question (the kind of data/chat's arithmetic
-conversations, scripts/make_chat_corpus.py) with the correct answer as `chosen` and a wrong one as `rejected`
-(off by a small amount, or the result of another operation). The lines use the three layouts
-`granite_jax.data.preference` reads: conversational prompt and replies (most), plain-string replies, and the
-implicit prompt (`chosen` / `rejected` whole conversations, no `prompt`).
+conversations, scripts/make_chat_corpus.py) with the correct answer, in the requested form, as `chosen`, and as
+`rejected` one of three replies a user would not want:
+
+- a refusal ("I'm sorry, I can't help with arithmetic."),
+- the right answer buried in hedging ("I think it might be 12, but I am not sure. I am not sure."),
+- the right answer in the wrong form (the whole equation when the system prompt asks for the number only).
+
+The preference is one of manner, not of arithmetic: a model of the demo's size (10M parameters) cannot tell a
+right sum from a wrong one (an earlier version of this set, right vs wrong results, left its reward accuracy at
+chance), but it can learn within a few dozen DPO steps to prefer the direct answer in the form asked for. The
+lines use the three layouts `granite_jax.data.preference` reads: conversational prompt and replies (most),
+plain-string replies, and the implicit prompt (`chosen` / `rejected` whole conversations, no `prompt`).
 """
 
 from __future__ import annotations
@@ -22,12 +30,23 @@ OPERATIONS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a -
               "*": ("times", lambda a, b: a * b)}
 
 
-def wrong_answer(rng: random.Random, a: int, b: int, symbol: str) -> int:
-    """A plausible wrong result: off by 1..10, or the result of one of the other operations."""
-    right = OPERATIONS[symbol][1](a, b)
-    candidates = [right + d for d in range(-10, 11) if d] + [op(a, b) for s, (_, op) in OPERATIONS.items()
-                                                            if s != symbol]
-    return rng.choice([c for c in candidates if c != right])
+REFUSALS = ("I'm sorry, I can't help with arithmetic.", "I cannot answer that question.",
+            "Sorry, I am not able to do calculations.", "That is not something I can help with.")
+HEDGES = ("I think it might be {answer}, but I am not sure. I am not sure.",
+          "Hmm, maybe {answer}? Or maybe not. It is hard to say.",
+          "It could be {answer}, I guess, but please check it yourself.")
+NUMBER_ONLY = "Answer with the number only."
+
+
+def rejected_reply(rng: random.Random, equation: str, answer: int, number_only: bool) -> str:
+    """A reply the user would not want: a refusal, hedging, or (asked for the number only) the whole equation."""
+    kinds = ["refusal", "hedge"] + (["form"] if number_only else [])
+    kind = rng.choice(kinds)
+    if kind == "refusal":
+        return rng.choice(REFUSALS)
+    if kind == "hedge":
+        return rng.choice(HEDGES).format(answer=answer)
+    return f"{equation} = {answer}."
 
 
 def pair(rng: random.Random) -> dict:
@@ -37,13 +56,13 @@ def pair(rng: random.Random) -> dict:
     a, b = rng.randint(0, 99), rng.randint(0, 99 if symbol != "*" else 12)
     question = rng.choice([f"What is {a} {symbol} {b}?", f"What is {a} {word} {b}?", f"Compute {a} {symbol} {b}.",
                            f"{a} {symbol} {b} = ?"])
-    right, wrong = op(a, b), wrong_answer(rng, a, b, symbol)
+    answer, equation = op(a, b), f"{a} {symbol} {b}"
     prompt = [{"role": "user", "content": question}]
-    if rng.random() < 0.3:
-        prompt.insert(0, {"role": "system", "content": "Answer with the number only."})
-        chosen, rejected = str(right), str(wrong)
-    else:
-        chosen, rejected = f"{a} {symbol} {b} = {right}.", f"{a} {symbol} {b} = {wrong}."
+    number_only = rng.random() < 0.4
+    if number_only:
+        prompt.insert(0, {"role": "system", "content": NUMBER_ONLY})
+    chosen = str(answer) if number_only else f"{equation} = {answer}."
+    rejected = rejected_reply(rng, equation, answer, number_only)
     layout = rng.random()
     if layout < 0.15:  # plain-string replies
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
