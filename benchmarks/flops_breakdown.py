@@ -209,7 +209,10 @@ def main() -> None:
             from granite_jax.parallel.topology import tpu_topology_devices
             devices = tpu_topology_devices(args.topology)
         run = build_run(config, devices, abstract=True)
-        hlo = run.lower_train_step().compile().as_text()
+        compiled = run.lower_train_step().compile()
+        memory = compiled.memory_analysis()
+        print(f"temporaries per device: {memory.temp_size_in_bytes / 2**30:.2f} GiB", flush=True)
+        hlo = compiled.as_text()
         if args.save_hlo:
             with open(args.save_hlo, "w") as f:
                 f.write(hlo)
