@@ -154,6 +154,47 @@ def test_dry_run_counts_pallas_tpu_kernels_by_their_cost_estimate():
     assert executed_matmul_flops(module) == (1000 + 2 * 8 * 4 * 16, 0)
 
 
+def test_dry_run_reads_a_loop_counter_that_steps_by_two():
+    """The TPU compiler's windowed einsums (a matmul by a weight sharded over the devices, multiplied shard by
+    shard as the shards arrive from both neighbours) are loops whose counter starts at 0 and steps by 2 up to
+    `i < 4` on 8 devices: 2 iterations, not 4 (counting 4 charged h-tiny's dense projections twice)."""
+    from granite_jax.train.dry_run import executed_matmul_flops
+
+    def module(start: int, step: int) -> str:
+        return "\n".join([
+            "HloModule m", "",
+            "%body (p: (u32[], f32[8,16], f32[16,4])) -> (u32[], f32[8,16], f32[16,4]) {",
+            "  %p = (u32[], f32[8,16]{1,0}, f32[16,4]{1,0}) parameter(0)",
+            "  %i = u32[] get-tuple-element(%p), index=0",
+            "  %copy.1 = u32[] copy(%i)",
+            "  %a = f32[8,16]{1,0} get-tuple-element(%p), index=1",
+            "  %b = f32[16,4]{1,0} get-tuple-element(%p), index=2",
+            "  %d = f32[8,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+            f"  %step..sunk.1 = u32[] constant({step})",
+            "  %next = u32[] add(%copy.1, %step..sunk.1)",
+            "  ROOT %t = (u32[], f32[8,16]{1,0}, f32[16,4]{1,0}) tuple(%next, /*index=1*/%a, %b)",
+            "}", "",
+            "%cond (q: (u32[], f32[8,16], f32[16,4])) -> pred[] {",
+            "  %q = (u32[], f32[8,16]{1,0}, f32[16,4]{1,0}) parameter(0)",
+            "  %j = u32[] get-tuple-element(%q), index=0",
+            "  %n = u32[] constant(4)",
+            "  ROOT %lt = pred[] compare(%j, %n), direction=LT",
+            "}", "",
+            "ENTRY %main (a: f32[8,16], b: f32[16,4]) -> f32[8,16] {",
+            "  %a = f32[8,16]{1,0} parameter(0)",
+            "  %b = f32[16,4]{1,0} parameter(1)",
+            f"  %zero = u32[] constant({start})",
+            "  %init = (u32[], f32[8,16]{1,0}, f32[16,4]{1,0}) tuple(%zero, %a, %b)",
+            "  %w = (u32[], f32[8,16]{1,0}, f32[16,4]{1,0}) while(%init), condition=%cond, body=%body",
+            "  ROOT %r = f32[8,16]{1,0} get-tuple-element(%w), index=1",
+            "}", ""])
+
+    dot = 2 * 8 * 4 * 16
+    assert executed_matmul_flops(module(0, 1)) == (4 * dot, 0)
+    assert executed_matmul_flops(module(0, 2)) == (2 * dot, 0)
+    assert executed_matmul_flops(module(1, 1)) == (3 * dot, 0)
+
+
 def test_splash_attention_on_a_mesh_equals_blockwise_attention():
     """On data 2 x fsdp 2 x tensor 2 the splash kernel runs under shard_map (rows and heads split): logits and
     every gradient equal the blockwise attention's."""

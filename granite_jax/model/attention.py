@@ -85,24 +85,28 @@ class Attention(nnx.Module):
         to fill (`state`, a prefill), the keys and values are also written to its first T slots and it is
         returned."""
         b, T, _ = u.shape
-        q, k, v = self._qkv(u, positions)
+        with jax.named_scope("qkv_proj"):
+            q, k, v = self._qkv(u, positions)
         split, impl = sequence_split(self.plan), self._impl()
-        if split is None and impl != "blockwise":
-            out = pallas_attention(q, k, v, runs, impl=impl, scale=self.scale, plan=self.plan)
-        elif split is None:
-            out = flash_attention(q, k, v, runs, scale=self.scale, block_size=self.block_size)
-        elif state is not None:
+        if split is not None and state is not None:
             raise NotImplementedError("a decoding prefill with the sequence split over devices (context > 1) is "
                                       "not supported; prefill on a mesh with context=1")
-        else:  # context parallelism: each device's queries against the keys of the whole row
-            def local(q, k, v, runs):
-                return flash_attention_context_parallel(q, k, v, runs, scale=self.scale, block_size=self.block_size,
-                                                        axis=split.axis, layout=split.layout)
+        with jax.named_scope("core"):
+            if split is None and impl != "blockwise":
+                out = pallas_attention(q, k, v, runs, impl=impl, scale=self.scale, plan=self.plan)
+            elif split is None:
+                out = flash_attention(q, k, v, runs, scale=self.scale, block_size=self.block_size)
+            else:  # context parallelism: each device's queries against the keys of the whole row
+                def local(q, k, v, runs):
+                    return flash_attention_context_parallel(q, k, v, runs, scale=self.scale,
+                                                            block_size=self.block_size, axis=split.axis,
+                                                            layout=split.layout)
 
-            heads = split.spec(None, None)
-            out = jax.shard_map(local, mesh=split.mesh, in_specs=(heads, heads, heads, split.spec()),
-                                out_specs=heads, check_vma=False)(q, k, v, runs)
-        out = self.o_proj(out.reshape(b, T, self.n_heads * self.head_dim))
+                heads = split.spec(None, None)
+                out = jax.shard_map(local, mesh=split.mesh, in_specs=(heads, heads, heads, split.spec()),
+                                    out_specs=heads, check_vma=False)(q, k, v, runs)
+        with jax.named_scope("o_proj"):
+            out = self.o_proj(out.reshape(b, T, self.n_heads * self.head_dim))
         if state is None:
             return out
         return out, KVCache(jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), 0, axis=1),

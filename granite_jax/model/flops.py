@@ -47,6 +47,34 @@ def training_flops_per_token(config: ModelConfig, seq_len: int, keys_per_query: 
     return flops
 
 
+def training_flops_by_component(config: ModelConfig, seq_len: int,
+                                keys_per_query: float | None = None) -> dict[str, float]:
+    """`training_flops_per_token` split by the part of the model that does the work (the same conventions;
+    the values add up to it): per token, forward + backward, no recomputation."""
+    H, L_m, L_a = config.hidden_size, config.num_mamba_layers, config.num_attention_layers
+    d, n_h, n_kv = config.attention_head_dim, config.num_attention_heads, config.num_key_value_heads
+    keys = seq_len / 2 if keys_per_query is None else keys_per_query
+    Q = min(config.mamba_chunk_size, seq_len)
+    G, N, Hm, P = config.mamba_n_groups, config.mamba_d_state, config.mamba_n_heads, config.mamba_d_head
+    parts = {
+        "mamba in_proj": 6.0 * L_m * H * config.mamba_in_proj_dim,
+        "mamba conv": 6.0 * L_m * config.mamba_conv_dim * config.mamba_d_conv,
+        "mamba SSD": 3.0 * L_m * (2 * Q * G * N + 2 * Q * Hm * P + 4 * Hm * P * N),
+        "mamba out_proj": 6.0 * L_m * config.mamba_d_inner * H,
+        "attention q/k/v/o": 6.0 * L_a * H * d * (2 * n_h + 2 * n_kv),
+        "attention core": 3.0 * L_a * 2 * 2 * n_h * d * keys,
+        "shared MLP": 6.0 * config.num_hidden_layers * 3 * H * config.shared_intermediate_size,
+        "router": 0.0,
+        "routed experts": 0.0,
+        "head": 6.0 * H * config.vocab_size,
+    }
+    if config.is_moe:
+        parts["router"] = 6.0 * config.num_hidden_layers * H * config.num_local_experts
+        parts["routed experts"] = (6.0 * config.num_hidden_layers * config.num_experts_per_tok * 3 * H
+                                   * config.intermediate_size)
+    return parts
+
+
 def mean_keys_per_query(segment_ids) -> float | None:
     """The mean number of keys a token's causal attention sees in a packed batch (b, T) of segment ids: a
     document of L tokens contributes L(L+1)/2 over its L tokens (the document's own causal prefix). None

@@ -76,9 +76,11 @@ class DecoderLayer(nnx.Module):
         filled when this layer's empty one is given (a prefill)."""
         x = self.input_layernorm(h)
         if self.layer_type == MAMBA:
-            mixed = self.mamba(x, runs=runs, state=state)
+            with jax.named_scope("mamba"):
+                mixed = self.mamba(x, runs=runs, state=state)
         else:
-            mixed = self.self_attn(x, runs=runs, positions=positions, state=state)
+            with jax.named_scope("self_attn"):
+                mixed = self.self_attn(x, runs=runs, positions=positions, state=state)
         if state is not None:
             mixed, state = mixed
         h, stats = self._ffn(h + mixed * self.residual_multiplier, token_mask)
@@ -131,10 +133,12 @@ class DecoderLayer(nnx.Module):
 
     def _ffn_tokens(self, h, token_mask):
         x = self.post_attention_layernorm(h)
-        f = self.shared_mlp(x)
+        with jax.named_scope("shared_mlp"):
+            f = self.shared_mlp(x)
         stats = None
         if self.block_sparse_moe is not None:
-            routed, stats = self.block_sparse_moe(x, token_mask)
+            with jax.named_scope("block_sparse_moe"):
+                routed, stats = self.block_sparse_moe(x, token_mask)
             f = routed + f
         return h + f * self.residual_multiplier, stats
 

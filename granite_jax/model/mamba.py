@@ -181,18 +181,22 @@ class Mamba2Mixer(nnx.Module):
                                       "not supported; prefill on a mesh with context=1")
         if self.subpiece and state is None:
             return self._in_subpieces(u, runs, split)
-        z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
-        if split is None:
-            xBC, conv_state = causal_depthwise_conv(xBC, self._conv_kernel(), self._conv_bias(), runs)
-        else:
-            xBC = self._conv_over_pieces(xBC, runs, split)
+        with jax.named_scope("in_proj"):
+            z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
+        with jax.named_scope("conv"):
+            if split is None:
+                xBC, conv_state = causal_depthwise_conv(xBC, self._conv_kernel(), self._conv_bias(), runs)
+            else:
+                xBC = self._conv_over_pieces(xBC, runs, split)
         x, B, C, dt = self._ssm_inputs(jax.nn.silu(xBC), dt)
         ssd_args = (x.reshape(b, T, self.n_heads, self.head_dim), dt, self._A(),
                     B.reshape(b, T, self.n_groups, self.d_state), C.reshape(b, T, self.n_groups, self.d_state))
-        if split is None:
-            y, ssm_state = self._ssd(in_shard_map=False)(*ssd_args, chunk_size=self.chunk_size, segment_ids=runs)
-        else:
-            y = self._ssd_over_pieces(*ssd_args, runs, split)
+        with jax.named_scope("ssd"):
+            if split is None:
+                y, ssm_state = self._ssd(in_shard_map=False)(*ssd_args, chunk_size=self.chunk_size,
+                                                             segment_ids=runs)
+            else:
+                y = self._ssd_over_pieces(*ssd_args, runs, split)
         out = self._output(y.reshape(b, T, self.d_inner), x, z)
         if state is None:
             return out
@@ -363,4 +367,6 @@ class Mamba2Mixer(nnx.Module):
         """Skip connection D·x, gated norm, out_proj; y and x have the heads flattened (..., d_inner)."""
         D = jnp.repeat(self.D[...].astype(jnp.float32), self.head_dim)
         y = y + D * x.astype(jnp.float32)
-        return self.out_proj(self.norm(y, z))
+        y = self.norm(y, z)
+        with jax.named_scope("out_proj"):
+            return self.out_proj(y)

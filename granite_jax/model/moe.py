@@ -80,10 +80,13 @@ def routed_experts(tokens, token_weight, router_kernel, *, top_k: int, dispatch)
     combine with the gates. `dispatch(tokens, experts (n k,))` returns the copies' expert outputs (n k, H)
     in (token, slot) order and which copies were kept (n k,) (expert parallelism's capacity may drop some).
     Returns (out (n, H), RouterStats with the dropped copies counted)."""
-    routing = route(tokens, router_kernel, top_k=top_k, token_weight=token_weight)
-    expert_out, kept = dispatch(tokens, routing.experts.reshape(-1))
+    with jax.named_scope("router"):
+        routing = route(tokens, router_kernel, top_k=top_k, token_weight=token_weight)
+    with jax.named_scope("experts"):
+        expert_out, kept = dispatch(tokens, routing.experts.reshape(-1))
     dropped = jnp.sum(jnp.where(kept, 0.0, jnp.repeat(token_weight, top_k)))
-    return combine(expert_out, routing.gates), routing.stats._replace(dropped=dropped)
+    with jax.named_scope("combine"):
+        return combine(expert_out, routing.gates), routing.stats._replace(dropped=dropped)
 
 
 def grouped_swiglu(rows, group_sizes, w_in, w_out, *, grouped_matmul):

@@ -109,7 +109,8 @@ _WHILE = re.compile(r"\swhile\(.*condition=%([\w.\-]+), body=%([\w.\-]+)")
 _WINDOW = re.compile(r"window=\{size=([\dx]+)[^}]*\}")
 _PARAMETER = re.compile(r"([\w.\-]+): \w+\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
-_LOOP_BOUND = re.compile(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
+_INSTRUCTION_NAME = re.compile(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=")
+_LOOP_BOUND = re.compile(r"compare\(%([\w.\-]+), %([\w.\-]+)\), direction=LT")
 
 
 def _dims(text: str) -> list[int]:
@@ -124,16 +125,61 @@ def _result_bytes(shapes: str) -> int:
     return size
 
 
-def _trip_count(while_line: str, condition: list[str]) -> int | None:
-    """The iterations of a `while`: XLA's `known_trip_count` where it says it (XLA:CPU), else `i < N` with N a
-    constant in its condition (the TPU compiler's loops; JAX's scan and fori_loop counters start at 0)."""
+def _definitions(lines: list[str]) -> dict[str, str]:
+    return {m.group(1): line for line in lines if (m := _INSTRUCTION_NAME.match(line))}
+
+
+def _constant(name: str, definitions: dict[str, str]) -> int | None:
+    """The value of an integer scalar constant `name` (through copies), or None."""
+    for _ in range(4):
+        line = definitions.get(name, "")
+        if m := re.search(r"= [su]\d+\[\]\S* constant\((-?\d+)\)", line):
+            return int(m.group(1))
+        if not (m := re.search(r"= [su]\d+\[\]\S* copy\(%([\w.\-]+)\)", line)):
+            return None
+        name = m.group(1)
+    return None
+
+
+def _operands(line: str, opcode: str) -> list[str]:
+    """The operand names of `opcode(...)` in an instruction line."""
+    if not (m := re.search(opcode + r"\(([^)]*)\)", line)):
+        return []
+    return [o.strip().split()[-1].lstrip("%") for o in re.sub(r"/\*[^*]*\*/", "", m.group(1)).split(",") if o.strip()]
+
+
+def _trip_count(while_line: str, condition: list[str], body: list[str] = (), caller: list[str] = ()) -> int | None:
+    """The iterations of a `while`: XLA's `known_trip_count` where it says it (XLA:CPU), else from its
+    `i < N` condition with N a constant (the TPU compiler's loops): (N - start) / step, the counter's step read
+    from the body's `i + step` and its start from the loop's initial tuple (JAX's scan and fori_loop counters
+    start at 0 and step by 1; the TPU compiler's windowed einsums, which multiply by the shards of a weight as
+    they arrive from the neighbours, step by 2, two shards per iteration)."""
     if match := re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line):
         return int(match.group(1))
-    constants = {m.group(1): int(m.group(2)) for line in condition
-                 for m in [re.search(r"%([\w.\-]+) = [su]\d+\[\]\S* constant\((\d+)\)", line)] if m}
+    defs = _definitions(condition)
     for line in condition:
-        if "ROOT" in line and (m := _LOOP_BOUND.search(line)) and m.group(1) in constants:
-            return constants[m.group(1)]
+        if "ROOT" not in line or not (m := _LOOP_BOUND.search(line)):
+            continue
+        bound = _constant(m.group(2), defs)
+        index = re.search(r"get-tuple-element\(.*index=(\d+)", defs.get(m.group(1), ""))
+        if bound is None:
+            return None
+        if index is None or not body:
+            return bound
+        i = int(index.group(1))
+        body_defs, start, step = _definitions(body), 0, 1
+        root = next((b for b in body if "ROOT" in b and " tuple(" in b), "")
+        updates = _operands(root, "tuple")
+        if i < len(updates) and " add(" in body_defs.get(updates[i], ""):
+            steps = [_constant(o, body_defs) for o in _operands(body_defs[updates[i]], "add")]
+            step = next((c for c in steps if c is not None), 1)
+        initial = _operands(while_line, "while")
+        if caller and initial:
+            caller_defs = _definitions(caller)
+            tuple_ops = _operands(caller_defs.get(initial[0], ""), "tuple")
+            if i < len(tuple_ops):
+                start = _constant(tuple_ops[i], caller_defs) or 0
+        return max(0, -(-(bound - start) // step)) if step > 0 else None
     return None
 
 
@@ -184,7 +230,9 @@ class HloModule:
                 if selected(line):
                     found.append((line, times, in_unknown_loop))
                 loop = _WHILE.search(line)
-                trips = _trip_count(line, self.computations.get(loop.group(1), [])) if loop else None
+                trips = (_trip_count(line, self.computations.get(loop.group(1), []),
+                                     self.computations.get(loop.group(2), []), self.computations.get(name, []))
+                         if loop else None)
                 unknown = bool(loop) and trips is None and holds(loop.group(2))
                 unknown_loops += unknown
                 for called in self._callees(line):

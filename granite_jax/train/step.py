@@ -266,9 +266,10 @@ def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: i
     batch = in_context_layout(batch, model.config.sharding)
     hidden, stats = model.model(batch["input_ids"], batch["segment_ids"], batch["positions"])
     weights = batch["loss_weights"]
-    objective, ce_sum, z_sum = chunked_cross_entropy(
-        hidden, model.output_weight(), batch["targets"], weights, chunk=chunk, z_coef=z_loss, impl=loss_impl,
-        logits_scaling=model.config.logits_scaling, plan=model.config.sharding)
+    with jax.named_scope("head"):
+        objective, ce_sum, z_sum = chunked_cross_entropy(
+            hidden, model.output_weight(), batch["targets"], weights, chunk=chunk, z_coef=z_loss,
+            impl=loss_impl, logits_scaling=model.config.logits_scaling, plan=model.config.sharding)
     tokens = jnp.maximum(jnp.sum(weights), 1.0)
     ce = ce_sum / tokens
     aux = model.aux_loss(stats)
