@@ -52,6 +52,8 @@ def run_one(model: str, variant: str) -> dict:
             "opt_state_gib": report.opt_state_bytes / GiB, "batch_gib": report.batch_bytes / GiB,
             "temp_gib": report.temp_bytes / GiB, "total_gib": report.peak_bytes / GiB,
             "device_gib": (report.device_bytes or 0) / GiB,
+            # the compiled step's matmul FLOPs (loop iterations counted) and the model's, per chip
+            "matmul_flops": report.matmul_flops, "model_flops": report.model_flops,
             "collectives_gib": {k: v[1] / GiB for k, v in report.collectives.items()},
             "compile_s": round(time.time() - start, 1), "date": time.strftime("%Y-%m-%d")}
 
