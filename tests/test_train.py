@@ -198,6 +198,25 @@ def test_sigkill_then_resume_repeats_the_losses_bit_for_bit(tmp_path, reference_
     assert _losses(run_dir) == reference_run  # exact float equality, every step
 
 
+def test_a_lora_run_sigkilled_then_resumed_repeats_the_losses_bit_for_bit(tmp_path):
+    """LoRA with dropout: the checkpoints hold the adapters and their AdamW moments (the base is read again from
+    the run's init, here the preset and seed); killed once checkpoint 5 is complete and resumed, the run repeats
+    the uninterrupted one's losses exactly."""
+    lora = ["steps=20", "lora={rank: 4, alpha: 8, dropout: 0.1, targets: [q_proj, v_proj, in_proj, out_proj]}"]
+    straight = str(tmp_path / "straight")
+    _train(straight, *lora)
+    run_dir = str(tmp_path / "killed")
+    proc = _train(run_dir, *lora, wait=False)
+    _wait_for_checkpoint(run_dir, 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and _steps(run_dir)[-1] < 20
+    out = _train(run_dir, *lora)
+    assert "resumed from" in out and "LoRA adapters" in out, out
+    assert len(_losses(straight)) == 20 and len(set(_losses(straight))) > 1
+    assert _losses(run_dir) == _losses(straight)  # exact float equality, every step
+
+
 def test_sigterm_saves_and_resumes(tmp_path, reference_run):
     run_dir = str(tmp_path)
     proc = _train(run_dir, "steps=40", wait=False)
