@@ -80,7 +80,8 @@ def report() -> str:
             lines.append(f"| {model} | {row['topology']} ({mesh}) | {variant} | {row['parameters']:,} | "
                          f"{'all' if variant == 'full' else 'adapters'} | {row['params_gib']:.2f} GiB | "
                          f"{row['opt_state_gib']:.2f} GiB | {row['temp_gib']:.2f} GiB | "
-                         f"**{row['total_gib']:.2f}** of {row['device_gib']:.0f} GiB | {row['compile_s']:.0f} s |")
+                         f"**{row['total_gib']:.2f}** of {row['device_gib']:.0f} GiB | {row['compile_s']:.0f} s"
+                         f"{' (in recommended_meshes.py)' if 'source' in row else ''} |")
     return "\n".join(lines)
 
 
