@@ -234,3 +234,41 @@ def test_adapter_dropout_is_on_in_training_only_with_a_key_per_adapter_and_step(
     enable_dropout(model, jax.random.key(3))
     keys = [tuple(np.asarray(m.dropout_key[...])) for _, m in model.iter_modules() if isinstance(m, LoRALinear)]
     assert len(set(keys)) == len(keys)  # q, k and v read the same input: each drops its own features
+
+
+LORA_ON_A_MESH = {"lora": {"rank": 4, "alpha": 8.0, "targets": list(LORA_TARGETS)}}
+
+
+def test_adapters_on_a_mesh_shard_like_their_kernels_and_train_like_one_device(tmp_path):
+    """On fsdp 2 x expert 2 x tensor 2 (8 virtual CPU devices): each adapter's A is split like its kernel's input
+    dimension and B like its output dimension (the rank dimension whole), their AdamW moments like them; and a
+    few steps with the adapters on every target give the 1-device run's losses and gradient norms."""
+    from tests.test_parallel import TRAIN, _metrics, _run_module
+
+    mesh = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+    result = _run_module("lora_mesh", {**TRAIN, **LORA_ON_A_MESH, "mesh": mesh, "run_dir": str(tmp_path / "specs")})
+    adapters, kernels, mu = result["adapters"], result["kernels"], result["mu"]
+    assert result["mesh"] == {**mesh, "context": 1}
+    # 2 layers: q, k, v, o + in_proj, out_proj + the shared MLP's input_linear, output_linear in both
+    assert len(adapters) == 2 * (4 + 2 + 2 * 2), sorted(adapters)
+    for name, spec in adapters.items():
+        module, factor = name.rsplit(".lora.", 1)
+        kernel_in, kernel_out = kernels[module]
+        expected = [kernel_in, None] if factor.startswith("lora_a") else [None, kernel_out]
+        assert spec == expected, (name, spec, kernels[module])
+    # the attention and shared-MLP factors are split over fsdp x expert (input side) or tensor (output side)
+    assert adapters["model.layers.1.self_attn.q_proj.lora.lora_a.value"] == [["fsdp", "expert", "context"], None]
+    assert adapters["model.layers.1.self_attn.q_proj.lora.lora_b.value"] == [None, "tensor"]
+    for name, spec in adapters.items():
+        moment = [s for n, s in mu.items() if n.endswith(".mu." + name)]
+        assert moment == [spec], (name, moment)
+
+    overrides = {**TRAIN, **LORA_ON_A_MESH}
+    reference = _run_module("train_meshes", {"meshes": {"one device": {"data": 1}}, "root": str(tmp_path),
+                                             "overrides": overrides}, devices=1)["one device"]
+    sharded_losses = _run_module("train_meshes", {"meshes": {"lora mesh": mesh}, "root": str(tmp_path),
+                                                  "overrides": overrides})["lora mesh"]
+    assert len(reference) == 3 and len(set(reference)) > 1
+    np.testing.assert_allclose(sharded_losses, reference, rtol=2e-5)
+    np.testing.assert_allclose(_metrics(tmp_path / "loramesh", "grad_norm"),
+                               _metrics(tmp_path / "onedevice", "grad_norm"), rtol=1e-4)
