@@ -39,12 +39,21 @@ def test_model_dimensions_must_divide_their_mesh_axes(sizes, rules, message):
     check_model_fits_mesh(load_preset("tiny-hybrid-moe"), _mesh(tensor=3), RULES["fsdp"])  # fsdp leaves tensor unused
 
 
+def virtual_cpu_devices(devices: int) -> dict:
+    """The environment of a subprocess whose JAX sees `devices` CPU devices. Their collectives wait for each other
+    up to 10 minutes: XLA:CPU's default (40 s) aborts the process when a busy 2-core machine runs one device's
+    thread that much later than the others (seen with the Pallas SSD in interpret mode on 8 devices)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"
+                         " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+                         " --xla_cpu_collective_timeout_seconds=600"}
+
+
 def _run_module(name: str, argument=None, devices: int = 8):
     """Run `python -m tests.multidevice.NAME` on `devices` virtual CPU devices; returns what it reported."""
     command = [sys.executable, "-m", f"tests.multidevice.{name}"] + ([] if argument is None else [json.dumps(argument)])
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                               "JAX_PLATFORMS": "cpu"})
+                          env=virtual_cpu_devices(devices))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
 
@@ -277,8 +286,7 @@ def _launch(run_dir, steps: int, processes: int, settings=TWO_STREAMS, devices: 
     and the variables a cluster launcher would set (tests/test_launch.py). Returns each process's output."""
     args = ["train.py", f"run_dir={run_dir}", f"steps={steps}", *settings, "data.validation=[]", "log_every=1",
             "eval_every=1000", "optimizer.warmup_steps=1", "checkpoint.every_steps=2", "checkpoint.async_save=false"]
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // processes}",
-           "JAX_PLATFORMS": "cpu"}
+    env = virtual_cpu_devices(devices // processes)
     port = free_local_port()
     distributed = (lambda i: [f"--coordinator-address=127.0.0.1:{port}", f"--num-processes={processes}",
                               f"--process-id={i}"]) if processes > 1 and launcher is None else (lambda i: [])
@@ -409,7 +417,7 @@ def test_two_processes_each_read_about_half_of_an_hf_checkpoint(hf_checkpoint):
     reads from disk about half the checkpoint (only the small vectors are read by both)."""
     directory, _ = hf_checkpoint(tie_word_embeddings=False)
     port = free_local_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = virtual_cpu_devices(4)
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multidevice.sharded_hf_load_processes", json.dumps(
         {"directory": directory, "coordinator": f"127.0.0.1:{port}", "process": i})], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
