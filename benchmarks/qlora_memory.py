@@ -6,7 +6,11 @@ their deviceless TPU topology four ways: every weight trained; LoRA rank 8 on th
 q/k/v/o, Mamba in_proj/out_proj); and the same with `lora.quantize_base` int8 and nf4. One subprocess per compile;
 one JSON line per compile appended to benchmarks/results/qlora_memory.jsonl.
 
-    flock /tmp/compile.lock python benchmarks/qlora_memory.py --only h-tiny
+`--one-host` compiles the same variants where adapters are meant to make tuning fit: h-tiny on one v5p chip
+(95 GB, one device of a v5p-8's topology) and h-small on one v5p-8 host (4 chips, expert 4), 2 rows of 4,096 per
+chip.
+
+    flock /tmp/compile.lock python benchmarks/qlora_memory.py --only h-tiny [--one-host]
     python benchmarks/qlora_memory.py --report
 """
 
@@ -20,20 +24,23 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from recommended_meshes import ENTRIES, ROOT, GiB, _identity, _overrides, scanned  # noqa: E402
+from recommended_meshes import ENTRIES, ROOT, Entry, GiB, _identity, _overrides, scanned  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "qlora_memory.jsonl")
 LORA = "lora={rank: 8, alpha: 16}"
 VARIANTS = {"full": [], "lora": [LORA], "qlora-int8": [LORA, "lora.quantize_base=int8"],
             "qlora-nf4": [LORA, "lora.quantize_base=nf4"]}
 MODELS = ("granite-4.0-h-tiny", "granite-4.0-h-small")
+ONE_HOST = [Entry("granite-4.0-h-tiny", "v5p:2x2x1", "one v5p chip (95 GB)", {"data": 1}, 2),
+            Entry("granite-4.0-h-small", "v5p:2x2x1", "v5p-8, one host (4 chips × 95 GB)", {"fsdp": 1, "expert": 4},
+                  2)]
 
 
-def entry_for(model: str):
-    return scanned(next(e for e in ENTRIES if e.model == model))
+def entry_for(model: str, one_host: bool = False) -> Entry:
+    return scanned(next(e for e in (ONE_HOST if one_host else ENTRIES) if e.model == model))
 
 
-def run_one(model: str, variant: str) -> dict:
+def run_one(model: str, variant: str, one_host: bool = False) -> dict:
     """Compile one (model, variant) in this process and return its figures."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -42,11 +49,11 @@ def run_one(model: str, variant: str) -> dict:
     from granite_jax.train import load_run_config
     from granite_jax.train.dry_run import dry_run
 
-    entry = entry_for(model)
+    entry = entry_for(model, one_host)
     overrides = _overrides(entry) + VARIANTS[variant]
     start = time.time()
     report = dry_run(load_run_config(os.path.join(ROOT, "configs", "pretrain-tiny.yaml"), overrides),
-                     tpu_topology_devices(entry.topology))
+                     tpu_topology_devices(entry.topology)[:entry.devices])  # one chip of a host's topology
     return {**_identity(entry), "variant": variant, "overrides": overrides, "device": report.platform,
             "parameters": report.parameters, "params_gib": report.params_bytes / GiB,
             "opt_state_gib": report.opt_state_bytes / GiB, "batch_gib": report.batch_bytes / GiB,
@@ -59,36 +66,41 @@ def run_one(model: str, variant: str) -> dict:
 
 
 def report() -> str:
-    """The markdown table of the latest row of each (model, variant)."""
+    """The markdown table of the latest row of each (model, devices, variant)."""
     latest = {}
     if os.path.exists(RESULTS):
         for line in open(RESULTS):
             row = json.loads(line)
-            latest[row["model"], row["variant"]] = row
-    lines = ["| model | pod (mesh) | variant | parameters | trainable state | frozen + trained weights | "
+            latest[row["model"], row["pod"], row["variant"]] = row
+    lines = ["| model | devices (mesh) | variant | parameters | trainable state | frozen + trained weights | "
              "optimizer | temporaries | total (of HBM) | compile |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for model in MODELS:
-        for variant in VARIANTS:
-            row = latest.get((model, variant))
-            if row is None:
-                continue
-            if "error" in row:
-                lines.append(f"| {model} | {row['topology']} | {variant} | {row['error']} |||||||")
-                continue
-            mesh = " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
-            lines.append(f"| {model} | {row['topology']} ({mesh}) | {variant} | {row['parameters']:,} | "
-                         f"{'all' if variant == 'full' else 'adapters'} | {row['params_gib']:.2f} GiB | "
-                         f"{row['opt_state_gib']:.2f} GiB | {row['temp_gib']:.2f} GiB | "
-                         f"**{row['total_gib']:.2f}** of {row['device_gib']:.0f} GiB | {row['compile_s']:.0f} s"
-                         f"{' (in recommended_meshes.py)' if 'source' in row else ''} |")
+        for pod in (entry_for(model).pod, entry_for(model, one_host=True).pod):
+            for variant in VARIANTS:
+                row = latest.get((model, pod, variant))
+                if row is not None:
+                    lines.append(_report_line(row))
     return "\n".join(lines)
+
+
+def _report_line(row: dict) -> str:
+    mesh = " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
+    where = f"{row['pod']} ({mesh})"
+    if "error" in row:
+        return f"| {row['model']} | {where} | {row['variant']} | {row['error']} |||||||"
+    return (f"| {row['model']} | {where} | {row['variant']} | {row['parameters']:,} | "
+            f"{'all' if row['variant'] == 'full' else 'adapters'} | {row['params_gib']:.2f} GiB | "
+            f"{row['opt_state_gib']:.2f} GiB | {row['temp_gib']:.2f} GiB | "
+            f"**{row['total_gib']:.2f}** of {row['device_gib']:.0f} GiB | {row['compile_s']:.0f} s"
+            f"{' (in recommended_meshes.py)' if 'source' in row else ''} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, help="models whose name contains this")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
+    parser.add_argument("--one-host", action="store_true", help="h-tiny on one chip, h-small on one v5p-8 host")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: MODEL VARIANT
     args = parser.parse_args()
@@ -96,7 +108,7 @@ def main() -> None:
         print(report())
         return
     if args.one is not None:
-        print(json.dumps(run_one(*args.one)))
+        print(json.dumps(run_one(*args.one, one_host=args.one_host)))
         return
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     for model in MODELS:
@@ -104,11 +116,13 @@ def main() -> None:
             continue
         for variant in args.variants.split(","):
             print(f"{model} {variant} ...", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--one", model, variant], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, __file__, "--one", model, variant,
+                                   *(["--one-host"] if args.one_host else [])], capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode or not lines:
                 error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-                row = {**_identity(entry_for(model)), "variant": variant, "error": f"exit {proc.returncode}: {error}"}
+                row = {**_identity(entry_for(model, args.one_host)), "variant": variant,
+                       "error": f"exit {proc.returncode}: {error}"}
             else:
                 row = json.loads(lines[-1])
             print("   ", {k: row[k] for k in ("params_gib", "opt_state_gib", "temp_gib", "total_gib", "compile_s",
