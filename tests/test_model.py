@@ -202,6 +202,21 @@ def test_training_flops_count_active_weights():
     assert short < packed < long
 
 
+def test_lora_and_dpo_steps_count_the_work_they_do():
+    """LoRA: the frozen weights' backward pass computes input gradients only (4N, not 6N), the adapters count 6
+    each; DPO: the reference model's forward pass is one more 2N, attention and SSD once more."""
+    from granite_jax.model.flops import active_matmul_params, training_flops_per_token
+
+    config = load_preset("granite-4.0-h-tiny")
+    N = active_matmul_params(config)
+    full = training_flops_per_token(config, 4096)
+    mixers = full - 6 * N  # attention and SSD, forward + backward (3 passes)
+    assert 0 < mixers < 0.1 * full
+    assert training_flops_per_token(config, 4096, adapters=3_000_000) == pytest.approx(4 * N + 18e6 + mixers)
+    assert training_flops_per_token(config, 4096, reference=True) == pytest.approx(8 * N + 4 / 3 * mixers)
+    assert training_flops_per_token(config, 4096, adapters=0, reference=True) == pytest.approx(6 * N + 4 / 3 * mixers)
+
+
 def test_scanned_layer_pattern_equals_the_unrolled_stack():
     """scan_layers runs a stack that repeats a pattern of layers (here mamba, mamba, attention twice) as a
     lax.scan over the repetitions: the loss, the router statistics and every parameter gradient equal the

@@ -10,6 +10,9 @@ Conventions (MaxText's for attention, Megatron's for Mamba; matmul FLOPs only, 2
 - SSD (chunk length Q): C·Bᵀ (2·Q·G·N), scores·x (2·Q·H·P), chunk states (2·H·P·N) and state→output
   (2·H·P·N) forward per token, times 3 for training. Q is counted in full (the implementation computes the
   whole chunk and masks).
+- LoRA: the frozen base weights take no weight gradient, so 2·N forward + 2·N for the input gradients (4·N per
+  token); each trained adapter weight counts 6 (the adapters sit on projections every token goes through).
+- DPO: the reference model's log-probabilities are one more forward pass (2·N, attention and SSD once more).
 Rematerialisation is not counted (MFU measures useful work).
 """
 
@@ -33,17 +36,23 @@ def active_matmul_params(config: ModelConfig) -> float:
     return per_layer + config.num_hidden_layers * ffn + H * config.vocab_size
 
 
-def training_flops_per_token(config: ModelConfig, seq_len: int, keys_per_query: float | None = None) -> float:
+def training_flops_per_token(config: ModelConfig, seq_len: int, keys_per_query: float | None = None, *,
+                             adapters: int | None = None, reference: bool = False) -> float:
     """Forward + backward FLOPs per token of a packed row of `seq_len` tokens. Attention counts
     `keys_per_query` keys per token (`mean_keys_per_query` of the batch); by default seq_len / 2, a row that
-    is one document (the worst case)."""
-    flops = 6.0 * active_matmul_params(config)
+    is one document (the worst case). `adapters`: a LoRA run's number of trained adapter weights (the base
+    frozen: 4·N + 6·adapters instead of 6·N); `reference`: DPO's extra forward pass of the reference model."""
+    N_active = active_matmul_params(config)
+    flops = 6.0 * N_active if adapters is None else 4.0 * N_active + 6.0 * adapters
     keys = seq_len / 2 if keys_per_query is None else keys_per_query
     attention_fwd = 2 * 2 * config.num_attention_heads * config.attention_head_dim * keys
     Q = min(config.mamba_chunk_size, seq_len)
     G, N, H, P = config.mamba_n_groups, config.mamba_d_state, config.mamba_n_heads, config.mamba_d_head
     ssd_fwd = 2 * Q * G * N + 2 * Q * H * P + 4 * H * P * N
-    flops += 3 * (config.num_attention_layers * attention_fwd + config.num_mamba_layers * ssd_fwd)
+    mixers_fwd = config.num_attention_layers * attention_fwd + config.num_mamba_layers * ssd_fwd
+    flops += 3 * mixers_fwd
+    if reference:
+        flops += 2.0 * N_active + mixers_fwd
     return flops
 
 

@@ -53,7 +53,7 @@ class DryRunReport:
     batch_bytes: int  # per device
     temp_bytes: int  # per device: XLA temporaries (activations, gradients, workspace)
     step_flops: float  # per device, XLA cost analysis (every loop body counted once)
-    model_flops: float  # per device, 6N + attention accounting
+    model_flops: float  # per device, model/flops.py's count (6N + attention + SSD; LoRA, DPO as they train)
     collectives: dict  # kind -> (executions, bytes) per device per step, loop iterations included
     uncounted_loops: int = 0  # loops whose trip count was not read: their collectives counted once
     compile_seconds: float = 0.0  # lowering + compiling the step on this host
@@ -357,7 +357,10 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
         batch_bytes=_shard_bytes(batch, [run.data_sharding] * len(batch)),
         temp_bytes=int(memory.temp_size_in_bytes),
         step_flops=float((cost or {}).get("flops", 0.0)),
-        model_flops=training_flops_per_token(run.model_config, config.data.seq_len) * tokens / devices,
+        model_flops=training_flops_per_token(
+            run.model_config, config.data.seq_len,
+            adapters=None if run.frozen is None else parameter_count(run.state.params),
+            reference=config.preference_tuning is not None) * tokens / devices,
         collectives=collectives, uncounted_loops=uncounted_loops, compile_seconds=compile_seconds,
         matmul_flops=matmul, data_dependent_matmul_flops=data_dependent,
     )

@@ -305,7 +305,8 @@ def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
             for step in range(start + 1, config.steps + 1):
                 batch = next(iterator)
                 window_flops += tokens_per_step * training_flops_per_token(
-                    model_config, config.data.seq_len, mean_keys_per_query(batch.get("segment_ids")))
+                    model_config, config.data.seq_len, mean_keys_per_query(batch.get("segment_ids")),
+                    adapters=None if run.frozen is None else n_params, reference=config.preference_tuning is not None)
                 state, metrics = run.train_step(
                     state, global_batch(batch, run.data_sharding, run.batch_shape, positions))
                 metrics = _to_host(metrics)
