@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -88,7 +89,10 @@ def _report_line(row: dict) -> str:
     mesh = " × ".join(f"{k} {v}" for k, v in row["mesh"].items())
     where = f"{row['pod']} ({mesh})"
     if "error" in row:
-        return f"| {row['model']} | {where} | {row['variant']} | {row['error']} |||||||"
+        too_big = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", row["error"])
+        error = (f"**does not fit**: the TPU compiler stops at {too_big[1]} GiB of temporaries alone, over "
+                 f"{too_big[2]} GiB of HBM" if too_big else row["error"])
+        return f"| {row['model']} | {where} | {row['variant']} | {error} |||||||"
     return (f"| {row['model']} | {where} | {row['variant']} | {row['parameters']:,} | "
             f"{'all' if row['variant'] == 'full' else 'adapters'} | {row['params_gib']:.2f} GiB | "
             f"{row['opt_state_gib']:.2f} GiB | {row['temp_gib']:.2f} GiB | "
