@@ -27,7 +27,6 @@ import time
 import jax
 import numpy as np
 
-from granite_jax.model.flops import training_flops_per_token
 from granite_jax.model.quantize import parameter_count, stored_bytes
 from granite_jax.parallel.topology import device_memory
 from granite_jax.train.config import RunConfig
@@ -357,10 +356,7 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
         batch_bytes=_shard_bytes(batch, [run.data_sharding] * len(batch)),
         temp_bytes=int(memory.temp_size_in_bytes),
         step_flops=float((cost or {}).get("flops", 0.0)),
-        model_flops=training_flops_per_token(
-            run.model_config, config.data.seq_len,
-            adapters=None if run.frozen is None else parameter_count(run.state.params),
-            reference=config.preference_tuning is not None) * tokens / devices,
+        model_flops=run.flops_per_token() * tokens / devices,
         collectives=collectives, uncounted_loops=uncounted_loops, compile_seconds=compile_seconds,
         matmul_flops=matmul, data_dependent_matmul_flops=data_dependent,
     )

@@ -25,7 +25,7 @@ from granite_jax.data.preference import load_preference_samples, preference_data
 from granite_jax.data.sft import load_sft_samples, sft_dataset
 from granite_jax.data.sources import BadLines, load_documents
 from granite_jax.data.tokenizer import load_tokenizer
-from granite_jax.model.flops import mean_keys_per_query, peak_tflops, training_flops_per_token
+from granite_jax.model.flops import mean_keys_per_query, peak_tflops
 from granite_jax.parallel.distributed import process_block
 from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import IMPORTED_FROM, CheckpointMismatchError, RunCheckpoints, abstract_like
@@ -304,9 +304,7 @@ def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
         try:
             for step in range(start + 1, config.steps + 1):
                 batch = next(iterator)
-                window_flops += tokens_per_step * training_flops_per_token(
-                    model_config, config.data.seq_len, mean_keys_per_query(batch.get("segment_ids")),
-                    adapters=None if run.frozen is None else n_params, reference=config.preference_tuning is not None)
+                window_flops += tokens_per_step * run.flops_per_token(mean_keys_per_query(batch.get("segment_ids")))
                 state, metrics = run.train_step(
                     state, global_batch(batch, run.data_sharding, run.batch_shape, positions))
                 metrics = _to_host(metrics)

@@ -21,8 +21,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from granite_jax.config import ModelConfig, load_preset
 from granite_jax.convert import load_hf_checkpoint
 from granite_jax.model import GraniteForCausalLM
+from granite_jax.model.flops import training_flops_per_token
 from granite_jax.model.lora import apply_lora
-from granite_jax.model.quantize import quantize_base
+from granite_jax.model.quantize import parameter_count, quantize_base
 from granite_jax.parallel.mesh import (
     batch_sharding,
     check_batch,
@@ -64,9 +65,18 @@ class Run:
     # DPO without LoRA: the reference model's parameters, a frozen copy of the starting ones placed like
     # `state.params` (one more copy of the parameters in memory; no optimizer state). None otherwise.
     reference: Any = None
+    # LoRA: how many adapter weights are trained (counted at setup: the loop hands `state` over to the step).
+    adapter_parameters: int | None = None
 
     def _step_arguments(self) -> tuple:
         return (self.frozen,) if self.config.preference_tuning is None else (self.frozen, self.reference)
+
+    def flops_per_token(self, keys_per_query: float | None = None) -> float:
+        """`training_flops_per_token` of what this run's step computes: with LoRA the base frozen and the
+        adapters trained, with DPO the reference's forward pass too."""
+        return training_flops_per_token(self.model_config, self.config.data.seq_len, keys_per_query,
+                                        adapters=self.adapter_parameters,
+                                        reference=self.config.preference_tuning is not None)
 
     def activate(self):
         """The context every step of this run is traced and run in: its mesh (`jax.set_mesh`)."""
@@ -229,5 +239,6 @@ def build_run(config: RunConfig, devices=None, *, abstract: bool = False) -> Run
                state_shardings=shardings, data_sharding=batch_sharding(mesh, plan), tx=tx,
                _train_step=make_train_step(tx, aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,
                                            dropout_seed=dropout_seed, dpo=dpo, **step_options),
-               _eval_step=eval_step, frozen=frozen, frozen_shardings=frozen_shardings, reference=reference)
+               _eval_step=eval_step, frozen=frozen, frozen_shardings=frozen_shardings, reference=reference,
+               adapter_parameters=None if frozen is None else parameter_count(params))
 
