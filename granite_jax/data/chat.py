@@ -6,7 +6,7 @@ A conversation is the OpenAI / Hugging Face convention, one JSON object per SFT 
                    "text": str}, ...] | null, "tool_calls": [...]?}, ...],
      "tools": [json-schema, ...]?, "documents": [{"title": ..., "text": ...}, ...]?}
 
-Rendered (reference/granite4-architecture.md §7), each turn is
+Rendered (docs/fine-tuning.md#chat-format), each turn is
 `<|start_of_role|>ROLE<|end_of_role|>CONTENT<|end_of_text|>\\n`. The first turn is always a system turn: the
 conversation's own system text, the tools block and the documents block joined by blank lines, or the default
 system prompt when there are none of the three. Assistant tool calls follow the content as

@@ -140,7 +140,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise TokenizerError(f"tokenizer {path!r} cannot be read: {str(e).strip() or type(e).__name__}") from None
 
 
-# The Granite 4.0 special tokens (reference/granite4-architecture.md §7), first in the vocabulary of a
+# The Granite 4.0 special tokens (docs/fine-tuning.md#chat-format), first in the vocabulary of a
 # tokenizer trained here: <|pad|> = 0, <|end_of_text|> = 1 (BOS = EOS, as Granite), then the chat roles and FIM.
 GRANITE_SPECIAL_TOKENS = ("<|pad|>", "<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<|fim_prefix|>",
                           "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>")

@@ -14,7 +14,7 @@ Packed documents. `segment_ids` (b, T) gives each token its document; a document
 changes. The state is reset to zero at every document start, so nothing flows between documents. The optional
 `initial_state` is the state entering the row's *first* document (a continuation of a cached prefix); the
 returned final state is that of the row's last document. These are the semantics of mamba_ssm's `seq_idx`
-(reference/mamba2-ssd.md §1.4), with document runs derived from changes of id rather than the ids themselves.
+(docs/model.md#packed-documents), with document runs derived from changes of id rather than the ids themselves.
 
 Numerics. Everything is float32. Log-decays are accumulated only *within* a chunk (a few hundred terms), and
 chunks are chained multiplicatively, so precision does not degrade with sequence length. Masks are applied to
