@@ -18,7 +18,7 @@ FLOPs and collectives: `--topology v5p:4x4x4` compiles with the TPU compiler for
 
 Several processes (e.g. two on one machine, each with its devices):
     python train.py --coordinator-address 127.0.0.1:8476 --num-processes 2 --process-id 0 ...   # and id 1
-On a pod no flags: see scripts/launch/ (TPU VM slice, Slurm, Kubernetes) and README "Launching on a pod".
+On a pod no flags: see scripts/launch/ (TPU VM slice, Slurm, Kubernetes) and docs/launching.md.
 """
 
 import argparse

@@ -1,5 +1,5 @@
 """The train step on one accelerator: tokens/s, MFU and peak device memory of each kernel option against
-today's path, in one run (issue 15).
+today's path, in one run.
 
     python benchmarks/accelerator_step.py            # GPU or TPU: every case and option (sized for < 8 min on one H100)
     python benchmarks/accelerator_step.py --smoke    # CPU: the tiny model, two options (the test suite runs this)

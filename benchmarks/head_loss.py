@@ -1,6 +1,6 @@
 """The output head's loss and its gradient, `loss_impl` recompute (each chunk under `jax.checkpoint`, its logits
 built again in the backward pass; the default) against fused (the gradient computed in the forward pass), in
-one run (issue 15, item 5; `train/step.py: chunked_cross_entropy`).
+one run (`train/step.py: chunked_cross_entropy`).
 
     python benchmarks/head_loss.py             # granite-4.0-h-1b's head (100,352 x 2,048), bf16 hidden states
 

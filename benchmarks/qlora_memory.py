@@ -1,4 +1,4 @@
-"""Per-chip memory of full fine-tuning vs LoRA vs QLoRA (int8, nf4), the TPU compiler's dry run (issue 16).
+"""Per-chip memory of full fine-tuning vs LoRA vs QLoRA (int8, nf4), the TPU compiler's dry run.
 
 The recommended-mesh entries of h-tiny and h-small (`benchmarks/recommended_meshes.py`: bf16 compute, float32
 parameters and Adam, `remat_policy: full`, capacity 1.25, rows of 4,096, the layer stack scanned), compiled for

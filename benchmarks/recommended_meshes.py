@@ -71,7 +71,7 @@ ENTRIES = [
     Entry("granite-4.0-h-tiny", "v5p:2x2x2", "v5p-16 (8 chips × 95 GB)", {"fsdp": 1, "expert": 8}, 2),
     Entry("granite-4.0-h-small", "v5p:4x4x4", "v5p-128 (64 chips × 95 GB)", {"fsdp": 8, "expert": 8}, 1),
 ]
-# Long rows (issue 14): one row split over a `context` axis, the layers in sub-pieces of 8,192 tokens per
+# Long rows: one row split over a `context` axis, the layers in sub-pieces of 8,192 tokens per
 # device. Plus h-tiny at 8K, so that its figures per token can be compared across lengths.
 _LONG = (("subpiece_tokens", 8192), ("scan_layers", "true"))
 LONG_ENTRIES = [

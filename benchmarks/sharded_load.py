@@ -1,4 +1,4 @@
-"""Bytes read and host memory per process when 2 processes load an HF checkpoint onto one mesh (issue 18):
+"""Bytes read and host memory per process when 2 processes load an HF checkpoint onto one mesh:
 sharded (`load_hf_checkpoint(shardings=...)`: each process reads only the slices its devices hold) vs today's
 unsharded load (every process reads every full tensor, then `jax.device_put` places them on the mesh).
 

@@ -1,6 +1,6 @@
-"""Generate the bundled preference (DPO) set, data/preference/{train,validation}.jsonl.gz, from a fixed seed.
+"""Generate the bundled preference (DPO) set, data/preferences/{train,validation}.jsonl.gz, from a fixed seed.
 
-    python scripts/make_preference_corpus.py            # rewrites data/preference/
+    python scripts/make_preference_corpus.py            # rewrites data/preferences/
 
 Each line is one pair in TRL's preference layout: an arithmetic question (the kind of data/chat's arithmetic
 conversations, scripts/make_chat_corpus.py) with the correct answer, in the requested form, as `chosen`, and as
@@ -85,7 +85,7 @@ def write(path: str, rows: list[dict]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(ROOT, "data", "preference"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "data", "preferences"))
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--validation", type=int, default=200)
     args = parser.parse_args(argv)

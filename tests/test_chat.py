@@ -98,7 +98,7 @@ def test_renderer_matches_transformers_apply_chat_template(hf_tokenizer, name, a
 
 
 def test_rendering_matches_the_documented_format():
-    """Hand-written expectation from reference/granite4-architecture.md §7 (default system prompt, tool call
+    """Hand-written expectation from docs/fine-tuning.md#chat-format (default system prompt, tool call
     and merged tool responses, generation prompt)."""
     conversation = parse_conversation(CONVERSATIONS["tool_call_without_content"])
     tools_json = json.dumps(WEATHER, ensure_ascii=False)

@@ -23,7 +23,7 @@ from granite_jax.train.dpo import dpo_loss_fn, dpo_pair_losses, pair_sums, reply
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
-PREFERENCE_TRAIN = os.path.join(ROOT, "data", "preference", "train.jsonl.gz")
+PREFERENCE_TRAIN = os.path.join(ROOT, "data", "preferences", "train.jsonl.gz")
 VOCAB = 128
 
 

@@ -1,4 +1,4 @@
-"""Run directories, data and checkpoints on object storage (issue 18, item 5), against local fakes only: a fake
+"""Run directories, data and checkpoints on object storage, against local fakes only: a fake
 GCS server (tests/gcs_fake.py) for `gs://` end to end, and fsspec's in-memory filesystem (`memory://`, the same
 fsspec code path as `s3://`) for the storage layer and data sources."""
 

@@ -19,9 +19,9 @@ PROJECT=my-project
 REPO_URL=https://github.com/YOUR_ORG/granite_jax.git
 COMMIT=main                           # the same code on every worker: pin a commit for real runs
 REPO_DIR='~/granite_jax'              # on each worker (quoted: expanded there)
-# Shared storage, mounted at the same path on every worker. run_dir is written with plain file I/O (metrics,
-# lock, config) besides Orbax, so a gs:// URL is not accepted: mount a Filestore (NFS) share, or a bucket with
-# Cloud Storage FUSE (gcsfuse), at SHARED on each worker. Checkpoints are written by all workers together.
+# Shared storage for the config and data, mounted at the same path on every worker: a Filestore (NFS) share, or
+# a bucket with Cloud Storage FUSE (gcsfuse). RUN_DIR may be the mount or a gs:// URL (docs/checkpoints.md#object-storage).
+# Checkpoints are written by all workers together.
 NFS_EXPORT=10.0.0.2:/granite          # Filestore IP:/share (or replace the mount line in setup with gcsfuse)
 SHARED=/mnt/shared
 CONFIG=$SHARED/configs/my-run.yaml    # the same config on every worker; its data paths on SHARED too
