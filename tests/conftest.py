@@ -1,20 +1,474 @@
-"""Shared fixtures: small random transformers checkpoints saved to disk (the oracle), and helpers."""
+"""The suite's one harness: paths, the canonical tiny run, the transformers oracle, and the ways a test runs
+the command-line tools (in this process, or in a subprocess where a process must die or see other devices).
+
+Test files import from here only (`from conftest import ...`), never from each other.
+
+How the suite stays fast on 2 cores:
+- one spelling of "a small training run" (`TINY_RUN`), so that the persistent XLA compilation cache below hits;
+- the CLIs run in-process through their `main(argv)` unless a process has to die (SIGKILL, SIGTERM, a kill
+  during a save), several processes must join, or the run needs several (virtual) devices;
+- the checks that need 8 virtual CPU devices run together in one subprocess per pytest run
+  (`eight_devices`), each reported under its own name;
+- reference runs (the losses an interrupted or sharded run must repeat) are computed once per pytest run and
+  shared by every worker (`reference_losses`), keyed by their overrides.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 # One persistent XLA compilation cache for the suite: this process and every subprocess it starts (they inherit
-# the environment). Dozens of training subprocesses compile the same small train step; with the cache each one
-# after the first starts in about half the time (65 s -> 34 s on the 2-core machine). Executables read from the
-# cache give the same results, memory analysis and HLO text. Set before JAX is imported.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax-compilation"))
+# the environment). Executables read from the cache give the same results, memory analysis and HLO text.
+# Set before JAX is imported.
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax-compilation"))
 
 import jax.numpy as jnp  # noqa: E402
-import numpy as np
-import pytest
-from flax import nnx
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from granite_jax.model.lora import LORA_TARGETS  # noqa: E402
+
+TOKENIZER = str(ROOT / "data" / "tokenizer")
+KJV_TRAIN = str(ROOT / "data" / "kjv" / "kjv.jsonl.gz")
+KJV_VALIDATION = str(ROOT / "data" / "kjv" / "kjv-validation.jsonl.gz")
+CHAT_TRAIN = str(ROOT / "data" / "chat" / "train.jsonl.gz")
+PREFERENCE_TRAIN = str(ROOT / "data" / "preferences" / "train.jsonl.gz")
+
+# ------------------------------------------------------------------------------------ the tiny run
+# The model every small training run uses: 2 layers of the tiny hybrid MoE (Mamba, attention).
+TINY_LAYERS = {"num_hidden_layers": 2, "layer_types": ["mamba", "attention"], "mamba_chunk_size": 32}
+TINY_MODEL = "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}"
+# The one small pretraining run of the suite (configs/pretrain-tiny.yaml with these overrides): 2 rows of 64
+# tokens per step, a checkpoint every 4 steps. Tests add `steps=` and what their property needs.
+TINY_RUN = (TINY_MODEL, f"data.train=[{KJV_TRAIN}]", f"data.tokenizer={TOKENIZER}", "data.seq_len=64",
+            "data.batch_size=2", "log_every=4", "eval_every=1000", "data.validation=[]", "optimizer.warmup_steps=2",
+            "checkpoint.every_steps=4", "checkpoint.keep=10")
+# The same run as a RunConfig mapping (for `train(config)` in-process and the multi-device modules), with
+# batch 8 so that every mesh of 8 devices gets a row per device.
+TINY_MESH_RUN = dict(model_overrides=TINY_LAYERS, steps=2, log_every=1, eval_every=1000,
+                     data={"seq_len": 64, "batch_size": 8, "validation": []}, optimizer={"warmup_steps": 1},
+                     checkpoint={"every_steps": 100})
+
+
+def tiny_config(*overrides, config: str | None = "configs/pretrain-tiny.yaml"):
+    """The RunConfig of `TINY_RUN` + overrides (paths resolved against the repository)."""
+    from granite_jax.train.config import load_run_config
+
+    with contextlib.chdir(ROOT):
+        return load_run_config(config, [*TINY_RUN, *overrides])
+
+
+# ------------------------------------------------------------------------------- running the CLIs
+@dataclasses.dataclass
+class Ran:
+    """What a command did: its exit code and output (in-process or from a finished subprocess)."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def __iter__(self):  # code, stdout, stderr = convert_cli(...)
+        return iter((self.returncode, self.stdout, self.stderr))
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def ok(self) -> Ran:
+        assert self.returncode == 0, self.stdout[-3000:] + self.stderr[-3000:]
+        return self
+
+    def error_line(self) -> str:
+        """The command's one `error:` line (exit code 2, no traceback)."""
+        assert self.returncode == 2, self.output[-3000:]
+        assert "Traceback" not in self.stderr, self.stderr
+        errors = [line for line in self.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, self.stderr
+        return errors[0]
+
+
+def run_main(main, argv, cwd=ROOT) -> Ran:
+    """`main(argv)` of a command-line tool in this process, from `cwd`, with its stdout, stderr and the
+    warnings logged meanwhile (formatted as train.py's logging.basicConfig formats them) captured."""
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    package_log = logging.getLogger()  # the root logger: what train.py's logging.basicConfig prints
+    package_log.addHandler(handler)
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in argv])
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        package_log.removeHandler(handler)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def train_cli(*argv, cwd=ROOT) -> Ran:
+    """`python train.py ARGV` in this process."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import train
+    finally:
+        sys.path.remove(str(ROOT))
+    return run_main(train.main, argv, cwd)
+
+
+def eval_cli(*argv) -> Ran:
+    """`python eval.py ARGV` in this process."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import eval as eval_main
+    finally:
+        sys.path.remove(str(ROOT))
+    return run_main(eval_main.main, argv)
+
+
+def convert_cli(*argv) -> Ran:
+    """`python -m granite_jax.convert ARGV` in this process."""
+    from granite_jax.convert.__main__ import main
+
+    return run_main(main, argv)
+
+
+def train_tiny(run_dir, *overrides) -> Ran:
+    """The tiny run (`TINY_RUN` + overrides) in `run_dir`, in this process; it must succeed."""
+    return train_cli(f"run_dir={run_dir}", *TINY_RUN, *overrides).ok()
+
+
+def virtual_cpu_devices(devices: int) -> dict:
+    """The environment of a subprocess whose JAX sees `devices` CPU devices. Their collectives wait for each other
+    up to 10 minutes: XLA:CPU's default (40 s) aborts the process when a busy 2-core machine runs one device's
+    thread that much later than the others."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"
+                         " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+                         " --xla_cpu_collective_timeout_seconds=600"}
+
+
+def python_process(*argv, env=None, **popen) -> subprocess.Popen:
+    """`python ARGV` from the repository root, output (stdout and stderr together) piped."""
+    return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> Ran:
+    out, _ = proc.communicate(timeout=timeout)
+    return Ran(proc.returncode, out, "")
+
+
+# A wrapper that runs train.py and acts on itself when Orbax is about to commit a checkpoint (every file written
+# to its temporary directory, the rename to STEP not yet done), or just after it committed one. Deterministic,
+# unlike a signal sent from outside at a moment the test polls for.
+_ACT_ON_CHECKPOINT = """
+import os, runpy, signal, sys
+from orbax.checkpoint._src.path import atomicity
+step, when, signum = {step}, {when!r}, {signum}
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize(self, *args, **kwargs):
+    ours = os.path.basename(str(self._final_path)) == str(step)
+    if ours and when == "before":
+        os.kill(os.getpid(), signum)
+    result = await commit(self, *args, **kwargs)
+    if ours and when == "after":
+        os.kill(os.getpid(), signum)
+    return result
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def train_process(run_dir, *overrides, signal_at: tuple[int, str, int] | None = None, env=None,
+                  timeout: float = 900) -> Ran:
+    """`python train.py` on the tiny run in a subprocess; with `signal_at=(step, "before" | "after", signum)`
+    the process sends itself `signum` just before or just after checkpoint `step` is committed."""
+    script = [] if signal_at is None else ["-c", _ACT_ON_CHECKPOINT.format(
+        step=signal_at[0], when=signal_at[1], signum=int(signal_at[2]))]
+    proc = python_process(*script, ROOT / "train.py", f"run_dir={run_dir}", *TINY_RUN, *overrides,
+                          env={**os.environ, **(env or {})})
+    return finish(proc, timeout)
+
+
+SIGKILL, SIGTERM = signal.SIGKILL, signal.SIGTERM
+
+
+def launch_processes(run_dir, steps: int, processes: int, settings, devices: int = 8, launcher=None) -> list[str]:
+    """`train.py` as `processes` processes sharing `devices` virtual CPU devices. They join with the
+    --coordinator-address flags, or, with `launcher` (process index -> environment variables), with no flags
+    and the variables a cluster launcher would set. Returns each process's output; all must succeed."""
+    from granite_jax.parallel.distributed import free_local_port
+
+    args = [f"run_dir={run_dir}", f"steps={steps}", *settings, "data.validation=[]", "log_every=1",
+            "eval_every=1000", "optimizer.warmup_steps=1", "checkpoint.every_steps=2", "checkpoint.async_save=false"]
+    env = virtual_cpu_devices(devices // processes)
+    port = free_local_port()
+    distributed = (lambda i: [f"--coordinator-address=127.0.0.1:{port}", f"--num-processes={processes}",
+                              f"--process-id={i}"]) if processes > 1 and launcher is None else (lambda i: [])
+    launcher = launcher or (lambda i: {})
+    procs = [python_process("train.py", *distributed(i), *args, env={**env, **launcher(i)})
+             for i in range(processes)]
+    outputs = [finish(p, timeout=1200).ok().stdout for p in procs]
+    if processes > 1:  # only process 0 logs
+        assert "| loss " in outputs[0] and "| loss " not in outputs[1]
+    return outputs
+
+
+# --------------------------------------------------------------------------------- reading a run
+def metrics(run_dir, name: str = "loss") -> list[float]:
+    """One metric of a run's metrics.jsonl, by step (a resumed run's repeated steps: the latest record)."""
+    values = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if name in record:
+                values[record["step"]] = record[name]
+    return [values[s] for s in sorted(values)]
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    """The steps of a run's committed checkpoints."""
+    return sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
+
+
+def wait_for_checkpoint(run_dir, step, proc, timeout=300):
+    """Wait until checkpoint `step` of the training process `proc` is committed."""
+    path = os.path.join(run_dir, "checkpoints", str(step))
+    deadline = time.time() + timeout
+    while not (os.path.isdir(path) and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, f"no checkpoint {path}"
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------- shared across the workers
+def _shared_dir(tmp_path_factory) -> Path:
+    """A directory every pytest-xdist worker of this run sees (the parent of the workers' base temp dirs)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def reference_losses(tmp_path_factory):
+    """`reference_losses(*overrides)`: (losses, run_dir) of the tiny run with these overrides trained straight
+    through in-process; computed once per pytest run whichever worker asks first, then read by all."""
+    shared = _shared_dir(tmp_path_factory) / "reference-runs"
+    shared.mkdir(exist_ok=True)
+
+    def get(*overrides) -> tuple[list[float], Path]:
+        key = hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:12]
+        run_dir = shared / key
+        with FileLock(str(run_dir) + ".lock"):
+            done = run_dir / "DONE"
+            if not done.exists():
+                if run_dir.exists():  # a worker died while training it
+                    import shutil
+                    shutil.rmtree(run_dir)
+                train_tiny(run_dir, *overrides)
+                done.write_text(json.dumps(overrides))
+        return metrics(run_dir), run_dir
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference_train(tmp_path_factory):
+    """`reference_train(config_mapping)`: (losses, run_dir) of `train(config)` in-process on this process's one
+    device, for a RunConfig given as a mapping of overrides (as the multi-device modules take it); once per run."""
+    shared = _shared_dir(tmp_path_factory) / "reference-train"
+    shared.mkdir(exist_ok=True)
+
+    def get(overrides: dict) -> tuple[list[float], Path]:
+        from granite_jax.train import train
+        from granite_jax.train.config import RunConfig, apply_overrides
+
+        key = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:12]
+        run_dir = shared / key
+        with FileLock(str(run_dir) + ".lock"):
+            done = run_dir / "DONE"
+            if not done.exists():
+                if run_dir.exists():
+                    import shutil
+                    shutil.rmtree(run_dir)
+                config = apply_overrides(RunConfig(), {**overrides, "run_dir": str(run_dir)})
+                with contextlib.chdir(ROOT), contextlib.redirect_stdout(io.StringIO()):
+                    train(config)
+                done.write_text("done")
+        return metrics(run_dir), run_dir
+
+    return get
+
+
+# ------------------------------------------------------------------------------ multi-device checks
+def run_multidevice(jobs: dict, devices: int, timeout: float = 1800) -> dict:
+    """Run multi-device check modules in one subprocess on `devices` virtual CPU devices.
+
+    `jobs`: {job name: (module name under tests/multidevice, JSON argument)}. Returns {job name: result}, where
+    a failed job's result is a `MultideviceFailure` carrying its traceback (the other jobs still ran)."""
+    proc = subprocess.run([sys.executable, "-m", "tests.multidevice", json.dumps(jobs)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=virtual_cpu_devices(devices))
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            name, value = json.loads(line[len("RESULT "):])
+            results[name] = value
+        elif line.startswith("FAILED "):
+            name, trace = json.loads(line[len("FAILED "):])
+            results[name] = MultideviceFailure(trace)
+    for name in jobs:
+        results.setdefault(name, MultideviceFailure(
+            f"no result (exit code {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"))
+    return results
+
+
+class MultideviceFailure:
+    def __init__(self, trace: str):
+        self.trace = trace
+
+
+def multidevice_result(results: dict, name: str):
+    result = results[name]
+    if isinstance(result, MultideviceFailure):
+        pytest.fail(f"multi-device job {name!r} failed:\n{result.trace}", pytrace=False)
+    return result
+
+
+def eight_device_job(name: str):
+    """Mark a test as reading job `name` of the shared 8-device process (see `eight_devices`)."""
+    return pytest.mark.eight_devices(name)
+
+
+# The 8-device jobs: name -> a function of a scratch directory giving (module, JSON argument).
+MESHES = {"data x fsdp": {"data": 2, "fsdp": 4}, "fsdp x tensor": {"fsdp": 4, "tensor": 2},
+          "data x expert": {"data": 2, "expert": 4}, "fsdp x expert x tensor": {"fsdp": 2, "expert": 2, "tensor": 2}}
+# Context parallelism: the tiny model with chunks of 16 (8 tokens per device on context 8), on these meshes.
+CONTEXT_MESHES = {"context 8": {"context": 8}, "fsdp 2 x context 4": {"fsdp": 2, "context": 4},
+                  "expert 2 x context 4": {"expert": 2, "context": 4},
+                  "data 2 x tensor 2 x context 2": {"data": 2, "tensor": 2, "context": 2},
+                  "expert 2 x context 4 zigzag": {"mesh": {"expert": 2, "context": 4}, "context_layout": "zigzag"}}
+
+
+def context_run(model: str) -> dict:
+    """The tiny mesh run of `model` (tiny-hybrid-moe: Mamba + attention; tiny-dense-rope: 2 attention layers)
+    with chunks of 16."""
+    layers = ["mamba", "attention"] if model == "tiny-hybrid-moe" else ["attention", "attention"]
+    return {**TINY_MESH_RUN, "model": model,
+            "model_overrides": {"num_hidden_layers": 2, "layer_types": layers, "mamba_chunk_size": 16}}
+
+
+def context_meshes(model: str) -> dict:
+    """CONTEXT_MESHES and the layers in sub-pieces of 4 tokens per device on fsdp 2 x context 4 (zigzag)."""
+    return {**CONTEXT_MESHES, "fsdp 2 x context 4 zigzag in sub-pieces": {
+        "mesh": {"fsdp": 2, "context": 4}, "context_layout": "zigzag",
+        "model_overrides": {**context_run(model)["model_overrides"], "subpiece_tokens": 4}}}
+
+
+LORA_MESH = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+LORA_ON_A_MESH = {"lora": {"rank": 4, "alpha": 8.0, "targets": list(LORA_TARGETS)}}
+
+
+def _sharded_hf_load_job(root: Path):
+    """An HF checkpoint (untied head, Mamba projection biases) and its `convert import` as a run."""
+    from granite_jax.convert.__main__ import import_checkpoint
+
+    directory = root / "hf"
+    make_hf_model(0, tie_word_embeddings=False, mamba_proj_bias=True).save_pretrained(directory)
+    import_checkpoint(str(directory), str(root / "imported"))
+    return "sharded_hf_load", {"directory": str(directory), "run_dir": str(root / "imported"), "meshes": {
+        "fsdp8": [{"fsdp": 8}, "fsdp"], "fsdp2_tensor2_expert2": [{"fsdp": 2, "tensor": 2, "expert": 2}, "fsdp_tp"]}}
+
+
+def _train_meshes(meshes: dict, overrides: dict):
+    return lambda root: ("train_meshes", {"meshes": meshes, "root": str(root), "overrides": overrides})
+
+
+EIGHT_DEVICE_JOBS = {
+    "sharded_state": lambda root: ("sharded_state", None),
+    "loop_collectives": lambda root: ("loop_collectives", None),
+    "loss_chunks": lambda root: ("loss_chunks", None),
+    "splash_mesh": lambda root: ("splash_mesh", None),
+    "pallas_ssd_mesh": lambda root: ("pallas_ssd_mesh", None),
+    "expert_parallel": lambda root: ("expert_parallel", None),
+    "ragged_exchange": lambda root: ("ragged_exchange", None),
+    "tensor_parallel_mamba": lambda root: ("tensor_parallel_mamba", None),
+    "two_plans": lambda root: ("two_plans", None),
+    "sharded_hf_load": _sharded_hf_load_job,
+    "train meshes": _train_meshes(MESHES, TINY_MESH_RUN),
+    "context meshes tiny-hybrid-moe": _train_meshes(context_meshes("tiny-hybrid-moe"), context_run("tiny-hybrid-moe")),
+    "context meshes tiny-dense-rope": _train_meshes(context_meshes("tiny-dense-rope"), context_run("tiny-dense-rope")),
+    "context ops 2 shards": lambda root: ("context_parallel_ops", {"shards": 2}),
+    "context ops 4 shards": lambda root: ("context_parallel_ops", {"shards": 4}),
+    "context ops 8 shards": lambda root: ("context_parallel_ops", {"shards": 8}),
+    "context_parallel_program": lambda root: ("context_parallel_program", {"seq_len": 2048, "temporaries_at": 65536}),
+    "scoring_mesh": lambda root: ("scoring_mesh", None),
+    "lora_mesh": lambda root: ("lora_mesh", {**TINY_MESH_RUN, **LORA_ON_A_MESH, "mesh": LORA_MESH,
+                                             "run_dir": str(root / "specs")}),
+    "lora mesh training": _train_meshes({"lora mesh": LORA_MESH}, {**TINY_MESH_RUN, **LORA_ON_A_MESH}),
+}
+
+
+@pytest.fixture(scope="session")
+def eight_devices(request, tmp_path_factory):
+    """`eight_devices(name)`: the result of the 8-device job `name`; `eight_devices.root(name)`: its scratch
+    directory (a training job's run directories are ROOT/MESH-NAME-WITHOUT-SPACES). Every job that the selected
+    tests name (`@eight_device_job(name)`) runs in one process on 8 virtual CPU devices, once per pytest run:
+    those tests share an xdist group, so one worker holds them all."""
+    wanted = sorted({mark.args[0] for item in request.session.items
+                     for mark in item.iter_markers("eight_devices")})
+    base = tmp_path_factory.mktemp("eight-devices")
+    cache: dict = {}
+
+    def root(name: str) -> Path:
+        return base / name.replace(" ", "-")
+
+    def get(name: str):
+        if not cache:
+            jobs = {}
+            for job in wanted:
+                root(job).mkdir()
+                jobs[job] = EIGHT_DEVICE_JOBS[job](root(job))
+            cache.update(run_multidevice(jobs, devices=8))
+        return multidevice_result(cache, name)
+
+    get.root = root
+    return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests of the shared 8-device process go to one worker together (`--dist loadgroup`)."""
+    for item in items:
+        if item.get_closest_marker("eight_devices"):
+            item.add_marker(pytest.mark.xdist_group("eight_devices"))
+
+
+# ------------------------------------------------------------------------ the transformers oracle
+def checkpoint_tensors(directory) -> dict[str, np.ndarray]:
+    """Every tensor of an HF safetensors checkpoint directory (one file or shards), by name."""
+    from safetensors.numpy import load_file
+
+    from granite_jax.convert.hf import safetensors_files
+
+    out = {}
+    for path in safetensors_files(str(directory)):
+        out.update(load_file(path))
+    return out
+
 
 # A tiny hybrid MoE in transformers' field names. Tests override fields per case.
 TINY_HF = dict(

@@ -2,11 +2,10 @@
 result line per option (the GPU/TPU cases run the same code with other presets and options)."""
 
 import json
-import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 
 
 def test_the_accelerator_benchmark_smoke_mode_measures_every_option(tmp_path):

@@ -4,10 +4,10 @@ the assistant-only loss mask, and the errors for bad conversations and bad SFT f
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
+from conftest import TOKENIZER
 
 from granite_jax.data.chat import (
     DEFAULT_SYSTEM_PROMPT,
@@ -21,9 +21,6 @@ from granite_jax.data.chat_template import BUILTIN_TEMPLATE_PATH, JinjaChatTempl
 from granite_jax.data.sft import load_sft_samples
 from granite_jax.data.sources import DataError
 from granite_jax.data.tokenizer import load_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city (°C).",
                                             "parameters": {"type": "object",

@@ -1,14 +1,16 @@
-"""Context parallelism: a row split over the devices of a `context` mesh axis. Multi-device parts run as
-`python -m tests.multidevice.NAME` on virtual CPU devices (tests/test_parallel.py:_run_module)."""
+"""Context parallelism: a row split over the devices of a `context` mesh axis. Multi-device parts run in the
+shared 8-device process (tests/conftest.py: `eight_devices`)."""
+
+import types
 
 import numpy as np
 import pytest
+from conftest import context_meshes, context_run, eight_device_job, metrics
 
-from tests.test_parallel import TRAIN, _metrics, _run_module
 
-
-@pytest.mark.parametrize("shards", [2, 4, 8])
-def test_context_parallel_ssd_conv_and_attention_equal_the_unsharded_functions(shards):
+@pytest.mark.parametrize("shards", [pytest.param(n, marks=eight_device_job(f"context ops {n} shards"))
+                                    for n in (2, 4, 8)])
+def test_context_parallel_ssd_conv_and_attention_equal_the_unsharded_functions(shards, eight_devices):
     """Each shard runs the chunked SSD from a zero state; the shards' (decay, final state) summaries are
     all-gathered and scanned into each shard's entering state, added to its first document's outputs; the
     conv's halo is the previous shard's last inputs, counted only where their document continues; attention
@@ -17,7 +19,7 @@ def test_context_parallel_ssd_conv_and_attention_equal_the_unsharded_functions(s
     SSD's token-by-token oracle's), for document boundaries at, next to and away from shard and chunk edges,
     1-3 token documents, one-token documents, reused ids, trailing padding and random partitions (and 12 pairs
     of rows drawn by hypothesis per layout), with chunks that do and do not divide a shard."""
-    results = _run_module("context_parallel_ops", {"shards": shards}, devices=shards)
+    results = dict(eight_devices(f"context ops {shards} shards"))  # the first `shards` of the 8 devices
     for layout in ("contiguous", "zigzag"):  # 12 drawn pairs of rows per layout, each within tolerance
         drawn = results.pop(f"{layout} hypothesis partitions")
         assert "failed" not in drawn and len(drawn) == 8, drawn  # value and grad: ssd vs whole and oracle, conv, attn
@@ -28,34 +30,23 @@ def test_context_parallel_ssd_conv_and_attention_equal_the_unsharded_functions(s
             assert error < (1e-5 if "value" in name else 1e-4), (case, name, error)
 
 
-CONTEXT_MESHES = {"context 8": {"context": 8}, "fsdp 2 x context 4": {"fsdp": 2, "context": 4},
-                  "expert 2 x context 4": {"expert": 2, "context": 4},
-                  "data 2 x tensor 2 x context 2": {"data": 2, "tensor": 2, "context": 2},
-                  "expert 2 x context 4 zigzag": {"mesh": {"expert": 2, "context": 4}, "context_layout": "zigzag"}}
-
-
-@pytest.mark.parametrize("model", ["tiny-hybrid-moe", "tiny-dense-rope"])
-def test_context_parallel_training_gives_the_one_device_losses(tmp_path, model):
-    """Three training steps of a 2-layer model with every row split over a context axis (alone and with fsdp,
+@pytest.mark.parametrize("model", [pytest.param(m, marks=eight_device_job(f"context meshes {m}"))
+                                   for m in ("tiny-hybrid-moe", "tiny-dense-rope")])
+def test_context_parallel_training_gives_the_one_device_losses(model, eight_devices, reference_train):
+    """Two training steps of a 2-layer model with every row split over a context axis (alone and with fsdp,
     expert, data x tensor; contiguous and zigzag layouts; the layers in sub-pieces of 4 tokens per device)
     give the one-device losses and gradient norms: the
     Mamba layer's halo and state passing, attention over the gathered keys, expert parallelism over rows x
     pieces, the loss over each device's tokens and the gradient reductions over context are all exact."""
-    layers = ["mamba", "attention"] if model == "tiny-hybrid-moe" else ["attention", "attention"]
-    overrides = {**TRAIN, "model": model,
-                 "model_overrides": {"num_hidden_layers": 2, "layer_types": layers, "mamba_chunk_size": 16}}
-    reference = _run_module("train_meshes", {"meshes": {"one device": {"data": 1}}, "root": str(tmp_path),
-                                             "overrides": overrides}, devices=1)["one device"]
-    meshes = {**CONTEXT_MESHES, "fsdp 2 x context 4 zigzag in sub-pieces": {
-        "mesh": {"fsdp": 2, "context": 4}, "context_layout": "zigzag",
-        "model_overrides": {**overrides["model_overrides"], "subpiece_tokens": 4}}}
-    sharded = _run_module("train_meshes", {"meshes": meshes, "root": str(tmp_path), "overrides": overrides})
-    reference_norms = _metrics(tmp_path / "onedevice", "grad_norm")
-    assert len(reference) == 3 and set(sharded) == set(meshes)
+    reference, reference_dir = reference_train(context_run(model))
+    job = f"context meshes {model}"
+    sharded = eight_devices(job)
+    reference_norms = metrics(reference_dir, "grad_norm")
+    assert len(reference) == 2 and set(sharded) == set(context_meshes(model))
     for name, losses in sharded.items():
         np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=name)
-        np.testing.assert_allclose(_metrics(tmp_path / name.replace(" ", ""), "grad_norm"), reference_norms,
-                                   rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(metrics(eight_devices.root(job) / name.replace(" ", ""), "grad_norm"),
+                                   reference_norms, rtol=1e-4, err_msg=name)
 
 
 @pytest.mark.parametrize("seq_len, context, message", [
@@ -68,11 +59,11 @@ def test_sequence_that_the_context_axis_cannot_split_is_an_error(seq_len, contex
     from granite_jax import load_preset
     from granite_jax.parallel import ShardingPlan
     from granite_jax.parallel.mesh import MeshError, check_sequence
-    from tests.test_parallel import _mesh
 
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, "context": context})
     with pytest.raises(MeshError, match=message):
-        check_sequence(seq_len, _mesh(context=context), ShardingPlan(), load_preset("tiny-hybrid-moe"))
-    check_sequence(1024, _mesh(context=context), ShardingPlan(), load_preset("tiny-hybrid-moe"))
+        check_sequence(seq_len, mesh, ShardingPlan(), load_preset("tiny-hybrid-moe"))
+    check_sequence(1024, mesh, ShardingPlan(), load_preset("tiny-hybrid-moe"))
 
 
 def test_zigzag_balances_causal_attention_over_the_shards():
@@ -93,26 +84,28 @@ def test_zigzag_balances_causal_attention_over_the_shards():
     np.testing.assert_array_equal(order, [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11])
 
 
-def test_compiled_context_parallel_step_moves_no_full_length_activations():
+@eight_device_job("context_parallel_program")
+def test_compiled_context_parallel_step_moves_no_full_length_activations(eight_devices):
     """The compiled train step of a 2-Mamba-layer tiny model, rows of 2K tokens split over 8 context devices:
     no collective carries a float array with the sequence's full length (the halo and the SSM summaries are
     all that cross devices in a Mamba layer), the summaries are all-gathered as (8, rows, heads, head_dim,
     d_state) once per layer forward (and its recomputation); and a 64K-token row's temporaries per device at
     context 8 are at most a quarter of one device's."""
     # 2048, not the vocabulary's 4096: the embedding's gradient would look like a full-length activation
-    result = _run_module("context_parallel_program", {"seq_len": 2048, "temporaries_at": 65536}, devices=8)
+    result = eight_devices("context_parallel_program")
     assert result["full_length_float_collectives"] == [], result
     assert result["summary_all_gathers"] >= 2, result
     assert result["temp_context_8"] <= result["temp_context_1"] / 4, result
 
 
-def test_scoring_over_a_context_axis_equals_one_device():
+@eight_device_job("scoring_mesh")
+def test_scoring_over_a_context_axis_equals_one_device(eight_devices):
     """eval.py's scorer (perplexity, multiple choice) on `--mesh '{context: 8}'` and on data 2 x context 4 with
     the zigzag layout: every request's summed log-likelihood equals one device's (1e-4 nats) and the greedy
     flags are the same; on context 8, requests packed several to a row score what they score alone in a row
     (documents stay apart across the shards); a decoding prefill with the sequence split is refused, saying
     what to do instead."""
-    result = _run_module("scoring_mesh", None, devices=8)
+    result = eight_devices("scoring_mesh")
     for name in ("context 8", "data 2 x context 4 zigzag"):
         assert result[name]["max_abs_difference"] < 1e-4 and result[name]["greedy_equal"], result
     assert result["context 8"]["packed_vs_alone"] < 1e-4, result

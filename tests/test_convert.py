@@ -6,19 +6,11 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import forward, hf_logits, max_rel_error, random_ids
+from conftest import checkpoint_tensors, convert_cli, forward, hf_logits, max_rel_error, random_ids
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from granite_jax import CheckpointError, GraniteForCausalLM, ModelConfig, load_hf_checkpoint, save_hf_checkpoint
-from granite_jax.convert.hf import safetensors_files
-
-
-def _tensors(directory):
-    out = {}
-    for path in safetensors_files(str(directory)):
-        out.update(load_file(path))
-    return out
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(tie_word_embeddings=False, mamba_proj_bias=True, attention_bias=True)],
@@ -26,7 +18,7 @@ def _tensors(directory):
 def test_hf_ours_hf_is_byte_identical(hf_checkpoint, tmp_path, overrides):
     directory, _ = hf_checkpoint(**overrides)
     save_hf_checkpoint(load_hf_checkpoint(directory), tmp_path / "out")
-    original, written = _tensors(directory), _tensors(tmp_path / "out")
+    original, written = checkpoint_tensors(directory), checkpoint_tensors(tmp_path / "out")
     assert sorted(original) == sorted(written)
     assert ("lm_head.weight" in written) == (not overrides.get("tie_word_embeddings", True))
     for name, value in original.items():
@@ -40,7 +32,7 @@ def test_bfloat16_checkpoint_round_trips_in_bfloat16(hf_checkpoint, tmp_path):
     directory, hf_model = hf_checkpoint()
     hf_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     save_hf_checkpoint(load_hf_checkpoint(tmp_path / "bf16"), tmp_path / "out")
-    original, written = _tensors(tmp_path / "bf16"), _tensors(tmp_path / "out")
+    original, written = checkpoint_tensors(tmp_path / "bf16"), checkpoint_tensors(tmp_path / "out")
     for name, value in original.items():
         assert str(written[name].dtype) == "bfloat16" and written[name].tobytes() == value.tobytes(), name
 
@@ -67,7 +59,7 @@ def test_sharded_save_writes_an_index_and_loads_back(hf_checkpoint, tmp_path):
     files = save_hf_checkpoint(model, tmp_path / "sharded", max_shard_size=20_000)
     assert len(files) > 3
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(_tensors(directory))
+    assert set(index["weight_map"]) == set(checkpoint_tensors(directory))
     for path in files:  # a shard exceeds the limit only when it holds a single larger tensor
         tensors = load_file(path)
         assert len(tensors) == 1 or sum(t.nbytes for t in tensors.values()) <= 20_000
@@ -175,19 +167,6 @@ def tiny_run(tmp_path):
     return str(run_dir)
 
 
-def _export(*args):
-    """`python -m granite_jax.convert export ARGS` in this process: (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from granite_jax.convert.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["export", *map(str, args)])
-    return code, out.getvalue(), err.getvalue()
-
-
 def _one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -200,7 +179,7 @@ def test_export_refuses_a_non_empty_directory(tiny_run, tmp_path):
     originals = {"config.json": "{}", "model.safetensors": "weights", "tokenizer.json": "{}"}
     for name, text in originals.items():
         (out / name).write_text(text)
-    code, _, err = _export(tiny_run, out)
+    code, _, err = convert_cli("export", tiny_run, out)
     line = _one_error_line(err)
     assert code == 2 and str(out) in line and "--overwrite" in line
     assert {name: (out / name).read_text() for name in originals} == originals
@@ -208,7 +187,7 @@ def test_export_refuses_a_non_empty_directory(tiny_run, tmp_path):
 
 def test_export_onto_a_file_is_one_error_line(tiny_run, tmp_path):
     (tmp_path / "file").write_text("x")
-    code, _, err = _export(tiny_run, tmp_path / "file")
+    code, _, err = convert_cli("export", tiny_run, tmp_path / "file")
     assert code == 2 and "not a directory" in _one_error_line(err)
 
 
@@ -220,7 +199,7 @@ def test_export_overwrite_replaces_only_its_own_files(tiny_run, tmp_path):
         (out / name).write_text("old")
     (out / "README.md").write_text("keep me")
     (out / "notes").mkdir()
-    code, stdout, err = _export(tiny_run, out, "--overwrite")
+    code, stdout, err = convert_cli("export", tiny_run, out, "--overwrite")
     assert code == 0, err
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "notes"]
     assert (out / "README.md").read_text() == "keep me" and (out / "config.json").read_text() != "old"
@@ -233,7 +212,7 @@ def test_export_overwrite_replaces_only_its_own_files(tiny_run, tmp_path):
 def test_exported_files_respect_the_umask(tiny_run, tmp_path):
     old = os.umask(0o022)
     try:
-        code, _, err = _export(tiny_run, tmp_path / "hf")
+        code, _, err = convert_cli("export", tiny_run, tmp_path / "hf")
         save_hf_checkpoint(load_hf_checkpoint(tmp_path / "hf"), tmp_path / "sharded", max_shard_size=4_000)
     finally:
         os.umask(old)
@@ -246,7 +225,7 @@ def test_exported_files_respect_the_umask(tiny_run, tmp_path):
 def test_export_takes_tokenizer_files_only_from_the_run_or_the_user(tiny_run, tmp_path):
     from granite_jax.run_dir import RunDir
 
-    code, stdout, err = _export(tiny_run, tmp_path / "none")
+    code, stdout, err = convert_cli("export", tiny_run, tmp_path / "none")
     assert code == 0 and "no tokenizer files" in stdout and "only the weights" in stdout, err
     assert not (tmp_path / "none" / "tokenizer.json").exists()  # not the metadata's `elsewhere/`
 
@@ -254,19 +233,20 @@ def test_export_takes_tokenizer_files_only_from_the_run_or_the_user(tiny_run, tm
     os.makedirs(own)
     with open(os.path.join(own, "tokenizer.json"), "w") as f:
         f.write('{"from": "run"}')
-    code, stdout, _ = _export(tiny_run, tmp_path / "own")
+    code, stdout, _ = convert_cli("export", tiny_run, tmp_path / "own")
     assert code == 0 and (tmp_path / "own" / "tokenizer.json").read_text() == '{"from": "run"}'
     assert f"tokenizer files copied from {own}" in stdout
 
     given = tmp_path / "given"
     given.mkdir()
     (given / "tokenizer.json").write_text('{"from": "user"}')
-    code, _, _ = _export(tiny_run, tmp_path / "user", "--tokenizer", given)
+    code, _, _ = convert_cli("export", tiny_run, tmp_path / "user", "--tokenizer", given)
     assert code == 0 and (tmp_path / "user" / "tokenizer.json").read_text() == '{"from": "user"}'
-    code, _, err = _export(tiny_run, tmp_path / "bad", "--tokenizer", tmp_path / "elsewhere" / "nope.model")
+    code, _, err = convert_cli("export", tiny_run, tmp_path / "bad", "--tokenizer",
+                               tmp_path / "elsewhere" / "nope.model")
     assert code == 2 and "--tokenizer" in _one_error_line(err) and not (tmp_path / "bad").exists()
     (tmp_path / "empty").mkdir()
-    code, _, err = _export(tiny_run, tmp_path / "bad", "--tokenizer", tmp_path / "empty")
+    code, _, err = convert_cli("export", tiny_run, tmp_path / "bad", "--tokenizer", tmp_path / "empty")
     assert code == 2 and "holds none of the HF tokenizer files" in _one_error_line(err)
     assert not (tmp_path / "bad").exists()  # refused before anything was written
 
@@ -351,7 +331,7 @@ def signed_export(tiny_run, tmp_path, key_pair):
     with open(os.path.join(RunDir(tiny_run).tokenizer_dir, "tokenizer.json"), "w") as f:
         f.write("{}")
     out = tmp_path / "signed"
-    code, stdout, err = _export(tiny_run, out, "--sign-key", key_pair[0])
+    code, stdout, err = convert_cli("export", tiny_run, out, "--sign-key", key_pair[0])
     assert code == 0 and f"signed: {out / 'model.sig'}" in stdout, err
     return str(out), key_pair[1]
 
@@ -490,9 +470,9 @@ def test_import_then_export_gives_the_same_checkpoint(hf_checkpoint, tmp_path):
     stored = ocp.StandardCheckpointer().metadata(str(run_dir / "checkpoints" / "0" / "state"))
     assert set(getattr(stored, "item_metadata", stored)) == {"params"}  # no optimizer state, no step
 
-    code, _, err = _export(run_dir, tmp_path / "exported")
+    code, _, err = convert_cli("export", run_dir, tmp_path / "exported")
     assert code == 0, err
-    original, written = _tensors(directory), _tensors(tmp_path / "exported")
+    original, written = checkpoint_tensors(directory), checkpoint_tensors(tmp_path / "exported")
     assert sorted(original) == sorted(written)
     for name, value in original.items():
         assert written[name].dtype == value.dtype and written[name].tobytes() == value.tobytes(), name

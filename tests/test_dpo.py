@@ -4,13 +4,13 @@ alone, bad input and settings named, and short runs through the train loop (full
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PREFERENCE_TRAIN, TOKENIZER
 from flax import nnx
 
 from granite_jax import load_hf_checkpoint
@@ -21,9 +21,6 @@ from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.train.config import RunConfigError, load_run_config
 from granite_jax.train.dpo import dpo_loss_fn, dpo_pair_losses, pair_sums, reply_log_probs, token_log_probs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
-PREFERENCE_TRAIN = os.path.join(ROOT, "data", "preferences", "train.jsonl.gz")
 VOCAB = 128
 
 

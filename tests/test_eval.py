@@ -6,21 +6,17 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import forward
+from conftest import ROOT, TOKENIZER, eval_cli, forward
 
 from granite_jax.convert import load_hf_checkpoint
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.eval.scoring import Request, Scorer, multiple_choice, perplexity, read_choice_task
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
 WITH_TOKENIZER = dict(vocab_size=4096, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=1)
 
 
@@ -124,29 +120,24 @@ def test_lm_eval_adapter_runs_local_tasks(checkpoint_with_tokenizer, tmp_path, m
     assert lm.loglikelihood_rolling([type("R", (), {"args": ("In the beginning",)})()])[0] < 0
 
 
-def _eval(*args):
-    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
-
-
 def test_eval_command_line(checkpoint_with_tokenizer, tmp_path, hf_checkpoint):
-    out = _eval("generate", "--checkpoint", checkpoint_with_tokenizer, "--chat", "--prompt", "What is 2 + 2?",
+    out = eval_cli("generate", "--checkpoint", checkpoint_with_tokenizer, "--chat", "--prompt", "What is 2 + 2?",
                 "--max-new-tokens", "6", "--ignore-eos")
     assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
-    out = _eval("perplexity", "--checkpoint", checkpoint_with_tokenizer, "--data",
+    out = eval_cli("perplexity", "--checkpoint", checkpoint_with_tokenizer, "--data",
                 os.path.join(ROOT, "data", "eval", "kjv-complete.jsonl"), "--text-field", "prompt", "--seq-len", "128")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 0 and result["documents"] == 50 and result["bits_per_byte"] > 0
-    out = _eval("choice", "--checkpoint", checkpoint_with_tokenizer, "--task",
+    out = eval_cli("choice", "--checkpoint", checkpoint_with_tokenizer, "--task",
                 os.path.join(ROOT, "data", "eval", "kjv-next-verse.jsonl"), "--seq-len", "256")
     assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["questions"] == 100
 
-    missing = _eval("generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x")
+    missing = eval_cli("generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     other, _ = hf_checkpoint(name="vocab128")  # 128-token vocabulary: the bundled tokenizer does not fit it
-    wrong = _eval("generate", "--checkpoint", other, "--tokenizer", TOKENIZER, "--prompt", "x")
+    wrong = eval_cli("generate", "--checkpoint", other, "--tokenizer", TOKENIZER, "--prompt", "x")
     assert wrong.returncode == 2 and "has 4096 tokens but the model's vocabulary has 128" in wrong.stderr
-    empty = _eval("generate", "--checkpoint", checkpoint_with_tokenizer, "--prompt", "")
+    empty = eval_cli("generate", "--checkpoint", checkpoint_with_tokenizer, "--prompt", "")
     assert empty.returncode == 2 and "prompt 0 is empty" in empty.stderr
-    long = _eval("generate", "--checkpoint", checkpoint_with_tokenizer, "--prompt", "word " * 50, "--max-len", "40")
+    long = eval_cli("generate", "--checkpoint", checkpoint_with_tokenizer, "--prompt", "word " * 50, "--max-len", "40")
     assert long.returncode == 2 and "but max_len=40" in long.stderr

@@ -6,11 +6,10 @@ import os
 import sys
 
 import pytest
+from conftest import ROOT
 
 from granite_jax import load_preset
 from granite_jax.model.flops import training_flops_by_component, training_flops_per_token
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("preset", ["granite-4.0-h-tiny", "granite-4.0-h-small", "granite-4.0-350m",

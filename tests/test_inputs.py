@@ -5,28 +5,18 @@ a corrupt tokenizer, another model's tokenizer are each one `error:` line; eval'
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import shutil
 import types
 
 import pytest
+from conftest import ROOT, TOKENIZER, eval_cli
 
 from granite_jax.data.sources import DataError, load_documents
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
 WITH_TOKENIZER = dict(vocab_size=4096, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=1)
 BAD_UTF8 = b"bad \xff byte"  # 0xff never occurs in UTF-8
-
-
-def _eval_main():
-    """eval.py's `main(argv)`, in this process (eval.py is a script, not a package module)."""
-    spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(ROOT, "eval.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _one_error_line(capsys) -> str:
@@ -194,27 +184,24 @@ def test_tokenizer_must_match_the_models_vocabulary():
         check_tokenizer_fits(model(1000), tokenizer(100352), "t", allow_vocab_mismatch=True)  # never allowed
 
 
-def test_eval_refuses_another_models_tokenizer_and_a_corrupt_one(hf_checkpoint, tmp_path, capsys):
-    main = _eval_main()
+def test_eval_refuses_another_models_tokenizer_and_a_corrupt_one(hf_checkpoint, tmp_path):
     bigger = _checkpoint(hf_checkpoint, name="vocab8192", vocab_size=8192)  # its own files: the 4096-token tokenizer
-    assert main(["generate", "--checkpoint", bigger, "--prompt", "x", "--max-new-tokens", "2"]) == 2
-    assert "has 4096 tokens but the model's vocabulary has 8192: 4096 ids unused" in _one_error_line(capsys)
-    assert main(["perplexity", "--checkpoint", bigger, "--tokenizer", _corrupt_tokenizer(tmp_path),
-                 "--data", os.path.join(ROOT, "data", "eval", "kjv-complete.jsonl")]) == 2
-    assert "not a readable tokenizer.json" in _one_error_line(capsys)
+    ran = eval_cli("generate", "--checkpoint", bigger, "--prompt", "x", "--max-new-tokens", "2")
+    assert "has 4096 tokens but the model's vocabulary has 8192: 4096 ids unused" in ran.error_line()
+    ran = eval_cli("perplexity", "--checkpoint", bigger, "--tokenizer", _corrupt_tokenizer(tmp_path),
+                   "--data", os.path.join(ROOT, "data", "eval", "kjv-complete.jsonl"))
+    assert "not a readable tokenizer.json" in ran.error_line()
 
 
-def test_perplexity_bad_lines_and_non_finite_loss_give_valid_json(hf_checkpoint, tmp_path, capsys):
+def test_perplexity_bad_lines_and_non_finite_loss_give_valid_json(hf_checkpoint, tmp_path):
     """A non-UTF-8 line of --data is an error naming it (or skipped and counted with --bad-lines skip); a loss
     that is NaN is written as null with a note, never as the NaN that JSON does not have."""
     import torch
 
     directory = _checkpoint(hf_checkpoint)
     data = _write(tmp_path / "docs.jsonl", [b'{"text": "In the beginning"}', b'{"text": "' + BAD_UTF8 + b'"}'])
-    main = _eval_main()
     argv = ["perplexity", "--checkpoint", directory, "--data", data, "--seq-len", "32", "--batch-size", "1"]
-    assert main(argv) == 2
-    assert "docs.jsonl:2: not valid UTF-8" in _one_error_line(capsys)
+    assert "docs.jsonl:2: not valid UTF-8" in eval_cli(*argv).error_line()
 
     from transformers import AutoModelForCausalLM
 
@@ -222,8 +209,7 @@ def test_perplexity_bad_lines_and_non_finite_loss_give_valid_json(hf_checkpoint,
     with torch.no_grad():
         broken.model.norm.weight.fill_(float("nan"))
     broken.save_pretrained(directory)
-    assert main([*argv, "--bad-lines", "skip"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()[-1]
+    out = eval_cli(*argv, "--bad-lines", "skip").ok().stdout.strip().splitlines()[-1]
     result = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON output: {out}"))
     assert result["skipped_lines"] == 1 and result["documents"] == 1
     assert result["loss"] is None and result["perplexity"] is None and result["bits_per_byte"] is None

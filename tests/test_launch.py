@@ -10,12 +10,11 @@ import socket
 
 import numpy as np
 import pytest
+from conftest import TINY_MODEL, launch_processes, metrics
 
 from granite_jax.parallel.distributed import cluster_launcher, env_spec, free_local_port
-from tests.test_parallel import _launch, _metrics
 
-SETTINGS = ["data.streams=2", "mesh={data: 2, fsdp: 2}", "data.batch_size=4", "data.seq_len=64",
-            "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}"]
+SETTINGS = ["data.streams=2", "mesh={data: 2, fsdp: 2}", "data.batch_size=4", "data.seq_len=64", TINY_MODEL]
 LAUNCHER_VARIABLES = ("SLURM_", "OMPI_", "GRANITE_JAX_", "JOB_COMPLETION_INDEX", "JAX_COORDINATOR", "TPU_WORKER")
 
 
@@ -31,12 +30,12 @@ def _no_outer_launcher(monkeypatch):
 def reference(tmp_path_factory) -> list[float]:
     """The losses of one process with the 4 devices: what every 2-process launch must give."""
     run_dir = tmp_path_factory.mktemp("launch") / "one"
-    _launch(run_dir, steps=2, processes=1, settings=SETTINGS, devices=4)
-    return _metrics(run_dir)
+    launch_processes(run_dir, steps=2, processes=1, settings=SETTINGS, devices=4)
+    return metrics(run_dir)
 
 
 def _assert_like_one_process(run_dir, reference: list[float]) -> None:
-    losses = _metrics(run_dir)
+    losses = metrics(run_dir)
     assert len(losses) == len(reference) == 2
     np.testing.assert_allclose(losses, reference, rtol=2e-5)
     data = sorted(f for f in os.listdir(run_dir / "checkpoints" / "2" / "data") if f.endswith(".json"))
@@ -55,6 +54,7 @@ def _free_slurm_port() -> int:
     raise RuntimeError("no free port in 61440..65535")
 
 
+@pytest.mark.slow
 def test_slurm_srun_variables_join_one_job(tmp_path, reference):
     """What `srun --ntasks=2` on one node sets, as JAX's SlurmCluster reads it (jax/_src/clusters/
     slurm_cluster.py): the coordinator is the first host of SLURM_STEP_NODELIST, its port 61440 + the job id
@@ -67,11 +67,12 @@ def test_slurm_srun_variables_join_one_job(tmp_path, reference):
                 "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_NODELIST": "localhost",
                 "SLURM_STEP_NUM_NODES": "1"}
 
-    outputs = _launch(tmp_path / "slurm", steps=2, processes=2, settings=SETTINGS, devices=4, launcher=srun)
+    outputs = launch_processes(tmp_path / "slurm", steps=2, processes=2, settings=SETTINGS, devices=4, launcher=srun)
     assert "joined 2 processes (slurm): 4 devices, 2 per process" in outputs[0]
     _assert_like_one_process(tmp_path / "slurm", reference)
 
 
+@pytest.mark.slow
 def test_kubernetes_indexed_job_variables_join_one_job(tmp_path, reference):
     """An indexed Job's pods: Kubernetes sets JOB_COMPLETION_INDEX, the manifest the coordinator and the count
     (scripts/launch/k8s-indexed-job.yaml); nothing asks the Kubernetes API."""
@@ -81,7 +82,8 @@ def test_kubernetes_indexed_job_variables_join_one_job(tmp_path, reference):
         return {"JOB_COMPLETION_INDEX": str(i), "GRANITE_JAX_COORDINATOR": f"localhost:{port}",
                 "GRANITE_JAX_NUM_PROCESSES": "2"}
 
-    outputs = _launch(tmp_path / "k8s", steps=2, processes=2, settings=SETTINGS, devices=4, launcher=indexed_job)
+    outputs = launch_processes(tmp_path / "k8s", steps=2, processes=2, settings=SETTINGS, devices=4,
+                               launcher=indexed_job)
     assert "joined 2 processes (GRANITE_JAX_COORDINATOR): 4 devices, 2 per process" in outputs[0]
     _assert_like_one_process(tmp_path / "k8s", reference)
 

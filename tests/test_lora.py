@@ -2,12 +2,12 @@
 state for it), work from init_from=hf:DIR, reject bad settings naming the field, and resume bit for bit."""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import LORA_MESH, LORA_ON_A_MESH, TINY_MESH_RUN, eight_device_job, metrics, tiny_config
 from flax import nnx
 
 from granite_jax import GraniteForCausalLM, load_preset, save_hf_checkpoint
@@ -15,7 +15,6 @@ from granite_jax.model.lora import LORA_TARGETS, LoRALinear, apply_lora
 from granite_jax.train.config import RunConfig, RunConfigError, apply_overrides, load_run_config
 from granite_jax.tree import path_names
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(num_hidden_layers=2, layer_types=("mamba", "attention"), mamba_chunk_size=8)
 
 
@@ -164,13 +163,10 @@ def test_a_lora_run_resumes_with_identical_losses(tmp_path):
     from granite_jax.train.loop import train
 
     def config(run_dir, steps):
-        return load_run_config(None, [
-            f"run_dir={run_dir}", f"steps={steps}", f"data.train=[{ROOT}/data/kjv/kjv.jsonl.gz]",
-            f"data.tokenizer={ROOT}/data/tokenizer", "data.validation=[]", "data.seq_len=32", "data.batch_size=2",
-            "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 16}",
-            "optimizer.schedule=constant", "optimizer.warmup_steps=1", "checkpoint.every_steps=3",
-            "checkpoint.async_save=false", "log_every=3", "eval_every=1000",
-            "lora={rank: 4, alpha: 8, dropout: 0.2, targets: [q_proj, o_proj, in_proj, out_proj]}"])
+        return tiny_config(f"run_dir={run_dir}", f"steps={steps}", "optimizer.schedule=constant",
+                           "optimizer.warmup_steps=1", "checkpoint.every_steps=3", "checkpoint.async_save=false",
+                           "log_every=3", "lora={rank: 4, alpha: 8, dropout: 0.2, targets: [q_proj, o_proj, in_proj, "
+                           "out_proj]}")
 
     straight = train(config(tmp_path / "straight", 6))
     first = train(config(tmp_path / "resumed", 3))
@@ -236,19 +232,15 @@ def test_adapter_dropout_is_on_in_training_only_with_a_key_per_adapter_and_step(
     assert len(set(keys)) == len(keys)  # q, k and v read the same input: each drops its own features
 
 
-LORA_ON_A_MESH = {"lora": {"rank": 4, "alpha": 8.0, "targets": list(LORA_TARGETS)}}
-
-
-def test_adapters_on_a_mesh_shard_like_their_kernels_and_train_like_one_device(tmp_path):
+@eight_device_job("lora_mesh")
+@eight_device_job("lora mesh training")
+def test_adapters_on_a_mesh_shard_like_their_kernels_and_train_like_one_device(eight_devices, reference_train):
     """On fsdp 2 x expert 2 x tensor 2 (8 virtual CPU devices): each adapter's A is split like its kernel's input
     dimension and B like its output dimension (the rank dimension whole), their AdamW moments like them; and a
     few steps with the adapters on every target give the 1-device run's losses and gradient norms."""
-    from tests.test_parallel import TRAIN, _metrics, _run_module
-
-    mesh = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
-    result = _run_module("lora_mesh", {**TRAIN, **LORA_ON_A_MESH, "mesh": mesh, "run_dir": str(tmp_path / "specs")})
+    result = eight_devices("lora_mesh")
     adapters, kernels, mu = result["adapters"], result["kernels"], result["mu"]
-    assert result["mesh"] == {**mesh, "context": 1}
+    assert result["mesh"] == {**LORA_MESH, "context": 1}
     # 2 layers: q, k, v, o + in_proj, out_proj + the shared MLP's input_linear, output_linear in both
     assert len(adapters) == 2 * (4 + 2 + 2 * 2), sorted(adapters)
     for name, spec in adapters.items():
@@ -263,12 +255,9 @@ def test_adapters_on_a_mesh_shard_like_their_kernels_and_train_like_one_device(t
         moment = [s for n, s in mu.items() if n.endswith(".mu." + name)]
         assert moment == [spec], (name, moment)
 
-    overrides = {**TRAIN, **LORA_ON_A_MESH}
-    reference = _run_module("train_meshes", {"meshes": {"one device": {"data": 1}}, "root": str(tmp_path),
-                                             "overrides": overrides}, devices=1)["one device"]
-    sharded_losses = _run_module("train_meshes", {"meshes": {"lora mesh": mesh}, "root": str(tmp_path),
-                                                  "overrides": overrides})["lora mesh"]
-    assert len(reference) == 3 and len(set(reference)) > 1
+    reference, reference_dir = reference_train({**TINY_MESH_RUN, **LORA_ON_A_MESH})
+    sharded_losses = eight_devices("lora mesh training")["lora mesh"]
+    assert len(reference) == 2 and len(set(reference)) > 1
     np.testing.assert_allclose(sharded_losses, reference, rtol=2e-5)
-    np.testing.assert_allclose(_metrics(tmp_path / "loramesh", "grad_norm"),
-                               _metrics(tmp_path / "onedevice", "grad_norm"), rtol=1e-4)
+    np.testing.assert_allclose(metrics(eight_devices.root("lora mesh training") / "loramesh", "grad_norm"),
+                               metrics(reference_dir, "grad_norm"), rtol=1e-4)

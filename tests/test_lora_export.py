@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import forward, hf_logits, max_rel_error, random_ids
+from conftest import convert_cli, forward, hf_logits, max_rel_error, random_ids
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -69,19 +69,6 @@ def lora_run(tmp_path):
     run = apply_overrides(RunConfig(), {"init_from": f"hf:{base}", "lora": {
         "rank": RANK, "alpha": ALPHA, "dropout": 0.1, "targets": list(LORA_TARGETS)}}).to_dict()
     return _save_run(tmp_path / "lora-run", model, run), str(base), model
-
-
-def _export(*args):
-    """`python -m granite_jax.convert export ARGS` in this process: (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from granite_jax.convert.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["export", *map(str, args)])
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_merge_lora_folds_alpha_over_r_ab_into_the_kernels_and_leaves_the_model_unchanged():
@@ -162,7 +149,7 @@ def test_export_of_a_lora_run_is_the_merged_model_transformers_loads(lora_run, t
     from transformers import AutoModelForCausalLM
 
     run_dir, _, model = lora_run
-    code, out, err = _export(run_dir, tmp_path / "merged")
+    code, out, err = convert_cli("export", run_dir, tmp_path / "merged")
     assert code == 0, err
     assert "exported merged LoRA run step 1" in out
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -178,7 +165,7 @@ def test_adapter_export_is_a_peft_adapter_with_our_logits(lora_run, tmp_path):
 
     run_dir, base, model = lora_run
     out = tmp_path / "adapter"
-    code, stdout, err = _export(run_dir, out, "--adapter")
+    code, stdout, err = convert_cli("export", run_dir, out, "--adapter")
     assert code == 0, err
     assert f"PEFT base (base_model_name_or_path): {os.path.abspath(base)}" in stdout
     config = json.loads((out / "adapter_config.json").read_text())
@@ -214,7 +201,7 @@ def test_adapter_export_is_a_peft_adapter_with_our_logits(lora_run, tmp_path):
 def test_adapter_export_of_a_full_run_and_a_lora_run_without_its_base_are_named(lora_run, tmp_path):
     run_dir, base, _ = lora_run
     full = _save_run(tmp_path / "full-run", GraniteForCausalLM(_config(), rngs=nnx.Rngs(0)), {})
-    code, _, err = _export(full, tmp_path / "out", "--adapter")
+    code, _, err = convert_cli("export", full, tmp_path / "out", "--adapter")
     assert code == 2 and err.strip() == (f"error: --adapter: {full!r} is not a LoRA run (its saved config has no "
                                          "lora:), so it has no adapters to export; export its whole model without "
                                          "--adapter")
@@ -225,7 +212,7 @@ def test_adapter_export_of_a_full_run_and_a_lora_run_without_its_base_are_named(
         load_run_model(run_dir)
     assert str(error.value).startswith(f"{run_dir!r} is a LoRA run: its checkpoints hold only the adapters, whose "
                                        f"base is init_from='hf:{base}', and '{base}' is not a directory")
-    code, _, err = _export(run_dir, tmp_path / "out")
+    code, _, err = convert_cli("export", run_dir, tmp_path / "out")
     assert code == 2 and len(err.strip().splitlines()) == 1 and f"'{base}' is not a directory" in err
 
     # A base replaced by another model: named, not a shape error from deep inside the restore.

@@ -5,13 +5,12 @@ fsspec code path as `s3://`) for the storage layer and data sources."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import fsspec
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, checkpoint_tensors, metrics, train_tiny
 from flax import nnx
 
 from granite_jax import storage
@@ -21,7 +20,6 @@ from granite_jax.run_dir import RunDir, RunDirError
 from granite_jax.train import load_run_config
 from granite_jax.train.config import RunConfigError
 from tests.gcs_fake import BUCKET, fake_gcs
-from tests.test_train import ROOT, SMALL, _losses
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +35,6 @@ def _upload(local: str, url: str) -> None:
     fs.put(local, path, recursive=os.path.isdir(local))
 
 
-def _train(run_dir: str, env: dict, *overrides) -> str:
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *SMALL, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
 def test_a_run_on_gcs_trains_resumes_and_evaluates_like_a_local_run(gcs, tmp_path):
     """run_dir, training data and tokenizer all on gs://: the run trains 4 steps, stops, resumes to 6 from its
     gs:// checkpoint, and its 6 losses equal those of the same two commands on a local run directory. Its
@@ -57,19 +48,19 @@ def test_a_run_on_gcs_trains_resumes_and_evaluates_like_a_local_run(gcs, tmp_pat
     run_dir = f"gs://{BUCKET}/runs/tiny"
     remote = [f"data.train=[{data}]", f"data.tokenizer={tokenizer}", "checkpoint.every_steps=2"]
 
-    _train(run_dir, gcs, "steps=4", *remote)
-    out = _train(run_dir, gcs, "steps=6", *remote)
+    train_tiny(run_dir, "steps=4", *remote)  # in this process, which runs the fake server and has its variables
+    out = train_tiny(run_dir, "steps=6", *remote).stdout
     assert f"resumed from {run_dir}/checkpoints/4" in out
     local = str(tmp_path / "local")
-    _train(local, {}, "steps=4", "checkpoint.every_steps=2")
-    _train(local, {}, "steps=6", "checkpoint.every_steps=2")
+    train_tiny(local, "steps=4", "checkpoint.every_steps=2")
+    train_tiny(local, "steps=6", "checkpoint.every_steps=2")
 
     fs, root = storage.filesystem(run_dir)
     with fs.open(f"{root}/metrics.jsonl") as f:
         steps = [json.loads(line) for line in f]
     remote_losses = {m["step"]: m["loss"] for m in steps}
     assert sorted(remote_losses) == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose([remote_losses[s] for s in range(1, 7)], _losses(local), rtol=1e-6)
+    np.testing.assert_allclose([remote_losses[s] for s in range(1, 7)], metrics(local), rtol=1e-6)
     names = set(storage.listdir(run_dir))
     assert {"config.yaml", "metrics.jsonl", "tensorboard", "tokenizer", "checkpoints"} <= names
     assert "run.lock" not in names
@@ -166,7 +157,6 @@ def test_convert_import_into_gcs_and_export_from_it(gcs, hf_checkpoint, tmp_path
     and the tokenizer copy into the bucket; `convert export gs://.../run OUT` gives back every tensor
     byte-identical, with the tokenizer files."""
     from granite_jax.convert.__main__ import export, import_checkpoint
-    from tests.test_convert import _tensors
 
     directory, _ = hf_checkpoint(tie_word_embeddings=False)
     with open(os.path.join(directory, "tokenizer.json"), "w") as f:
@@ -176,7 +166,7 @@ def test_convert_import_into_gcs_and_export_from_it(gcs, hf_checkpoint, tmp_path
     assert storage.listdir(f"{run_dir}/tokenizer") == ["generation_config.json", "tokenizer.json"]
     assert storage.listdir(f"{run_dir}/checkpoints") == ["0"]
     export(run_dir, str(tmp_path / "exported"))
-    original, written = _tensors(directory), _tensors(tmp_path / "exported")
+    original, written = checkpoint_tensors(directory), checkpoint_tensors(tmp_path / "exported")
     assert sorted(original) == sorted(written)
     for name, value in original.items():
         assert written[name].tobytes() == value.tobytes(), name

@@ -2,13 +2,13 @@
 the float model's (int8 closer than nf4), per-element round-trip bounds, real int8 / 4-bit storage sharded like
 the float kernels, training that moves only the adapters, bit-for-bit resume, and bad settings naming the field."""
 
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import qwix
+from conftest import tiny_config
 from flax import nnx
 from jax.sharding import AbstractMesh
 from qwix._src.core.numerics import get_nf4_buckets
@@ -29,7 +29,6 @@ from granite_jax.parallel.plan import ShardingPlan, fitted_spec
 from granite_jax.train.config import RunConfig, RunConfigError, apply_overrides, load_run_config
 from granite_jax.tree import path_names
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(num_hidden_layers=2, layer_types=("mamba", "attention"), mamba_chunk_size=8)
 # Relative error ||logits_q - logits|| / ||logits|| of the tiny model (random N(0, 0.02) weights, 2 × 16 tokens),
 # measured 2.2e-3 (int8) and 2.9e-2 (nf4) on 2026-12-03; the bounds leave about 2× room.
@@ -184,13 +183,10 @@ def test_a_qlora_run_resumes_with_identical_losses(tmp_path):
     from granite_jax.train.loop import train
 
     def config(run_dir, steps):
-        return load_run_config(None, [
-            f"run_dir={run_dir}", f"steps={steps}", f"data.train=[{ROOT}/data/kjv/kjv.jsonl.gz]",
-            f"data.tokenizer={ROOT}/data/tokenizer", "data.validation=[]", "data.seq_len=32", "data.batch_size=2",
-            "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 16}",
-            "optimizer.schedule=constant", "optimizer.warmup_steps=1", "checkpoint.every_steps=3",
-            "checkpoint.async_save=false", "log_every=3", "eval_every=1000",
-            "lora={rank: 4, alpha: 8, dropout: 0.2, targets: [q_proj, in_proj], quantize_base: nf4}"])
+        return tiny_config(f"run_dir={run_dir}", f"steps={steps}", "optimizer.schedule=constant",
+                           "optimizer.warmup_steps=1", "checkpoint.every_steps=3", "checkpoint.async_save=false",
+                           "log_every=3", "lora={rank: 4, alpha: 8, dropout: 0.2, targets: [q_proj, in_proj], "
+                           "quantize_base: nf4}")
 
     straight = train(config(tmp_path / "straight", 6))
     first = train(config(tmp_path / "resumed", 3))

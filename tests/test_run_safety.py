@@ -14,25 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import yaml
+from conftest import TINY_RUN, TOKENIZER, checkpoint_steps, train_cli, train_process, train_tiny
 
 from granite_jax.run_dir import RunDir, RunDirError
 from granite_jax.train.config import OptimizerConfig
-from tests.test_train import ROOT, SMALL, _steps, _train
 
 
-def _run(run_dir, *overrides, cwd=ROOT) -> subprocess.CompletedProcess:
-    """train.py on the small model; the finished process (any exit code)."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *SMALL, *overrides]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
-
-
-def _error_line(proc) -> str:
-    """The process's one `error:` line (and no traceback)."""
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    return errors[0]
+def _run(run_dir, *overrides):
+    """train.py on the tiny run, in this process; what it did (any exit code)."""
+    return train_cli(f"run_dir={run_dir}", *TINY_RUN, *overrides)
 
 
 # ----------------------------------------------------------------------------- resume checks, restart
@@ -43,17 +34,17 @@ def test_changed_settings_are_refused_and_restart_moves_the_earlier_run_aside(tm
     run to previous/ (nothing deleted) and starts over at step 1. The run keeps its own tokenizer copy and its
     config names the tokenizer by absolute path."""
     run_dir = str(tmp_path / "run")
-    _train(run_dir, "steps=4", "checkpoint.every_steps=2")
+    train_tiny(run_dir, "steps=4", "checkpoint.every_steps=2", "data.tokenizer=data/tokenizer")  # relative
     config_before = open(os.path.join(run_dir, "config.yaml")).read()
 
     changed = _run(run_dir, "steps=6", "data.seq_len=32", "optimizer.grad_accum_steps=2")
-    error = _error_line(changed)
+    error = changed.error_line()
     assert "data.seq_len: 64 in the checkpoint, 32 now" in error and "optimizer.grad_accum_steps: 1" in error
     assert "--restart" in error
     assert open(os.path.join(run_dir, "config.yaml")).read() == config_before  # a refused resume changes nothing
-    assert _steps(run_dir) == [2, 4]
+    assert checkpoint_steps(run_dir) == [2, 4]
 
-    assert "beyond steps=3: give steps > 4" in _error_line(_run(run_dir, "steps=3"))
+    assert "beyond steps=3: give steps > 4" in _run(run_dir, "steps=3").error_line()
 
     restarted = _run(run_dir, "steps=2", "checkpoint.every_steps=2", "optimizer.grad_accum_steps=2", "--restart")
     assert restarted.returncode == 0, restarted.stderr
@@ -62,10 +53,9 @@ def test_changed_settings_are_refused_and_restart_moves_the_earlier_run_aside(tm
     kept = os.path.join(run_dir, "previous", previous)
     assert sorted(os.listdir(os.path.join(kept, "checkpoints"))) == ["2", "4"]
     assert open(os.path.join(kept, "config.yaml")).read() == config_before
-    assert _steps(run_dir) == [2]
+    assert checkpoint_steps(run_dir) == [2]
 
-    saved = RunDir(run_dir).saved_config()
-    assert saved["data"]["tokenizer"] == os.path.join(ROOT, "data", "tokenizer")
+    assert yaml.safe_load(config_before)["data"]["tokenizer"] == TOKENIZER  # given as data/tokenizer
     assert RunDir(run_dir).tokenizer() == RunDir(run_dir).tokenizer_dir
     assert sorted(os.listdir(RunDir(run_dir).tokenizer_dir)) == ["tokenizer.json", "tokenizer_config.json"]
 
@@ -74,11 +64,11 @@ def test_a_run_whose_checkpoints_do_not_restore_is_not_started_over(tmp_path):
     """When no checkpoint restores, training refuses to start again at step 1 (its saves would rotate the
     unreadable checkpoints away); --restart does, keeping them in previous/."""
     run_dir = str(tmp_path)
-    _train(run_dir, "steps=2", "checkpoint.every_steps=2")
+    train_tiny(run_dir, "steps=2", "checkpoint.every_steps=2")
     _truncate_state(run_dir, 2)
     refused = _run(run_dir, "steps=4")
-    assert "none of the checkpoints" in _error_line(refused) and "steps [2]" in refused.stderr
-    assert _steps(run_dir) == [2]
+    assert "none of the checkpoints" in refused.error_line() and "steps [2]" in refused.stderr
+    assert checkpoint_steps(run_dir) == [2]
     assert _run(run_dir, "steps=2", "--restart").returncode == 0
 
 
@@ -114,7 +104,7 @@ def test_a_second_train_on_a_locked_run_dir_is_refused(tmp_path):
     run = RunDir(str(tmp_path))
     with run.lock():  # held by this (live) process
         proc = _run(str(tmp_path), "steps=2")
-    assert f"in use by process {os.getpid()}" in _error_line(proc)
+    assert f"in use by process {os.getpid()}" in proc.error_line()
     assert not os.path.exists(run.config_file) and not os.path.exists(run.metrics_file)
 
 
@@ -138,15 +128,15 @@ def _unwritable_directory(tmp_path) -> str:
 
 def test_an_unwritable_run_dir_or_checkpoint_directory_is_one_error_line(tmp_path):
     unwritable = _unwritable_directory(tmp_path)
-    proc = _run(os.path.join(unwritable, "run"), "steps=2")
-    assert "run_dir" in _error_line(proc)
+    assert "run_dir" in _run(os.path.join(unwritable, "run"), "steps=2").error_line()
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     os.symlink(unwritable, run_dir / "checkpoints")  # the checkpoints live on storage this user cannot write
-    started = time.monotonic()
-    proc = _run(str(run_dir), "steps=2", "checkpoint.every_steps=1")
-    assert "checkpoint directory" in _error_line(proc) and "is not writable" in proc.stderr
+    started = time.monotonic()  # a subprocess: a checkpoint that cannot be written ends the process (os._exit)
+    proc = train_process(str(run_dir), "steps=2", "checkpoint.every_steps=1")
+    proc.stderr, proc.stdout = proc.stdout, ""  # the subprocess's output comes as one stream
+    assert "checkpoint directory" in proc.error_line() and "is not writable" in proc.stderr
     assert time.monotonic() - started < 600
 
 

@@ -8,13 +8,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import yaml
-from conftest import forward, max_rel_error
+from conftest import CHAT_TRAIN, TOKENIZER, convert_cli, eval_cli, forward, max_rel_error, train_cli, train_tiny
 from flax import nnx
 
 from granite_jax.config import load_preset
@@ -22,10 +20,6 @@ from granite_jax.data.chat_template import chat_format
 from granite_jax.data.sft import load_sft_samples, sft_dataset
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.model import GraniteForCausalLM
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
-CHAT_TRAIN = os.path.join(ROOT, "data", "chat", "train.jsonl.gz")
 
 
 def _first_conversations(count: int) -> list[str]:
@@ -56,12 +50,6 @@ def test_packed_conversations_do_not_see_each_other(tmp_path):
     assert not row["loss_weights"][segments == 0].any()
 
 
-def _run(cmd, **kwargs):
-    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=900, **kwargs)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
-
-
 def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkpoint):
     """Random tiny HF checkpoint (+ the bundled tokenizer) → SFT a few steps → export → transformers loads
     the directory, its logits equal ours, and its tokenizer renders the chat template as we do."""
@@ -77,9 +65,9 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(_first_conversations(40)))
     run_dir = tmp_path / "run"
-    proc = _run(["train.py", "--config", "configs/sft-tiny.yaml", f"init_from=hf:{source}", f"run_dir={run_dir}",
-                 f"data.train=[{data}]", f"data.validation=[{data}]", "steps=3", "eval_every=3", "eval_batches=1",
-                 "data.seq_len=256", "data.batch_size=2", "checkpoint.every_steps=3"])
+    proc = train_cli("--config", "configs/sft-tiny.yaml", f"init_from=hf:{source}", f"run_dir={run_dir}",
+                     f"data.train=[{data}]", f"data.validation=[{data}]", "steps=3", "eval_every=3", "eval_batches=1",
+                     "data.seq_len=256", "data.batch_size=2", "checkpoint.every_steps=3").ok()
     assert "chat format: " + os.path.join(source, "tokenizer_config.json") in proc.stdout
     # 40 lines: some truncated to 257 tokens, those cut before their first assistant token dropped; counted.
     report = re.search(r"train data: (\d+) conversations.*; (\d+) truncated.* (\d+) dropped with no assistant",
@@ -90,7 +78,7 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
     assert saved["data"]["tokenizer"] == source  # data.tokenizer: null → the checkpoint directory's
 
     out = tmp_path / "exported"
-    proc = _run(["-m", "granite_jax.convert", "export", str(run_dir), str(out)])
+    proc = convert_cli("export", run_dir, out).ok()
     assert "tokenizer files copied" in proc.stdout
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
 
@@ -116,23 +104,20 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
 def test_sft_from_a_pretraining_run(tmp_path):
     """init_from=run:DIR starts from our own run's newest checkpoint and takes its tokenizer."""
     pretrain = tmp_path / "pretrain"
-    small = "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}"
-    _run(["train.py", f"run_dir={pretrain}", small, "steps=2", "data.seq_len=64", "data.batch_size=2",
-          "eval_every=100", "checkpoint.every_steps=2"])
+    train_tiny(pretrain, "steps=2", "checkpoint.every_steps=2")
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(_first_conversations(10)))
     run_dir = tmp_path / "sft"
-    proc = _run(["train.py", "--config", "configs/sft-tiny.yaml", f"init_from=run:{pretrain}", f"run_dir={run_dir}",
-                 f"data.train=[{data}]", "data.validation=[]", "steps=2", "data.seq_len=256", "data.batch_size=2",
-                 "checkpoint.every_steps=2"])
+    proc = train_cli("--config", "configs/sft-tiny.yaml", f"init_from=run:{pretrain}", f"run_dir={run_dir}",
+                     f"data.train=[{data}]", "data.validation=[]", "steps=2", "data.seq_len=256", "data.batch_size=2",
+                     "checkpoint.every_steps=2").ok()
     assert f"training run:{pretrain}" in proc.stdout
     # the pretraining run's own copy of its tokenizer, by absolute path
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["tokenizer"] == str(pretrain / "tokenizer")
     # eval.py reads a run directory as well as an HF one (newest checkpoint, the run's tokenizer).
-    generated = _run(["eval.py", "generate", "--checkpoint", str(run_dir), "--chat", "--prompt", "What is 2 + 2?",
-                      "--max-new-tokens", "4", "--ignore-eos"])
+    generated = eval_cli("generate", "--checkpoint", run_dir, "--chat", "--prompt", "What is 2 + 2?",
+                         "--max-new-tokens", "4", "--ignore-eos").ok()
     assert generated.stdout.strip()
-    missing = subprocess.run([sys.executable, "train.py", "--config", "configs/sft-tiny.yaml",
-                              f"init_from=run:{tmp_path / 'nothing'}", f"run_dir={tmp_path / 'x'}"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and "is not a run directory with checkpoints" in missing.stderr
+    missing = train_cli("--config", "configs/sft-tiny.yaml", f"init_from=run:{tmp_path / 'nothing'}",
+                        f"run_dir={tmp_path / 'x'}")
+    assert "is not a run directory with checkpoints" in missing.error_line()

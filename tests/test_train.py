@@ -3,23 +3,26 @@
 import gzip
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
+from conftest import (
+    ROOT,
+    SIGKILL,
+    SIGTERM,
+    TINY_MODEL,
+    TINY_RUN,
+    checkpoint_steps,
+    convert_cli,
+    metrics,
+    train_cli,
+    train_process,
+    train_tiny,
+)
 
 from granite_jax.data.pipeline import pretraining_dataset
 from granite_jax.data.sources import DataError, load_documents
 from granite_jax.train.config import RunConfigError, load_run_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A 2-layer hybrid MoE on short rows: small enough to compile and run a few dozen steps quickly.
-SMALL = ["model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32}",
-         "data.seq_len=64", "data.batch_size=2", "log_every=5", "eval_every=1000", "data.validation=[]",
-         "optimizer.warmup_steps=2", "checkpoint.every_steps=5", "checkpoint.keep=10"]
 
 
 class DigitTokenizer:
@@ -140,171 +143,89 @@ def test_missing_empty_and_malformed_data(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- runs & resume
-def _train(run_dir, *overrides, wait=True):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *SMALL, *overrides]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if wait:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out
-        return out
-    return proc
+# The resume family: 12 steps of the tiny run, checkpoints every 4; each interrupted run must repeat these losses.
+RESUMED = "steps=12"
 
 
-def _losses(run_dir):
-    losses = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            losses[record["step"]] = record["loss"]  # a resumed step's last record wins
-    return [losses[s] for s in sorted(losses)]
-
-
-def _steps(run_dir) -> list[int]:
-    """The steps of a run's committed checkpoints."""
-    return sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
-
-
-def _wait_for_checkpoint(run_dir, step, proc, timeout=300):
-    path = os.path.join(run_dir, "checkpoints", str(step))
-    deadline = time.time() + timeout
-    while not (os.path.isdir(path) and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))):
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.time() < deadline, f"no checkpoint {path}"
-        time.sleep(0.05)
-
-
-def _kill_after_checkpoint(run_dir, step):
-    """Start a 40-step run, SIGKILL it once checkpoint `step` is complete; returns the newest checkpoint."""
-    proc = _train(run_dir, "steps=40", wait=False)
-    _wait_for_checkpoint(run_dir, step, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return _steps(run_dir)[-1]
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("reference"))
-    _train(run_dir, "steps=40")
-    return _losses(run_dir)
-
-
-def test_sigkill_then_resume_repeats_the_losses_bit_for_bit(tmp_path, reference_run):
-    run_dir = str(tmp_path)
-    _kill_after_checkpoint(run_dir, 10)
-    out = _train(run_dir, "steps=40")
+def test_sigkill_then_resume_repeats_the_losses_bit_for_bit(tmp_path, reference_losses):
+    killed = train_process(tmp_path, RESUMED, signal_at=(4, "after", SIGKILL))
+    assert killed.returncode == -SIGKILL and checkpoint_steps(tmp_path) == [4], killed.stdout
+    out = train_tiny(tmp_path, RESUMED).output
     assert "resumed from" in out and "absl" not in out, out  # no spurious Orbax metadata warning on resume
-    assert len(reference_run) == 40
-    assert _losses(run_dir) == reference_run  # exact float equality, every step
+    reference, _ = reference_losses(RESUMED)
+    assert len(reference) == 12
+    assert metrics(tmp_path) == reference  # exact float equality, every step
 
 
-def test_a_lora_run_sigkilled_then_resumed_repeats_the_losses_bit_for_bit(tmp_path):
+def test_a_lora_run_sigkilled_then_resumed_repeats_the_losses_bit_for_bit(tmp_path, reference_losses):
     """LoRA with dropout: the checkpoints hold the adapters and their AdamW moments (the base is read again from
-    the run's init, here the preset and seed); killed once checkpoint 5 is complete and resumed, the run repeats
+    the run's init, here the preset and seed); killed once checkpoint 4 is complete and resumed, the run repeats
     the uninterrupted one's losses exactly."""
-    lora = ["steps=20", "lora={rank: 4, alpha: 8, dropout: 0.1, targets: [q_proj, v_proj, in_proj, out_proj]}"]
-    straight = str(tmp_path / "straight")
-    _train(straight, *lora)
-    run_dir = str(tmp_path / "killed")
-    proc = _train(run_dir, *lora, wait=False)
-    _wait_for_checkpoint(run_dir, 5, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and _steps(run_dir)[-1] < 20
-    out = _train(run_dir, *lora)
+    lora = [RESUMED, "lora={rank: 4, alpha: 8, dropout: 0.1, targets: [q_proj, v_proj, in_proj, out_proj]}"]
+    killed = train_process(tmp_path, *lora, signal_at=(4, "after", SIGKILL))
+    assert killed.returncode == -SIGKILL and checkpoint_steps(tmp_path)[-1] < 12
+    out = train_tiny(tmp_path, *lora).stdout
     assert "resumed from" in out and "LoRA adapters" in out, out
-    assert len(_losses(straight)) == 20 and len(set(_losses(straight))) > 1
-    assert _losses(run_dir) == _losses(straight)  # exact float equality, every step
+    straight, _ = reference_losses(*lora)
+    assert len(straight) == 12 and len(set(straight)) > 1
+    assert metrics(tmp_path) == straight  # exact float equality, every step
 
 
-def test_sigterm_saves_and_resumes(tmp_path, reference_run):
-    run_dir = str(tmp_path)
-    proc = _train(run_dir, "steps=40", wait=False)
-    _wait_for_checkpoint(run_dir, 5, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM and "received signal 15: saved step" in out, out
-    saved = _steps(run_dir)[-1]
-    if saved < 40:
-        assert saved % 5 != 0 or "saved step" in out
-        _train(run_dir, "steps=40")
-    assert _losses(run_dir) == reference_run
+def test_sigterm_saves_and_resumes(tmp_path, reference_losses):
+    stopped = train_process(tmp_path, RESUMED, signal_at=(4, "after", SIGTERM))
+    assert stopped.returncode == 128 + SIGTERM and "received signal 15: saved step" in stopped.stdout, stopped.stdout
+    saved = checkpoint_steps(tmp_path)[-1]
+    assert 4 < saved < 12 and f"saved step {saved}" in stopped.stdout  # the step it stopped after, off the cadence
+    train_tiny(tmp_path, RESUMED)
+    assert metrics(tmp_path) == reference_losses(RESUMED)[0]
 
 
-def test_corrupted_latest_checkpoint_falls_back(tmp_path, reference_run):
+def test_corrupted_latest_checkpoint_falls_back(tmp_path, reference_losses):
     """The newest checkpoint truncated: the resume falls back to the one before with one warning line (no Orbax
     traceback), moves the unreadable one to corrupt/, saves its step again when it gets there, and repeats the
     uninterrupted run's losses."""
-    run_dir = str(tmp_path)
-    newest = _kill_after_checkpoint(run_dir, 10)
-    state_dir = os.path.join(run_dir, "checkpoints", str(newest), "state")
+    train_process(tmp_path, RESUMED, signal_at=(8, "after", SIGKILL))
+    newest = checkpoint_steps(tmp_path)[-1]
+    assert newest == 8
+    state_dir = os.path.join(tmp_path, "checkpoints", str(newest), "state")
     for name in os.listdir(state_dir):  # truncate every file of the newest checkpoint's state
         path = os.path.join(state_dir, name)
         if os.path.isfile(path):
             open(path, "w").close()
-    out = _train(run_dir, "steps=40")
+    out = train_tiny(tmp_path, RESUMED).output
     assert "resumed from" in out and out.count("could not be restored") == 1
     assert "Traceback" not in out and len(out.splitlines()) < 30, out
-    assert os.listdir(os.path.join(run_dir, "corrupt")) == [str(newest)]
-    assert newest in _steps(run_dir)  # saved again
-    assert _losses(run_dir) == reference_run
-
-
-def _kill_during_the_save_of(step: int) -> str:
-    """A Python program that runs train.py and SIGKILLs itself when Orbax is about to commit checkpoint `step`
-    (every file written to its temporary directory, the rename to STEP not yet done)."""
-    return f"""
-import os, runpy, signal, sys
-from orbax.checkpoint._src.path import atomicity
-commit = atomicity.AtomicRenameTemporaryPath.finalize
-async def finalize(self, *args, **kwargs):
-    if os.path.basename(str(self._final_path)) == "{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return await commit(self, *args, **kwargs)
-atomicity.AtomicRenameTemporaryPath.finalize = finalize
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+    assert os.listdir(os.path.join(tmp_path, "corrupt")) == [str(newest)]
+    assert newest in checkpoint_steps(tmp_path)  # saved again
+    assert metrics(tmp_path) == reference_losses(RESUMED)[0]
 
 
 def test_killed_during_an_asynchronous_save_resumes_from_the_previous_checkpoint_bit_for_bit(
-        tmp_path, reference_run):
-    run_dir = str(tmp_path)
-    cmd = [sys.executable, "-c", _kill_during_the_save_of(10), os.path.join(ROOT, "train.py"), f"run_dir={run_dir}",
-           *SMALL, "steps=40"]
-    killed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert _steps(run_dir) == [5]  # 10 was being written: only its temporary directory exists
-    assert any("tmp" in name for name in os.listdir(os.path.join(run_dir, "checkpoints")))
-    out = _train(run_dir, "steps=40")
-    assert f"resumed from {os.path.join(run_dir, 'checkpoints')}/5" in out
-    assert _losses(run_dir) == reference_run
+        tmp_path, reference_losses):
+    killed = train_process(tmp_path, RESUMED, signal_at=(8, "before", SIGKILL))
+    assert killed.returncode == -SIGKILL, killed.stdout
+    assert checkpoint_steps(tmp_path) == [4]  # 8 was being written: only its temporary directory exists
+    assert any("tmp" in name for name in os.listdir(os.path.join(tmp_path, "checkpoints")))
+    out = train_tiny(tmp_path, RESUMED).stdout
+    assert f"resumed from {os.path.join(tmp_path, 'checkpoints')}/4" in out
+    assert metrics(tmp_path) == reference_losses(RESUMED)[0]
 
 
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
-    run_dir = str(tmp_path)
-    _train(run_dir, "steps=5")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *SMALL, "steps=10",
-           "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 32, "
-           "shared_intermediate_size: 128}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2
-    assert "does not fit this model" in proc.stderr and "shared_mlp" in proc.stderr, proc.stderr
+    train_tiny(tmp_path, "steps=4")
+    other = TINY_MODEL.replace("}", ", shared_intermediate_size: 128}")
+    error = train_cli(f"run_dir={tmp_path}", *TINY_RUN, other, "steps=8").error_line()
+    assert "does not fit this model" in error and "shared_mlp" in error, error
 
 
 def test_non_finite_loss_stops_with_a_message(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={tmp_path}", *SMALL, "steps=10",
-           "optimizer.lr=1e30", "optimizer.warmup_steps=0"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2
-    assert "loss is nan at step 2; stopping" in proc.stderr, proc.stderr
+    proc = train_cli(f"run_dir={tmp_path}", *TINY_RUN, "steps=10", "optimizer.lr=1e30", "optimizer.warmup_steps=0")
+    assert "loss is nan at step 2; stopping" in proc.error_line()
 
 
 def test_missing_data_path_is_reported_by_train(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={tmp_path}", *SMALL, "steps=2",
-           f"data.train=[{tmp_path}/missing.jsonl]"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and "missing.jsonl' does not exist" in proc.stderr, proc.stderr
+    proc = train_cli(f"run_dir={tmp_path}", *TINY_RUN, "steps=2", f"data.train=[{tmp_path}/missing.jsonl]")
+    assert "missing.jsonl' does not exist" in proc.error_line()
 
 
 @pytest.mark.parametrize("impl", ["recompute", "fused"])
@@ -410,11 +331,8 @@ def test_init_from_hf_checkpoint(tmp_path):
     runs = []
     for seed in (0, 1):  # the run seed must not matter: the weights come from the checkpoint
         run_dir = tmp_path / f"run{seed}"
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *SMALL, "steps=2",
-               f"seed={seed}", f"init_from=hf:{tmp_path / 'hf'}", "model_overrides={}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr
-        runs.append(_losses(str(run_dir)))
+        train_tiny(run_dir, "steps=2", f"seed={seed}", f"init_from=hf:{tmp_path / 'hf'}", "model_overrides={}")
+        runs.append(metrics(run_dir))
     assert runs[0] == runs[1]
     assert jnp.isfinite(jnp.asarray(runs[0])).all()
 
@@ -425,21 +343,17 @@ def test_init_from_an_imported_run_matches_init_from_hf(tmp_path):
     from flax import nnx
 
     from granite_jax import GraniteForCausalLM, load_preset, save_hf_checkpoint
-    from granite_jax.convert.__main__ import main as convert
     from granite_jax.train.checkpoint import RunCheckpoints
     from granite_jax.train.loop import _check_resumable
 
     config = load_preset("tiny-hybrid-moe").replace(num_hidden_layers=2, layer_types=("mamba", "attention"))
     save_hf_checkpoint(GraniteForCausalLM(config, rngs=nnx.Rngs(42)), tmp_path / "hf")
-    assert convert(["import", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
+    assert convert_cli("import", tmp_path / "hf", tmp_path / "imported").returncode == 0
     first_losses = []
     for source in (f"hf:{tmp_path / 'hf'}", f"run:{tmp_path / 'imported'}"):
         run_dir = tmp_path / source[:2]
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *SMALL, "steps=1",
-               f"init_from={source}", "model_overrides={}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr
-        first_losses.append(_losses(str(run_dir))[0])
+        train_tiny(run_dir, "steps=1", f"init_from={source}", "model_overrides={}")
+        first_losses.append(metrics(run_dir)[0])
     assert first_losses[0] == first_losses[1]
 
     run_config = load_run_config(os.path.join(ROOT, "configs/pretrain-tiny.yaml"),
@@ -484,10 +398,9 @@ def test_export_run_to_transformers(tmp_path):
     from granite_jax.train.checkpoint import load_run_model
 
     run_dir = str(tmp_path / "run")
-    _train(run_dir, "steps=3")
-    proc = subprocess.run([sys.executable, "-m", "granite_jax.convert", "export", run_dir, str(tmp_path / "hf")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "exported step 3" in proc.stdout, proc.stderr
+    train_tiny(run_dir, "steps=3")
+    proc = convert_cli("export", run_dir, tmp_path / "hf").ok()
+    assert "exported step 3" in proc.stdout
     ours, _, step = load_run_model(run_dir)
     ids = np.random.default_rng(0).integers(0, 4096, (1, 40))
     expected = np.asarray(ours(jnp.asarray(ids)).logits)
@@ -495,9 +408,7 @@ def test_export_run_to_transformers(tmp_path):
     with torch.no_grad():
         actual = hf(torch.tensor(ids), use_cache=False).logits.numpy()
     assert step == 3 and np.max(np.abs(actual - expected)) <= 1e-4 * np.max(np.abs(expected))
-    bad = subprocess.run([sys.executable, "-m", "granite_jax.convert", "export", str(tmp_path / "nope"), "x"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "has no checkpoints directory" in bad.stderr
+    assert "has no checkpoints directory" in convert_cli("export", tmp_path / "nope", "x").error_line()
 
 
 def test_gradient_accumulation_averages_micro_steps():

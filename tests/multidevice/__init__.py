@@ -1,15 +1,18 @@
-"""Code that needs several (virtual CPU) devices. XLA's device count is fixed when JAX starts, so each module
-runs in its own process, `python -m tests.multidevice.NAME [JSON args]` with XLA_FLAGS set by the test
-(tests/test_parallel.py), and prints its result as one JSON line after `RESULT `."""
+"""Checks that need several (virtual CPU) devices. XLA's device count is fixed when JAX starts, so they run in a
+subprocess with XLA_FLAGS set by the test harness (tests/conftest.py: `run_multidevice`):
+`python -m tests.multidevice JOBS` runs several of these modules' `main()` in turn in one process, each job
+reporting its result as one JSON line."""
 
 import json
-import sys
+
+# The job being run by tests/multidevice/__main__.py: (name, JSON argument).
+current = {"name": None, "argument": None}
 
 
 def report(result) -> None:
-    print("RESULT " + json.dumps(result), flush=True)
+    print("RESULT " + json.dumps([current["name"], result]), flush=True)
 
 
 def arguments():
-    """The JSON argument the test passed (None without one)."""
-    return json.loads(sys.argv[1]) if len(sys.argv) > 1 else None
+    """The JSON argument the test gave this job (None without one)."""
+    return current["argument"]

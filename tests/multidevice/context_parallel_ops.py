@@ -255,7 +255,3 @@ def main():
                 results[f"{layout} T={T} chunk={chunk} {case}"] = {k: v for e in errors for k, v in e[case].items()}
         results[f"{layout} hypothesis partitions"] = random_partitions(mesh, layout, shards * 12, 5, rng, examples=12)
     report(results)
-
-
-if __name__ == "__main__":
-    main()

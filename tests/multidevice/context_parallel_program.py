@@ -50,7 +50,3 @@ def main():
             compiled = compile_step(args["temporaries_at"], mesh, devices)[1]
             result[name] = compiled.memory_analysis().temp_size_in_bytes
     report(result)
-
-
-if __name__ == "__main__":
-    main()

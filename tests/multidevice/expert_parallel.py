@@ -70,7 +70,3 @@ def main():
         "touched_changed": bool((jnp.max(jnp.abs(capped[0] - reference), axis=-1)[~whole] > 1e-6).all()),
         "stats_error": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(capped[1][:3], ref_stats[:3])),
     })
-
-
-if __name__ == "__main__":
-    main()

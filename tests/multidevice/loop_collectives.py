@@ -21,7 +21,3 @@ def main():
     x = jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
     traffic, unknown = collective_traffic(jax.jit(f).lower(x).compile().as_text())
     report([traffic, unknown])
-
-
-if __name__ == "__main__":
-    main()

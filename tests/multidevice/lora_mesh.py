@@ -24,7 +24,3 @@ def main():
                if name.endswith((".kernel", ".kernel.value"))}
     mu = {name: spec for name, spec in _specs(run.state.opt_state).items() if ".mu." in f".{name}."}
     report({"adapters": adapters, "kernels": kernels, "mu": mu, "mesh": dict(run.mesh.shape)})
-
-
-if __name__ == "__main__":
-    main()

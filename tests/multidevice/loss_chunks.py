@@ -13,7 +13,3 @@ def main():
             "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 64}"]))
         moved[chunk] = sum(size for _, size in report_.collectives.values())
     report(moved)
-
-
-if __name__ == "__main__":
-    main()

@@ -39,7 +39,3 @@ def main():
                         "gradients": max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
                                          for a, b in zip(grads, want_grads))}
     report(errors)
-
-
-if __name__ == "__main__":
-    main()

@@ -54,7 +54,3 @@ def main():
         "untouched_error": float(jnp.max(jnp.abs(capped - reference)[whole])),
         "touched_changed": bool((jnp.max(jnp.abs(capped - reference), axis=-1)[~whole] > 1e-6).all()),
     })
-
-
-if __name__ == "__main__":
-    main()

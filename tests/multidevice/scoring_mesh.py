@@ -44,7 +44,3 @@ def main():
     except NotImplementedError as e:
         result["prefill"] = str(e)
     report(result)
-
-
-if __name__ == "__main__":
-    main()

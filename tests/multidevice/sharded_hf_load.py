@@ -67,7 +67,3 @@ def main():
     report({name: check(directory, args.get("run_dir"), plain, sizes, rules)
             for name, (sizes, rules) in args["meshes"].items()}
            | {"devices": jax.device_count()})
-
-
-if __name__ == "__main__":
-    main()

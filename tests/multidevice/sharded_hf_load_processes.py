@@ -27,7 +27,3 @@ def main():
                              for shard in v[...].addressable_shards)]
     report({"mismatched": mismatched, "bytes_read": stats.bytes_read,
             "checkpoint_bytes": sum(a.nbytes for a in plain.values())})
-
-
-if __name__ == "__main__":
-    main()

@@ -26,7 +26,3 @@ def main():
                              key=str)),
         "scalars": str({tuple(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim == 0}),
     })
-
-
-if __name__ == "__main__":
-    main()

@@ -33,7 +33,3 @@ def main():
     report({"logits": float(np.abs(splash_logits - logits).max()),
             "gradients": max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
                              for a, b in zip(splash_grads, grads))})
-
-
-if __name__ == "__main__":
-    main()

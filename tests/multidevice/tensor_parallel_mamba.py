@@ -44,7 +44,3 @@ def main():
     for groups in (1, 2):
         errors[groups], errors[f"flops_share_{groups}"] = compare(groups)
     report(errors)
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,3 @@ def main():
         apply_overrides(config, {**args["overrides"], **own, "run_dir": run_dir})
         losses[name] = train(config)
     report(losses)
-
-
-if __name__ == "__main__":
-    main()

@@ -37,7 +37,3 @@ def main():
         alone[name] = run.lower_train_step().as_text()
     report({"settings": len(runs), "distinct_programs": len(set(programs.values())),
             "equal_to_traced_alone": [name for name in runs if programs[name] == alone[name]]})
-
-
-if __name__ == "__main__":
-    main()
