@@ -451,10 +451,13 @@ def eight_devices(request, tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests of the shared 8-device process go to one worker together (`--dist loadgroup`)."""
+    """The tests of the shared 8-device process go to one worker together (`--dist loadgroup`), and first: the
+    scheduler hands out work in collection order, so that worker starts the longest unit while the other takes
+    everything else, instead of both finishing the rest and one then waiting on the 8-device process."""
     for item in items:
         if item.get_closest_marker("eight_devices"):
             item.add_marker(pytest.mark.xdist_group("eight_devices"))
+    items.sort(key=lambda item: item.get_closest_marker("eight_devices") is None)  # stable
 
 
 # ------------------------------------------------------------------------ the transformers oracle

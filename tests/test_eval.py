@@ -30,7 +30,10 @@ def checkpoint_with_tokenizer(hf_checkpoint):
 
 
 def _direct_logprob(model, context, continuation) -> float:
-    ids = jnp.asarray([list(context) + list(continuation)], jnp.int32)
+    """log p(continuation | context) from one plain forward pass. The row is padded to a multiple of 64 tokens
+    (one compilation for many requests): the model is causal, so what follows cannot change these logits."""
+    tokens = list(context) + list(continuation)
+    ids = jnp.asarray([tokens + [0] * (-len(tokens) % 64)], jnp.int32)
     logprobs = jax.nn.log_softmax(np.asarray(forward(model, ids).logits, np.float64)[0], axis=-1)
     n = len(context)
     return float(sum(logprobs[n - 1 + i, t] for i, t in enumerate(continuation)))

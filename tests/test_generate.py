@@ -48,8 +48,9 @@ def test_prefill_then_decode_steps_equal_a_full_forward(hf_checkpoint, overrides
     prompt = 13  # crosses the chunk size (8) of the test models
     logits, cache = model.prefill(ids[:, :prompt], jnp.zeros((2,), jnp.int32), init_cache(model.config, 2, 32))
     steps = [np.asarray(logits)]
+    decode = nnx.jit(lambda model, token, cache: model.decode(token, cache))  # one compilation, 16 steps
     for t in range(prompt, ids.shape[1]):
-        logits, cache = model.decode(ids[:, t], cache)
+        logits, cache = decode(model, ids[:, t], cache)
         steps.append(np.asarray(logits))
     assert max_rel_error(np.stack(steps, axis=1), full[:, prompt - 1:]) < 1e-5
 
@@ -142,6 +143,7 @@ def test_generation_on_the_tiny_preset_in_bfloat16():
     ids = jnp.asarray(np.random.default_rng(4).integers(3, 4096, (1, 40)), jnp.int32)
     full = np.asarray(forward(model, ids).logits, np.float32)
     logits, cache = model.prefill(ids[:, :30], jnp.zeros((1,), jnp.int32), init_cache(model.config, 1, 48))
+    decode = nnx.jit(lambda model, token, cache: model.decode(token, cache))
     for t in range(30, 40):
-        logits, cache = model.decode(ids[:, t], cache)
+        logits, cache = decode(model, ids[:, t], cache)
     assert max_rel_error(np.asarray(logits, np.float32), full[:, -1]) < 0.05

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import forward
 from flax import nnx
 
 import granite_jax
@@ -16,7 +17,7 @@ def test_public_api():
     for name in ("ModelConfig", "GraniteForCausalLM", "load_hf_checkpoint", "save_hf_checkpoint"):
         assert hasattr(granite_jax, name)
     config = load_preset("tiny-hybrid-moe")
-    out = GraniteForCausalLM(config, rngs=nnx.Rngs(0))(jnp.zeros((2, 5), jnp.int32))
+    out = forward(GraniteForCausalLM(config, rngs=nnx.Rngs(0)), jnp.zeros((2, 5), jnp.int32))
     assert out.logits.shape == (2, 5, config.vocab_size) and out.aux_loss.shape == ()
 
 
@@ -282,7 +283,7 @@ def test_the_model_with_the_splash_kernel_equals_blockwise_attention():
     results = {}
     for impl in ("blockwise", "splash"):
         model = GraniteForCausalLM(config.replace(attention_impl=impl), rngs=nnx.Rngs(3))
-        (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
         results[impl] = logits, jax.tree.leaves(grads)
     np.testing.assert_allclose(results["splash"][0], results["blockwise"][0], rtol=1e-5, atol=1e-5)
     for got, want in zip(results["splash"][1], results["blockwise"][1]):

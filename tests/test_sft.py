@@ -84,7 +84,7 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
 
     ours, _, step = load_run_model(str(run_dir))
     ids = np.random.default_rng(0).integers(0, 4096, (2, 48))
-    expected = np.asarray(ours(jnp.asarray(ids)).logits)
+    expected = np.asarray(forward(ours, jnp.asarray(ids)).logits)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         actual = hf(torch.tensor(ids), use_cache=False).logits.numpy()

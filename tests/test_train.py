@@ -14,6 +14,7 @@ from conftest import (
     TINY_RUN,
     checkpoint_steps,
     convert_cli,
+    forward,
     metrics,
     train_cli,
     train_process,
@@ -403,7 +404,7 @@ def test_export_run_to_transformers(tmp_path):
     assert "exported step 3" in proc.stdout
     ours, _, step = load_run_model(run_dir)
     ids = np.random.default_rng(0).integers(0, 4096, (1, 40))
-    expected = np.asarray(ours(jnp.asarray(ids)).logits)
+    expected = np.asarray(forward(ours, jnp.asarray(ids)).logits)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         actual = hf(torch.tensor(ids), use_cache=False).logits.numpy()

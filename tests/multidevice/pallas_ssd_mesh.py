@@ -32,7 +32,7 @@ def main():
                 num_hidden_layers=2, layer_types=("mamba", "attention"), moe_impl="tiled", ssd_impl=impl)
             model = GraniteForCausalLM(config, rngs=nnx.Rngs(3))
             with jax.set_mesh(mesh):
-                (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+                (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
             results[impl] = np.asarray(logits), [np.asarray(g) for g in jax.tree.leaves(grads)]
         (logits, grads), (want_logits, want_grads) = results["pallas"], results["xla"]
         errors[name] = {"logits": float(np.abs(logits - want_logits).max()),

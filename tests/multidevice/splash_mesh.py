@@ -27,7 +27,7 @@ def main():
     for impl in ("blockwise", "splash"):
         model = GraniteForCausalLM(config.replace(attention_impl=impl), rngs=nnx.Rngs(3))
         with jax.set_mesh(mesh):
-            (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+            (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
         results[impl] = np.asarray(logits), [np.asarray(g) for g in jax.tree.leaves(grads)]
     (splash_logits, splash_grads), (logits, grads) = results["splash"], results["blockwise"]
     report({"logits": float(np.abs(splash_logits - logits).max()),
