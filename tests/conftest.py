@@ -28,11 +28,16 @@ import sys
 import time
 from pathlib import Path
 
-# One persistent XLA compilation cache for the suite: this process and every subprocess it starts (they inherit
-# the environment). Executables read from the cache give the same results, memory analysis and HLO text.
-# Set before JAX is imported.
+# Set before JAX is imported, for this process and every subprocess it starts (they inherit the environment):
+# - one persistent XLA compilation cache for the suite (executables read from it give the same results, memory
+#   analysis and HLO text);
+# - XLA:CPU's LLVM backend at -O0: most of the suite's time is compiling small programs, and this cuts it by
+#   about a fifth (test_packing + test_parity + test_generate: 160 s -> 129 s); the HLO, its buffers and the
+#   values the tests compare are those of the default level within the tests' tolerances.
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax-compilation"))
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -157,7 +162,7 @@ def virtual_cpu_devices(devices: int) -> dict:
     up to 10 minutes: XLA:CPU's default (40 s) aborts the process when a busy 2-core machine runs one device's
     thread that much later than the others."""
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"
+            "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
                          " --xla_cpu_collective_call_terminate_timeout_seconds=600"
                          " --xla_cpu_collective_timeout_seconds=600"}
 
@@ -350,7 +355,8 @@ def multidevice_result(results: dict, name: str):
 
 
 def eight_device_job(name: str):
-    """Mark a test as reading job `name` of the shared 8-device process (see `eight_devices`)."""
+    """Mark a test as reading job `name` of a shared 8-device process (see `eight_devices`); such a test is
+    also marked slow."""
     return pytest.mark.eight_devices(name)
 
 
@@ -423,12 +429,19 @@ EIGHT_DEVICE_JOBS = {
 }
 
 
+# The 8-device jobs run in two processes, one per pytest worker, balanced by their measured times (about
+# 6 minutes each on the 2-core machine): the training on meshes in one, everything else in the other.
+EIGHT_DEVICE_PROCESS = {name: "eight-devices-training" if name in (
+    "train meshes", "context meshes tiny-hybrid-moe", "context meshes tiny-dense-rope", "lora mesh training",
+    "lora_mesh", "sharded_state", "two_plans", "loss_chunks") else "eight-devices-ops" for name in EIGHT_DEVICE_JOBS}
+
+
 @pytest.fixture(scope="session")
 def eight_devices(request, tmp_path_factory):
     """`eight_devices(name)`: the result of the 8-device job `name`; `eight_devices.root(name)`: its scratch
-    directory (a training job's run directories are ROOT/MESH-NAME-WITHOUT-SPACES). Every job that the selected
-    tests name (`@eight_device_job(name)`) runs in one process on 8 virtual CPU devices, once per pytest run:
-    those tests share an xdist group, so one worker holds them all."""
+    directory (a training job's run directories are ROOT/MESH-NAME-WITHOUT-SPACES). The jobs that the selected
+    tests name (`@eight_device_job(name)`) run once per pytest run, in the process EIGHT_DEVICE_PROCESS gives
+    them, on 8 virtual CPU devices: the tests of one process share an xdist group, so one worker holds them."""
     wanted = sorted({mark.args[0] for item in request.session.items
                      for mark in item.iter_markers("eight_devices")})
     base = tmp_path_factory.mktemp("eight-devices")
@@ -438,25 +451,32 @@ def eight_devices(request, tmp_path_factory):
         return base / name.replace(" ", "-")
 
     def get(name: str):
-        if not cache:
+        process = EIGHT_DEVICE_PROCESS[name]
+        if process not in cache:
             jobs = {}
             for job in wanted:
-                root(job).mkdir()
-                jobs[job] = EIGHT_DEVICE_JOBS[job](root(job))
-            cache.update(run_multidevice(jobs, devices=8))
-        return multidevice_result(cache, name)
+                if EIGHT_DEVICE_PROCESS[job] == process:
+                    root(job).mkdir()
+                    jobs[job] = EIGHT_DEVICE_JOBS[job](root(job))
+            cache[process] = run_multidevice(jobs, devices=8)
+        return multidevice_result(cache[process], name)
 
     get.root = root
     return get
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
-    """The tests of the shared 8-device process go to one worker together (`--dist loadgroup`), and first: the
-    scheduler hands out work in collection order, so that worker starts the longest unit while the other takes
-    everything else, instead of both finishing the rest and one then waiting on the 8-device process."""
+    """The tests of each 8-device process go to one worker together (`--dist loadgroup`), and first: the
+    scheduler hands out work in collection order, so each worker starts with one long unit and the rest fills
+    in around them, instead of a worker reaching an 8-device process last while the other one idles."""
     for item in items:
-        if item.get_closest_marker("eight_devices"):
-            item.add_marker(pytest.mark.xdist_group("eight_devices"))
+        jobs = {mark.args[0] for mark in item.iter_markers("eight_devices")}
+        processes = {EIGHT_DEVICE_PROCESS[job] for job in jobs}
+        assert len(processes) <= 1, f"{item.nodeid} reads jobs of two 8-device processes: {sorted(jobs)}"
+        if processes:
+            item.add_marker(pytest.mark.xdist_group(processes.pop()))
+            item.add_marker(pytest.mark.slow)  # an 8-device process takes minutes
     items.sort(key=lambda item: item.get_closest_marker("eight_devices") is None)  # stable
 
 

@@ -5,9 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_the_accelerator_benchmark_smoke_mode_measures_every_option(tmp_path):
     out = tmp_path / "results.jsonl"
     proc = subprocess.run([sys.executable, "benchmarks/accelerator_step.py", "--smoke", "--out", str(out)],

@@ -90,6 +90,7 @@ def _torch_reply_log_probs(hf_model, pairs):
     return (token * torch.tensor(weights)).sum(-1).numpy().reshape(len(pairs), 2)
 
 
+@pytest.mark.slow
 def test_log_probs_and_loss_match_transformers_and_trl(hf_checkpoint):
     """Reply log-probs of packed pairs (policy and reference) equal transformers' per sequence; the DPO loss and
     rewards equal TRL 1.16's sigmoid / IPO formulas (DPOTrainer._compute_loss, written out in torch: it is a
@@ -137,6 +138,7 @@ def test_log_probs_and_loss_match_transformers_and_trl(hf_checkpoint):
     assert float(metrics["pairs"]) == 5
 
 
+@pytest.mark.slow
 def test_packed_pairs_equal_pairs_alone(hf_checkpoint):
     """Pairs packed several to a row give the loss, pair metrics and gradients of each pair in a row of its own."""
     policy_dir, _ = hf_checkpoint(seed=0, name="policy")
@@ -232,6 +234,7 @@ def test_dpo_settings_default_for_preference_data():
     assert load_run_config(None, []).preference_tuning is None
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_base_model(hf_checkpoint):
     """With LoRA the reference is the model with its adapters off: its log-probs equal the base model's exactly,
     while the adapted policy's differ."""
@@ -252,6 +255,7 @@ def test_lora_reference_is_the_base_model(hf_checkpoint):
     assert np.abs(np.asarray(policy[0]) - np.asarray(base[0])).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_short_dpo_run_logs_reward_accuracy(tmp_path, lora, capsys):
     """A few DPO steps through the train loop on the bundled preference set: the loss starts at log 2 (policy =

@@ -39,6 +39,7 @@ def _direct_logprob(model, context, continuation) -> float:
     return float(sum(logprobs[n - 1 + i, t] for i, t in enumerate(continuation)))
 
 
+@pytest.mark.slow
 def test_packed_scores_equal_one_request_at_a_time(hf_checkpoint):
     directory, _ = hf_checkpoint(tie_word_embeddings=False)
     model = load_hf_checkpoint(directory)
@@ -54,6 +55,7 @@ def test_packed_scores_equal_one_request_at_a_time(hf_checkpoint):
     assert Scorer(model, seq_len=16, batch_size=1).score([Request(context, (greedy,))])[0][1] is True
 
 
+@pytest.mark.slow
 def test_perplexity_and_bits_per_byte(checkpoint_with_tokenizer):
     model = load_hf_checkpoint(checkpoint_with_tokenizer)
     tokenizer = load_tokenizer(checkpoint_with_tokenizer)
@@ -93,6 +95,7 @@ def _task_dir(tmp_path):
     return str(tasks)
 
 
+@pytest.mark.slow
 def test_lm_eval_adapter_runs_local_tasks(checkpoint_with_tokenizer, tmp_path, monkeypatch):
     """lm-eval's own evaluator drives our model through a local multiple-choice and a local generation task."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -123,6 +126,7 @@ def test_lm_eval_adapter_runs_local_tasks(checkpoint_with_tokenizer, tmp_path, m
     assert lm.loglikelihood_rolling([type("R", (), {"args": ("In the beginning",)})()])[0] < 0
 
 
+@pytest.mark.slow
 def test_eval_command_line(checkpoint_with_tokenizer, tmp_path, hf_checkpoint):
     out = eval_cli("generate", "--checkpoint", checkpoint_with_tokenizer, "--chat", "--prompt", "What is 2 + 2?",
                 "--max-new-tokens", "6", "--ignore-eos")

@@ -21,6 +21,7 @@ def test_flops_by_component_add_up_to_the_model_count(preset):
         assert sum(parts.values()) == pytest.approx(training_flops_per_token(config, seq_len), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_breakdown_of_the_tiny_models_step_adds_up_and_finds_the_projections():
     """On XLA:CPU (no libtpu needed): every executed matmul is charged to one component, the components add up
     to the dry run's `executed_matmul_flops`, and with full rematerialisation each projection outside the

@@ -38,6 +38,7 @@ def test_greedy_generation_equals_transformers(hf_checkpoint, overrides):
     assert result.tokens[0] == expected and result.finish_reasons == ["length"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [HYBRID_MOE, DENSE_ROPE, HYBRID_TWO_GROUPS],
                          ids=["hybrid_moe", "dense_rope", "two_groups"])
 def test_prefill_then_decode_steps_equal_a_full_forward(hf_checkpoint, overrides):
@@ -63,6 +64,7 @@ def test_decode_compiles_once(hf_checkpoint):
     assert generator.trace_counts == {"prefill": 1, "decode": 1}
 
 
+@pytest.mark.slow
 def test_batched_prompts_of_different_lengths_equal_each_alone(hf_checkpoint):
     directory, _ = hf_checkpoint(**HYBRID_MOE)
     generator = Generator(load_hf_checkpoint(directory))
@@ -137,6 +139,7 @@ def test_bad_requests_are_clear_errors(hf_checkpoint):
         generator.generate([[1]], max_new_tokens=4, sampling=SamplingConfig(temperature=1.0, top_p=0.0))
 
 
+@pytest.mark.slow
 def test_generation_on_the_tiny_preset_in_bfloat16():
     """bf16 compute through prefill and decode: runs, and decode logits track the full forward."""
     model = GraniteForCausalLM(load_preset("tiny-hybrid-moe", compute_dtype="bfloat16"), rngs=nnx.Rngs(0))

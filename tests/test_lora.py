@@ -26,6 +26,7 @@ def _ids(B=2, T=16, vocab=128, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (B, T)), jnp.int32)
 
 
+@pytest.mark.slow
 def test_zero_b_adapters_equal_the_base_model_and_nonzero_ones_add_alpha_over_r_ab():
     model = _tiny_model()
     ids = _ids(vocab=model.config.vocab_size)
@@ -83,6 +84,7 @@ def _batch(run, seed):
                 targets=jnp.asarray(ids[:, 1:], jnp.int32), loss_weights=jnp.ones((B, T), jnp.float32))
 
 
+@pytest.mark.slow
 def test_train_steps_change_only_the_adapters_and_the_optimizer_holds_only_their_shapes(tmp_path):
     from granite_jax.convert import load_hf_checkpoint
 
@@ -157,6 +159,7 @@ def test_a_target_this_model_lacks_is_refused_listing_the_ones_it_has(tmp_path):
                                 "['q_proj', 'k_proj', 'v_proj', 'o_proj', 'input_linear', 'output_linear']")
 
 
+@pytest.mark.slow
 def test_a_lora_run_resumes_with_identical_losses(tmp_path):
     """Six steps straight, or three then a resume from the checkpoint at 3: the same losses, bit for bit (the
     adapters' dropout keys follow the step)."""
@@ -197,6 +200,7 @@ def test_a_lora_run_resumes_with_identical_losses(tmp_path):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=".".join(path_names(path)))
 
 
+@pytest.mark.slow
 def test_adapter_dropout_is_on_in_training_only_with_a_key_per_adapter_and_step():
     """Under the hardest layout for it: the layers' weights (the dropout keys with them) stacked under lax.scan,
     each layer recomputed in the backward pass (custom_vjp)."""

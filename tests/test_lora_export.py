@@ -71,6 +71,7 @@ def lora_run(tmp_path):
     return _save_run(tmp_path / "lora-run", model, run), str(base), model
 
 
+@pytest.mark.slow
 def test_merge_lora_folds_alpha_over_r_ab_into_the_kernels_and_leaves_the_model_unchanged():
     model = _with_trained_adapters(GraniteForCausalLM(_config(), rngs=nnx.Rngs(0)))
     before = _flat(model)
@@ -106,6 +107,7 @@ def test_a_lora_run_loads_merged_or_with_its_adapters(lora_run):
         np.testing.assert_array_equal(_flat(unmerged)[name], value, err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_qlora_run_reads_back_quantised_and_merges_over_the_dequantised_base(tmp_path):
     """A QLoRA run's adapters were trained over dequant(quant(W)): read back, the base is quantised again (the
     trained model exactly), and merged, every kernel is dequant(W) (+ alpha/r·AB where adapted) in float32."""

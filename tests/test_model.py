@@ -139,6 +139,7 @@ def test_moe_stats_skip_padding():
     assert float(stats.tokens) == 3 and float(stats.assignments.sum()) == 3 * config.num_experts_per_tok
 
 
+@pytest.mark.slow
 def test_gradients_are_finite_with_packing_and_padding():
     config = load_preset("tiny-hybrid-moe").replace(mamba_chunk_size=8, attention_block_size=8)
     model = GraniteForCausalLM(config, rngs=nnx.Rngs(0))
@@ -172,6 +173,7 @@ def test_bad_inputs_are_reported(kwargs, message):
         model(**kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "save_dots"])
 def test_remat_policies_change_memory_not_results(policy):
     ids = jnp.asarray(np.random.default_rng(3).integers(0, 4096, (1, 33)), jnp.int32)
@@ -218,6 +220,7 @@ def test_lora_and_dpo_steps_count_the_work_they_do():
     assert training_flops_per_token(config, 4096, adapters=0, reference=True) == pytest.approx(6 * N + 4 / 3 * mixers)
 
 
+@pytest.mark.slow
 def test_scanned_layer_pattern_equals_the_unrolled_stack():
     """scan_layers runs a stack that repeats a pattern of layers (here mamba, mamba, attention twice) as a
     lax.scan over the repetitions: the loss, the router statistics and every parameter gradient equal the
@@ -247,6 +250,7 @@ def test_scanned_layer_pattern_equals_the_unrolled_stack():
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b))) + 1e-12
 
 
+@pytest.mark.slow
 def test_layers_in_subpieces_equal_the_whole_row(subpiece=16):
     """`subpiece_tokens`: Mamba layers run a row 16 tokens at a time (conv inputs and SSM state carried
     over, documents ending and starting inside and at sub-piece edges) and the MoE block token-chunked: the
@@ -267,6 +271,7 @@ def test_layers_in_subpieces_equal_the_whole_row(subpiece=16):
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b))) + 1e-12
 
 
+@pytest.mark.slow
 def test_the_model_with_the_splash_kernel_equals_blockwise_attention():
     """`attention_impl: splash` (interpret mode) in the tiny hybrid model: logits and every parameter gradient
     of a packed batch equal those of the blockwise attention."""

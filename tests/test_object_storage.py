@@ -35,6 +35,7 @@ def _upload(local: str, url: str) -> None:
     fs.put(local, path, recursive=os.path.isdir(local))
 
 
+@pytest.mark.slow
 def test_a_run_on_gcs_trains_resumes_and_evaluates_like_a_local_run(gcs, tmp_path):
     """run_dir, training data and tokenizer all on gs://: the run trains 4 steps, stops, resumes to 6 from its
     gs:// checkpoint, and its 6 losses equal those of the same two commands on a local run directory. Its

@@ -21,6 +21,7 @@ def _packed_row(seed):
     return docs, ids, jnp.asarray(segments[None], jnp.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     {},
     dict(layer_types=["attention"] * 3, position_embedding_type="rope", num_local_experts=0, num_experts_per_tok=0),

@@ -65,6 +65,7 @@ def _relative_error(got, want) -> float:
     return float(jnp.max(jnp.abs(got - want)) / (jnp.max(jnp.abs(want)) + 1e-30))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("with_initial_state", [False, True])
 def test_pallas_ssd_equals_chunked_and_reference(layout, with_initial_state):
@@ -129,6 +130,7 @@ def _tiny_hybrid(**overrides):
                                                   moe_impl="tiled", **overrides)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("subpiece_tokens", [0, 32])
 def test_the_model_with_the_pallas_ssd_equals_the_xla_ssd(subpiece_tokens):
     """`ssd_impl: pallas` in the tiny hybrid model, whole rows and sub-pieces: logits and every parameter

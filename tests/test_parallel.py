@@ -61,6 +61,7 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say(eight_devic
     assert "scalars {()}" in out
 
 
+@pytest.mark.slow
 def test_dry_run_reports_per_device_memory_without_training(tmp_path):
     proc = finish(python_process("train.py", "--dry-run", "--simulate-devices", "8",
                                  "mesh={data: 2, fsdp: 2, tensor: 2}", "data.batch_size=8", "data.seq_len=128",
@@ -74,8 +75,8 @@ def test_dry_run_reports_per_device_memory_without_training(tmp_path):
     assert re.search(r"all-reduce\s+\d+ runs", out) and "FLOPs per step" in out
     assert not os.path.exists(tmp_path / "run")  # nothing trained, nothing written
 
-    # checked before any device is asked for: in this process, whose one device is not the 6 asked for
-    bad = train_cli("--dry-run", "mesh={tensor: 3, data: 2}")
+    bad = finish(python_process("train.py", "--dry-run", "--simulate-devices", "6", "mesh={tensor: 3, data: 2}"))
+    bad.stderr, bad.stdout = bad.stdout, ""  # the subprocess's output comes as one stream
     assert "num_attention_heads=4 is not divisible by the 'tensor' mesh axis of size 3" in bad.error_line()
 
 

@@ -47,6 +47,7 @@ def _relative_error(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
+@pytest.mark.slow
 def test_quantised_forward_is_within_the_documented_tolerance_of_the_float_one_int8_closer_than_nf4():
     """With the layer stack scanned (the quantised weights stacked per layer pattern, as on a pod)."""
     overrides = dict(num_hidden_layers=4, layer_types=("mamba", "attention") * 2, scan_layers=True)
@@ -154,6 +155,7 @@ def _batch(run, seed):
                 targets=jnp.asarray(ids[:, 1:], jnp.int32), loss_weights=jnp.ones((B, T), jnp.float32))
 
 
+@pytest.mark.slow
 def test_qlora_train_steps_change_only_the_adapters_and_the_loss_follows_the_float_lora_run(tmp_path):
     losses = {}
     for quantize in (None, "nf4"):
@@ -177,6 +179,7 @@ def test_qlora_train_steps_change_only_the_adapters_and_the_loss_follows_the_flo
     assert losses["nf4"] != losses[None]
 
 
+@pytest.mark.slow
 def test_a_qlora_run_resumes_with_identical_losses(tmp_path):
     """Six steps straight, or three then a resume: the base is re-read from the preset and quantised again,
     deterministically, so the losses match bit for bit."""

@@ -27,6 +27,7 @@ def _run(run_dir, *overrides):
 
 
 # ----------------------------------------------------------------------------- resume checks, restart
+@pytest.mark.slow
 def test_changed_settings_are_refused_and_restart_moves_the_earlier_run_aside(tmp_path):
     """A resume with other data or optimizer settings than the checkpoint's (here seq_len and gradient
     accumulation, whose optimizer state no longer restores) is refused with every difference named, before
@@ -60,6 +61,7 @@ def test_changed_settings_are_refused_and_restart_moves_the_earlier_run_aside(tm
     assert sorted(os.listdir(RunDir(run_dir).tokenizer_dir)) == ["tokenizer.json", "tokenizer_config.json"]
 
 
+@pytest.mark.slow
 def test_a_run_whose_checkpoints_do_not_restore_is_not_started_over(tmp_path):
     """When no checkpoint restores, training refuses to start again at step 1 (its saves would rotate the
     unreadable checkpoints away); --restart does, keeping them in previous/."""

@@ -11,6 +11,7 @@ import shutil
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import yaml
 from conftest import CHAT_TRAIN, TOKENIZER, convert_cli, eval_cli, forward, max_rel_error, train_cli, train_tiny
 from flax import nnx
@@ -27,6 +28,7 @@ def _first_conversations(count: int) -> list[str]:
         return [next(f) for _ in range(count)]
 
 
+@pytest.mark.slow
 def test_packed_conversations_do_not_see_each_other(tmp_path):
     """Logits of a packed SFT row equal each of its conversations run alone (attention and SSM state reset)."""
     path = tmp_path / "chat.jsonl"
@@ -50,6 +52,7 @@ def test_packed_conversations_do_not_see_each_other(tmp_path):
     assert not row["loss_weights"][segments == 0].any()
 
 
+@pytest.mark.slow
 def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkpoint):
     """Random tiny HF checkpoint (+ the bundled tokenizer) → SFT a few steps → export → transformers loads
     the directory, its logits equal ours, and its tokenizer renders the chat template as we do."""
@@ -101,6 +104,7 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
     assert text == render_text(parse_conversation(conversation))
 
 
+@pytest.mark.slow
 def test_sft_from_a_pretraining_run(tmp_path):
     """init_from=run:DIR starts from our own run's newest checkpoint and takes its tokenizer."""
     pretrain = tmp_path / "pretrain"

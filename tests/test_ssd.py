@@ -65,6 +65,7 @@ def test_chunked_matches_reference(chunk, segments, with_initial_state):
     _assert_close(final, final_ref, 1e-5)
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(
     T=st.sampled_from([1, 13, 40]),

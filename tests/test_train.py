@@ -148,6 +148,7 @@ def test_missing_empty_and_malformed_data(tmp_path):
 RESUMED = "steps=12"
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_repeats_the_losses_bit_for_bit(tmp_path, reference_losses):
     killed = train_process(tmp_path, RESUMED, signal_at=(4, "after", SIGKILL))
     assert killed.returncode == -SIGKILL and checkpoint_steps(tmp_path) == [4], killed.stdout
@@ -158,6 +159,7 @@ def test_sigkill_then_resume_repeats_the_losses_bit_for_bit(tmp_path, reference_
     assert metrics(tmp_path) == reference  # exact float equality, every step
 
 
+@pytest.mark.slow
 def test_a_lora_run_sigkilled_then_resumed_repeats_the_losses_bit_for_bit(tmp_path, reference_losses):
     """LoRA with dropout: the checkpoints hold the adapters and their AdamW moments (the base is read again from
     the run's init, here the preset and seed); killed once checkpoint 4 is complete and resumed, the run repeats
@@ -172,15 +174,17 @@ def test_a_lora_run_sigkilled_then_resumed_repeats_the_losses_bit_for_bit(tmp_pa
     assert metrics(tmp_path) == straight  # exact float equality, every step
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes(tmp_path, reference_losses):
     stopped = train_process(tmp_path, RESUMED, signal_at=(4, "after", SIGTERM))
     assert stopped.returncode == 128 + SIGTERM and "received signal 15: saved step" in stopped.stdout, stopped.stdout
     saved = checkpoint_steps(tmp_path)[-1]
-    assert 4 < saved < 12 and f"saved step {saved}" in stopped.stdout  # the step it stopped after, off the cadence
+    assert 4 <= saved < 12 and f"saved step {saved}" in stopped.stdout  # the step it stopped after
     train_tiny(tmp_path, RESUMED)
     assert metrics(tmp_path) == reference_losses(RESUMED)[0]
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, reference_losses):
     """The newest checkpoint truncated: the resume falls back to the one before with one warning line (no Orbax
     traceback), moves the unreadable one to corrupt/, saves its step again when it gets there, and repeats the
@@ -201,6 +205,7 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path, reference_losses):
     assert metrics(tmp_path) == reference_losses(RESUMED)[0]
 
 
+@pytest.mark.slow
 def test_killed_during_an_asynchronous_save_resumes_from_the_previous_checkpoint_bit_for_bit(
         tmp_path, reference_losses):
     killed = train_process(tmp_path, RESUMED, signal_at=(8, "before", SIGKILL))
@@ -219,6 +224,7 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
     assert "does not fit this model" in error and "shared_mlp" in error, error
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_message(tmp_path):
     proc = train_cli(f"run_dir={tmp_path}", *TINY_RUN, "steps=10", "optimizer.lr=1e30", "optimizer.warmup_steps=0")
     assert "loss is nan at step 2; stopping" in proc.error_line()
@@ -320,6 +326,7 @@ def test_schedules():
     assert float(cosine(60)) == pytest.approx(0.55) and float(cosine(110)) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_init_from_hf_checkpoint(tmp_path):
     """Continued pretraining starts from the converted weights: step 1's loss is the loaded model's loss."""
     import jax.numpy as jnp
@@ -338,6 +345,7 @@ def test_init_from_hf_checkpoint(tmp_path):
     assert jnp.isfinite(jnp.asarray(runs[0])).all()
 
 
+@pytest.mark.slow
 def test_init_from_an_imported_run_matches_init_from_hf(tmp_path):
     """`convert import` then `init_from=run:` starts from the same weights as `init_from=hf:` (the first
     step's loss is identical); training in the imported directory itself is refused (no optimizer state)."""
@@ -433,6 +441,7 @@ def test_gradient_accumulation_averages_micro_steps():
                                optax.apply_updates(params, expected)["w"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_full_remat_keeps_one_layer_of_activations_in_the_compiled_train_step():
     """The train step of a 4-Mamba-layer stack compiled on XLA:CPU at 2K tokens: with `remat_policy: full`
     its temporaries grow by a few hidden-width buffers per layer (before the recomputation was tied to the
