@@ -77,11 +77,27 @@ def loss_of(f):
     return lambda *a: jnp.sum(jnp.sin(f(*a)) * jnp.cos(a[0][..., :1]))
 
 
-def jitted(functions: dict, n_args: int) -> dict:
+# The unsharded functions (whole row, token-by-token oracle) do not depend on the mesh or the layout: compiled
+# once per (operation, name, static settings) and shape for the whole process, not once per layout.
+_UNSHARDED: dict = {}
+
+
+def jitted(check: "Check") -> dict:
     """name -> (value, gradients w.r.t. every argument but the trailing segment ids), compiled once per shape:
     the segment ids are an argument, so new partitions of the same shape reuse the compilation."""
-    return {name: (jax.jit(f), jax.jit(jax.grad(loss_of(f), argnums=tuple(range(n_args)))))
-            for name, f in functions.items()}
+    def compiled(f):
+        return jax.jit(f), jax.jit(jax.grad(loss_of(f), argnums=tuple(range(len(check.args)))))
+
+    out = {}
+    for name, f in check.functions.items():
+        if name == "sharded":
+            out[name] = compiled(f)
+        else:
+            key = (check.prefix, name, check.static)
+            if key not in _UNSHARDED:
+                _UNSHARDED[key] = compiled(f)
+            out[name] = _UNSHARDED[key]
+    return out
 
 
 def errors_against(compiled: dict, args, segments, per_row: tuple, cases: dict, prefix: str) -> dict:
@@ -128,6 +144,7 @@ class Check(NamedTuple):
     functions: dict
     args: tuple
     per_row: tuple  # which arguments have a row and a time dimension (the rest are weights shared by all rows)
+    static: tuple = ()  # the settings the unsharded functions close over (chunk, block)
 
 
 def ssd_check(mesh, layout, chunk, args) -> Check:
@@ -146,7 +163,7 @@ def ssd_check(mesh, layout, chunk, args) -> Check:
         return ssd_reference(x, dt, A, B, C, segment_ids=segments)[0]
 
     return Check("ssd", {"sharded": in_layout(sharded, layout, mesh.size, per_row), "whole": whole,
-                         "oracle": oracle}, args, per_row)
+                         "oracle": oracle}, args, per_row, (chunk,))
 
 
 def conv_check(mesh, layout, b, T, rng) -> Check:
@@ -182,7 +199,7 @@ def attention_check(mesh, layout, b, T, block: int, rng) -> Check:
         return flash_attention(q, k, v, document_runs(segments, segments.shape), scale=0.3, block_size=block)
 
     return Check("attention", {"sharded": in_layout(sharded, layout, mesh.size, per_row), "whole": whole},
-                 args, per_row)
+                 args, per_row, (block,))
 
 
 def checks(mesh, layout, b, T, chunk, rng) -> list[tuple[Check, dict]]:
@@ -191,7 +208,7 @@ def checks(mesh, layout, b, T, chunk, rng) -> list[tuple[Check, dict]]:
     block = math.gcd(chunk - chunk % 4, piece)
     made = [ssd_check(mesh, layout, chunk, inputs(b, T, rng)), conv_check(mesh, layout, b, T, rng),
             attention_check(mesh, layout, b, T, block, rng)]
-    return [(check, jitted(check.functions, len(check.args))) for check in made]
+    return [(check, jitted(check)) for check in made]
 
 
 def partitions(T: int):
