@@ -7,8 +7,11 @@ How the suite stays fast on 2 cores:
 - one spelling of "a small training run" (`TINY_RUN`), so that the persistent XLA compilation cache below hits;
 - the CLIs run in-process through their `main(argv)` unless a process has to die (SIGKILL, SIGTERM, a kill
   during a save), several processes must join, or the run needs several (virtual) devices;
-- the checks that need 8 virtual CPU devices run together in one subprocess per pytest run
-  (`eight_devices`), each reported under its own name;
+- the checks that need 8 virtual CPU devices run together in two subprocesses per pytest run, one per worker
+  (`eight_devices`), each check reported under its own name;
+- XLA:CPU's backend compiles at -O0 in the test processes (below);
+- tests that take 12 s or more, and the multi-process and 8-device ones, are marked `slow`: `pytest -m "not slow"`
+  is the edit loop (about 3 minutes), the test command runs everything;
 - reference runs (the losses an interrupted or sharded run must repeat) are computed once per pytest run and
   shared by every worker (`reference_losses`), keyed by their overrides.
 """
