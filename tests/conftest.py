@@ -39,7 +39,7 @@ from pathlib import Path
 #   values the tests compare are those of the default level within the tests' tolerances.
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax-compilation"))
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax.numpy as jnp  # noqa: E402
@@ -217,14 +217,19 @@ def train_process(run_dir, *overrides, signal_at: tuple[int, str, int] | None = 
 SIGKILL, SIGTERM = signal.SIGKILL, signal.SIGTERM
 
 
+# What every `launch_processes` run adds to its settings. Its one-process reference is
+# `reference_losses(f"steps={n}", *settings_but_the_mesh, *LAUNCH_RUN)`: the same run on this process's device.
+LAUNCH_RUN = ("data.validation=[]", "log_every=1", "eval_every=1000", "optimizer.warmup_steps=1",
+              "checkpoint.every_steps=2", "checkpoint.async_save=false")
+
+
 def launch_processes(run_dir, steps: int, processes: int, settings, devices: int = 8, launcher=None) -> list[str]:
     """`train.py` as `processes` processes sharing `devices` virtual CPU devices. They join with the
     --coordinator-address flags, or, with `launcher` (process index -> environment variables), with no flags
     and the variables a cluster launcher would set. Returns each process's output; all must succeed."""
     from granite_jax.parallel.distributed import free_local_port
 
-    args = [f"run_dir={run_dir}", f"steps={steps}", *settings, "data.validation=[]", "log_every=1",
-            "eval_every=1000", "optimizer.warmup_steps=1", "checkpoint.every_steps=2", "checkpoint.async_save=false"]
+    args = [f"run_dir={run_dir}", f"steps={steps}", *settings, *LAUNCH_RUN]
     env = virtual_cpu_devices(devices // processes)
     port = free_local_port()
     distributed = (lambda i: [f"--coordinator-address=127.0.0.1:{port}", f"--num-processes={processes}",

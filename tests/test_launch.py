@@ -1,6 +1,6 @@
 """Joining a job the way cluster launchers start one: no --coordinator-address flags, only the environment
 variables that Slurm's `srun` or a Kubernetes indexed Job sets. Two local processes x 2 virtual CPU devices
-(gloo) train 2 steps and must give the losses of one process holding all 4 devices."""
+(gloo, `{data: 2, fsdp: 2}`) train 2 steps and must give the losses of one process training the same rows."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import socket
 
 import numpy as np
 import pytest
-from conftest import TINY_MODEL, launch_processes, metrics
+from conftest import LAUNCH_RUN, TINY_MODEL, launch_processes, metrics
 
 from granite_jax.parallel.distributed import cluster_launcher, env_spec, free_local_port
 
-SETTINGS = ["data.streams=2", "mesh={data: 2, fsdp: 2}", "data.batch_size=4", "data.seq_len=64", TINY_MODEL]
+ROWS = ["data.streams=2", "data.batch_size=4", "data.seq_len=64", TINY_MODEL]
+SETTINGS = [*ROWS, "mesh={data: 2, fsdp: 2}"]
 LAUNCHER_VARIABLES = ("SLURM_", "OMPI_", "GRANITE_JAX_", "JOB_COMPLETION_INDEX", "JAX_COORDINATOR", "TPU_WORKER")
 
 
@@ -26,12 +27,10 @@ def _no_outer_launcher(monkeypatch):
             monkeypatch.delenv(name)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[float]:
-    """The losses of one process with the 4 devices: what every 2-process launch must give."""
-    run_dir = tmp_path_factory.mktemp("launch") / "one"
-    launch_processes(run_dir, steps=2, processes=1, settings=SETTINGS, devices=4)
-    return metrics(run_dir)
+@pytest.fixture
+def reference(reference_losses) -> list[float]:
+    """The losses of one process (this one, on its one device): what every 2-process launch must give."""
+    return reference_losses("steps=2", *ROWS, *LAUNCH_RUN)[0]
 
 
 def _assert_like_one_process(run_dir, reference: list[float]) -> None:

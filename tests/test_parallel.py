@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 from conftest import (
+    LAUNCH_RUN,
     MESHES,
     TINY_MESH_RUN,
     TINY_MODEL,
@@ -257,37 +258,41 @@ def test_meshes_give_the_one_device_losses(eight_devices, reference_train):
                                    reference_norms, rtol=1e-4, err_msg=name)
 
 
-TWO_STREAMS = ["data.streams=2", "mesh={data: 2, fsdp: 4}", "data.batch_size=8", "data.seq_len=64", TINY_MODEL]
+TWO_STREAMS = ["data.streams=2", "data.batch_size=8", "data.seq_len=64", TINY_MODEL]
 
 
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
-    """2 processes x 4 CPU devices (gloo) train 2 steps, checkpoint, are restarted and resume to step 4: the
-    losses equal one process with 8 devices, and each process checkpointed its own data position."""
-    launch_processes(tmp_path / "one", steps=4, processes=1, settings=TWO_STREAMS)
-    launch_processes(tmp_path / "two", steps=2, processes=2, settings=TWO_STREAMS)
-    launch_processes(tmp_path / "two", steps=4, processes=2, settings=TWO_STREAMS)  # resumes from the step-2 checkpoint
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path, reference_losses):
+    """2 processes x 4 CPU devices (gloo, `{data: 2, fsdp: 4}`) train 2 steps, checkpoint, are restarted and
+    resume to step 4: the losses equal one process training straight through (on its one device; meshes give
+    the one-device losses, test_meshes_give_the_one_device_losses), and each process checkpointed its own data
+    position."""
+    one, _ = reference_losses("steps=4", *TWO_STREAMS, *LAUNCH_RUN)
+    settings = [*TWO_STREAMS, "mesh={data: 2, fsdp: 4}"]
+    launch_processes(tmp_path, steps=2, processes=2, settings=settings)
+    launch_processes(tmp_path, steps=4, processes=2, settings=settings)  # resumes from the step-2 checkpoint
+    two = metrics(tmp_path)
     assert len(one) == 4 and len(two) == 4
     np.testing.assert_allclose(two, one, rtol=2e-5)
-    data_files = sorted(f for f in os.listdir(tmp_path / "two" / "checkpoints" / "2" / "data") if f.endswith(".json"))
+    data_files = sorted(f for f in os.listdir(tmp_path / "checkpoints" / "2" / "data") if f.endswith(".json"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 @pytest.mark.slow
-def test_context_axis_across_two_processes_trains_and_resumes_like_one(tmp_path):
+def test_context_axis_across_two_processes_trains_and_resumes_like_one(tmp_path, reference_losses):
     """2 processes x 2 CPU devices with `context: 4` (zigzag) spanning both: every row is split over the
     processes, each process reads the same rows and keeps its slice of the positions. Trained 2 steps,
-    restarted and resumed to step 4, the losses equal one process holding all 4 devices."""
-    settings = ["mesh={context: 4}", "context_layout=zigzag", "data.batch_size=2", "data.seq_len=128",
-                "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 16}"]
-    launch_processes(tmp_path / "one", steps=4, processes=1, settings=settings, devices=4)
-    launch_processes(tmp_path / "two", steps=2, processes=2, settings=settings, devices=4)
-    launch_processes(tmp_path / "two", steps=4, processes=2, settings=settings, devices=4)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    restarted and resumed to step 4, the losses equal one process training the unsplit rows straight through."""
+    rows = ["data.batch_size=2", "data.seq_len=128",
+            "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 16}"]
+    one, _ = reference_losses("steps=4", *rows, *LAUNCH_RUN)
+    settings = [*rows, "mesh={context: 4}", "context_layout=zigzag"]
+    launch_processes(tmp_path, steps=2, processes=2, settings=settings, devices=4)
+    launch_processes(tmp_path, steps=4, processes=2, settings=settings, devices=4)
+    two = metrics(tmp_path)
     assert len(one) == 4 and len(two) == 4
     np.testing.assert_allclose(two, one, rtol=2e-5)
-    data_files = sorted(f for f in os.listdir(tmp_path / "two" / "checkpoints" / "2" / "data") if f.endswith(".json"))
+    data_files = sorted(f for f in os.listdir(tmp_path / "checkpoints" / "2" / "data") if f.endswith(".json"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
