@@ -477,7 +477,8 @@ def eight_devices(request, tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     """The tests of each 8-device process go to one worker together (`--dist loadgroup`), and first: the
     scheduler hands out work in collection order, so each worker starts with one long unit and the rest fills
-    in around them, instead of a worker reaching an 8-device process last while the other one idles."""
+    in around them, instead of a worker reaching an 8-device process last while the other one idles. The other
+    slow tests come next, the quick ones last."""
     for item in items:
         jobs = {mark.args[0] for mark in item.iter_markers("eight_devices")}
         processes = {EIGHT_DEVICE_PROCESS[job] for job in jobs}
@@ -485,7 +486,10 @@ def pytest_collection_modifyitems(config, items):
         if processes:
             item.add_marker(pytest.mark.xdist_group(processes.pop()))
             item.add_marker(pytest.mark.slow)  # an 8-device process takes minutes
-    items.sort(key=lambda item: item.get_closest_marker("eight_devices") is None)  # stable
+    # Then the other slow tests, the quick ones last: neither worker is left idle while the other finishes a
+    # minute-long test at the end.
+    items.sort(key=lambda item: (item.get_closest_marker("eight_devices") is None,
+                                 item.get_closest_marker("slow") is None))  # stable
 
 
 # ------------------------------------------------------------------------ the transformers oracle

@@ -277,9 +277,10 @@ def test_short_dpo_run_logs_reward_accuracy(tmp_path, lora, capsys):
     assert losses[0] == pytest.approx(np.log(2.0), abs=1e-5)  # the first step's policy is the reference
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert records[0]["reward_accuracy"] == 0.0 and records[0]["reward_margin"] == 0.0
+    # policy = reference: no margin (to float rounding: the adapters' zero product is added in another fusion)
+    assert records[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
     assert all(0.0 <= r["reward_accuracy"] <= 1.0 and r["pairs"] >= 2 for r in records)
-    assert any(r["reward_margin"] != 0.0 for r in records[1:])  # the policy moved away from the reference
+    assert any(abs(r["reward_margin"]) > 1e-3 for r in records[1:])  # the policy moved away from the reference
     out = capsys.readouterr().out
     assert "preference pairs" in out and "reward acc " in out
     assert lora or re.search(r"eval step 3: loss [0-9.]+ \| reward acc [0-9.]+ chosen", out)

@@ -1,8 +1,8 @@
 """The pretraining input pipeline (Grain): documents → tokens → packed rows → batches.
 
-    source (this host's slice) → shuffle (new order every epoch) → tokenize (+ EOS; or read pre-tokenized
-    ArrayRecord ids) →
-    ConcatThenSplit packing into rows of seq_len → next-token targets inside each row → batch
+    source (this host's slice) → shuffle (new order every epoch) → packing into rows of seq_len, tokenizing
+    each text (+ EOS) piece by piece as the rows need it, or reading pre-tokenized ArrayRecord ids
+    (`granite_jax.data.packing`) → next-token targets inside each row → batch
 
 Every token of the corpus lands in exactly one row per epoch. A document longer than what is left of a row
 continues in the next row as a new segment (segment ids restart, positions restart at 0). Targets never cross
@@ -18,35 +18,19 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from granite_jax.data.pretokenize import decode_record
+from granite_jax.data.packing import PackedRows
 from granite_jax.data.sources import DataError
 from granite_jax.data.tokenizer import Tokenizer
 
 
-class TokenizeDocument(grain.transforms.Map):
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-
-    def map(self, document: str | bytes) -> dict:
-        if isinstance(document, bytes):  # a pre-tokenized record (already ends with EOS)
-            ids = decode_record(document)
-        else:
-            ids = np.asarray(self.tokenizer.encode(document) + [self.tokenizer.eos_id], np.int32)
-        if ids.max() >= self.vocab_size or ids.min() < 0:
-            raise DataError(f"token id {int(ids.max())} is outside the model's vocabulary [0, {self.vocab_size}): "
-                            f"the tokenizer ({self.tokenizer.vocab_size} tokens) does not fit the model")
-        return {"input_ids": ids}
-
-
 def add_targets(row: dict) -> dict:
     """Next-token targets and weights from a packed row; a target must be in the same segment as its input."""
-    ids, segments = row["input_ids"], row["input_ids_segment_ids"]
+    ids, segments = row["input_ids"], row["segment_ids"]
     targets = np.zeros_like(ids)
     targets[:-1] = ids[1:]
     same = np.zeros(ids.shape, bool)
     same[:-1] = (segments[1:] == segments[:-1]) & (segments[:-1] > 0)
-    return {"input_ids": ids, "segment_ids": segments, "positions": row["input_ids_positions"],
+    return {"input_ids": ids, "segment_ids": segments, "positions": row["positions"],
             "targets": targets, "loss_weights": same.astype(np.float32)}
 
 
@@ -64,9 +48,8 @@ def pretraining_dataset(documents, tokenizer: Tokenizer, *, vocab_size: int, seq
     source = grain.MapDataset.source(documents)[shard_index::shard_count]
     if len(source) == 0:
         raise DataError(f"host {shard_index} of {shard_count} has no documents: fewer documents than hosts")
-    rows = (source.shuffle(seed=seed).repeat(num_epochs).map(TokenizeDocument(tokenizer, vocab_size))
-            .to_iter_dataset())
-    rows = grain.experimental.ConcatThenSplitIterDataset(rows, length_struct={"input_ids": seq_len})
+    documents = source.shuffle(seed=seed).repeat(num_epochs).to_iter_dataset()
+    rows = PackedRows(documents, tokenizer, vocab_size, seq_len)
     return rows.map(add_targets).batch(batch_size, drop_remainder=True)
 
 
