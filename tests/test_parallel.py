@@ -74,6 +74,8 @@ def test_dry_run_reports_per_device_memory_without_training(tmp_path):
     # 9.58M float32 parameters split 4 ways (fsdp x tensor; the rest replicated): about 0.01 GiB; Adam: 2x.
     assert 0.005 < params < 0.02 and 1.5 * params <= optimizer <= 2.5 * params
     assert re.search(r"all-reduce\s+\d+ runs", out) and "FLOPs per step" in out
+    # the host side: one process reads all 8 rows of 128 tokens, 5 arrays of 4-byte values each
+    assert "per process (host memory): batch 0.0 MiB (8 rows read whole" in out
     assert not os.path.exists(tmp_path / "run")  # nothing trained, nothing written
 
     bad = finish(python_process("train.py", "--dry-run", "--simulate-devices", "6", "mesh={tensor: 3, data: 2}"))

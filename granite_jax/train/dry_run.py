@@ -60,6 +60,10 @@ class DryRunReport:
     # of them, those in loops whose trip count depends on the data (block-sparse attention), counted once
     matmul_flops: float = 0.0
     data_dependent_matmul_flops: float = 0.0
+    # per process (host memory): the rows of each batch the busiest process reads whole (packing needs whole
+    # rows), all of the batch's arrays, and how many rows that is
+    host_batch_bytes: int = 0
+    host_batch_rows: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -85,6 +89,9 @@ class DryRunReport:
                  f"{self.data_dependent_matmul_flops:.3e} in loops of data-dependent length, counted once), "
                  f"{self.step_flops:.3e} XLA cost analysis (loop bodies once)",
                  "  collectives per step (every execution, loop iterations included; bytes of their results):"]
+        host = (f"per process (host memory): batch {self.host_batch_bytes / 2**20:.1f} MiB ({self.host_batch_rows} "
+                "rows read whole, every array of the batch; the pipeline holds it about twice: the batch being built "
+                "and the one being copied to the devices, plus one row and one tokenizer piece)")
         lines.insert(1, f"compiled in {self.compile_seconds:.1f} s on this host (lowering + compilation)")
         if not self.collectives:
             lines.append("    none")
@@ -92,7 +99,7 @@ class DryRunReport:
             lines.append(f"    {kind:18s} {count:6d} runs, {size / GiB:9.3f} GiB")
         if self.uncounted_loops:
             lines.append(f"    ({self.uncounted_loops} loops of unknown trip count: their collectives counted once)")
-        return "\n".join(lines)
+        return "\n".join([*lines, host])
 
 
 def _shard_bytes(abstract, shardings) -> int:
@@ -325,6 +332,18 @@ def executed_matmul_flops(hlo_text: str) -> tuple[float, float]:
     return sum(f for f, _ in flops), sum(f for f, unknown in flops if unknown)
 
 
+def host_batch(run) -> tuple[int, int]:
+    """(bytes, rows) of the batch the busiest process reads: the rows any of its devices hold, read whole."""
+    rows, _ = run.batch_shape
+    by_process: dict[int, set[int]] = {}
+    for device, index in run.data_sharding.devices_indices_map(run.batch_shape).items():
+        start, stop, _ = index[0].indices(rows)
+        by_process.setdefault(device.process_index, set()).update(range(start, stop))
+    held = max(len(r) for r in by_process.values())
+    row_bytes = sum(x.shape[1] * x.dtype.itemsize for x in run.abstract_batch().values())
+    return held * row_bytes, held
+
+
 def dry_run(config: RunConfig, devices=None) -> DryRunReport:
     """Compile `config`'s train step for its mesh over `devices` (default: this process's JAX devices; a
     deviceless TPU topology's for `--topology`) and report one device's share."""
@@ -359,6 +378,7 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
         model_flops=run.flops_per_token() * tokens / devices,
         collectives=collectives, uncounted_loops=uncounted_loops, compile_seconds=compile_seconds,
         matmul_flops=matmul, data_dependent_matmul_flops=data_dependent,
+        host_batch_bytes=host_batch(run)[0], host_batch_rows=host_batch(run)[1],
     )
 
 
