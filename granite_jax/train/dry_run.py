@@ -89,8 +89,9 @@ class DryRunReport:
                  f"{self.data_dependent_matmul_flops:.3e} in loops of data-dependent length, counted once), "
                  f"{self.step_flops:.3e} XLA cost analysis (loop bodies once)",
                  "  collectives per step (every execution, loop iterations included; bytes of their results):"]
-        host = (f"per process (host memory): batch {self.host_batch_bytes / 2**20:.1f} MiB ({self.host_batch_rows} "
-                "rows read whole, every array of the batch; the pipeline holds it about twice: the batch being built "
+        rows = f"{self.host_batch_rows} row" + ("s" if self.host_batch_rows != 1 else "")
+        host = (f"per process (host memory): batch {self.host_batch_bytes / 2**20:.1f} MiB ({rows} "
+                "read whole, every array of the batch; the pipeline holds it about twice: the batch being built "
                 "and the one being copied to the devices, plus one row and one tokenizer piece)")
         lines.insert(1, f"compiled in {self.compile_seconds:.1f} s on this host (lowering + compilation)")
         if not self.collectives:
