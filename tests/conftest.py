@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -128,24 +129,23 @@ def run_main(main, argv, cwd=ROOT) -> Ran:
     return Ran(code, out.getvalue(), err.getvalue())
 
 
-def train_cli(*argv, cwd=ROOT) -> Ran:
-    """`python train.py ARGV` in this process."""
+def _root_script(name: str):
+    """A script at the repository root (train.py, eval.py) as a module."""
     sys.path.insert(0, str(ROOT))
     try:
-        import train
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT))
-    return run_main(train.main, argv, cwd)
+
+
+def train_cli(*argv, cwd=ROOT) -> Ran:
+    """`python train.py ARGV` in this process."""
+    return run_main(_root_script("train").main, argv, cwd)
 
 
 def eval_cli(*argv) -> Ran:
     """`python eval.py ARGV` in this process."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        import eval as eval_main
-    finally:
-        sys.path.remove(str(ROOT))
-    return run_main(eval_main.main, argv)
+    return run_main(_root_script("eval").main, argv)
 
 
 def convert_cli(*argv) -> Ran:
@@ -171,14 +171,14 @@ def virtual_cpu_devices(devices: int) -> dict:
 
 
 def python_process(*argv, env=None, **popen) -> subprocess.Popen:
-    """`python ARGV` from the repository root, output (stdout and stderr together) piped."""
+    """`python ARGV` from the repository root, stdout and stderr piped apart."""
     return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+                            stderr=subprocess.PIPE, text=True, **popen)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 900) -> Ran:
-    out, _ = proc.communicate(timeout=timeout)
-    return Ran(proc.returncode, out, "")
+    out, err = proc.communicate(timeout=timeout)
+    return Ran(proc.returncode, out, err)
 
 
 # A wrapper that runs train.py and acts on itself when Orbax is about to commit a checkpoint (every file written
@@ -237,7 +237,7 @@ def launch_processes(run_dir, steps: int, processes: int, settings, devices: int
     launcher = launcher or (lambda i: {})
     procs = [python_process("train.py", *distributed(i), *args, env={**env, **launcher(i)})
              for i in range(processes)]
-    outputs = [finish(p, timeout=1200).ok().stdout for p in procs]
+    outputs = [finish(p, timeout=1200).ok().output for p in procs]
     if processes > 1:  # only process 0 logs
         assert "| loss " in outputs[0] and "| loss " not in outputs[1]
     return outputs
@@ -277,6 +277,20 @@ def _shared_dir(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
+def _trained_once(run_dir: Path, key: str, train_into) -> tuple[list[float], Path]:
+    """`train_into(run_dir)` once per pytest run, whichever worker asks first (the others wait on its lock and
+    read the result); a directory left by a worker that died while training is trained again."""
+    with FileLock(str(run_dir) + ".lock"):
+        done = run_dir / "DONE"
+        if not done.exists():
+            if run_dir.exists():
+                import shutil
+                shutil.rmtree(run_dir)
+            train_into(run_dir)
+            done.write_text(key)
+    return metrics(run_dir), run_dir
+
+
 @pytest.fixture(scope="session")
 def reference_losses(tmp_path_factory):
     """`reference_losses(*overrides)`: (losses, run_dir) of the tiny run with these overrides trained straight
@@ -285,17 +299,9 @@ def reference_losses(tmp_path_factory):
     shared.mkdir(exist_ok=True)
 
     def get(*overrides) -> tuple[list[float], Path]:
-        key = hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:12]
-        run_dir = shared / key
-        with FileLock(str(run_dir) + ".lock"):
-            done = run_dir / "DONE"
-            if not done.exists():
-                if run_dir.exists():  # a worker died while training it
-                    import shutil
-                    shutil.rmtree(run_dir)
-                train_tiny(run_dir, *overrides)
-                done.write_text(json.dumps(overrides))
-        return metrics(run_dir), run_dir
+        key = json.dumps(overrides)
+        return _trained_once(shared / hashlib.sha1(key.encode()).hexdigest()[:12], key,
+                             lambda run_dir: train_tiny(run_dir, *overrides))
 
     return get
 
@@ -307,23 +313,18 @@ def reference_train(tmp_path_factory):
     shared = _shared_dir(tmp_path_factory) / "reference-train"
     shared.mkdir(exist_ok=True)
 
-    def get(overrides: dict) -> tuple[list[float], Path]:
+    def train_into(overrides: dict, run_dir: Path) -> None:
         from granite_jax.train import train
         from granite_jax.train.config import RunConfig, apply_overrides
 
-        key = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:12]
-        run_dir = shared / key
-        with FileLock(str(run_dir) + ".lock"):
-            done = run_dir / "DONE"
-            if not done.exists():
-                if run_dir.exists():
-                    import shutil
-                    shutil.rmtree(run_dir)
-                config = apply_overrides(RunConfig(), {**overrides, "run_dir": str(run_dir)})
-                with contextlib.chdir(ROOT), contextlib.redirect_stdout(io.StringIO()):
-                    train(config)
-                done.write_text("done")
-        return metrics(run_dir), run_dir
+        config = apply_overrides(RunConfig(), {**overrides, "run_dir": str(run_dir)})
+        with contextlib.chdir(ROOT), contextlib.redirect_stdout(io.StringIO()):
+            train(config)
+
+    def get(overrides: dict) -> tuple[list[float], Path]:
+        key = json.dumps(overrides, sort_keys=True)
+        return _trained_once(shared / hashlib.sha1(key.encode()).hexdigest()[:12], key,
+                             lambda run_dir: train_into(overrides, run_dir))
 
     return get
 

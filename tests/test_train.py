@@ -177,9 +177,9 @@ def test_a_lora_run_sigkilled_then_resumed_repeats_the_losses_bit_for_bit(tmp_pa
 @pytest.mark.slow
 def test_sigterm_saves_and_resumes(tmp_path, reference_losses):
     stopped = train_process(tmp_path, RESUMED, signal_at=(4, "after", SIGTERM))
-    assert stopped.returncode == 128 + SIGTERM and "received signal 15: saved step" in stopped.stdout, stopped.stdout
+    assert stopped.returncode == 128 + SIGTERM and "received signal 15: saved step" in stopped.output, stopped.output
     saved = checkpoint_steps(tmp_path)[-1]
-    assert 4 <= saved < 12 and f"saved step {saved}" in stopped.stdout  # the step it stopped after
+    assert 4 <= saved < 12 and f"saved step {saved}" in stopped.output  # the step it stopped after
     train_tiny(tmp_path, RESUMED)
     assert metrics(tmp_path) == reference_losses(RESUMED)[0]
 
