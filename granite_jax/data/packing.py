@@ -4,9 +4,9 @@ The rows are those of concat-then-split packing (Grain's `ConcatThenSplitIterDat
 each followed by EOS, fill a row greedily; a document longer than what is left of a row continues in the next
 row as a new segment (segment ids restart at 1 in every row, positions restart at 0). What differs is memory:
 a text is tokenized in pieces of at most `PIECE_CHARS` characters, one piece at a time as the rows need its
-tokens, so the host holds one row and one piece however long the document is (a whole-document tokenization
-holds ~5 KB per token in the tokenizer and Python lists: 10 GB for a 2M-token document), and a batch is built in
-time proportional to the batch, not to the documents it starts in.
+tokens, so the host holds one row and one piece however long the document is, and a batch is built in time
+proportional to the batch, not to the documents it starts in (tokenizing a 1M-token document whole before its
+first row took about 5 minutes here: benchmarks/RESULTS.md, "Long documents").
 
 Pieces end where tokenizing the two sides separately gives the tokens of the whole: before a single space
 between two non-space characters (`"word| next"`). A byte-level BPE (Granite's tokenizer, the bundled one)
@@ -110,7 +110,7 @@ class PackedRowsIterator(grain.DatasetIterator):
         while filled < self.seq_len:
             document = self._document
             if document is None or document.used == len(document.tokens):
-                if not (document is not None and document.next_piece()) and not self._next_document():
+                if (document is None or not document.next_piece()) and not self._next_document():
                     break
                 continue
             if document is not row_document:

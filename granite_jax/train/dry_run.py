@@ -362,6 +362,7 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
     hlo = compiled.as_text()
     collectives, uncounted_loops = collective_traffic(hlo)
     matmul, data_dependent = executed_matmul_flops(hlo)
+    host_bytes, host_rows = host_batch(run)
     return DryRunReport(
         model=config.init_from or config.model, mesh=dict(mesh.shape), devices=devices,
         platform=_describe(mesh.devices.flat[0]),
@@ -379,7 +380,7 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
         model_flops=run.flops_per_token() * tokens / devices,
         collectives=collectives, uncounted_loops=uncounted_loops, compile_seconds=compile_seconds,
         matmul_flops=matmul, data_dependent_matmul_flops=data_dependent,
-        host_batch_bytes=host_batch(run)[0], host_batch_rows=host_batch(run)[1],
+        host_batch_bytes=host_bytes, host_batch_rows=host_rows,
     )
 
 
