@@ -225,13 +225,15 @@ class Mamba2Mixer(nnx.Module):
 
     def _in_subpieces(self, u, ids, split):
         """The layer over sub-pieces of `subpiece_tokens` tokens of each device's rows (of each context
-        piece), so that no buffer of the layer spans more than a sub-piece, forward or backward. Two scans:
-        the first runs in_proj, the conv and the SSD sub-piece after sub-piece, carrying the last conv inputs
-        and the SSM state (from a zero state at the start of each row or context piece; the conv's inputs from
-        the previous piece, `from_previous_piece`) and keeping y, z, x,
-        C and the cumulative decay per token; under context parallelism the pieces' summaries then give each
-        piece its entering state (`parallel/sequence.py`); the second adds that state's contribution, the D
-        skip, the gated norm and out_proj sub-piece after sub-piece. Equal to the whole-row computation."""
+        piece), so that no buffer of the layer spans more than a sub-piece, forward or backward: a scan runs
+        in_proj, the conv, the SSD, the gated norm and out_proj sub-piece after sub-piece, carrying the last
+        conv inputs and the SSM state. A row (a context piece) starts from the conv inputs of the previous
+        piece (`from_previous_piece`) and, under context parallelism, from the state entering the piece: a
+        first scan computes only each piece's summary (its final state from a zero state and its decay), and
+        the pieces' summaries give each piece its entering state (`parallel/sequence.py`). That first scan
+        repeats in_proj, the conv and the SSD's state part rather than keep any per-token output for a second
+        pass (which would hold several hidden widths per token of the whole piece, forward and backward).
+        Equal to the whole-row computation."""
         if split is None:
             return self._subpieces_local(u, ids, None, "contiguous")
         graphdef, weights = nnx.split(self)
@@ -272,8 +274,9 @@ class Mamba2Mixer(nnx.Module):
         def by_subpiece(a):  # (rows, L, ...) -> (n, rows, sub, ...)
             return jnp.moveaxis(a.reshape(rows, L // sub, sub, *a.shape[2:]), 1, 0)
 
-        @jax.checkpoint
-        def mix(carry, inputs):
+        def step(carry, inputs):
+            """One sub-piece from the carry (last conv inputs, SSM state, decay since the last document
+            start): the next carry and the SSD's y, x and the gate z."""
             history, history_counted, state, decay = carry
             u, ids, continues = inputs
             z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
@@ -282,41 +285,32 @@ class Mamba2Mixer(nnx.Module):
             conv, _ = causal_depthwise_conv(xBC, kernel, bias, runs, initial_state=jnp.swapaxes(history, 1, 2),
                                             initial_runs=history_runs)
             x, B, C, dt = self._ssm_inputs(jax.nn.silu(conv), dt)
-            x, B, C = (x.reshape(*ids.shape, self.n_heads, self.head_dim),
-                       B.reshape(*ids.shape, self.n_groups, self.d_state),
-                       C.reshape(*ids.shape, self.n_groups, self.d_state))
+            x = x.reshape(*ids.shape, self.n_heads, self.head_dim)
             entering = jnp.where(continues[:, None, None, None], state, 0.0)
-            y, state, sub_decay = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=ids,
-                                      initial_state=entering, return_decay=True)
+            y, state, sub_decay = ssd(x, dt, A, B.reshape(*ids.shape, self.n_groups, self.d_state),
+                                      C.reshape(*ids.shape, self.n_groups, self.d_state), chunk_size=self.chunk_size,
+                                      segment_ids=ids, initial_state=entering, return_decay=True)
             decay = jnp.where(continues[:, None], decay * sub_decay, sub_decay)
-            return (xBC[:, -K:], runs[:, -K:] == runs[:, -1:], state, decay), (y, z, x, C, dt)
-
-        carry = (history, history_counted, jnp.zeros((rows, self.n_heads, self.head_dim, self.d_state), jnp.float32),
-                 jnp.ones((rows, self.n_heads), jnp.float32))
-        (_, _, final_state, decay), (y, z, x, C, dt) = jax.lax.scan(
-            mix, carry, (by_subpiece(u), by_subpiece(ids), subpiece_continues))
-
-        entering = None
-        if axis is not None:
-            summaries = (rows_as_pieces(a, pieces) for a in (decay, final_state, continues))
-            entering = pieces_as_rows(entering_states(*summaries, axis, layout))
-            in_first_document = by_subpiece(document_runs(ids, ids.shape) == 0)
-            whole_dt = jnp.moveaxis(dt, 0, 1).reshape(rows, L, self.n_heads)
-            log_decay = by_subpiece(jnp.cumsum(whole_dt * A, axis=1))  # from the piece's start
+            return (xBC[:, -K:], runs[:, -K:] == runs[:, -1:], state, decay), (y, x, z)
 
         @jax.checkpoint
-        def output(_, inputs):
-            y, z, x, C = inputs[:4]
-            if entering is not None:
-                log_decay, in_first_document = inputs[4:]
-                reach = jnp.exp(jnp.where(in_first_document[..., None], log_decay, -jnp.inf))   # (rows, sub, H)
-                Ch = jnp.repeat(C.astype(jnp.float32), self.n_heads // self.n_groups, axis=-2)
-                y = y + jnp.einsum("bthn,bhpn->bthp", Ch, entering) * reach[..., None]
-            out = self._output(y.reshape(*y.shape[:2], self.d_inner), x.reshape(*x.shape[:2], self.d_inner), z)
-            return None, out
+        def summarize(carry, inputs):
+            return step(carry, inputs)[0], None
 
-        extra = () if entering is None else (log_decay, in_first_document)
-        _, out = jax.lax.scan(output, None, (y, z, x, C) + extra)
+        @jax.checkpoint
+        def mix(carry, inputs):
+            carry, (y, x, z) = step(carry, inputs)
+            return carry, self._output(y.reshape(*z.shape[:2], self.d_inner), x.reshape(z.shape), z)
+
+        subpieces = (by_subpiece(u), by_subpiece(ids), subpiece_continues)
+        state = jnp.zeros((rows, self.n_heads, self.head_dim, self.d_state), jnp.float32)
+        no_decay = jnp.ones((rows, self.n_heads), jnp.float32)
+        if axis is not None:
+            (_, _, final_state, decay), _ = jax.lax.scan(summarize, (history, history_counted, state, no_decay),
+                                                         subpieces)
+            summaries = (rows_as_pieces(a, pieces) for a in (decay, final_state, continues))
+            state = pieces_as_rows(entering_states(*summaries, axis, layout))
+        _, out = jax.lax.scan(mix, (history, history_counted, state, no_decay), subpieces)
         out = jnp.moveaxis(out, 0, 1).reshape(rows, L, -1)
         return from_pieces(rows_as_pieces(out, pieces))
 
