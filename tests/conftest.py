@@ -40,7 +40,10 @@ from pathlib import Path
 #   values the tests compare are those of the default level within the tests' tolerances.
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax-compilation"))
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# The YNNPACK fusions are off in every test process, as granite_jax turns them off for virtual devices
+# (runtime.py), so that one-device references and multi-device runs round their dots alike.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+                  " --xla_cpu_experimental_ynn_fusion_type=")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax.numpy as jnp  # noqa: E402
@@ -431,6 +434,8 @@ EIGHT_DEVICE_JOBS = {
     "context ops 4 shards": lambda root: ("context_parallel_ops", {"shards": 4}),
     "context ops 8 shards": lambda root: ("context_parallel_ops", {"shards": 8}),
     "context_parallel_program": lambda root: ("context_parallel_program", {"seq_len": 2048, "temporaries_at": 65536}),
+    "long_row_memory": lambda root: ("long_row_memory", {"config": str(ROOT / "configs" / "pretrain-512k.yaml"),
+                                                         "seq_lens": [65536, 131072]}),
     "scoring_mesh": lambda root: ("scoring_mesh", None),
     "lora_mesh": lambda root: ("lora_mesh", {**TINY_MESH_RUN, **LORA_ON_A_MESH, "mesh": LORA_MESH,
                                              "run_dir": str(root / "specs")}),
