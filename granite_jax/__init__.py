@@ -1,9 +1,8 @@
 """granite_jax: train, tune, evaluate and convert IBM Granite 4.0 models in JAX/Flax."""
 
-from granite_jax.runtime import configure_xla_flags, limit_malloc_arenas
+from granite_jax.runtime import configure_xla_flags
 
 configure_xla_flags()  # before anything below imports jax
-limit_malloc_arenas()
 
 
 from granite_jax.config import ConfigError, ModelConfig, load_preset

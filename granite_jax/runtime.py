@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
-import sys
 
 # XLA:CPU's default scheduler optimises for concurrency: it starts rematerialised forward computations as
 # early as possible, so activation checkpointing saves no memory and peak memory is the sum over layers
@@ -46,22 +44,3 @@ def configure_xla_flags() -> None:
     if extra:
         os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
 
-
-# glibc gives each thread that allocates its own malloc arena (up to 8 per core), and memory freed in one
-# arena is not reused by another; with several virtual devices, each device's threads allocate and free
-# large host buffers. Two arenas: the 512K config at 128K tokens peaked at 6.11 GB resident instead of 6.65 GB,
-# no slower (980 vs 927 tokens/s). glibc's M_ARENA_MAX is -8; the setting is the MALLOC_ARENA_MAX variable's.
-_M_ARENA_MAX, _VIRTUAL_DEVICES_ARENAS = -8, 2
-
-
-def limit_malloc_arenas() -> None:
-    """With several virtual devices on Linux/glibc, cap the malloc arenas (unless MALLOC_ARENA_MAX is set).
-    Must run before JAX starts its threads; elsewhere it does nothing."""
-    if (sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ
-            or _virtual_device_count(os.environ.get("XLA_FLAGS", "")) <= 1):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl)
-        return
-    libc.mallopt(_M_ARENA_MAX, _VIRTUAL_DEVICES_ARENAS)

@@ -27,29 +27,3 @@ def test_cpu_defaults_are_added_unless_set(monkeypatch, flags, expected, absent)
     for piece in absent:
         assert piece not in added, added
 
-
-@pytest.mark.parametrize("flags, arena_variable, calls", [
-    ("--xla_force_host_platform_device_count=8", None, [(-8, 2)]),
-    ("", None, []),
-    ("--xla_force_host_platform_device_count=8", "4", []),
-])
-def test_malloc_arenas_are_capped_only_for_virtual_devices(monkeypatch, flags, arena_variable, calls):
-    """glibc's arenas are capped at 2 (mallopt M_ARENA_MAX) when the process simulates several devices, unless
-    MALLOC_ARENA_MAX says otherwise."""
-    from granite_jax import runtime
-
-    made = []
-
-    class FakeLibc:
-        def mallopt(self, option, value):
-            made.append((option, value))
-
-    monkeypatch.setattr(runtime.sys, "platform", "linux")
-    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: FakeLibc())
-    monkeypatch.setenv("XLA_FLAGS", flags)
-    if arena_variable is None:
-        monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    else:
-        monkeypatch.setenv("MALLOC_ARENA_MAX", arena_variable)
-    runtime.limit_malloc_arenas()
-    assert made == calls
