@@ -14,7 +14,9 @@ checkpoint restores: `--restart` moves the earlier run to RUN_DIR/previous/ and 
 
 `--dry-run` compiles the train step for the mesh without allocating the model and prints per-device memory,
 FLOPs and collectives: `--topology v5p:4x4x4` compiles with the TPU compiler for a TPU slice that is not here
-(needs libtpu), `--simulate-devices N` on N virtual CPU devices (an estimate).
+(needs libtpu), `--topology h100:8` (or h100:8x8 for 8 hosts of 8, h200:8) with the GPU compiler for NVIDIA
+GPUs that are not here (needs the CUDA plugin, no GPU), `--simulate-devices N` on N virtual CPU devices (an
+estimate).
 
 Several processes (e.g. two on one machine, each with its devices):
     python train.py --coordinator-address 127.0.0.1:8476 --num-processes 2 --process-id 0 ...   # and id 1
@@ -34,8 +36,10 @@ def main(argv=None) -> int:
                         help="compile the train step for the mesh and report per-device memory; no training")
     parser.add_argument("--simulate-devices", type=int, default=None, metavar="N",
                         help="run on N virtual CPU devices (to dry-run a pod's mesh on one machine)")
-    parser.add_argument("--topology", default=None, metavar="TPU_TOPOLOGY",
-                        help="dry-run for a TPU slice compiled without it, e.g. v5p:4x4x4 (64 chips; needs libtpu)")
+    parser.add_argument("--topology", default=None, metavar="TOPOLOGY",
+                        help="dry-run for devices compiled without them: a TPU slice, e.g. v5p:4x4x4 (64 chips; "
+                             "needs libtpu), or NVIDIA GPUs, e.g. h100:8 or h100:8x8 (8 hosts of 8; h200 too; "
+                             "needs the CUDA plugin, no GPU)")
     parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                         help="multi-process: the address of process 0 (with --num-processes, --process-id); "
                              "TPU VMs, Slurm srun, Open MPI mpirun and GRANITE_JAX_COORDINATOR / "
@@ -49,7 +53,7 @@ def main(argv=None) -> int:
     if args.topology and args.simulate_devices:
         parser.error("--topology and --simulate-devices are two ways to stand in for the target; pick one")
     args.dry_run = args.dry_run or bool(args.topology)
-    if args.topology:  # the TPU compiler is used through the topology; JAX itself stays on CPU
+    if args.topology:  # the target's compiler is used through the topology; JAX itself stays on CPU
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU here to guard: several dry runs at once
     if args.simulate_devices:  # before JAX starts
@@ -74,10 +78,10 @@ def main(argv=None) -> int:
                       f"{jax.local_device_count()} per process", flush=True)
         config = load_run_config(args.config, args.overrides)
         if args.dry_run:
-            from granite_jax.parallel.topology import tpu_topology_devices
+            from granite_jax.parallel.topology import topology_devices
             from granite_jax.train.dry_run import dry_run
 
-            devices = tpu_topology_devices(args.topology) if args.topology else None
+            devices = topology_devices(args.topology) if args.topology else None
             print(dry_run(config, devices).render())
         else:
             train(config, restart=args.restart)

@@ -1,8 +1,9 @@
 """granite_jax: train, tune, evaluate and convert IBM Granite 4.0 models in JAX/Flax."""
 
-from granite_jax.runtime import configure_xla_flags
+from granite_jax.runtime import configure_xla_flags, use_cpu_without_gpu_driver
 
 configure_xla_flags()  # before anything below imports jax
+use_cpu_without_gpu_driver()
 
 
 from granite_jax.config import ConfigError, ModelConfig, load_preset

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import sys
+from pathlib import Path
 
 # XLA:CPU's default scheduler optimises for concurrency: it starts rematerialised forward computations as
 # early as possible, so activation checkpointing saves no memory and peak memory is the sum over layers
@@ -44,3 +47,26 @@ def configure_xla_flags() -> None:
     if extra:
         os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
 
+
+
+# The CUDA plugin (installed for the GPU compiler's dry runs: parallel/topology.py) initialises when JAX starts
+# and, on a machine without an NVIDIA driver, prints a "Jax plugin configuration error" traceback before
+# falling back to the CPU. Where the plugin is installed and there is no driver, JAX is told to use the CPU,
+# which the deviceless GPU topologies work with.
+_NVIDIA_DRIVER = Path("/dev/nvidiactl")
+
+
+def _cuda_plugin_installed() -> bool:
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def use_cpu_without_gpu_driver() -> None:
+    """JAX_PLATFORMS=cpu when the CUDA plugin is installed, no NVIDIA driver is present and the user chose no
+    platform. No effect once JAX has a backend."""
+    if "JAX_PLATFORMS" not in os.environ and not _NVIDIA_DRIVER.exists() and _cuda_plugin_installed():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        if "jax" in sys.modules:  # imported before granite_jax: its config has read the environment already
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
