@@ -98,7 +98,7 @@ class ModelConfig:
     compute_dtype: str = "float32"  # dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (float32 master weights by default)
     # grouped matmul of the experts: "ragged_dot", "megablox" (Pallas TPU kernels), "tiled", or "auto" (megablox
-    # on TPU, ragged_dot on GPU, tiled on CPU)
+    # on TPU, tiled on GPU and CPU)
     moe_impl: str = "auto"
     # whole-row attention: "blockwise" (model/flash.py), "splash" (Pallas TPU kernel), "pallas_gpu" (Pallas
     # Triton kernel), "auto" (splash on TPU, else blockwise); rows split over `context` always use the

@@ -71,3 +71,13 @@ def test_cpu_runs_ignore_the_installed_cuda_plugin():
                               timeout=120)
         assert done.returncode == 0 and done.stdout.split() == ["cpu"], done.stderr
         assert "plugin configuration error" not in done.stderr, done.stderr
+
+
+def test_the_moe_default_on_gpus_is_not_dense_over_the_experts():
+    """`moe_impl: auto` compiles the tiled grouped matmul for GPUs: XLA's GPU compiler lowers `ragged_dot` into one
+    dense matmul over every expert (12.1x the model's matmul FLOPs for a granite-4.0-h-tiny step on 8 H100s)."""
+    from granite_jax.model.moe import _resolve_impl
+
+    assert _resolve_impl("auto", "gpu") == "tiled"
+    assert _resolve_impl("auto", "cpu") == "tiled"
+    assert _resolve_impl("auto", "tpu") == "megablox"
