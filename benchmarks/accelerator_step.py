@@ -12,8 +12,9 @@ one group of 10 layers: 9 Mamba-2 + 1 attention) at 4K (8 rows).
 
 Options, today's path first (XLA: `ragged_dot`, the blockwise attention); each other option changes one
 thing, or all of them; MoE options run only for the MoE case:
-  GPU  ragged_dot with jax_ragged_dot_use_gpu_pallas_triton_lowering (JAX's Pallas/Triton grouped matmul,
-       where XLA's lowering is dense over the experts on NVIDIA GPUs: `ragged_dot_rewriter`);
+  GPU  moe_impl=tiled (the GPU default: XLA's lowering of ragged_dot is dense over the experts on NVIDIA
+       GPUs, `ragged_dot_rewriter`); ragged_dot with jax_ragged_dot_use_gpu_pallas_triton_lowering (JAX's
+       Pallas/Triton grouped matmul);
        attention_impl=pallas_gpu (the Pallas Triton attention kernel); ssd_impl=pallas (our Pallas SSD
        kernels, model/pallas_ssd.py); loss_impl=fused (the head loss's gradient in the forward pass); all
   TPU  moe_impl=megablox (Pallas gmm/tgmm); attention_impl=splash; loss_impl=fused; megablox and splash (the
@@ -78,6 +79,7 @@ CASES = {
 _TRITON_RAGGED_DOT = (("jax_ragged_dot_use_gpu_pallas_triton_lowering", True),)
 OPTIONS = {
     "gpu": [Option("xla", "ragged_dot"),
+            Option("tiled (the GPU default)", "tiled", moe_only=True),
             Option("triton ragged_dot", "ragged_dot", jax_flags=_TRITON_RAGGED_DOT, moe_only=True),
             Option("pallas_gpu attention", "ragged_dot", "pallas_gpu"),
             Option("pallas ssd", "ragged_dot", ssd_impl="pallas"),
