@@ -15,6 +15,7 @@ the target's own memory figures (native bf16, its fusions and kernels) rather th
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import re
 from pathlib import Path
@@ -44,10 +45,15 @@ def gpu_target(name: str) -> str:
     return path.read_text()
 
 
-def _target_memory(text: str) -> tuple[str, int]:
-    """(device description, device memory in bytes) of a target description."""
-    kind = re.search(r'device_description_str:\s*"([^"]+)"', text).group(1)
-    return kind, int(re.search(r"device_memory_size:\s*(\d+)", text).group(1))
+@functools.cache
+def _gpu_memory() -> dict[str, int]:
+    """Device memory in bytes of each described GPU, by its device kind (the description string)."""
+    memory = {}
+    for name in gpu_names():
+        text = gpu_target(name)
+        kind = re.search(r'device_description_str:\s*"([^"]+)"', text).group(1)
+        memory[kind] = int(re.search(r"device_memory_size:\s*(\d+)", text).group(1))
+    return memory
 
 
 def _cuda_plugin_pin() -> str:
@@ -59,8 +65,8 @@ def _cuda_plugin_pin() -> str:
 
 
 def gpu_topology_devices(name: str) -> list:
-    """The devices of GPU topology `name`: GPU:COUNT (one host) or GPU:COUNTxHOSTS... as GPU:GPUSxHOSTS, e.g.
-    "h100:8" (8 GPUs on one host) or "h100:8x8" (8 hosts of 8), without the hardware."""
+    """The devices of GPU topology `name`, GPU:GPUS_PER_HOST[xHOSTS], e.g. "h100:8" (8 GPUs on one host) or
+    "h100:8x8" (8 hosts of 8), without the hardware."""
     gpu, _, shape = name.partition(":")
     match = re.fullmatch(r"(\d+)(?:x(\d+))?", shape)
     if not match or int(match.group(1)) < 1 or int(match.group(2) or 1) < 1:
@@ -124,7 +130,7 @@ def tpu_topology_devices(name: str) -> list:
 
 def device_memory(device) -> int | None:
     """Bytes of memory of one device, where the device reports it (real accelerators) or its kind is known
-    (TPU generations); None for CPU devices."""
+    (TPU generations, described GPUs); None for CPU devices."""
     try:
         stats = device.memory_stats()
         if stats and stats.get("bytes_limit"):
@@ -132,5 +138,4 @@ def device_memory(device) -> int | None:
     except Exception:  # deviceless topologies and CPU devices have no memory_stats
         pass
     kind = getattr(device, "device_kind", "")
-    gpus = dict(_target_memory(gpu_target(name)) for name in gpu_names())
-    return HBM_BYTES.get(kind, gpus.get(kind))
+    return HBM_BYTES.get(kind, _gpu_memory().get(kind))
