@@ -15,7 +15,7 @@ from granite_jax.config import ConfigError
 from granite_jax.model import mamba, pallas_ssd, ssd
 from tests.test_ssd import _inputs
 
-T = 150  # three kernel chunks of 64, the last one padded
+T = 150  # ten kernel chunks of 16, the last one padded
 
 
 def _segments(*rows):
@@ -69,7 +69,7 @@ def _relative_error(got, want) -> float:
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("with_initial_state", [False, True])
 def test_pallas_ssd_equals_chunked_and_reference(layout, with_initial_state):
-    inputs, state0 = _inputs(0, T=T, H=4, P=8, G=2, N=6)
+    inputs, state0 = _inputs(0, T=T, H=4, P=24, G=2, N=6)  # three blocks of 8 channels per head
     state = state0 if with_initial_state else jnp.zeros_like(state0)
     fns = _functions(inputs, LAYOUTS[layout], state)
     outputs = {name: jax.jit(fn)(inputs, state) for name, fn in fns.items()}

@@ -2,7 +2,8 @@
 
 Same function and signature as `ssd.ssd_chunked` (packed-document resets, an entering state, the final state,
 the row's decay), computed by two kernels written for GPUs (Pallas' Triton backend). One program per (row,
-head) walks the row chunk after chunk, keeping the head's (P, N) state in registers:
+head, block of the head's channels) walks the row chunk after chunk, keeping its (P_block, N) slice of the head's
+state in registers:
 
     forward, chunk c:   y      = (L ∘ C Bᵀ) u  +  d ∘ (C Sᵀ)                 (the chunk's own tokens + entering S)
                         S_next = carry · S  +  (w ∘ u)ᵀ B                      (what the chunk hands on)
@@ -19,18 +20,29 @@ exp(a_cum_last) when no document starts inside the chunk (else 0). All of it flo
 operands in the inputs' dtype (bf16 in training) and accumulate in float32. Masks are applied to exponents
 before `exp`, as in `ssd.py`, so nothing is 0·inf forward or backward.
 
+The head's channels (P, the columns of x and y, the rows of S) never mix: each block of `HEAD_BLOCK` of them is
+its own recurrence, sharing only the (Q, Q) matrices L and C Bᵀ, which each block recomputes. The gradients that
+sum over channels (dt's, a's, B's and C's) come out per block and are added up outside the kernel.
+
 The forward saves the state entering every chunk ((b, H, T/Q, P, N) float32, N/Q of y's size) for the backward,
 which therefore runs the chunks once, in reverse. The kernels' chunk (`KERNEL_CHUNK` tokens) is their own:
-chunking is exact, so it need not be the model's `mamba_chunk_size`; 64 keeps the (Q, Q) tiles in registers.
+chunking is exact, so it need not be the model's `mamba_chunk_size`.
 
-On CPU the kernels run in Pallas' interpret mode (tests). They lower to Triton (tested by exporting for CUDA);
-they have not been compiled or timed on a GPU here. On TPU, `ssd_impl: pallas` is refused (Mosaic needs a
-different kernel: the grid is sequential there and the state would live in VMEM scratch).
+Block sizes, from the GPU compiler for sm_90 (ptxas -v, P = 64, N = 128, bf16, 4 warps): chunks of 64 over the
+whole head spilled 3,084 bytes per thread in the backward (255 registers) and 144 in the forward; of the
+sizes tried (chunks 16–64, channel blocks 8–64, 4–16 warps) only chunks of 16 × blocks of 16 and chunks of 32 ×
+blocks of 8 spill nothing, and Triton's matmuls want every dimension ≥ 16: chunks of 16, blocks of 16 (forward
+162 registers, backward 255, 12 and 16 KiB of shared memory; tests/test_gpu_kernels.py keeps it so).
+
+On CPU the kernels run in Pallas' interpret mode (tests). For GPUs they are compiled by XLA's GPU compiler in
+the suite (deviceless H100s); they have not run or been timed on a GPU. On TPU, `ssd_impl: pallas` is refused
+(Mosaic needs a different kernel: the grid is sequential there and the state would live in VMEM scratch).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +52,8 @@ from granite_jax.model.documents import document_runs
 from granite_jax.parallel.plan import current_mesh, target_platform
 
 _F32 = jnp.float32
-KERNEL_CHUNK = 64
+KERNEL_CHUNK = 16
+HEAD_BLOCK = 16  # channels of a head per program (fewer when the head dimension is not a multiple)
 _NUM_WARPS = 4
 
 
@@ -134,30 +147,41 @@ def _backward_kernel(x_ref, dt_ref, a_ref, B_ref, C_ref, runs_ref, states_ref, d
     ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, dfinal_ref[...].astype(_F32))
 
 
-def _specs(b: int, T: int, H: int, P: int, G: int, N: int, n_chunks: int):
-    """BlockSpecs over the grid (row, head): each program sees its row and head (its B/C group) whole in time."""
+def _head_block(P: int) -> int:
+    return math.gcd(P, HEAD_BLOCK)
+
+
+def _specs(T: int, H: int, P: int, G: int, N: int, n_chunks: int):
+    """BlockSpecs over the grid (row, head, channel block): each program sees its row, its head's block of
+    channels and the head's B/C group whole in time; the per-block gradient sums go to their own slot."""
     group = lambda h: h // (H // G)  # noqa: E731
+    Pb = _head_block(P)
     return dict(
-        per_head=pl.BlockSpec((None, T, None, P), lambda i, h: (i, 0, h, 0)),       # x, y, dx
-        scalar=pl.BlockSpec((None, T, None), lambda i, h: (i, 0, h)),               # dt, a and their gradients
-        group=pl.BlockSpec((None, T, None, N), lambda i, h: (i, 0, group(h), 0)),   # B, C
-        head_state=pl.BlockSpec((None, T, None, N), lambda i, h: (i, 0, h, 0)),     # dB, dC per head
-        runs=pl.BlockSpec((None, T), lambda i, h: (i, 0)),
-        state=pl.BlockSpec((None, None, P, N), lambda i, h: (i, h, 0, 0)),
-        states=pl.BlockSpec((None, None, n_chunks, P, N), lambda i, h: (i, h, 0, 0, 0)),
+        channels=pl.BlockSpec((None, T, None, Pb), lambda i, h, p: (i, 0, h, p)),            # x, y, dx
+        scalar=pl.BlockSpec((None, T, None), lambda i, h, p: (i, 0, h)),                     # dt, a
+        group=pl.BlockSpec((None, T, None, N), lambda i, h, p: (i, 0, group(h), 0)),         # B, C
+        scalar_sum=pl.BlockSpec((None, T, None, None), lambda i, h, p: (i, 0, h, p)),        # ∂dt, ∂a per block
+        group_sum=pl.BlockSpec((None, T, None, None, N), lambda i, h, p: (i, 0, h, p, 0)),   # ∂B, ∂C per block
+        runs=pl.BlockSpec((None, T), lambda i, h, p: (i, 0)),
+        state=pl.BlockSpec((None, None, Pb, N), lambda i, h, p: (i, h, p, 0)),
+        states=pl.BlockSpec((None, None, n_chunks, Pb, N), lambda i, h, p: (i, h, 0, p, 0)),
     )
+
+
+def _grid(b: int, H: int, P: int) -> tuple[int, int, int]:
+    return b, H, P // _head_block(P)
 
 
 def _forward(x, dt, a, B, C, runs, s0, *, interpret: bool):
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
     n_chunks = T // KERNEL_CHUNK
-    s = _specs(b, T, H, P, G, N, n_chunks)
+    s = _specs(T, H, P, G, N, n_chunks)
     kernel = functools.partial(_forward_kernel, Q=KERNEL_CHUNK, n_chunks=n_chunks, dot_dtype=x.dtype)
     return pl.pallas_call(
-        kernel, grid=(b, H),
-        in_specs=[s["per_head"], s["scalar"], s["scalar"], s["group"], s["group"], s["runs"], s["state"]],
-        out_specs=[s["per_head"], s["state"], s["states"]],
+        kernel, grid=_grid(b, H, P),
+        in_specs=[s["channels"], s["scalar"], s["scalar"], s["group"], s["group"], s["runs"], s["state"]],
+        out_specs=[s["channels"], s["state"], s["states"]],
         out_shape=[jax.ShapeDtypeStruct((b, T, H, P), _F32), jax.ShapeDtypeStruct((b, H, P, N), _F32),
                    jax.ShapeDtypeStruct((b, H, n_chunks, P, N), _F32)],
         compiler_params=None if interpret else _compiler_params(), interpret=interpret, name="ssd_forward",
@@ -168,21 +192,23 @@ def _backward(x, dt, a, B, C, runs, states, dy, dfinal, *, interpret: bool):
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
     n_chunks = T // KERNEL_CHUNK
-    s = _specs(b, T, H, P, G, N, n_chunks)
+    s = _specs(T, H, P, G, N, n_chunks)
+    blocks = P // _head_block(P)
     kernel = functools.partial(_backward_kernel, Q=KERNEL_CHUNK, n_chunks=n_chunks, dot_dtype=x.dtype)
     dx, ddt, da, dB, dC, ds0 = pl.pallas_call(
-        kernel, grid=(b, H),
-        in_specs=[s["per_head"], s["scalar"], s["scalar"], s["group"], s["group"], s["runs"], s["states"],
-                  s["per_head"], s["state"]],
-        out_specs=[s["per_head"], s["scalar"], s["scalar"], s["head_state"], s["head_state"], s["state"]],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, T, H), _F32),
-                   jax.ShapeDtypeStruct((b, T, H), _F32), jax.ShapeDtypeStruct((b, T, H, N), _F32),
-                   jax.ShapeDtypeStruct((b, T, H, N), _F32), jax.ShapeDtypeStruct((b, H, P, N), _F32)],
+        kernel, grid=_grid(b, H, P),
+        in_specs=[s["channels"], s["scalar"], s["scalar"], s["group"], s["group"], s["runs"], s["states"],
+                  s["channels"], s["state"]],
+        out_specs=[s["channels"], s["scalar_sum"], s["scalar_sum"], s["group_sum"], s["group_sum"], s["state"]],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, T, H, blocks), _F32),
+                   jax.ShapeDtypeStruct((b, T, H, blocks), _F32), jax.ShapeDtypeStruct((b, T, H, blocks, N), _F32),
+                   jax.ShapeDtypeStruct((b, T, H, blocks, N), _F32), jax.ShapeDtypeStruct((b, H, P, N), _F32)],
         compiler_params=None if interpret else _compiler_params(), interpret=interpret, name="ssd_backward",
     )(x, dt, a, B, C, runs, states, dy, dfinal)
-    # Heads of a group share its B and C: their gradients add up.
-    by_group = lambda g: g.reshape(b, T, G, H // G, N).sum(axis=3)  # noqa: E731
-    return dx, ddt, da, by_group(dB).astype(B.dtype), by_group(dC).astype(C.dtype), ds0
+    # The channel blocks' shares add up; so do the heads' of a group, which share its B and C.
+    by_group = lambda g: g.reshape(b, T, G, H // G * blocks, N).sum(axis=3)  # noqa: E731
+    return (dx, ddt.sum(axis=-1), da.sum(axis=-1), by_group(dB).astype(B.dtype), by_group(dC).astype(C.dtype),
+            ds0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))

@@ -5,6 +5,10 @@ Parameters, optimizer state and the batch are abstract (`jax.ShapeDtypeStruct` w
 step is lowered and compiled with `jax.jit(...).lower(...).compile()`. Without the real devices:
 - TPU pods (`--topology v5p:4x4x4`): the devices of a deviceless TPU topology (`granite_jax/parallel/
   topology.py`, needs libtpu) and the real TPU compiler: the figures are the TPU's own.
+- NVIDIA GPUs (`--topology h100:8`, `h100:8x8`, `h200:8`): deviceless GPUs (the CUDA plugin) and XLA's GPU
+  compiler: memory and compilation are the GPU compiler's (it does not autotune without a device). With the
+  Pallas Triton kernels (`ssd_impl: pallas`, `attention_impl: pallas_gpu`) each kernel's registers, spills and
+  shared memory are read from its PTX (`gpu_kernels.py`).
 - anything else (`--simulate-devices N`): N virtual CPU devices. The SPMD partitioning, hence the sharded
   parameter and optimizer bytes and the collectives, is the target's; kernels and fusion are XLA:CPU's, which
   computes bf16 matmuls in float32 and fuses less than a GPU compiler, so temporaries are an upper estimate.
@@ -22,6 +26,7 @@ import dataclasses
 import functools
 import math
 import re
+import tempfile
 import time
 
 import jax
@@ -30,6 +35,7 @@ import numpy as np
 from granite_jax.model.quantize import parameter_count, stored_bytes
 from granite_jax.parallel.topology import device_memory
 from granite_jax.train.config import RunConfig
+from granite_jax.train.gpu_kernels import compile_options, triton_kernels
 from granite_jax.train.setup import build_run
 
 GiB = 2**30
@@ -64,6 +70,8 @@ class DryRunReport:
     # rows), all of the batch's arrays, and how many rows that is
     host_batch_bytes: int = 0
     host_batch_rows: int = 0
+    # GPU targets with Pallas Triton kernels: each kernel's registers, spills and shared memory (ptxas)
+    kernels: list = dataclasses.field(default_factory=list)
 
     @property
     def peak_bytes(self) -> int:
@@ -101,6 +109,10 @@ class DryRunReport:
             lines.append(f"    {kind:18s} {count:6d} runs, {size / GiB:9.3f} GiB")
         if self.uncounted_loops:
             lines.append(f"    ({self.uncounted_loops} loops of unknown trip count: their collectives counted once)")
+        if self.kernels:
+            lines.append("  Pallas Triton kernels (ptxas -v; per thread, per block):")
+            lines.extend(f"    {kernel.render()}" + ("" if kernel.within_limits else "  <- SPILLS or over the limit")
+                         for kernel in self.kernels)
         return "\n".join([*lines, host])
 
 
@@ -351,8 +363,14 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
     deviceless TPU topology's for `--topology`) and report one device's share."""
     run = build_run(config, devices, abstract=True)
     started = time.perf_counter()
-    compiled = run.lower_train_step().compile()
-    compile_seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="granite_jax_kernels_") as dump_dir:
+        model = run.model_config
+        kernels_compiled = (run.mesh.devices.flat[0].platform == "gpu"
+                            and (model.ssd_impl == "pallas" or model.attention_impl == "pallas_gpu"))
+        compiled = run.lower_train_step().compile(compiler_options=compile_options(dump_dir) if kernels_compiled
+                                                  else None)
+        compile_seconds = time.perf_counter() - started
+        kernels = triton_kernels(dump_dir, compiled.as_text()) if kernels_compiled else []
     memory = compiled.memory_analysis()
     try:
         cost = compiled.cost_analysis()
@@ -384,7 +402,7 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
         model_flops=run.flops_per_token() * tokens / devices,
         collectives=collectives, uncounted_loops=uncounted_loops, compile_seconds=compile_seconds,
         matmul_flops=matmul, data_dependent_matmul_flops=data_dependent,
-        host_batch_bytes=host_bytes, host_batch_rows=host_rows,
+        host_batch_bytes=host_bytes, host_batch_rows=host_rows, kernels=kernels,
     )
 
 
