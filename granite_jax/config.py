@@ -33,7 +33,7 @@ _LAYER_TYPE_ALIASES = {
     "full_attention": ATTENTION,
 }
 _DTYPES = ("float32", "bfloat16", "float16")
-MOE_IMPLS = ("auto", "ragged_dot", "megablox", "tiled")  # see granite_jax/model/moe.py
+MOE_IMPLS = ("auto", "ragged_dot", "megablox", "tiled", "pallas_gpu")  # see granite_jax/model/moe.py
 ATTENTION_IMPLS = ("auto", "blockwise", "splash", "pallas_gpu")  # see granite_jax/model/attention.py
 SSD_IMPLS = ("xla", "pallas")  # see granite_jax/model/ssd.py and pallas_ssd.py
 # Fields that say how we compute, not what the model is: never written to config.json.
@@ -97,8 +97,8 @@ class ModelConfig:
     # --- ours, not HF's: how to compute -------------------------------------------------------------
     compute_dtype: str = "float32"  # dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (float32 master weights by default)
-    # grouped matmul of the experts: "ragged_dot", "megablox" (Pallas TPU kernels), "tiled", or "auto" (megablox
-    # on TPU, tiled on GPU and CPU)
+    # grouped matmul of the experts: "ragged_dot", "megablox" (Pallas TPU kernels), "tiled", "pallas_gpu"
+    # (Pallas Triton kernels), or "auto" (megablox on TPU, pallas_gpu on GPU, tiled on CPU)
     moe_impl: str = "auto"
     # whole-row attention: "blockwise" (model/flash.py), "splash" (Pallas TPU kernel), "pallas_gpu" (Pallas
     # Triton kernel), "auto" (splash on TPU, else blockwise); rows split over `context` always use the

@@ -36,7 +36,7 @@ def test_every_parameter_has_logical_axes(preset):
     assert layer.block_sparse_moe.input_linear.get_metadata()["out_sharding"] == ("expert", "embed", "mlp")
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "tiled", "megablox"])
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled", "megablox", "pallas_gpu"])
 @pytest.mark.parametrize("empty_rows", [0, 7])
 def test_grouped_matmul_matches_per_group_product(impl, empty_rows):
     """Each group of rows times its weight; rows past the groups (an exchange buffer's empty rows) are zero and
@@ -81,7 +81,7 @@ def test_moe_matches_a_loop_over_tokens():
     assert float(stats.tokens) == 14 and float(stats.assignments.sum()) == 28
 
 
-@pytest.mark.parametrize("impl", ["tiled", "megablox"])
+@pytest.mark.parametrize("impl", ["tiled", "megablox", "pallas_gpu"])
 def test_moe_gradients_equal_a_dense_reference(impl):
     """The routed path moves rows with gathers whose backward pass is hand-written (model/permute.py): its
     output and gradients against every expert computed densely and masked by the router's choice, with the

@@ -11,10 +11,14 @@ implementations of the grouped matmul compute the same thing:
   gradient: each expert contracts only its own rows), the TPU default. On CPU they run in Pallas' interpret
   mode (tests only: slow).
 - `tiled`: groups padded to tiles of `tile` rows, one `lax.scan` step per tile multiplying by that tile's
-  expert. The CPU and GPU default: XLA:CPU lowers `ragged_dot` densely over all experts (about 6x slower here
-  at 8 experts), and so does XLA's GPU compiler (one dense matmul over every expert: compiled for 8 H100s, a
-  2-layer granite-4.0-h-tiny step at 8 x 4K tokens does 12.1x the model's matmul FLOPs in 17.1 GiB per GPU with
-  `ragged_dot`, 2.5x in 9.5 GiB with `tiled`; benchmarks/RESULTS.md).
+  expert. The CPU default: XLA:CPU lowers `ragged_dot` densely over all experts (about 6x slower here at 8
+  experts).
+- `pallas_gpu`: the same tiles, multiplied by Pallas Triton kernels (`pallas_grouped_matmul.py`): one launch
+  over every (tile, output block), tiles without rows skipped. The GPU default: XLA's GPU compiler also lowers
+  `ragged_dot` into one dense matmul over every expert (for a granite-4.0-h-tiny expert projection at 8K tokens:
+  64x the routed FLOPs, 27 GiB of temporaries for its gradient), and `tiled` runs its tiles one after another
+  (1.17x the routed FLOPs, every tile of the static bound executed); the kernels execute the used tiles only
+  (at most 1.17x, ~1.08x with even routing) in one launch each (benchmarks/RESULTS.md, "GPU kernels").
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from flax import nnx
 
 from granite_jax.config import MOE_IMPLS
 from granite_jax.model.linear import make_linear
+from granite_jax.model.pallas_grouped_matmul import TileGroups, tile_matmul
 from granite_jax.parallel.expert import expert_parallel_moe
 from granite_jax.parallel.permute import move_rows, sort_by
 from granite_jax.parallel.plan import current_mesh, logical_param, target_platform
@@ -106,12 +111,12 @@ def load_balancing_loss(stats: RouterStats, num_experts: int) -> jax.Array:
 
 
 def _resolve_impl(impl: str, platform: str | None = None) -> str:
-    """`auto`: `megablox` on TPU, `tiled` elsewhere (CPU, GPU); `platform` is the target's (a dry run compiles
-    for TPU or GPU devices from a CPU host), by default JAX's default backend."""
+    """`auto`: `megablox` on TPU, `pallas_gpu` on GPU, `tiled` elsewhere (CPU); `platform` is the target's (a
+    dry run compiles for TPU or GPU devices from a CPU host), by default the current mesh's (else JAX's backend)."""
     if impl not in MOE_IMPLS:
         raise ValueError(f"grouped matmul impl={impl!r}; expected one of {MOE_IMPLS}")
     if impl == "auto":
-        return {"tpu": "megablox"}.get(platform or jax.default_backend(), "tiled")
+        return {"tpu": "megablox", "gpu": "pallas_gpu"}.get(platform or target_platform(), "tiled")
     return impl
 
 
@@ -174,9 +179,11 @@ def _per_tile_matmul_bwd(residuals, grad):
 _per_tile_matmul.defvjp(_per_tile_matmul_fwd, _per_tile_matmul_bwd)
 
 
-def _tiled_grouped_matmul(x, weights, group_sizes, tile: int):
+def _tiled_grouped_matmul(x, weights, group_sizes, tile: int, *, kernels: bool = False, interpret: bool = False):
     """x (M, K) rows sorted by group; weights (E, K, N); group_sizes (E,) summing to at most M (rows past the
-    groups are zero in the result). Returns (M, N)."""
+    groups are zero in the result). Returns (M, N). Each group's rows padded to whole tiles of `tile` rows, the
+    tiles multiplied by their group's weights: one `lax.scan` step per tile, or (`kernels`) the Pallas Triton
+    kernels of `pallas_grouped_matmul.py`, one launch over all tiles."""
     M, K = x.shape
     E = weights.shape[0]
     n_tiles = -(-M // tile) + E                                   # static bound: each group wastes < 1 tile
@@ -189,11 +196,16 @@ def _tiled_grouped_matmul(x, weights, group_sizes, tile: int):
                      n_tiles * tile + rows)                       # (M,) buffer row of x's row; past the end: none
     source = jnp.full((n_tiles * tile,), M, jnp.int32).at[dest].set(rows.astype(jnp.int32), mode="drop",
                                                                      unique_indices=True)  # M: padding
-    buffer = move_rows(x, source[:, None], dest[:, None])
+    tiles = move_rows(x, source[:, None], dest[:, None]).reshape(n_tiles, tile, K)
     tile_group = jnp.searchsorted(padded_starts + padded_sizes, jnp.arange(n_tiles) * tile, side="right")
     tile_group = jnp.minimum(tile_group, E - 1)                   # trailing empty tiles: any expert, discarded
-    out = _per_tile_matmul(buffer.reshape(n_tiles, tile, K), weights, tile_group).reshape(n_tiles * tile, -1)
-    return move_rows(out, dest[:, None], source[:, None])
+    if kernels:
+        first = jnp.concatenate([padded_starts, jnp.sum(padded_sizes, keepdims=True)]) // tile
+        groups = TileGroups(tile_group.astype(jnp.int32), first.astype(jnp.int32), first[-1].astype(jnp.int32))
+        out = tile_matmul(tiles, weights, groups, interpret)
+    else:
+        out = _per_tile_matmul(tiles, weights, tile_group)
+    return move_rows(out.reshape(n_tiles * tile, -1), dest[:, None], source[:, None])
 
 
 def grouped_matmul(x, weights, group_sizes, *, impl: str = "auto", tile: int = 128, platform: str | None = None):
@@ -209,7 +221,8 @@ def grouped_matmul(x, weights, group_sizes, *, impl: str = "auto", tile: int = 1
     if impl == "ragged_dot":
         out = jax.lax.ragged_dot(x, weights, group_sizes)
         return jnp.where(_grouped_rows(x, group_sizes), out, 0)  # ragged_dot leaves them undocumented
-    return _tiled_grouped_matmul(x, weights, group_sizes, tile)
+    return _tiled_grouped_matmul(x, weights, group_sizes, tile, kernels=impl == "pallas_gpu",
+                                 interpret=(platform or target_platform()) == "cpu")
 
 
 class SharedMLP(nnx.Module):
