@@ -1,5 +1,5 @@
 """The train step on one accelerator: tokens/s, MFU and peak device memory of each kernel option against
-today's path, in one run.
+the platform's defaults, in one run.
 
     python benchmarks/accelerator_step.py            # GPU or TPU: every case and option (sized for < 8 min on one H100)
     python benchmarks/accelerator_step.py --smoke    # CPU: the tiny model, two options (the test suite runs this)
@@ -10,13 +10,15 @@ documents (lengths drawn uniformly from 256..2,048 tokens, fixed seed) so that a
 sees. Cases: granite-4.0-h-1b at 4K (8 rows) and 32K (1 row); an h-tiny-shaped MoE (granite-4.0-h-tiny cut to
 one group of 10 layers: 9 Mamba-2 + 1 attention) at 4K (8 rows).
 
-Options, today's path first (XLA: `ragged_dot`, the blockwise attention); each other option changes one
-thing, or all of them; MoE options run only for the MoE case:
-  GPU  moe_impl=tiled (the GPU default: XLA's lowering of ragged_dot is dense over the experts on NVIDIA
-       GPUs, `ragged_dot_rewriter`); ragged_dot with jax_ragged_dot_use_gpu_pallas_triton_lowering (JAX's
-       Pallas/Triton grouped matmul);
-       attention_impl=pallas_gpu (the Pallas Triton attention kernel); ssd_impl=pallas (our Pallas SSD
-       kernels, model/pallas_ssd.py); loss_impl=fused (the head loss's gradient in the forward pass); all
+Options, the platform's defaults first; each other option changes one thing, or all of them; MoE options run
+only for the MoE case:
+  GPU  defaults (moe_impl=pallas_gpu: the Pallas Triton grouped matmul; blockwise attention; the XLA SSD);
+       moe_impl=tiled (one matmul per tile in a loop); attention_impl=pallas_gpu (JAX's Pallas Triton
+       attention kernel); ssd_impl=pallas (our Pallas SSD kernels, model/pallas_ssd.py); loss_impl=fused (the
+       head loss's gradient in the forward pass); all of them. Not offered: moe_impl=ragged_dot (XLA's GPU
+       compiler makes it one dense matmul over every expert: for this case ~100 GiB of temporaries) and JAX's
+       Pallas/Triton lowering of ragged_dot (`jax_ragged_dot_use_gpu_pallas_triton_lowering` fails to lower in
+       jax 0.10.2: `ModuleNotFoundError: jax._src.lax.pallas_lowerings`).
   TPU  moe_impl=megablox (Pallas gmm/tgmm); attention_impl=splash; loss_impl=fused; megablox and splash (the
        TPU defaults)
   CPU  moe_impl=tiled (the CPU default) and ragged_dot, on the tiny model (--smoke)
@@ -65,7 +67,6 @@ class Option:
     attention_impl: str = "blockwise"
     ssd_impl: str = "xla"
     loss_impl: str = "recompute"
-    jax_flags: tuple = ()  # (name, value) set with jax.config.update before anything is traced
     moe_only: bool = False
 
 
@@ -76,15 +77,13 @@ CASES = {
     "smoke": [Case("tiny MoE 256", "tiny-hybrid-moe", 256, 2, "{num_hidden_layers: 2, layer_types: [mamba, attention]}",
                    moe=True)],
 }
-_TRITON_RAGGED_DOT = (("jax_ragged_dot_use_gpu_pallas_triton_lowering", True),)
 OPTIONS = {
-    "gpu": [Option("xla", "ragged_dot"),
-            Option("tiled (the GPU default)", "tiled", moe_only=True),
-            Option("triton ragged_dot", "ragged_dot", jax_flags=_TRITON_RAGGED_DOT, moe_only=True),
-            Option("pallas_gpu attention", "ragged_dot", "pallas_gpu"),
-            Option("pallas ssd", "ragged_dot", ssd_impl="pallas"),
-            Option("fused loss", "ragged_dot", loss_impl="fused"),
-            Option("all kernels", "ragged_dot", "pallas_gpu", "pallas", "fused", jax_flags=_TRITON_RAGGED_DOT)],
+    "gpu": [Option("defaults", "auto"),
+            Option("tiled MoE", "tiled", moe_only=True),
+            Option("pallas_gpu attention", "auto", "pallas_gpu"),
+            Option("pallas ssd", "auto", ssd_impl="pallas"),
+            Option("fused loss", "auto", loss_impl="fused"),
+            Option("all kernels", "auto", "pallas_gpu", "pallas", "fused")],
     "tpu": [Option("xla", "ragged_dot"), Option("megablox", "megablox", moe_only=True),
             Option("splash attention", "ragged_dot", "splash"), Option("fused loss", "ragged_dot", loss_impl="fused"),
             Option("both", "megablox", "splash", moe_only=True)],
@@ -111,9 +110,6 @@ def document_segments(rows: int, seq_len: int, seed: int = 0):
 def measure(case: Case, option: Option, steps: int) -> dict:
     """Build the run, time `steps` train steps after two warm-up steps (the first compiles); one device."""
     import jax
-
-    for name, value in option.jax_flags:
-        jax.config.update(name, value)
     import numpy as np
 
     sys.path.insert(0, ROOT)
@@ -204,8 +200,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         spec = json.loads(args.one)
-        case, option = Case(**spec["case"]), Option(**{**spec["option"],
-                                                        "jax_flags": tuple(map(tuple, spec["option"]["jax_flags"]))})
+        case, option = Case(**spec["case"]), Option(**spec["option"])
         print("RESULT " + json.dumps(measure(case, option, spec["steps"])), flush=True)
         return
 
