@@ -33,7 +33,7 @@ def test_changed_settings_are_refused_and_restart_moves_the_earlier_run_aside(tm
     accumulation, whose optimizer state no longer restores) is refused with every difference named, before
     anything in the run directory changes; `steps` below the checkpoint is refused; `--restart` moves the earlier
     run to previous/ (nothing deleted) and starts over at step 1. The run keeps its own tokenizer copy and its
-    config names the tokenizer by absolute path."""
+    config names the tokenizer by absolute path; a tokenizer whose files no longer equal that copy is refused."""
     run_dir = str(tmp_path / "run")
     train_tiny(run_dir, "steps=4", "checkpoint.every_steps=2", "data.tokenizer=data/tokenizer")  # relative
     config_before = open(os.path.join(run_dir, "config.yaml")).read()
@@ -46,6 +46,14 @@ def test_changed_settings_are_refused_and_restart_moves_the_earlier_run_aside(tm
     assert checkpoint_steps(run_dir) == [2, 4]
 
     assert "beyond steps=3: give steps > 4" in _run(run_dir, "steps=3").error_line()
+
+    # The same tokenizer path with other bytes (as if edited in place since the run started): its ids changed.
+    kept_json = os.path.join(RunDir(run_dir).tokenizer_dir, "tokenizer.json")
+    original = open(kept_json, "rb").read()
+    open(kept_json, "wb").write(original + b" ")
+    error = _run(run_dir, "steps=6").error_line()
+    assert "the tokenizer's tokenizer.json differ from the copy the run trained with" in error, error
+    open(kept_json, "wb").write(original)
 
     restarted = _run(run_dir, "steps=2", "checkpoint.every_steps=2", "optimizer.grad_accum_steps=2", "--restart")
     assert restarted.returncode == 0, restarted.stderr

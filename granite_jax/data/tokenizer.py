@@ -14,6 +14,7 @@ The bundled tokenizer, data/tokenizer/, is the first kind, trained on the bundle
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -37,6 +38,19 @@ def tokenizer_files(path: str) -> list[str]:
     else:
         names = [path]
     return [name for name in names if storage.isfile(name)]
+
+
+def changed_tokenizer_files(source: str, copy_dir: str) -> list[str]:
+    """The names of the tokenizer files at `source` (`tokenizer_files`) whose bytes differ from, or are missing in,
+    the copy in `copy_dir` (a run's `tokenizer/`): a tokenizer edited in place keeps its path, not its ids."""
+    def digest(path: str) -> str | None:
+        if not storage.isfile(path):
+            return None
+        with storage.open_file(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    return [storage.basename(path) for path in tokenizer_files(source)
+            if digest(path) != digest(storage.join(copy_dir, storage.basename(path)))]
 
 
 class TokenizerError(ValueError):

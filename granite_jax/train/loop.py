@@ -24,7 +24,7 @@ from granite_jax.data.pipeline import interleave_streams, pretraining_dataset
 from granite_jax.data.preference import load_preference_samples, preference_dataset
 from granite_jax.data.sft import load_sft_samples, sft_dataset
 from granite_jax.data.sources import BadLines, load_documents
-from granite_jax.data.tokenizer import load_tokenizer
+from granite_jax.data.tokenizer import changed_tokenizer_files, load_tokenizer
 from granite_jax.model.flops import mean_keys_per_query, peak_tflops
 from granite_jax.parallel.distributed import process_block
 from granite_jax.run_dir import RunDir
@@ -235,6 +235,10 @@ def _check_resumable(checkpoints: RunCheckpoints, config: RunConfig) -> None:
         raise RunConfigError(f"{where} imported from {meta[IMPORTED_FROM]} (parameters only, no optimizer "
                              f"state): train from it with init_from=run:{config.run_dir} and a new run_dir")
     differences = resume_differences(meta.get("run", {}), config)
+    kept = RunDir(config.run_dir).tokenizer_dir
+    if storage.isdir(kept) and (changed := changed_tokenizer_files(config.data.tokenizer, kept)):
+        differences.append(f"the tokenizer's {', '.join(changed)} differ from the copy the run trained with "
+                           f"({kept}): data.tokenizer={config.data.tokenizer!r} was changed since")
     if differences:
         raise RunConfigError(
             f"{where} saved with other settings: {'; '.join(differences)}. Resume with the checkpoint's "
