@@ -154,6 +154,31 @@ def _lm_eval(args) -> dict:
     return {"results": results["results"]}
 
 
+def _integer(minimum: int):
+    """An argparse type: an integer >= `minimum`, else argparse's one-line error naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _finite_nonnegative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,13 +188,14 @@ def main(argv=None) -> int:
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
     gen.add_argument("--system", default=None, help="with --chat: a system prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=_integer(1), default=128)
+    gen.add_argument("--temperature", type=_finite_nonnegative, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=_integer(0), default=0, help="0 = off")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
-    gen.add_argument("--max-len", type=int, default=None, help="cache capacity in tokens (default: just enough)")
+    gen.add_argument("--max-len", type=_integer(1), default=None,
+                     help="cache capacity in tokens (default: just enough)")
     gen.add_argument("--seed", type=int, default=0)
 
     for name, help_text in [("perplexity", "perplexity and bits per byte of text / JSONL files"),
@@ -177,8 +203,8 @@ def main(argv=None) -> int:
                             ("lm-eval", "run lm-eval tasks on the model")]:
         p = sub.add_parser(name, help=help_text)
         _common(p)
-        p.add_argument("--seq-len", type=int, default=2048)
-        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--seq-len", type=_integer(2), default=2048)
+        p.add_argument("--batch-size", type=_integer(1), default=8)
         if name != "lm-eval":
             p.add_argument("--mesh", default=None, help="device mesh as a YAML mapping, e.g. '{context: 8}': "
                            "rows over data/fsdp, each row's tokens over context (long windows)")
@@ -194,8 +220,8 @@ def main(argv=None) -> int:
         else:
             p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
             p.add_argument("--include-path", default=None, help="a directory of extra lm-eval task YAMLs")
-            p.add_argument("--limit", type=int, default=None)
-            p.add_argument("--num-fewshot", type=int, default=None)
+            p.add_argument("--limit", type=_integer(1), default=None)
+            p.add_argument("--num-fewshot", type=_integer(0), default=None)
 
     args = parser.parse_args(argv)
     run = {"generate": _generate, "perplexity": _perplexity, "choice": _choice, "lm-eval": _lm_eval}[args.command]

@@ -148,3 +148,27 @@ def test_eval_command_line(checkpoint_with_tokenizer, tmp_path, hf_checkpoint):
     assert empty.returncode == 2 and "prompt 0 is empty" in empty.stderr
     long = eval_cli("generate", "--checkpoint", checkpoint_with_tokenizer, "--prompt", "word " * 50, "--max-len", "40")
     assert long.returncode == 2 and "but max_len=40" in long.stderr
+
+
+_DATA = os.path.join(ROOT, "data", "eval", "kjv-complete.jsonl")
+
+
+@pytest.mark.parametrize("argv, task, message", [
+    (("generate", "--prompt", "x", "--temperature", "nan"), None, "--temperature: nan is not a finite number >= 0"),
+    (("generate", "--prompt", "x", "--top-k", "-1"), None, "argument --top-k: -1 is below 0"),
+    (("generate", "--prompt", "x", "--top-k", str(10**12)), None,
+     "top_k=1000000000000 is more than the vocabulary's 4096 tokens"),
+    (("generate", "--prompt", "x", "--stop", ""), None, "a stop string is empty"),
+    (("perplexity", "--data", _DATA, "--seq-len", "0"), None, "argument --seq-len: 0 is below 2"),
+    (("perplexity", "--data", _DATA, "--batch-size", "-1"), None, "argument --batch-size: -1 is below 1"),
+    (("choice",), {"context": "q", "choices": ["a", "b"], "answer": True}, "index of the right choice (an integer)"),
+    (("choice",), {"context": "q", "choices": ["a", "a", "b"], "answer": 0}, "choices ['a'] appear more than once"),
+])
+def test_eval_refuses_values_it_cannot_honour(checkpoint_with_tokenizer, tmp_path, argv, task, message):
+    """Every such value is one error line naming it (exit 2), not a pad-token generation, a stop before the first
+    token, a miscounted answer or a Python/JAX message."""
+    if task is not None:
+        (tmp_path / "task.jsonl").write_text(json.dumps(task) + "\n")
+        argv = (*argv, "--task", str(tmp_path / "task.jsonl"))
+    out = eval_cli(argv[0], "--checkpoint", checkpoint_with_tokenizer, *argv[1:])
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]

@@ -12,6 +12,7 @@ producing padding until every row is done or `max_new_tokens` is reached.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -36,12 +37,15 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
 
-    def validate(self) -> None:
-        if self.temperature < 0:
-            raise GenerationError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            raise GenerationError(f"top_k={self.top_k} must be >= 0 (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
+    def validate(self, vocab_size: int | None = None) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise GenerationError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GenerationError(f"top_k={self.top_k} must be an integer >= 0 (0 = off)")
+        if vocab_size is not None and self.top_k > vocab_size:
+            raise GenerationError(f"top_k={self.top_k} is more than the vocabulary's {vocab_size} tokens "
+                                  "(0 = off: every token)")
+        if not 0.0 < self.top_p <= 1.0:  # NaN fails this too
             raise GenerationError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
 
 
@@ -178,4 +182,6 @@ def _check_request(prompts, max_new_tokens, sampling, vocab_size, stop_strings, 
         raise GenerationError(f"max_new_tokens={max_new_tokens} must be at least 1")
     if stop_strings and tokenizer is None:
         raise GenerationError("stop strings need a tokenizer to match the decoded text")
-    sampling.validate()
+    if any(not stop for stop in stop_strings):
+        raise GenerationError("a stop string is empty: it would match before the first token")
+    sampling.validate(vocab_size)

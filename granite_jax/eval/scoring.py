@@ -214,9 +214,13 @@ def read_choice_task(path: str) -> list[dict]:
         if not (isinstance(item, dict) and isinstance(item.get("context"), str)
                 and isinstance(item.get("choices"), list) and len(item["choices"]) >= 2
                 and all(isinstance(c, str) and c for c in item["choices"])
-                and isinstance(item.get("answer"), int) and 0 <= item["answer"] < len(item["choices"])):
+                and type(item.get("answer")) is int and 0 <= item["answer"] < len(item["choices"])):
             raise DataError(f"{path}:{number}: expected {{\"context\": str, \"choices\": [at least two non-empty "
-                            f"strings], \"answer\": index of the right choice}}")
+                            f"strings], \"answer\": index of the right choice (an integer)}}")
+        if len(set(item["choices"])) < len(item["choices"]):
+            repeated = sorted({c for c in item["choices"] if item["choices"].count(c) > 1})
+            raise DataError(f"{path}:{number}: choices {repeated} appear more than once: identical choices score "
+                            "alike, so the answer could never be picked alone")
         items.append(item)
     if not items:
         raise DataError(f"{path}: no questions")
