@@ -187,6 +187,14 @@ GOOD = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
     ({**GOOD, "chosen": [{"role": "user", "content": "hi"}]}, "'chosen' has no assistant message after the prompt"),
     ({**GOOD, "prompt": [{"role": "robot", "content": "x"}]}, "prompt + chosen: messages[0].role='robot'"),
     ("{not json", "not valid JSON"),
+    ({**GOOD, "rejected": GOOD["chosen"]}, "'chosen' and 'rejected' are the same reply: the pair prefers nothing"),
+    ({**GOOD, "chosen": "4", "rejected": "4"}, "'chosen' and 'rejected' are the same reply"),
+    ({**GOOD, "rejected": ""}, "'rejected' is empty: there is no reply to score"),
+    ({**GOOD, "chosen": []}, "'chosen' is empty: there is no reply to score"),
+    ({"chosen": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}],
+      "rejected": [{"role": "user", "content": "3 + 3?"}, {"role": "assistant", "content": "5"}]},
+     "without 'prompt', 'chosen' and 'rejected' must share every message before the reply; they differ first at "
+     "message 0, which in 'chosen' is a 'user' message: the two replies answer different prompts"),
 ])
 def test_bad_preference_lines_name_file_line_and_field(tmp_path, bad, message):
     path = _write_lines(tmp_path / "pairs.jsonl", [GOOD, bad])

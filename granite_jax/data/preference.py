@@ -92,6 +92,8 @@ def parse_preference(record) -> PreferencePair:
     for field in ("chosen", "rejected"):
         if record.get(field) is None:
             raise PreferenceFormatError(f"'{field}' is missing")
+        if record[field] in ("", []):
+            raise PreferenceFormatError(f"'{field}' is empty: there is no reply to score")
     chosen = _messages(record["chosen"], "chosen", "assistant")
     rejected = _messages(record["rejected"], "rejected", "assistant")
     if record.get("prompt") is not None:
@@ -101,6 +103,15 @@ def parse_preference(record) -> PreferencePair:
         while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        for field, reply in (("chosen", chosen), ("rejected", rejected)):
+            if reply and reply[0].get("role") != "assistant":
+                raise PreferenceFormatError(
+                    f"without 'prompt', 'chosen' and 'rejected' must share every message before the reply; they "
+                    f"differ first at message {shared}, which in '{field}' is a {reply[0].get('role')!r} message: "
+                    "the two replies answer different prompts")
+    if chosen == rejected:
+        raise PreferenceFormatError("'chosen' and 'rejected' are the same reply: the pair prefers nothing "
+                                    "(its loss is log 2 and its gradient 0 whatever the model)")
     for field, reply in (("chosen", chosen), ("rejected", rejected)):
         if not any(m.get("role") == "assistant" for m in reply):
             raise PreferenceFormatError(f"'{field}' has no assistant message after the prompt: nothing to score")
