@@ -3,10 +3,13 @@
 import gzip
 import json
 import os
+import re
+import time
 
 import numpy as np
 import pytest
 from conftest import (
+    KJV_VALIDATION,
     ROOT,
     SIGKILL,
     SIGTERM,
@@ -182,6 +185,20 @@ def test_sigterm_saves_and_resumes(tmp_path, reference_losses):
     assert 4 <= saved < 12 and f"saved step {saved}" in stopped.output  # the step it stopped after
     train_tiny(tmp_path, RESUMED)
     assert metrics(tmp_path) == reference_losses(RESUMED)[0]
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_evaluation_saves_without_finishing_it(tmp_path):
+    """A signal that lands in an in-loop evaluation of 5,000 batches stops it at the next batch: the checkpoint
+    is saved within a scheduler's grace period (Kubernetes: 30 s), not after every batch."""
+    started = time.monotonic()
+    stopped = train_process(tmp_path, "steps=4", "checkpoint.every_steps=2", "checkpoint.async_save=false",
+                            "eval_every=2", "eval_batches=5000", f"data.validation=[{KJV_VALIDATION}]",
+                            signal_at=(2, "after", SIGTERM))
+    assert stopped.returncode == 128 + SIGTERM, stopped.output
+    assert re.search(r"eval step 2: stopped after \d+ of 5000 batches by the signal", stopped.output), stopped.output
+    assert "saved step 2" in stopped.output and checkpoint_steps(tmp_path) == [2]
+    assert time.monotonic() - started < 120
 
 
 @pytest.mark.slow

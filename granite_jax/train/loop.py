@@ -64,6 +64,19 @@ class _StopSignal:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def agreed(self) -> bool:
+        """Whether to stop now: this process received a signal, or (several processes) any of them did — they
+        must all stop at the same step, or the ones going on would wait in the next step's collectives. The
+        signal of the process that received one sets the exit code."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        from jax.experimental import multihost_utils
+
+        received = int(np.max(multihost_utils.process_allgather(np.int32(self.received or 0))))
+        if received and self.received is None:
+            self.received = received
+        return received != 0
+
     def _handle(self, signum, _frame):
         if self.received is not None:
             print(f"received signal {signum} again: stopping now, without saving", file=sys.stderr, flush=True)
@@ -175,13 +188,17 @@ def _to_host(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(run, params, dataset, batches: int) -> dict[str, float]:
+def evaluate(run, params, dataset, batches: int, should_stop=lambda: False) -> dict[str, float] | int:
     """Metrics over `batches` batches of `dataset`: {"loss": mean token loss}, or for DPO the pair metrics
-    (`train/dpo.py`: PAIR_METRICS), means over all pairs of those batches."""
+    (`train/dpo.py`: PAIR_METRICS), means over all pairs of those batches. `should_stop()` is asked before
+    every batch: when it says so the evaluation is abandoned and the number of batches done is returned (a
+    signal must not wait for hundreds of batches before the checkpoint is saved)."""
     block = process_block(run.data_sharding, run.batch_shape)
     totals, count = {}, 0.0
     iterator = iter(dataset)
-    for _ in range(batches):
+    for done in range(batches):
+        if should_stop():
+            return done
         batch = global_batch(next(iterator), run.data_sharding, run.batch_shape, block[1])
         sums, n = run.eval_step(params, batch)
         sums = sums if isinstance(sums, dict) else {"loss": sums}
@@ -339,12 +356,16 @@ def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
                     print_line(console_line(step, config.steps, metrics, eta))
                     window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
                 if eval_data is not None and (step % config.eval_every == 0 or step == config.steps):
-                    eval_metrics = evaluate(run, state.params, eval_data, config.eval_batches)
-                    if writer:
-                        writer.scalars(step, eval_metrics, prefix="eval/")
-                    print_line(f"eval step {step}: {eval_line(eval_metrics)} ({config.eval_batches} batches)")
+                    eval_metrics = evaluate(run, state.params, eval_data, config.eval_batches, stop.agreed)
+                    if isinstance(eval_metrics, int):
+                        print_line(f"eval step {step}: stopped after {eval_metrics} of {config.eval_batches} "
+                                   "batches by the signal")
+                    else:
+                        if writer:
+                            writer.scalars(step, eval_metrics, prefix="eval/")
+                        print_line(f"eval step {step}: {eval_line(eval_metrics)} ({config.eval_batches} batches)")
                     window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
-                if stop.received is not None:
+                if stop.agreed():
                     checkpoints.save(step, state, iterator.get_state(), meta)
                     checkpoints.wait()
                     raise TrainingStopped(stop.received, step, checkpoints.directory)
