@@ -6,6 +6,7 @@
     RUN_DIR/metrics.jsonl         every step's metrics (process 0)
     RUN_DIR/tensorboard/          TensorBoard event files (process 0)
     RUN_DIR/run.lock              held by the process that trains in the directory (process 0 of a run)
+    RUN_DIR/run.lock.takeover     there only while a process takes over a stale run.lock (local run directories)
     RUN_DIR/corrupt/STEP/         checkpoints found unreadable on resume, moved out of the way (never deleted)
     RUN_DIR/previous/TIME/        what `--restart` moved aside: the earlier run's config, metrics, checkpoints
 
@@ -16,8 +17,10 @@ and uploaded whole by `upload_logs` (at every checkpoint save and when the run e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import logging
@@ -25,12 +28,15 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 
 import yaml
 
 from granite_jax import storage
 
 log = logging.getLogger("granite_jax.run_dir")
+
+_UNWRITTEN_LOCK_WAIT_S = 1.0  # how long a lock file that is not yet JSON may be in the middle of its creation
 
 
 class RunDirError(RuntimeError):
@@ -179,39 +185,113 @@ class RunLock:
 
     A second run on the same directory is refused with the holder's pid and host. A lock left by a process
     that no longer runs on this host is taken over (with a warning); one from another host cannot be checked
-    and is refused with what to do. Under a URL the lock is a create-only write (GCS: `ifGenerationMatch=0`)."""
+    and is refused with what to do. Under a URL the lock is a create-only write (GCS: `ifGenerationMatch=0`).
+
+    Taking over a stale lock is read, check, delete, create: for a local path those steps run under an exclusive
+    `flock` of `run.lock.takeover` beside it (`_takeover_guard`), so that of several processes taking over the same
+    stale lock at once exactly one gets it, and none deletes the fresh lock of another (whoever gets the guard
+    second reads the winner's lock, alive, and is refused). Under a URL there is no such guard: object stores
+    (through fsspec) have no lock to hold and no delete-if-unchanged, so two processes that read the same stale lock
+    at the same moment can both take it over. Starting only one run at a time on a URL run directory whose lock
+    is stale avoids that; a live lock is never taken over, there or here."""
 
     def __init__(self, path: str):
         self.path = path
 
     def acquire(self) -> "RunLock":
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        for _ in range(2):
+        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        for _ in range(3):
+            if self._create(holder.encode()):
+                return self
+            stale = self._stale_holder()  # refuses a live holder
+            if stale is None:  # released meanwhile: try again
+                continue
+            if storage.is_url(self.path):  # no guard (see the class docstring)
+                self._remove_stale(stale)
+                continue
+            with self._takeover_guard():
+                stale = self._stale_holder()  # read again under the guard: nobody took it over meanwhile?
+                if stale is not None:
+                    self._remove_stale(stale)
+                if self._create(holder.encode()):
+                    return self
+        raise RunDirError(f"could not take {self.path}: other processes took and released it repeatedly "
+                          "while this one tried; try again, or use another run_dir")
+
+    def _create(self, data: bytes) -> bool:
+        try:
+            return storage.create_exclusive(self.path, data)
+        except OSError as e:
+            raise RunDirError(f"run_dir {storage.dirname(self.path)!r} is not writable "
+                              f"({e.strerror or e}): choose a run_dir this user can write") from None
+
+    @contextlib.contextmanager
+    def _takeover_guard(self):
+        """Hold an exclusive `flock` of `LOCK.takeover` (local paths): takeovers of the lock run one at a time. The
+        kernel releases a flock when its holder dies, so a guard cannot go stale. The file is deleted by the holder
+        before it lets go; whoever then gets the flock of the deleted file sees that it is no longer the file at
+        that path and opens the new one."""
+        guard = storage.local_path(self.path) + ".takeover"
+        while True:
             try:
-                created = storage.create_exclusive(self.path, json.dumps(holder).encode())
+                fd = os.open(guard, os.O_CREAT | os.O_RDWR, 0o644)
             except OSError as e:
                 raise RunDirError(f"run_dir {storage.dirname(self.path)!r} is not writable "
                                   f"({e.strerror or e}): choose a run_dir this user can write") from None
-            if created:
-                return self
-            self._take_over_if_stale()
-        raise RunDirError(f"could not take {self.path} (another process took it at the same time)")
-
-    def _take_over_if_stale(self) -> None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                opened = os.fstat(fd)
+                try:
+                    current = os.stat(guard)
+                    same = (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                break
+            os.close(fd)  # the previous holder deleted the file this one locked: open the path again
         try:
-            with storage.open_file(self.path) as f:
-                holder = json.load(f)
-            pid, host = int(holder["pid"]), str(holder["host"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise RunDirError(f"{self.path} exists but cannot be read: if no run uses this directory, "
-                              "delete the file") from None
+            yield
+        finally:
+            try:
+                os.remove(guard)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def _stale_holder(self) -> int | None:
+        """The pid in the lock if its holder no longer runs on this host; None if there is no lock (its holder
+        released it). A live holder, one on another host, or a lock that cannot be read, is refused. A lock that is
+        not (yet) JSON is read again for a while: its creator may be between creating it and writing it."""
+        unreadable = RunDirError(f"{self.path} exists but cannot be read: if no run uses this directory, "
+                                 "delete the file")
+        deadline = time.monotonic() + _UNWRITTEN_LOCK_WAIT_S
+        while True:
+            try:
+                with storage.open_file(self.path) as f:
+                    holder = json.load(f)
+                pid, host = int(holder["pid"]), str(holder["host"])
+                break
+            except FileNotFoundError:
+                return None
+            except ValueError:
+                if time.monotonic() >= deadline:
+                    raise unreadable from None
+            except (OSError, KeyError, TypeError):
+                raise unreadable from None
+            time.sleep(0.02)
         if host != socket.gethostname():
             raise RunDirError(f"run_dir {storage.dirname(self.path)!r} is in use by process {pid} on {host} "
                               f"(since {holder.get('since')}); if that run has ended, delete {self.path}")
         if _alive(pid):
             raise RunDirError(f"run_dir {storage.dirname(self.path)!r} is in use by process {pid} on this host "
                               f"(since {holder.get('since')}): wait for it to finish, or use another run_dir")
+        return pid
+
+    def _remove_stale(self, pid: int) -> None:
         log.warning("taking over %s from process %d, which no longer runs", self.path, pid)
         storage.remove(self.path)
 

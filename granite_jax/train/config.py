@@ -438,7 +438,7 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise RunConfigError(f"override {pair!r} is not of the form key=value")
         key, raw = pair.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = _parse_yaml(raw, f"override {pair!r}", key) if raw else ""
         except yaml.YAMLError as e:
             raise RunConfigError(f"override {pair!r}: the value is not valid YAML ({_first_line(e)})") from None
         node = tree
@@ -447,6 +447,59 @@ def parse_overrides(pairs: list[str]) -> dict:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return tree
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, path: tuple, first: yaml.Mark, second: yaml.Mark):
+        super().__init__(path, first, second)
+        self.path, self.first, self.second = path, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, at any depth (PyYAML keeps the last one
+    silently). Keys a merge (`<<: *anchor`) brings in may be given again: that is how a merge is overridden."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._paths: dict[int, tuple] = {}  # id(node) -> the keys (list indices) leading to it from the root
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):  # checked before flatten_mapping brings merged keys in
+            path, seen = self._paths.get(id(node), ()), {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: construct_mapping refuses it
+                    continue
+                if first is not key_node:
+                    raise _DuplicateKey((*path, key), first.start_mark, key_node.start_mark)
+                self._paths.setdefault(id(value_node), (*path, key))
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_sequence(self, node, deep=False):
+        if isinstance(node, yaml.SequenceNode):
+            path = self._paths.get(id(node), ())
+            for index, child in enumerate(node.value):
+                self._paths.setdefault(id(child), (*path, index))
+        return super().construct_sequence(node, deep=deep)
+
+
+def _parse_yaml(text, source: str, prefix: str = ""):
+    """YAML text or a stream parsed as `yaml.safe_load` would, except that a key given twice in a mapping is a
+    RunConfigError naming `source` (the file, or the override), the key's path (under `prefix`, an override's key)
+    and both lines. Other YAML errors are raised as they are."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        parts = [*([prefix] if prefix else []), *e.path]
+        dotted = "".join(f"[{p}]" if isinstance(p, int) else f"{'.' if i else ''}{p}" for i, p in enumerate(parts))
+        first, second = e.first.line + 1, e.second.line + 1
+        where = f"line {first} and line {second}" if first != second else f"both on line {first}"
+        raise RunConfigError(f"{source}: key {dotted!r} is given twice ({where}); the second would replace the "
+                             "first: keep one") from None
 
 
 def _first_line(error: Exception) -> str:
@@ -460,7 +513,7 @@ def load_run_config(path: str | None = None, overrides: list[str] | tuple = ()) 
             raise FileNotFoundError(f"run config {path!r} does not exist")
         with open(path) as f:
             try:
-                raw = yaml.safe_load(f) or {}
+                raw = _parse_yaml(f, path) or {}
             except yaml.YAMLError as e:
                 raise RunConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(raw, dict):
