@@ -46,6 +46,11 @@ def main(argv=None) -> int:
                              "GRANITE_JAX_NUM_PROCESSES (e.g. a Kubernetes indexed Job) need no flags")
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--peer-timeout", type=int, default=60, metavar="SECONDS",
+                        help="multi-process: a process silent this long is dead, and every other process exits "
+                             "(non-zero; re-submit to resume from the last checkpoint)")
+    parser.add_argument("--join-timeout", type=int, default=300, metavar="SECONDS",
+                        help="multi-process: how long to wait for the coordinator and every process to join")
     parser.add_argument("--restart", action="store_true",
                         help="start over in a run_dir that has checkpoints, moving the earlier run to previous/")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 optimizer.lr=1e-3")
@@ -69,7 +74,8 @@ def main(argv=None) -> int:
     try:
         from granite_jax.parallel.distributed import initialize
 
-        joined = initialize(args.coordinator_address, args.num_processes, args.process_id)
+        joined = initialize(args.coordinator_address, args.num_processes, args.process_id,
+                            peer_timeout_s=args.peer_timeout, join_timeout_s=args.join_timeout)
         if joined:
             import jax
 

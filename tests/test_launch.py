@@ -6,11 +6,23 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
+import time
 
 import numpy as np
 import pytest
-from conftest import LAUNCH_RUN, TINY_MODEL, launch_processes, metrics
+from conftest import (
+    LAUNCH_RUN,
+    ROOT,
+    TINY_MODEL,
+    TINY_RUN,
+    finish,
+    launch_processes,
+    metrics,
+    python_process,
+    virtual_cpu_devices,
+)
 
 from granite_jax.parallel.distributed import cluster_launcher, env_spec, free_local_port
 
@@ -123,3 +135,37 @@ def test_launcher_detection_without_a_job():
     assert cluster_launcher(SRUN) == "slurm"
     assert env_spec({"GRANITE_JAX_COORDINATOR": "j-0.j:1", "GRANITE_JAX_NUM_PROCESSES": "3",
                      "GRANITE_JAX_PROCESS_ID": "2"}) == ("j-0.j:1", 3, 2)
+
+
+# ----------------------------------------------------------------------------- failures: bounded, clearly said
+def _train_process(i: int, port: int, run_dir, *flags):
+    return python_process(ROOT / "train.py", f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2",
+                          f"--process-id={i}", *flags, f"run_dir={run_dir}", *TINY_RUN, *SETTINGS, "steps=400",
+                          "log_every=1", env={**virtual_cpu_devices(2), "PYTHONUNBUFFERED": "1"})
+
+
+def test_an_unreachable_coordinator_is_one_error_line_within_the_join_timeout(tmp_path):
+    started = time.monotonic()
+    done = finish(_train_process(1, free_local_port(), tmp_path / "run", "--join-timeout=3"), timeout=120)
+    assert done.returncode == 2 and time.monotonic() - started < 60, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: could not reach the coordinator at 127.0.0.1:")
+    assert "within 3 s (--join-timeout" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_job_within_the_peer_timeout(tmp_path):
+    """Process 1 is SIGKILLed during training: process 0 does not wait in a collective but exits non-zero
+    within --peer-timeout (5 s here) plus the time to notice, its log naming the lost task; the checkpoints it
+    had saved are complete."""
+    port = free_local_port()
+    survivor = _train_process(0, port, tmp_path / "run", "--peer-timeout=5", "checkpoint.every_steps=2")
+    victim = _train_process(1, port, tmp_path / "run", "--peer-timeout=5", "checkpoint.every_steps=2")
+    for line in survivor.stdout:  # until a few steps have run
+        if re.match(r"step +4/", line):
+            break
+    victim.kill()
+    killed = time.monotonic()
+    victim.wait()
+    done = finish(survivor, timeout=300)
+    assert done.returncode != 0 and time.monotonic() - killed < 60, (done.returncode, done.stderr[-3000:])
+    assert "another task died" in done.stderr or "heartbeat" in done.stderr, done.stderr[-3000:]

@@ -11,6 +11,14 @@
 4. otherwise nothing: a single process.
 A launcher whose variables are incomplete or inconsistent is an error naming the variable, not a hang.
 On CPU the processes exchange collectives through gloo.
+
+Failures are bounded in time. Joining waits at most `join_timeout_s` for the coordinator and every process
+(then one error line naming the address). Once joined, every process sends heartbeats to the coordinator (a
+background thread, independent of the work): a process that sends none for `peer_timeout_s` — killed,
+evicted, its host gone — is declared dead, and JAX's distributed runtime then terminates every other process
+(SIGABRT, exit 134, its log saying "Terminating process because the JAX distributed service detected fatal
+errors ... another task died"), so no survivor waits in a collective. Re-submitting the job resumes it from
+its last complete checkpoint (docs/training.md, "When a job fails").
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 import jax
@@ -125,10 +134,53 @@ def _require(count_name: str, count: int, names: tuple[str, ...], environ: Mappi
                          f"set: {hint}")
 
 
+PEER_TIMEOUT_S = 60  # no heartbeat for this long: the process is dead (JAX's own default: 100)
+JOIN_TIMEOUT_S = 300  # JAX's default: how long to wait for the coordinator and every process to join
+
+
+def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+    """Wait until `address` (HOST:PORT) accepts connections, up to `timeout_s`: JAX's own join would abort the
+    process from C++ with a message blaming "another task" when the coordinator never answers."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"could not reach the coordinator at {address} within {timeout_s} s "
+                                   f"(--join-timeout; {e.strerror or e}): is process 0 running, and is its address "
+                                   "reachable from this host?") from None
+            time.sleep(0.5)
+
+
+def _join(coordinator_address, timeouts: dict, process_id: int | None = None, **kwargs) -> None:
+    """`jax.distributed.initialize`, a failure to join as one error line naming the coordinator."""
+    if coordinator_address is not None and process_id not in (None, 0):  # process 0 serves the address
+        _wait_for_coordinator(coordinator_address, timeouts["join"])
+    if process_id is not None:
+        kwargs["process_id"] = process_id
+    try:
+        jax.distributed.initialize(coordinator_address, **kwargs, initialization_timeout=timeouts["join"],
+                                   heartbeat_timeout_seconds=timeouts["peer"])
+    except jax.errors.JaxRuntimeError as e:
+        where = coordinator_address or "the launcher's coordinator"
+        reason = str(e).strip().splitlines()[0][:200]
+        raise RuntimeError(f"could not join the job through {where} within {timeouts['join']} s "
+                           f"(--join-timeout): is process 0 running and its address reachable from this host? "
+                           f"({reason})") from None
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> str | None:
+               process_id: int | None = None, *, peer_timeout_s: int = PEER_TIMEOUT_S,
+               join_timeout_s: int = JOIN_TIMEOUT_S) -> str | None:
     """Join the job this process is part of (see the module's docstring for the order); returns how it joined
     ("flags", the name of the variable spec or launcher) or None for a single process."""
+    for name, value in (("--peer-timeout", peer_timeout_s), ("--join-timeout", join_timeout_s)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name}={value!r}: expected a whole number of seconds >= 1")
+    timeouts = {"peer": peer_timeout_s, "join": join_timeout_s}
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
         raise ValueError("--coordinator-address, --num-processes and --process-id go together "
@@ -142,8 +194,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         _check_rank("--process-id", process_id, "--num-processes", num_processes)
         _use_gloo_on_cpu()
         # explicit values are used as given: JAX's detection would still restrict GPUs to SLURM_LOCALID's
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, cluster_detection_method="deactivate")
+        _join(coordinator_address, timeouts, num_processes=num_processes, process_id=process_id,
+              cluster_detection_method="deactivate")
         return how
     launcher = cluster_launcher()
     if launcher is None:
@@ -153,7 +205,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                         NUM_PROCESSES)
         return None
     _use_gloo_on_cpu()
-    jax.distributed.initialize()
+    _join(None, timeouts)
     return launcher
 
 
