@@ -432,7 +432,7 @@ def _as_list(name: str, value) -> list:
 
 
 def _canonical_layer_type(index: int, kind: Any) -> str:
-    if kind not in _LAYER_TYPE_ALIASES:
+    if not isinstance(kind, str) or kind not in _LAYER_TYPE_ALIASES:
         raise ConfigError(
             f"layer_types[{index}]={kind!r} is not a known layer kind; expected one of {sorted(_LAYER_TYPE_ALIASES)}")
     return _LAYER_TYPE_ALIASES[kind]

@@ -147,6 +147,8 @@ class RunDir:
         problem = storage.checkpoint_location_problem(self.path)
         if problem:
             raise RunDirError(f"run_dir {self.path!r}: {problem}")
+        if storage.isfile(self.path):
+            raise RunDirError(f"run_dir {self.path!r} is a file, not a directory: choose a directory path")
         try:
             storage.makedirs(self.path)
         except OSError as e:

@@ -81,10 +81,20 @@ def test_every_bundled_run_config_validates(name):
     (["data.streams=-1"], r"data.streams=-1 must be positive"),
     (["model_overrides={remat_polcy: full}"], r"model_overrides has unknown model config keys \['remat_polcy'\]"),
     (["model_overrides={num_hidden_layers: 2"], r"override 'model_overrides=.*': the value is not valid YAML"),
+    (["data.seq_len=1000000000000"], r"data.seq_len=1,000,000,000,000 is longer than 16,777,216 tokens"),
+    (["mesh={data: 2.5}"], r"mesh.data=2.5 must be a whole number of devices"),
 ])
 def test_bad_config_is_reported(override, message):
     with pytest.raises(RunConfigError, match=message):
         load_run_config(None, override)
+
+
+def test_a_nested_layer_kind_and_a_file_as_run_dir_are_error_lines(tmp_path):
+    assert "layer_types[0]=['mamba'] is not a known layer kind" in train_cli(
+        *TINY_RUN, f"run_dir={tmp_path}/run", "model_overrides={layer_types: [[mamba]]}").error_line()
+    (tmp_path / "file").write_text("")
+    assert f"run_dir '{tmp_path}/file' is a file, not a directory" in train_cli(
+        *TINY_RUN, f"run_dir={tmp_path}/file").error_line()
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -180,6 +180,12 @@ class RunConfig:
                             ("data.packing_bins", self.data.packing_bins)]:
             if value <= 0:
                 raise RunConfigError(f"{name}={value} must be positive")
+        if self.data.seq_len > MAX_SEQ_LEN:
+            raise RunConfigError(f"data.seq_len={self.data.seq_len:,} is longer than {MAX_SEQ_LEN:,} tokens, the "
+                                 "longest row this project builds (a row's arrays are held on the host whole)")
+        for axis, size in self.mesh.items():
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise RunConfigError(f"mesh.{axis}={size!r} must be a whole number of devices (-1: the rest)")
         for name, value, interval in _ranges(self):
             if not interval.contains(value):
                 raise RunConfigError(f"{name}={value} is outside {interval}")
@@ -317,6 +323,8 @@ def _ranges(config: "RunConfig") -> list[tuple[str, float, Interval]]:
 
 # What a checkpoint's data position and optimizer state depend on. A resume with one of them changed would read
 # the data from the wrong place (or another corpus) or fail to restore the optimizer state.
+MAX_SEQ_LEN = 2**24  # 16M tokens: 32x the 512K config; a row's host arrays stay under ~1.3 GB
+
 RESUME_FIELDS = ("model", "data.format", "data.train", "data.text_field", "data.tokenizer", "data.seq_len",
                  "data.batch_size", "data.shuffle_seed", "data.streams", "data.chat_template", "data.packing_bins",
                  "data.overlong", "optimizer.grad_accum_steps", "lora")
