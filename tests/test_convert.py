@@ -322,6 +322,41 @@ def key_pair(tmp_path):
     return str(private), str(public)
 
 
+def _key_file(path, kind: str) -> str:
+    """A PEM file of a key `check_signing_key` must refuse."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    pkcs8 = lambda key, encryption=None: key.private_bytes(  # noqa: E731
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption or serialization.NoEncryption())
+    data = {"rsa": lambda: pkcs8(rsa.generate_private_key(65537, 2048)),
+            "ed25519": lambda: pkcs8(ed25519.Ed25519PrivateKey.generate()),
+            "encrypted": lambda: pkcs8(ec.generate_private_key(ec.SECP256R1()),
+                                       serialization.BestAvailableEncryption(b"secret")),
+            "secp256k1": lambda: pkcs8(ec.generate_private_key(ec.SECP256K1())),
+            "public": lambda: ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+            "garbage": lambda: b"not a key"}[kind]()
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("rsa", "is RSAPrivateKey: model signing takes an elliptic-curve key"),
+    ("ed25519", "is Ed25519PrivateKey: model signing takes an elliptic-curve key"),
+    ("encrypted", "is encrypted: give an unencrypted key"),
+    ("secp256k1", "is on curve secp256k1: model signing takes secp256r1"),
+    ("public", "is not a PEM private key"),
+    ("garbage", "is not a PEM private key"),
+])
+def test_a_key_that_cannot_sign_is_refused_before_the_export(tiny_run, tmp_path, kind, message):
+    """One error line, and no unsigned export left behind (a retry needs no --overwrite)."""
+    out = tmp_path / "export"
+    code, _, err = convert_cli("export", tiny_run, out, "--sign-key", _key_file(tmp_path / "key.pem", kind))
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
 @pytest.fixture
 def signed_export(tiny_run, tmp_path, key_pair):
     """A signed export of `tiny_run` with its tokenizer: (directory, public key path)."""

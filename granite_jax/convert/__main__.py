@@ -31,7 +31,7 @@ import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
 from granite_jax import storage
 from granite_jax.convert.hf import load_hf_checkpoint, save_hf_checkpoint, weight_files
 from granite_jax.convert.peft import save_peft_adapter
-from granite_jax.convert.signing import SIGNATURE_FILE, sign_directory
+from granite_jax.convert.signing import SIGNATURE_FILE, check_signing_key, sign_directory
 from granite_jax.data.tokenizer import HF_TOKENIZER_FILES
 from granite_jax.run_dir import RunDir, RunDirError
 from granite_jax.train.checkpoint import IMPORTED_FROM, checkpoint_meta, load_run_model, save_parameters
@@ -99,6 +99,8 @@ def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | 
                        *[("--sign-cert-chain", c) for c in sign_cert_chain]]:
         if path is not None and not os.path.isfile(path):  # checked before anything is written
             raise ValueError(f"{flag} {path!r} is not a file")
+    if sign_key is not None:
+        check_signing_key(sign_key)
     model, _, step = load_run_model(run_dir, step, merge=not adapter)
     before = set(weight_files(out_dir))
     if adapter:

@@ -78,6 +78,36 @@ def _hashing_config():
     return hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE], ignore_git_paths=True)
 
 
+_CURVES = ("secp256r1", "secp384r1", "secp521r1")  # what model_signing's elliptic-curve signer takes
+
+
+def check_signing_key(private_key: str, password: str | None = None) -> None:
+    """Refuse, before anything is exported, a key `sign_directory` cannot sign with: not a file, not a PEM
+    private key (a public key, garbage), encrypted without its password, not elliptic-curve (RSA, Ed25519), or
+    on a curve model_signing does not take (secp256k1)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not os.path.isfile(private_key):
+        raise SignatureError(f"signing key {private_key!r} is not a file")
+    with open(private_key, "rb") as f:
+        data = f.read()
+    try:
+        key = serialization.load_pem_private_key(data, password=password.encode() if password else None)
+    except TypeError:
+        raise SignatureError(f"signing key {private_key!r} is encrypted: give an unencrypted key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise SignatureError(f"signing key {private_key!r} is not a PEM private key (a public key, or another "
+                             "format?)") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SignatureError(f"signing key {private_key!r} is {type(key).__name__.lstrip('_')}: model signing takes "
+                             f"an elliptic-curve key on {', '.join(_CURVES)}")
+    if key.curve.name not in _CURVES:
+        raise SignatureError(f"signing key {private_key!r} is on curve {key.curve.name}: model signing takes "
+                             f"{', '.join(_CURVES)}")
+
+
 def sign_directory(directory: str, private_key: str, *, certificate: str | None = None,
                    certificate_chain: tuple[str, ...] = (), password: str | None = None) -> str:
     """Write `DIR/model.sig` over every file of `directory` with an elliptic-curve private key (PEM), or, with
