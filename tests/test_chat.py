@@ -160,6 +160,8 @@ BAD_LINES = [
      "messages[1].tool_calls[0] (f): arguments are not valid JSON"),
     ('{"messages": []}', "non-empty list"),
     ('["not", "an", "object"]', "expected a JSON object"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}, '
+     '{"role": "assistant", "content": "A cat."}]}', "messages[0].content has no text part (only ['image_url'])"),
 ]
 
 

@@ -404,8 +404,14 @@ def test_parquet_and_text_sources(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"content": ["first doc", "second doc"]}), tmp_path / "d.parquet")
-    assert load_documents([str(tmp_path / "d.parquet")], text_field="content") == ["first doc", "second doc"]
+    pq.write_table(pa.table({"content": ["first doc", None, "second doc"]}), tmp_path / "d.parquet")
+    assert load_documents([str(tmp_path / "d.parquet")], text_field="content", bad_lines="skip") == [
+        "first doc", "second doc"]
+    with pytest.raises(DataError, match=r"d.parquet:row 1: 'content' is null"):  # as a JSONL line without text
+        load_documents([str(tmp_path / "d.parquet")], text_field="content")
+    pq.write_table(pa.table({"content": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match=r"column 'content' holds int64, not text"):
+        load_documents([str(tmp_path / "ints.parquet")], text_field="content")
     (tmp_path / "d.txt").write_text("para one\nline two\n\n\npara two\n")
     assert load_documents([str(tmp_path / "d.txt")]) == ["para one\nline two", "para two"]
 

@@ -124,6 +124,10 @@ def _content_text(content: Any, where: str) -> str:
                 if not isinstance(part.get("text"), str):
                     raise ChatFormatError(f"{where}.content[{number}].text must be a string")
                 texts.append(part["text"])
+        if content and not texts:  # only images, audio...: dropping them would leave an empty turn to train on
+            kinds = sorted({str(part.get("type")) for part in content})
+            raise ChatFormatError(f"{where}.content has no text part (only {kinds}): the model reads text; other "
+                                  "parts are dropped, as transformers' Granite template drops them")
         return "\n".join(texts)
     raise ChatFormatError(f"{where}.content must be a string, a list of text parts or null, "
                           f"got {type(content).__name__}")

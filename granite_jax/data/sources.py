@@ -148,7 +148,9 @@ def _text_documents(path: str, bad: BadLines) -> Iterator[str]:
         yield "\n".join(paragraph)
 
 
-def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
+def _parquet_documents(path: str, text_field: str, bad: BadLines) -> Iterator[str]:
+    """The rows' `text_field`, a string column; a null row is a bad line (as a JSONL line without the text),
+    an empty one is skipped."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -161,7 +163,14 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
             table = pq.read_table(path, columns=[text_field])
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"data file {path!r}: cannot read it as Parquet with a column {text_field!r} ({e})") from None
-    yield from (t for t in table.column(text_field).to_pylist() if t)
+    column = table.column(text_field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise DataError(f"data file {path!r}: column {text_field!r} holds {column.type}, not text (string)")
+    for row, text in enumerate(column.to_pylist()):
+        if text is None:
+            bad.found(f"{path}:row {row}", f"{text_field!r} is null")
+        elif text:
+            yield text
 
 
 def read_documents(path: str, text_field: str = "text", bad_lines: str | BadLines | None = None) -> Iterator[str]:
@@ -173,7 +182,7 @@ def read_documents(path: str, text_field: str = "text", bad_lines: str | BadLine
     if name.endswith(".jsonl") or name.endswith(".json"):
         yield from _jsonl_documents(path, text_field, bad)
     elif name.endswith(".parquet"):
-        yield from _parquet_documents(path, text_field)
+        yield from _parquet_documents(path, text_field, bad)
     elif name.endswith(".txt"):
         yield from _text_documents(path, bad)
     else:
