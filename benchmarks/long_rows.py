@@ -49,7 +49,8 @@ def table() -> str:
     latest = {}
     for line in open(RESULTS):
         row = json.loads(line)
-        if row["model"] == MODEL and row.get("seq_len") in LENGTHS and "error" not in row:
+        tpu = row["topology"].startswith("v")  # the TPU compiler's rows (GPU rows of the same model exist too)
+        if row["model"] == MODEL and tpu and row.get("seq_len") in LENGTHS and "error" not in row:
             latest[row["seq_len"]] = row
     lines = ["| row | pod, mesh | tokens / chip | compiled matmul FLOPs / token (attention key loops once) | "
              "model FLOPs / token: KJV-packed; one document | attention share: KJV-packed; one document | "
