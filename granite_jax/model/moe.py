@@ -212,17 +212,17 @@ def grouped_matmul(x, weights, group_sizes, *, impl: str = "auto", tile: int = 1
     """Multiply each contiguous group of rows of `x` by its group's weight matrix. Rows past the last group
     (`group_sizes` may sum to less than len(x): an exchange buffer's empty rows) cost no matmul and are zero."""
     x, weights = jnp.asarray(x), jnp.asarray(weights)
+    platform = platform or target_platform()
     impl = _resolve_impl(impl, platform)
+    # Pallas kernels in interpret mode only when compiling for CPU: a dry run traces on a CPU host for TPU or
+    # GPU devices, and must compile the real kernels (interpreted, they lower to XLA loops)
+    interpret = platform == "cpu"
     if impl == "megablox":
-        # interpret mode only when compiling for CPU: a dry run traces on a CPU host for TPU devices, and must
-        # compile the Mosaic kernels (interpreted, they lower to XLA loops of data-dependent length)
-        return _megablox_grouped_matmul(x, weights, group_sizes,
-                                        interpret=(platform or target_platform()) == "cpu")
+        return _megablox_grouped_matmul(x, weights, group_sizes, interpret=interpret)
     if impl == "ragged_dot":
         out = jax.lax.ragged_dot(x, weights, group_sizes)
         return jnp.where(_grouped_rows(x, group_sizes), out, 0)  # ragged_dot leaves them undocumented
-    return _tiled_grouped_matmul(x, weights, group_sizes, tile, kernels=impl == "pallas_gpu",
-                                 interpret=(platform or target_platform()) == "cpu")
+    return _tiled_grouped_matmul(x, weights, group_sizes, tile, kernels=impl == "pallas_gpu", interpret=interpret)
 
 
 class SharedMLP(nnx.Module):
