@@ -25,6 +25,7 @@ from conftest import (
 )
 
 from granite_jax.parallel.distributed import cluster_launcher, env_spec, free_local_port
+from granite_jax.train.checkpoint import DATA_POSITION, checkpoint_meta
 
 ROWS = ["data.streams=2", "data.batch_size=4", "data.seq_len=64", TINY_MODEL]
 SETTINGS = [*ROWS, "mesh={data: 2, fsdp: 2}"]
@@ -49,8 +50,8 @@ def _assert_like_one_process(run_dir, reference: list[float]) -> None:
     losses = metrics(run_dir)
     assert len(losses) == len(reference) == 2
     np.testing.assert_allclose(losses, reference, rtol=2e-5)
-    data = sorted(f for f in os.listdir(run_dir / "checkpoints" / "2" / "data") if f.endswith(".json"))
-    assert data == ["process_0-of-2.json", "process_1-of-2.json"]
+    position = checkpoint_meta(str(run_dir), 2)[1][DATA_POSITION]  # both processes' streams, saved by process 0
+    assert sorted(position["streams"]) == ["0", "1"]
 
 
 def _free_slurm_port() -> int:

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import types
 
 import numpy as np
@@ -28,6 +29,9 @@ from conftest import (
 from granite_jax import load_preset
 from granite_jax.parallel.distributed import free_local_port
 from granite_jax.parallel.mesh import RULES, MeshError, check_model_fits_mesh
+from granite_jax.train.checkpoint import DATA_POSITION, checkpoint_meta
+from granite_jax.train.config import RunConfigError
+from granite_jax.train.loop import process_streams
 
 
 def _mesh(**sizes):
@@ -262,21 +266,80 @@ def test_meshes_give_the_one_device_losses(eight_devices, reference_train):
 TWO_STREAMS = ["data.streams=2", "data.batch_size=8", "data.seq_len=64", TINY_MODEL]
 
 
+def _data_position(run_dir, step: int) -> dict:
+    return checkpoint_meta(str(run_dir), step)[1][DATA_POSITION]
+
+
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path, reference_losses):
-    """2 processes x 4 CPU devices (gloo, `{data: 2, fsdp: 4}`) train 2 steps, checkpoint, are restarted and
-    resume to step 4: the losses equal one process training straight through (on its one device; meshes give
-    the one-device losses, test_meshes_give_the_one_device_losses), and each process checkpointed its own data
-    position."""
+def test_two_processes_checkpoint_and_one_process_resumes_on_another_mesh(tmp_path, reference_losses):
+    """2 processes x 2 CPU devices (gloo, `{fsdp: 4}`, by default one data stream per process) train 2 steps
+    and checkpoint; one process on 2 devices (`{fsdp: 2}`) resumes to step 4. Parameters and optimizer state
+    restore onto the new shardings and both streams go on where they stopped (positions are saved per stream,
+    not per process): the losses equal one process reading the two streams straight through (on its one device;
+    meshes give the one-device losses, test_meshes_give_the_one_device_losses)."""
     one, _ = reference_losses("steps=4", *TWO_STREAMS, *LAUNCH_RUN)
-    settings = [*TWO_STREAMS, "mesh={data: 2, fsdp: 4}"]
-    launch_processes(tmp_path, steps=2, processes=2, settings=settings)
-    launch_processes(tmp_path, steps=4, processes=2, settings=settings)  # resumes from the step-2 checkpoint
+    rows = [r for r in TWO_STREAMS if not r.startswith("data.streams")]  # the default: one stream per process
+    launch_processes(tmp_path, steps=2, processes=2, settings=[*rows, "mesh={fsdp: 4}"], devices=4)
+    position = _data_position(tmp_path, 2)
+    assert position["count"] == 2 and sorted(position["streams"]) == ["0", "1"]
+    assert not (tmp_path / "checkpoints" / "2" / "data").exists()  # no per-process files
+    output = launch_processes(tmp_path, steps=4, processes=1, settings=[*rows, "mesh={fsdp: 2}"], devices=2)[0]
+    assert "resumed from" in output
     two = metrics(tmp_path)
     assert len(one) == 4 and len(two) == 4
     np.testing.assert_allclose(two, one, rtol=2e-5)
-    data_files = sorted(f for f in os.listdir(tmp_path / "checkpoints" / "2" / "data") if f.endswith(".json"))
-    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def _resumable_copy(run_dir, into, step: int):
+    """A copy of a finished run directory as it was at checkpoint `step`: later checkpoints and metrics gone."""
+    shutil.copytree(run_dir, into, ignore=shutil.ignore_patterns("DONE"))
+    for later in (s for s in os.listdir(into / "checkpoints") if s.isdigit() and int(s) > step):
+        shutil.rmtree(into / "checkpoints" / later)
+    lines = (into / "metrics.jsonl").read_text().splitlines()
+    (into / "metrics.jsonl").write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step))
+    return into
+
+
+@pytest.mark.slow
+def test_a_one_device_checkpoint_resumes_on_an_expert_mesh(tmp_path, reference_losses):
+    """A run checkpointed at step 2 on one device resumes on 4 devices as `{fsdp: 2, expert: 2}`: the losses of
+    steps 3 and 4 equal the uninterrupted one-device run's."""
+    one, reference_dir = reference_losses("steps=4", *TWO_STREAMS, *LAUNCH_RUN)
+    run_dir = _resumable_copy(reference_dir, tmp_path / "run", step=2)
+    assert len(metrics(run_dir)) == 2
+    launch_processes(run_dir, steps=4, processes=1, settings=[*TWO_STREAMS, "mesh={fsdp: 2, expert: 2}"], devices=4)
+    resumed = metrics(run_dir)
+    assert len(one) == 4 and len(resumed) == 4
+    np.testing.assert_allclose(resumed, one, rtol=2e-5)
+
+
+def test_a_resume_that_would_change_the_data_order_is_refused(tmp_path, reference_losses):
+    """The checkpoint's 2 streams must be kept: another data.streams is refused naming the value that works, and
+    nothing in the run directory changes."""
+    _, reference_dir = reference_losses("steps=4", *TWO_STREAMS, *LAUNCH_RUN)
+    run_dir = _resumable_copy(reference_dir, tmp_path / "run", step=2)
+    files = lambda: {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    refused = train_cli(f"run_dir={run_dir}", "steps=4", *TWO_STREAMS[1:], "data.streams=1", *LAUNCH_RUN)
+    assert refused.error_line() == (
+        "error: data.streams=1, but the checkpoint's data position has 2 streams: resume with data.streams=2 "
+        "(or null)")
+    assert files() == before
+
+
+@pytest.mark.parametrize("rows, streams, expected", [
+    (slice(0, 8), 2, range(0, 2)), (slice(4, 8), 2, range(1, 2)), (slice(2, 4), 4, range(1, 2)),
+    (slice(0, 4), 1, "Resume on a number of processes (or of groups of processes sharing rows along context) "
+                     "that divides 1: [1]"),
+    (slice(6, 8), 2, "that divides 2: [1, 2]")])
+def test_each_process_reads_whole_saved_streams_or_the_resume_is_refused(rows, streams, expected):
+    """Which of a checkpoint's streams a process reads from its rows of each batch of 8; a share that is not
+    whole streams (1 stream on 2 processes, 2 streams on 4) is refused with the process counts that work."""
+    if isinstance(expected, range):
+        assert process_streams(rows, 8, streams, saved=True) == expected
+    else:
+        with pytest.raises(RunConfigError, match=re.escape(expected)):
+            process_streams(rows, 8, streams, saved=True)
 
 
 @pytest.mark.slow
@@ -293,8 +356,7 @@ def test_context_axis_across_two_processes_trains_and_resumes_like_one(tmp_path,
     two = metrics(tmp_path)
     assert len(one) == 4 and len(two) == 4
     np.testing.assert_allclose(two, one, rtol=2e-5)
-    data_files = sorted(f for f in os.listdir(tmp_path / "checkpoints" / "2" / "data") if f.endswith(".json"))
-    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert list(_data_position(tmp_path, 2)["streams"]) == ["0"]  # both processes read the one stream
 
 
 @eight_device_job("expert_parallel")

@@ -10,7 +10,7 @@ a segment boundary: the last token of each segment piece has weight 0. That is t
 one target per document piece (and the final partial batch of an infinite stream never happens).
 
 Rows carry `input_ids`, `segment_ids` (0 = padding), `positions`, `targets` and `loss_weights`. The iterator's
-`get_state()` is a small JSON-serialisable dict saved with every checkpoint.
+`get_state()` is a small JSON-serialisable dict saved with every checkpoint, one per data stream.
 """
 
 from __future__ import annotations
@@ -53,11 +53,16 @@ def pretraining_dataset(documents, tokenizer: Tokenizer, *, vocab_size: int, seq
     return rows.map(add_targets).batch(batch_size, drop_remainder=True)
 
 
-class _InterleavedIterator:
-    """Batches of several stream iterators concatenated row-wise; its state is the list of their states."""
+class _StreamsIterator:
+    """Batches of this process's data streams concatenated row-wise: stream `first + k` gives the k-th
+    `batch_size / count` rows of this process's share of every global batch.
 
-    def __init__(self, iterators):
-        self.iterators = iterators
+    Its state names each stream by its index in the run, `{"count": S, "streams": {"3": state, ...}}`: the
+    positions the processes of one job save merge into one map that another process count restores from
+    (`granite_jax.train.checkpoint`)."""
+
+    def __init__(self, iterators, first: int, count: int):
+        self.iterators, self.first, self.count = iterators, first, count
 
     def __iter__(self):
         return self
@@ -67,25 +72,33 @@ class _InterleavedIterator:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def get_state(self) -> dict:
-        return {"streams": [it.get_state() for it in self.iterators]}
+        return {"count": self.count,
+                "streams": {str(self.first + k): it.get_state() for k, it in enumerate(self.iterators)}}
 
     def set_state(self, state: dict) -> None:
-        if len(state["streams"]) != len(self.iterators):
-            raise DataError(f"the checkpoint's data position has {len(state['streams'])} streams per process, this "
-                            f"run {len(self.iterators)}: keep data.streams and the process count of the run")
-        for it, s in zip(self.iterators, state["streams"]):
-            it.set_state(s)
+        streams = state["streams"]
+        if isinstance(streams, list):  # a checkpoint of an earlier version: this process's streams, in order
+            streams = {str(self.first + k): s for k, s in enumerate(streams)}
+        if state.get("count", self.count) != self.count:
+            raise DataError(f"the checkpoint's data position has {state['count']} streams, this run "
+                            f"{self.count}: resume with data.streams={state['count']}")
+        for k, it in enumerate(self.iterators):
+            index = str(self.first + k)
+            if index not in streams:
+                raise DataError(f"the checkpoint's data position has no position for stream {index} (it has "
+                                f"{sorted(streams, key=int)})")
+            it.set_state(streams[index])
 
 
-class _Interleaved:
-    def __init__(self, datasets):
-        self.datasets = datasets
+class _Streams:
+    def __init__(self, datasets, first: int, count: int):
+        self.datasets, self.first, self.count = datasets, first, count
 
     def __iter__(self):
-        return _InterleavedIterator([iter(d) for d in self.datasets])
+        return _StreamsIterator([iter(d) for d in self.datasets], self.first, self.count)
 
 
-def interleave_streams(datasets):
-    """One batch stream from several (each giving its share of the rows of every batch). A single dataset is
-    returned as it is."""
-    return datasets[0] if len(datasets) == 1 else _Interleaved(datasets)
+def interleave_streams(datasets, first: int = 0, count: int | None = None):
+    """One batch stream from this process's streams `first, first + 1, ...` of the run's `count` (each giving
+    its share of the rows of every batch)."""
+    return _Streams(datasets, first, len(datasets) if count is None else count)

@@ -23,6 +23,7 @@ its last complete checkpoint (docs/training.md, "When a job fails").
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ import time
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +236,20 @@ def process_block(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tu
         raise ValueError(f"process {jax.process_index()} holds parts of the batch (shape {shape}) that are not one "
                          "block: order the mesh so that each process's devices are neighbours along its axes")
     return block
+
+
+def allgather_json(value) -> list:
+    """`value` (JSON-serialisable) of every process, in process order: a collective, every process must call it."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int64(raw.size))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:n])) for row, n in zip(gathered, lengths)]
 
 
 def free_local_port() -> int:

@@ -25,6 +25,7 @@ from granite_jax.convert.hf import load_hf_checkpoint
 from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.lora import apply_lora, merge_lora
 from granite_jax.model.quantize import quantize_base
+from granite_jax.parallel.distributed import allgather_json
 from granite_jax.run_dir import RunDir
 from granite_jax.tree import path_names
 
@@ -37,12 +38,30 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model being trained (a different shape or parameter set)."""
 
 
-class _DataPosition:
-    """One process's data-iterator state as it was when `save` was called, in the shape Grain's Orbax handler
-    stores: one `process_{i}-of-{n}.json` per process, so every host resumes its own shard of the data."""
+DATA_POSITION = "data_position"  # meta key: every data stream's position, {"count": S, "streams": {"0": ...}}
 
-    def __init__(self, state=None):
-        self.state = state
+
+def merge_data_positions(positions: list[dict]) -> dict:
+    """The data positions of every process (`{"count": S, "streams": {index: state}}` each, processes sharing a
+    stream giving the same state) as one map covering all S streams: a position that does not depend on how
+    many processes read the streams, so that a resume on another process count or mesh continues each stream
+    where it stopped."""
+    count = positions[0]["count"]
+    streams = {}
+    for position in positions:
+        streams.update(position["streams"])
+    if sorted(streams, key=int) != [str(i) for i in range(count)]:
+        raise CheckpointSaveError(f"the processes' data positions cover streams {sorted(streams, key=int)}, not "
+                                  f"0..{count - 1}")
+    return {"count": count, "streams": streams}
+
+
+class _LegacyDataPosition:
+    """The per-process data position (`data/process_{i}-of-{n}.json`, Grain's Orbax handler) that checkpoints
+    of earlier versions hold instead of DATA_POSITION: read only, and only on the process count that wrote it."""
+
+    def __init__(self):
+        self.state = None
 
     def get_state(self) -> bytes:
         return json.dumps(self.state).encode()
@@ -76,15 +95,19 @@ class RunCheckpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict, meta: dict) -> None:
-        """Start saving `step` (the caller decides when); returns before the write finishes if async."""
+    def save(self, step: int, state, data_position: dict, meta: dict) -> None:
+        """Start saving `step` (the caller decides when); returns before the write finishes if async.
+
+        `data_position`: this process's data streams' positions (the iterator's state; {} for a checkpoint of
+        parameters only). Every process calls `save` at the same step: the positions are gathered and saved,
+        whole, in the metadata (DATA_POSITION)."""
         if step in self.manager.all_steps():
             return
+        if data_position:
+            meta = {**meta, DATA_POSITION: merge_data_positions(allgather_json(data_position))}
         try:
             self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_DataPosition(data_state)),
-                meta=ocp.args.JsonSave(meta)),
-                force=True)
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         except OSError as e:
             raise CheckpointSaveError(f"checkpoint {self.directory}/{step} could not be written: {e}") from None
 
@@ -121,10 +144,11 @@ class RunCheckpoints:
         return None
 
     def restore_latest(self, abstract_state):
-        """(step, state, data_state, meta) of the newest checkpoint that restores, or None if none does.
+        """(step, state, data position, meta) of the newest checkpoint that restores, or None if none does.
 
-        A checkpoint that fails (truncated, corrupted) is reported and the one before it is tried; once one
-        restores, the failed ones are moved to RUN_DIR/corrupt/ (by process 0)."""
+        The state is restored onto `abstract_state`'s shardings, whatever mesh saved it. A checkpoint that fails
+        (truncated, corrupted) is reported and the one before it is tried; once one restores, the failed ones are
+        moved to RUN_DIR/corrupt/ (by process 0)."""
         failed = []
         for step in reversed(self.steps):
             try:
@@ -133,19 +157,37 @@ class RunCheckpoints:
                 raise
             except Exception as e:  # noqa: BLE001 - unreadable metadata: let the restore below report it
                 log.debug("could not read the metadata of step %d: %s", step, e)
+            legacy = self._legacy_data_position(step)
+            items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+            if legacy:
+                items["data"] = grain.checkpoint.CheckpointRestore(_LegacyDataPosition())
             try:
                 with _quiet_orbax():
-                    restored = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=grain.checkpoint.CheckpointRestore(_DataPosition()), meta=ocp.args.JsonRestore()))
+                    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - any failure to read one checkpoint means: try the previous
                 log.warning("checkpoint at step %d could not be restored (%s: %s); trying the previous one",
                             step, type(e).__name__, _first_line(e))
                 failed.append(step)
                 continue
             self._set_aside(failed)
-            return step, restored["state"], restored["data"].state, restored["meta"]
+            meta = restored["meta"]
+            position = restored["data"].state if legacy else meta.get(DATA_POSITION)
+            return step, restored["state"], position, meta
         return None
+
+    def _legacy_data_position(self, step: int) -> bool:
+        """Whether checkpoint `step` keeps its data position per process (an earlier version's layout); such a
+        checkpoint restores only on the process count that saved it."""
+        directory = storage.join(self.directory, str(step), "data")
+        if not storage.isdir(directory):
+            return False
+        saved = sorted(name for name in storage.listdir(directory) if name.startswith("process_"))
+        mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if saved and mine not in saved:
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} was saved by an earlier version, which kept the data position "
+                f"per process ({', '.join(saved)}): resume it on the process count that saved it")
+        return True
 
     def _set_aside(self, steps: list[int]) -> None:
         if not steps:

@@ -321,9 +321,11 @@ def _ranges(config: "RunConfig") -> list[tuple[str, float, Interval]]:
             ("checkpoint.save_timeout_s", config.checkpoint.save_timeout_s, Interval(0.0, closed_low=False))]
 
 
-# What a checkpoint's data position and optimizer state depend on. A resume with one of them changed would read
-# the data from the wrong place (or another corpus) or fail to restore the optimizer state.
 MAX_SEQ_LEN = 2**24  # 16M tokens: 32x the 512K config; a row's host arrays stay under ~1.3 GB
+
+# What a checkpoint's data position and optimizer state depend on. A resume with one of them changed would read
+# the data from the wrong place (or another corpus) or fail to restore the optimizer state. (data.streams is
+# checked against the stream count a checkpoint's data position carries, where it has one.)
 
 RESUME_FIELDS = ("model", "data.format", "data.train", "data.text_field", "data.tokenizer", "data.seq_len",
                  "data.batch_size", "data.shuffle_seed", "data.streams", "data.chat_template", "data.packing_bins",
@@ -331,13 +333,15 @@ RESUME_FIELDS = ("model", "data.format", "data.train", "data.text_field", "data.
 _PATH_FIELDS = {"data.train", "data.tokenizer", "data.chat_template"}
 
 
-def resume_differences(saved: dict, config: RunConfig) -> list[str]:
+def resume_differences(saved: dict, config: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
     """["data.seq_len: 64 in the checkpoint, 128 now", ...]: the RESUME_FIELDS on which `saved` (a checkpoint's
     run configuration) and `config` differ. Paths compare by absolute path; `model` only when neither run
     started from other weights (init_from), whose model the checkpoint's parameter shapes then describe."""
     current, defaults = config.to_dict(), RunConfig().to_dict()
     differences = []
     for name in RESUME_FIELDS:
+        if name in ignore:
+            continue
         if name == "model" and (saved.get("init_from") or config.init_from):
             continue
         was, now = (_field(tree, name) for tree in (saved, current))

@@ -28,7 +28,13 @@ from granite_jax.data.tokenizer import changed_tokenizer_files, load_tokenizer
 from granite_jax.model.flops import mean_keys_per_query, peak_tflops
 from granite_jax.parallel.distributed import process_block
 from granite_jax.run_dir import RunDir
-from granite_jax.train.checkpoint import IMPORTED_FROM, CheckpointMismatchError, RunCheckpoints, abstract_like
+from granite_jax.train.checkpoint import (
+    DATA_POSITION,
+    IMPORTED_FROM,
+    CheckpointMismatchError,
+    RunCheckpoints,
+    abstract_like,
+)
 from granite_jax.train.config import RunConfig, RunConfigError, resume_differences, save_run_config
 from granite_jax.train.metrics import TensorBoardWriter, console_line, eval_line, print_line
 from granite_jax.train.optim import learning_rate_at
@@ -108,7 +114,30 @@ def resolve_tokenizer(config: RunConfig) -> str:
     return tokenizer
 
 
-def build_datasets(config: RunConfig, vocab_size: int, rows: slice | None = None):
+def process_streams(rows: slice, batch_size: int, streams: int, *, saved: bool = False) -> range:
+    """The data streams this process reads: those whose rows of every global batch (`batch_size / streams`
+    each, stream k holding rows k*R..(k+1)*R-1) make up `rows`, the process's share. `saved`: `streams` is the
+    count a checkpoint's data position was saved with, which a resume must keep (the message then says which
+    process layouts can)."""
+    held = rows.stop - rows.start
+    per_stream = batch_size // streams if batch_size % streams == 0 else 0
+    if per_stream and rows.start % per_stream == 0 and held % per_stream == 0:
+        return range(rows.start // per_stream, rows.stop // per_stream)
+    where = (f"this process holds rows {rows.start}..{rows.stop - 1} of each batch of {batch_size} (from the mesh "
+             f"and the {jax.process_count()} processes)")
+    if saved:
+        splits = [n for n in range(1, streams + 1) if streams % n == 0]
+        raise RunConfigError(
+            f"the checkpoint's data position has {streams} streams of {batch_size // streams} rows, and {where}: "
+            f"a process must read whole streams to keep the data order. Resume on a number of processes (or "
+            f"of groups of processes sharing rows along context) that divides {streams}: {splits}")
+    raise RunConfigError(
+        f"data.streams={streams} must divide data.batch_size={batch_size} into streams of whole rows that this "
+        f"process's share of each batch consists of, and {where}; use a multiple of {batch_size // held} that "
+        f"divides {batch_size}")
+
+
+def build_datasets(config: RunConfig, vocab_size: int, rows: slice | None = None, saved_streams: int | None = None):
     """(training batches, validation batches or None) of this process, as the config's data format says.
 
     The data is split into `data.streams` independent streams, each reading its own shard of the files and
@@ -117,21 +146,18 @@ def build_datasets(config: RunConfig, vocab_size: int, rows: slice | None = None
     per distinct block of rows: one per process, or one per group of processes that share rows because the
     context axis spans them (each then keeps its slice of the positions, `global_batch`). A global batch
     depends on the stream count, not on how many processes share it: one process with data.streams=2 sees
-    exactly the batches of a two-process run.
+    exactly the batches of a two-process run. `saved_streams`: the stream count of the checkpoint being resumed,
+    kept whatever the process count now (data.streams must then be null or equal to it).
     """
     tokenizer = load_tokenizer(config.data.tokenizer)
     data = config.data
     rows = rows or slice(0, data.batch_size)
-    held = rows.stop - rows.start
-    streams = data.streams or data.batch_size // held
-    per_stream = data.batch_size // streams if data.batch_size % streams == 0 else 0
-    if not per_stream or rows.start % per_stream or held % per_stream:
-        raise RunConfigError(
-            f"data.streams={streams} must divide data.batch_size={data.batch_size} into streams of whole rows "
-            f"that this process's share of each batch (rows {rows.start}..{rows.stop - 1}, from the mesh) "
-            f"consists of; with {jax.process_count()} processes use a multiple of {data.batch_size // held} that "
-            f"divides {data.batch_size}")
-    mine = range(rows.start // per_stream, rows.stop // per_stream)
+    if saved_streams is not None and data.streams not in (None, saved_streams):
+        raise RunConfigError(f"data.streams={data.streams}, but the checkpoint's data position has "
+                             f"{saved_streams} streams: resume with data.streams={saved_streams} (or null)")
+    streams = saved_streams or data.streams or data.batch_size // (rows.stop - rows.start)
+    mine = process_streams(rows, data.batch_size, streams, saved=saved_streams is not None)
+    per_stream = data.batch_size // streams
     stream_rows = dict(seq_len=data.seq_len, batch_size=per_stream, shard_count=streams)
     if data.format in ("chat", "preference"):
         chat = chat_format(data.chat_template, data.tokenizer)
@@ -149,7 +175,7 @@ def build_datasets(config: RunConfig, vocab_size: int, rows: slice | None = None
 
         def make(samples, seed):
             return interleave_streams([packed(samples, seed=seed, shard_index=i, packing_bins=data.packing_bins,
-                                              **stream_rows) for i in mine])
+                                              **stream_rows) for i in mine], mine.start, streams)
 
         train_data = make(load(data.train, "train"), data.shuffle_seed)
         eval_data = make(load(data.validation, "validation"), 0) if data.validation else None
@@ -157,7 +183,8 @@ def build_datasets(config: RunConfig, vocab_size: int, rows: slice | None = None
 
     def make(documents, seed):
         return interleave_streams([pretraining_dataset(documents, tokenizer, vocab_size=vocab_size, seed=seed,
-                                                       shard_index=i, **stream_rows) for i in mine])
+                                                       shard_index=i, **stream_rows) for i in mine],
+                                  mine.start, streams)
 
     def documents(paths, split):
         bad = BadLines(data.bad_lines)
@@ -241,17 +268,20 @@ def _move_earlier_run_aside(run_dir: RunDir) -> None:
         multihost_utils.sync_global_devices("granite_jax: --restart")
 
 
-def _check_resumable(checkpoints: RunCheckpoints, config: RunConfig) -> None:
-    """Refuse to resume from a checkpoint saved with other data or optimizer settings, or past `steps`."""
+def _check_resumable(checkpoints: RunCheckpoints, config: RunConfig) -> dict | None:
+    """Refuse to resume from a checkpoint saved with other data or optimizer settings, or past `steps`; returns
+    the metadata of the checkpoint to resume from (None when there is none)."""
     latest = checkpoints.latest_meta()
     if latest is None:
-        return
+        return None
     step, meta = latest
     where = f"run_dir {config.run_dir!r} holds a checkpoint at step {step}"
     if meta.get(IMPORTED_FROM):  # parameters only: restoring a train state from it would fail
         raise RunConfigError(f"{where} imported from {meta[IMPORTED_FROM]} (parameters only, no optimizer "
                              f"state): train from it with init_from=run:{config.run_dir} and a new run_dir")
-    differences = resume_differences(meta.get("run", {}), config)
+    # a data position saved per stream carries its stream count, which build_datasets checks against data.streams
+    differences = resume_differences(meta.get("run", {}), config,
+                                     ignore=("data.streams",) if DATA_POSITION in meta else ())
     kept = RunDir(config.run_dir).tokenizer_dir
     if storage.isdir(kept) and (changed := changed_tokenizer_files(config.data.tokenizer, kept)):
         differences.append(f"the tokenizer's {', '.join(changed)} differ from the copy the run trained with "
@@ -263,20 +293,26 @@ def _check_resumable(checkpoints: RunCheckpoints, config: RunConfig) -> None:
             f"{os.path.join(config.run_dir, 'previous')}/ and start over")
     if step > config.steps:
         raise RunConfigError(f"{where}, beyond steps={config.steps}: give steps > {step} to train further")
+    return meta
 
 
 def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
     checkpoints = RunCheckpoints(config.run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                                  save_timeout_s=config.checkpoint.save_timeout_s)
     try:
-        _check_resumable(checkpoints, config)
+        resumed_meta = _check_resumable(checkpoints, config)
         run = build_run(config)
     except BaseException:
         checkpoints.close()
         raise
     model_config = run.model_config
     rows, positions = process_block(run.data_sharding, run.batch_shape)  # this process's block of every batch
-    train_data, eval_data = build_datasets(config, model_config.vocab_size, rows=rows)
+    saved_streams = (resumed_meta or {}).get(DATA_POSITION, {}).get("count")
+    try:
+        train_data, eval_data = build_datasets(config, model_config.vocab_size, rows=rows, saved_streams=saved_streams)
+    except BaseException:
+        checkpoints.close()
+        raise
     state, run.state = run.state, None  # from here the loop owns the state (donated to every step)
     iterator = iter(train_data)
     try:
