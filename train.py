@@ -10,7 +10,8 @@
 Any `key=value` overrides a field of the run config (nested with dots). Re-running with the same run_dir
 resumes from its newest checkpoint (refused if the data or optimizer settings it depends on changed, or if no
 checkpoint restores: `--restart` moves the earlier run to RUN_DIR/previous/ and starts over). Exit codes: 0 done,
-2 an error (one `error:` line), 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint.
+2 an error (one `error:` line), 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint, 75 (several
+processes) another process of the job was lost: re-submit the job to resume.
 
 `--dry-run` compiles the train step for the mesh without allocating the model and prints per-device memory,
 FLOPs and collectives: `--topology v5p:4x4x4` compiles with the TPU compiler for a TPU slice that is not here
@@ -58,6 +59,11 @@ def main(argv=None) -> int:
     if args.topology and args.simulate_devices:
         parser.error("--topology and --simulate-devices are two ways to stand in for the target; pick one")
     args.dry_run = args.dry_run or bool(args.topology)
+    if argv is None:  # run as a script: in a job of several processes, under a parent that reports a lost peer
+        from granite_jax.parallel import supervise
+
+        if not supervise.supervised() and supervise.job_of_several(args.coordinator_address is not None):
+            return supervise.run_supervised([sys.executable, *sys.orig_argv[1:]])
     if args.topology:  # the target's compiler is used through the topology; JAX itself stays on CPU
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU here to guard: several dry runs at once

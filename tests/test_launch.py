@@ -15,8 +15,12 @@ import pytest
 from conftest import (
     LAUNCH_RUN,
     ROOT,
+    SIGKILL,
     TINY_MODEL,
     TINY_RUN,
+    TWO_STREAMS,
+    act_on_checkpoint,
+    checkpoint_steps,
     finish,
     launch_processes,
     metrics,
@@ -25,6 +29,7 @@ from conftest import (
 )
 
 from granite_jax.parallel.distributed import cluster_launcher, env_spec, free_local_port
+from granite_jax.parallel.supervise import PEER_LOST_EXIT
 from granite_jax.train.checkpoint import DATA_POSITION, checkpoint_meta
 
 ROWS = ["data.streams=2", "data.batch_size=4", "data.seq_len=64", TINY_MODEL]
@@ -155,9 +160,9 @@ def test_an_unreachable_coordinator_is_one_error_line_within_the_join_timeout(tm
 
 @pytest.mark.slow
 def test_a_killed_process_ends_the_job_within_the_peer_timeout(tmp_path):
-    """Process 1 is SIGKILLed during training: process 0 does not wait in a collective but exits non-zero
-    within --peer-timeout (5 s here) plus the time to notice, its log naming the lost task; the checkpoints it
-    had saved are complete."""
+    """Process 1 is SIGKILLed during training: process 0 does not wait in a collective but exits 75 within
+    --peer-timeout (5 s here) plus the time to notice, its last line saying which process was lost and what to
+    do (JAX's runtime aborts it; train.py's parent says why, `parallel/supervise.py`)."""
     port = free_local_port()
     survivor = _train_process(0, port, tmp_path / "run", "--peer-timeout=5", "checkpoint.every_steps=2")
     victim = _train_process(1, port, tmp_path / "run", "--peer-timeout=5", "checkpoint.every_steps=2")
@@ -168,5 +173,34 @@ def test_a_killed_process_ends_the_job_within_the_peer_timeout(tmp_path):
     killed = time.monotonic()
     victim.wait()
     done = finish(survivor, timeout=300)
-    assert done.returncode != 0 and time.monotonic() - killed < 60, (done.returncode, done.stderr[-3000:])
-    assert "another task died" in done.stderr or "heartbeat" in done.stderr, done.stderr[-3000:]
+    assert done.returncode == PEER_LOST_EXIT and time.monotonic() - killed < 60, (done.returncode, done.stderr[-3000:])
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: process 1 of the job sent no heartbeat for --peer-timeout, so this process stopped too (JAX's "
+        "distributed runtime ends the job when one process is lost). Re-submit the whole job: it resumes from its "
+        "newest complete checkpoint")
+
+
+@pytest.mark.slow
+def test_a_process_killed_while_saving_leaves_no_checkpoint_that_a_resume_takes(tmp_path, reference_losses):
+    """Process 0 is SIGKILLed while saving step 4, every file written, the rename that commits it not done:
+    process 1 exits 75 at once (the coordinator is gone). The half-saved step is not a checkpoint: the job,
+    re-submitted, resumes from step 2 and its losses equal one process training straight through."""
+    one, _ = reference_losses("steps=4", *TWO_STREAMS, *LAUNCH_RUN)
+    port, run_dir = free_local_port(), tmp_path / "run"
+    flags = lambda i: [f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}",  # noqa: E731
+                       f"run_dir={run_dir}", "steps=6", *TWO_STREAMS, "mesh={data: 2, fsdp: 2}", *LAUNCH_RUN]
+    env = {**virtual_cpu_devices(2), "PYTHONUNBUFFERED": "1"}
+    victim = python_process("-c", act_on_checkpoint(4, "before", SIGKILL), ROOT / "train.py", *flags(0), env=env)
+    survivor = python_process(ROOT / "train.py", *flags(1), env=env)
+    assert finish(victim, timeout=600).returncode == 128 + SIGKILL
+    died = time.monotonic()
+    done = finish(survivor, timeout=300)
+    assert done.returncode == PEER_LOST_EXIT and time.monotonic() - died < 60, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "error: process 0 of the job (the coordinator) stopped answering, so this process stopped too")
+    assert checkpoint_steps(run_dir) == [2]
+    assert any(".orbax-checkpoint-tmp" in name for name in os.listdir(run_dir / "checkpoints"))  # step 4, unfinished
+    output = launch_processes(run_dir, steps=4, processes=2, settings=[*TWO_STREAMS, "mesh={data: 2, fsdp: 2}"],
+                              devices=4)[0]
+    assert f"resumed from {run_dir}/checkpoints/2" in output
+    np.testing.assert_allclose(metrics(run_dir), one, rtol=2e-5)

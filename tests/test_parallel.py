@@ -16,7 +16,7 @@ from conftest import (
     LAUNCH_RUN,
     MESHES,
     TINY_MESH_RUN,
-    TINY_MODEL,
+    TWO_STREAMS,
     eight_device_job,
     finish,
     launch_processes,
@@ -261,9 +261,6 @@ def test_meshes_give_the_one_device_losses(eight_devices, reference_train):
         np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=name)
         np.testing.assert_allclose(metrics(eight_devices.root("train meshes") / name.replace(" ", ""), "grad_norm"),
                                    reference_norms, rtol=1e-4, err_msg=name)
-
-
-TWO_STREAMS = ["data.streams=2", "data.batch_size=8", "data.seq_len=64", TINY_MODEL]
 
 
 def _data_position(run_dir, step: int) -> dict:

@@ -57,12 +57,18 @@ class TrainingStopped(Exception):
         self.exit_code = 128 + signum
 
 
+DUPLICATE_S = 1.0  # a repeat of the same signal within this is the same request, delivered twice
+
+
 class _StopSignal:
-    """Remembers SIGTERM/SIGINT so the loop can checkpoint and exit between steps. A second signal stops the
-    process at once (exit 128 + signal), whatever it is waiting on."""
+    """Remembers SIGTERM/SIGINT so the loop can checkpoint and exit between steps. A second signal to this
+    process stops it at once (exit 128 + signal), whatever it is waiting on; the same signal again within
+    DUPLICATE_S is the first one delivered twice (a launcher that signals every process of a job reaches a
+    supervised process directly and through its parent, `parallel/supervise.py`)."""
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = None  # the signal that stops the run (this process's or another's)
+        self._own_at: float | None = None  # when this process itself received it
         self._previous = {}
 
     def __enter__(self):
@@ -84,10 +90,13 @@ class _StopSignal:
         return received != 0
 
     def _handle(self, signum, _frame):
-        if self.received is not None:
+        if self._own_at is not None:
+            if signum == self.received and time.monotonic() - self._own_at < DUPLICATE_S:
+                return
             print(f"received signal {signum} again: stopping now, without saving", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.received = signum
+        self._own_at = time.monotonic()
+        self.received = self.received or signum
         print_line(f"received signal {signum}: stopping after this step (send it again to stop at once)")
 
     def __exit__(self, *exc):
