@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--restart", action="store_true",
                         help="start over in a run_dir that has checkpoints, moving the earlier run to previous/")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 optimizer.lr=1e-3")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
     if args.topology and args.simulate_devices:
         parser.error("--topology and --simulate-devices are two ways to stand in for the target; pick one")
     args.dry_run = args.dry_run or bool(args.topology)

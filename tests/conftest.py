@@ -206,17 +206,12 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def act_on_checkpoint(step: int, when: str, signum: int) -> str:
-    """`python -c` code that runs the script of its argv (train.py) sending itself `signum` just before
-    ("before") or just after ("after") checkpoint `step` is committed (by process 0, in a job of several)."""
-    return _ACT_ON_CHECKPOINT.format(step=step, when=when, signum=int(signum))
-
-
 def train_process(run_dir, *overrides, signal_at: tuple[int, str, int] | None = None, env=None,
                   timeout: float = 900) -> Ran:
     """`python train.py` on the tiny run in a subprocess; with `signal_at=(step, "before" | "after", signum)`
     the process sends itself `signum` just before or just after checkpoint `step` is committed."""
-    script = [] if signal_at is None else ["-c", act_on_checkpoint(*signal_at)]
+    script = [] if signal_at is None else ["-c", _ACT_ON_CHECKPOINT.format(
+        step=signal_at[0], when=signal_at[1], signum=int(signal_at[2]))]
     proc = python_process(*script, ROOT / "train.py", f"run_dir={run_dir}", *TINY_RUN, *overrides,
                           env={**os.environ, **(env or {})})
     return finish(proc, timeout)

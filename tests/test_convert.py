@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from conftest import checkpoint_tensors, convert_cli, forward, hf_logits, max_rel_error, random_ids
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from granite_jax import CheckpointError, GraniteForCausalLM, ModelConfig, load_hf_checkpoint, save_hf_checkpoint
+from granite_jax.convert import hf
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(tie_word_embeddings=False, mamba_proj_bias=True, attention_bias=True)],
@@ -189,6 +191,19 @@ def test_export_onto_a_file_is_one_error_line(tiny_run, tmp_path):
     (tmp_path / "file").write_text("x")
     code, _, err = convert_cli("export", tiny_run, tmp_path / "file")
     assert code == 2 and "not a directory" in _one_error_line(err)
+
+
+def test_a_full_disk_during_export_is_one_error_line_and_leaves_nothing(tiny_run, tmp_path, monkeypatch):
+    def disk_full(arrays, path, metadata=None):  # what safetensors raises on ENOSPC
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    monkeypatch.setattr(hf, "save_file", disk_full)
+    code, _, err = convert_cli("export", tiny_run, tmp_path / "hf")
+    line = _one_error_line(err)
+    assert code == 2 and line.startswith("error: could not write ") and line.endswith(
+        "model.safetensors: no space left on the device"), line
+    assert not (tmp_path / "hf").exists() or os.listdir(tmp_path / "hf") == []
 
 
 def test_export_overwrite_replaces_only_its_own_files(tiny_run, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import socket
 import time
 
@@ -19,7 +18,6 @@ from conftest import (
     TINY_MODEL,
     TINY_RUN,
     TWO_STREAMS,
-    act_on_checkpoint,
     checkpoint_steps,
     finish,
     launch_processes,
@@ -158,49 +156,52 @@ def test_an_unreachable_coordinator_is_one_error_line_within_the_join_timeout(tm
     assert "within 3 s (--join-timeout" in done.stderr and "Traceback" not in done.stderr
 
 
+# `python -c` code that runs the script of its argv (train.py) and SIGKILLs itself as soon as a file matching PATTERN
+# exists (the temporary directory of a checkpoint being saved).
+_DIE_WHEN = """
+import glob, os, runpy, signal, sys, threading, time
+def die_when_it_exists():
+    while not glob.glob({pattern!r}):
+        time.sleep(0.005)
+    os.kill(os.getpid(), signal.SIGKILL)
+threading.Thread(target=die_when_it_exists, daemon=True).start()
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.slow
-def test_a_killed_process_ends_the_job_within_the_peer_timeout(tmp_path):
-    """Process 1 is SIGKILLed during training: process 0 does not wait in a collective but exits 75 within
-    --peer-timeout (5 s here) plus the time to notice, its last line saying which process was lost and what to
-    do (JAX's runtime aborts it; train.py's parent says why, `parallel/supervise.py`)."""
-    port = free_local_port()
-    survivor = _train_process(0, port, tmp_path / "run", "--peer-timeout=5", "checkpoint.every_steps=2")
-    victim = _train_process(1, port, tmp_path / "run", "--peer-timeout=5", "checkpoint.every_steps=2")
-    for line in survivor.stdout:  # until a few steps have run
-        if re.match(r"step +4/", line):
-            break
-    victim.kill()
-    killed = time.monotonic()
-    victim.wait()
+def test_a_process_lost_while_saving_ends_the_job_which_resumes_on_another_mesh(tmp_path, reference_losses):
+    """2 processes x 2 CPU devices (`{fsdp: 4}`, one data stream per process by default) train; process 1 is
+    SIGKILLed as the save of step 4 begins. Process 0 does not wait in a collective: it exits 75 within
+    --peer-timeout (5 s here) plus the time to notice, its last line naming the lost process and saying what to
+    do (JAX's runtime aborts it; train.py's parent says why, `parallel/supervise.py`). The half-saved step 4 is
+    not a checkpoint. Re-submitted as one process on 2 devices (`{fsdp: 2}`), the job resumes from step 2:
+    parameters and optimizer state restore onto the new shardings and both streams go on where they stopped
+    (positions are saved per stream, not per process), so the losses equal one process reading the two
+    streams straight through (on its one device; meshes give the one-device losses)."""
+    one, _ = reference_losses("steps=4", *TWO_STREAMS, *LAUNCH_RUN)
+    rows = [r for r in TWO_STREAMS if not r.startswith("data.streams")]  # the default: one stream per process
+    port, run_dir = free_local_port(), tmp_path / "run"
+    flags = lambda i: [f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}",  # noqa: E731
+                       "--peer-timeout=5", f"run_dir={run_dir}", "steps=6", *rows, "mesh={fsdp: 4}", *LAUNCH_RUN]
+    env = {**virtual_cpu_devices(2), "PYTHONUNBUFFERED": "1"}
+    survivor = python_process(ROOT / "train.py", *flags(0), env=env)
+    victim = python_process("-c", _DIE_WHEN.format(pattern=f"{run_dir}/checkpoints/4.orbax-checkpoint-tmp*"),
+                            ROOT / "train.py", *flags(1), env=env)
+    assert finish(victim, timeout=600).returncode == 128 + SIGKILL
+    died = time.monotonic()
     done = finish(survivor, timeout=300)
-    assert done.returncode == PEER_LOST_EXIT and time.monotonic() - killed < 60, (done.returncode, done.stderr[-3000:])
+    assert done.returncode == PEER_LOST_EXIT and time.monotonic() - died < 60, (done.returncode, done.stderr[-3000:])
     assert done.stderr.strip().splitlines()[-1] == (
         "error: process 1 of the job sent no heartbeat for --peer-timeout, so this process stopped too (JAX's "
         "distributed runtime ends the job when one process is lost). Re-submit the whole job: it resumes from its "
         "newest complete checkpoint")
-
-
-@pytest.mark.slow
-def test_a_process_killed_while_saving_leaves_no_checkpoint_that_a_resume_takes(tmp_path, reference_losses):
-    """Process 0 is SIGKILLed while saving step 4, every file written, the rename that commits it not done:
-    process 1 exits 75 at once (the coordinator is gone). The half-saved step is not a checkpoint: the job,
-    re-submitted, resumes from step 2 and its losses equal one process training straight through."""
-    one, _ = reference_losses("steps=4", *TWO_STREAMS, *LAUNCH_RUN)
-    port, run_dir = free_local_port(), tmp_path / "run"
-    flags = lambda i: [f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}",  # noqa: E731
-                       f"run_dir={run_dir}", "steps=6", *TWO_STREAMS, "mesh={data: 2, fsdp: 2}", *LAUNCH_RUN]
-    env = {**virtual_cpu_devices(2), "PYTHONUNBUFFERED": "1"}
-    victim = python_process("-c", act_on_checkpoint(4, "before", SIGKILL), ROOT / "train.py", *flags(0), env=env)
-    survivor = python_process(ROOT / "train.py", *flags(1), env=env)
-    assert finish(victim, timeout=600).returncode == 128 + SIGKILL
-    died = time.monotonic()
-    done = finish(survivor, timeout=300)
-    assert done.returncode == PEER_LOST_EXIT and time.monotonic() - died < 60, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines()[-1].startswith(
-        "error: process 0 of the job (the coordinator) stopped answering, so this process stopped too")
     assert checkpoint_steps(run_dir) == [2]
-    assert any(".orbax-checkpoint-tmp" in name for name in os.listdir(run_dir / "checkpoints"))  # step 4, unfinished
-    output = launch_processes(run_dir, steps=4, processes=2, settings=[*TWO_STREAMS, "mesh={data: 2, fsdp: 2}"],
-                              devices=4)[0]
+    assert any(name.startswith("4.orbax-checkpoint-tmp") for name in os.listdir(run_dir / "checkpoints"))
+    position = checkpoint_meta(str(run_dir), 2)[1][DATA_POSITION]  # both processes' streams, saved by process 0
+    assert position["count"] == 2 and sorted(position["streams"]) == ["0", "1"]
+    assert not (run_dir / "checkpoints" / "2" / "data").exists()  # no per-process files
+    output = launch_processes(run_dir, steps=4, processes=1, settings=[*rows, "mesh={fsdp: 2}"], devices=2)[0]
     assert f"resumed from {run_dir}/checkpoints/2" in output
     np.testing.assert_allclose(metrics(run_dir), one, rtol=2e-5)

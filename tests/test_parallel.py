@@ -267,26 +267,6 @@ def _data_position(run_dir, step: int) -> dict:
     return checkpoint_meta(str(run_dir), step)[1][DATA_POSITION]
 
 
-@pytest.mark.slow
-def test_two_processes_checkpoint_and_one_process_resumes_on_another_mesh(tmp_path, reference_losses):
-    """2 processes x 2 CPU devices (gloo, `{fsdp: 4}`, by default one data stream per process) train 2 steps
-    and checkpoint; one process on 2 devices (`{fsdp: 2}`) resumes to step 4. Parameters and optimizer state
-    restore onto the new shardings and both streams go on where they stopped (positions are saved per stream,
-    not per process): the losses equal one process reading the two streams straight through (on its one device;
-    meshes give the one-device losses, test_meshes_give_the_one_device_losses)."""
-    one, _ = reference_losses("steps=4", *TWO_STREAMS, *LAUNCH_RUN)
-    rows = [r for r in TWO_STREAMS if not r.startswith("data.streams")]  # the default: one stream per process
-    launch_processes(tmp_path, steps=2, processes=2, settings=[*rows, "mesh={fsdp: 4}"], devices=4)
-    position = _data_position(tmp_path, 2)
-    assert position["count"] == 2 and sorted(position["streams"]) == ["0", "1"]
-    assert not (tmp_path / "checkpoints" / "2" / "data").exists()  # no per-process files
-    output = launch_processes(tmp_path, steps=4, processes=1, settings=[*rows, "mesh={fsdp: 2}"], devices=2)[0]
-    assert "resumed from" in output
-    two = metrics(tmp_path)
-    assert len(one) == 4 and len(two) == 4
-    np.testing.assert_allclose(two, one, rtol=2e-5)
-
-
 def _resumable_copy(run_dir, into, step: int):
     """A copy of a finished run directory as it was at checkpoint `step`: later checkpoints and metrics gone."""
     shutil.copytree(run_dir, into, ignore=shutil.ignore_patterns("DONE"))

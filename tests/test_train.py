@@ -83,10 +83,23 @@ def test_every_bundled_run_config_validates(name):
     (["model_overrides={num_hidden_layers: 2"], r"override 'model_overrides=.*': the value is not valid YAML"),
     (["data.seq_len=1000000000000"], r"data.seq_len=1,000,000,000,000 is longer than 16,777,216 tokens"),
     (["mesh={data: 2.5}"], r"mesh.data=2.5 must be a whole number of devices"),
+    (["data=5", "data.seq_len=64"], r"override 'data.seq_len=64' sets a field of data, which an earlier override "
+                                    r"set to 5: give one or the other"),
+    (["data.seq_len=64", "data=5"], r"override 'data=5' replaces the fields of data that an earlier override set "
+                                    r"\(data.seq_len\)"),
+    (["init_from=hf:/tmp", "init_verify={public_key: [a]}"], r"init_verify.public_key=\['a'\]: expected a string"),
+    (["init_from=hf:/tmp", "init_verify={certificate_chain: {a: 1}}"],
+     r"init_verify.certificate_chain={'a': 1}: expected a path or a list of paths"),
 ])
 def test_bad_config_is_reported(override, message):
     with pytest.raises(RunConfigError, match=message):
         load_run_config(None, override)
+
+
+def test_overrides_may_follow_the_flags():
+    """`steps=3 --restart optimizer.lr=-1`: the override after the flag is read (argparse alone would refuse it as
+    an unrecognised argument); its bad value is the error."""
+    assert "optimizer.lr=-1.0 is outside" in train_cli("steps=3", "--restart", "optimizer.lr=-1").error_line()
 
 
 def test_a_nested_layer_kind_and_a_file_as_run_dir_are_error_lines(tmp_path):

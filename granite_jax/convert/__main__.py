@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         print(export(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
                      tokenizer=args.tokenizer, sign_key=args.sign_key, sign_cert=args.sign_cert,
                      sign_cert_chain=tuple(args.sign_cert_chain), adapter=args.adapter))
-    except (ValueError, FileNotFoundError, RunDirError) as e:
+    except (ValueError, OSError, RunDirError) as e:  # OSError: e.g. a full disk while copying the tokenizer
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

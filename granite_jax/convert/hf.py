@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from granite_jax.config import ModelConfig
@@ -313,6 +314,17 @@ def remove_stale_weights(directory: str, keep: set[str]) -> list[str]:
     return stale
 
 
+def _write_safetensors(arrays: dict, path: str) -> None:
+    """safetensors' `save_file`, a failure (a full disk, a quota) as one CheckpointError naming the file."""
+    try:
+        save_file(arrays, path, metadata={"format": "pt"})
+    except (SafetensorError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "StorageFull" in reason or "code: 28" in reason or getattr(e, "errno", None) == errno.ENOSPC:
+            reason = "no space left on the device"
+        raise CheckpointError(f"could not write {path}: {reason}") from None
+
+
 def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, *, dtype=None,
                        max_shard_size: int | str = "5GB") -> list[str]:
     """Write `config.json` and safetensors that transformers' `from_pretrained` loads.
@@ -352,7 +364,7 @@ def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, 
             arrays[name] = np.ascontiguousarray(to_hf(np.asarray(jax.device_get(variable[...])))).astype(np_dtype)
             weight_map[name] = filename
             total += arrays[name].nbytes
-        save_file(arrays, os.path.join(directory, filename), metadata={"format": "pt"})
+        _write_safetensors(arrays, os.path.join(directory, filename))
         os.chmod(os.path.join(directory, filename), 0o666 & ~_umask())  # safetensors writes 0600
         written.append(os.path.join(directory, filename))
     if len(shards) > 1:

@@ -60,8 +60,15 @@ class VerifySpec:
         unknown = sorted(set(raw) - names)
         if unknown:
             raise SignatureError(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
+        for name in ("public_key", "identity", "issuer"):
+            if raw.get(name) is not None and not isinstance(raw[name], str):
+                raise SignatureError(f"{where}.{name}={raw[name]!r}: expected a string")
         chain = raw.get("certificate_chain") or ()
-        return cls(**{**raw, "certificate_chain": [chain] if isinstance(chain, str) else chain})
+        chain = [chain] if isinstance(chain, str) else chain
+        if not isinstance(chain, (list, tuple)) or not all(isinstance(path, str) for path in chain):
+            raise SignatureError(f"{where}.certificate_chain={raw['certificate_chain']!r}: expected a path or a "
+                                 "list of paths")
+        return cls(**{**raw, "certificate_chain": chain})
 
     def describe(self) -> str:
         if self.public_key is not None:
