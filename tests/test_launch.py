@@ -189,7 +189,8 @@ def test_a_process_lost_while_saving_ends_the_job_which_resumes_on_another_mesh(
     survivor = python_process(ROOT / "train.py", *flags(0), env=env)
     victim = python_process("-c", _DIE_WHEN.format(pattern=f"{run_dir}/checkpoints/4.orbax-checkpoint-tmp*"),
                             ROOT / "train.py", *flags(1), env=env)
-    assert finish(victim, timeout=600).returncode == 128 + SIGKILL
+    # killed: train.py's parent (-9) or its child (the parent then exits 128 + 9), whichever saw the file first
+    assert finish(victim, timeout=600).returncode in (-SIGKILL, 128 + SIGKILL)
     died = time.monotonic()
     done = finish(survivor, timeout=300)
     assert done.returncode == PEER_LOST_EXIT and time.monotonic() - died < 60, (done.returncode, done.stderr[-3000:])

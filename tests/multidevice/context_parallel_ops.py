@@ -1,4 +1,4 @@
-"""The context-parallel SSD, causal conv and attention (shard_map over a `context` axis of 2, 4 or 8 devices,
+"""The context-parallel SSD, causal conv and attention (shard_map over a `context` axis of 2 or 8 devices,
 contiguous and zigzag layouts) against the unsharded functions and the token-by-token oracle: values and
 gradients, on packed rows whose document boundaries fall at, next to and away from the shard, piece and chunk
 edges, and on partitions that hypothesis draws (and shrinks, should one fail). All cases of one length and
