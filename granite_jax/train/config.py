@@ -460,9 +460,6 @@ def parse_overrides(pairs: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise RunConfigError(f"override {pair!r} sets a field of {'.'.join(parts[:depth + 1])}, which an "
                                      f"earlier override set to {node!r}: give one or the other")
-        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
-            raise RunConfigError(f"override {pair!r} replaces the fields of {key} that an earlier override set "
-                                 f"({', '.join(f'{key}.{k}' for k in node[parts[-1]])}): give one or the other")
         node[parts[-1]] = value
     return tree
 
