@@ -83,7 +83,7 @@ def source_of(chain: list[tuple[str, str, int]]) -> tuple[str, str, int]:
     return chain[0] if chain else ("?", "?", 0)
 
 
-# The model's `jax.named_scope`s (granite.py, mamba.py, attention.py, moe.py, train/step.py) -> components;
+# The model's `jax.named_scope`s (granite.py, mamba.py, attention.py, moe.py, head.py) -> components;
 # the innermost one in an instruction's op_name decides.
 SCOPES = {"in_proj": "mamba in_proj", "conv": "mamba conv", "ssd": "mamba SSD", "out_proj": "mamba out_proj",
           "qkv_proj": "attention q/k/v/o", "o_proj": "attention q/k/v/o", "core": "attention core",
@@ -93,7 +93,7 @@ _WORD = re.compile(r"[A-Za-z_]+")
 
 
 # Where the compiler left an instruction no op_name (XLA:CPU's fusions), its source file decides.
-FILES = {"train/step.py": "head", "model/flash.py": "attention core", "model/pallas_attention.py": "attention core",
+FILES = {"model/head.py": "head", "model/flash.py": "attention core", "model/pallas_attention.py": "attention core",
          "model/ssd.py": "mamba SSD", "model/pallas_ssd.py": "mamba SSD"}
 
 

@@ -1,6 +1,6 @@
 """The output head's loss and its gradient, `loss_impl` recompute (each chunk under `jax.checkpoint`, its logits
 built again in the backward pass; the default) against fused (the gradient computed in the forward pass), in
-one run (`train/step.py: chunked_cross_entropy`).
+one run (`model/head.py: chunked_cross_entropy`).
 
     python benchmarks/head_loss.py             # granite-4.0-h-1b's head (100,352 x 2,048), bf16 hidden states
 
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from granite_jax.model.head import chunked_cross_entropy  # noqa: E402
 from granite_jax.train.dry_run import executed_matmul_flops  # noqa: E402
-from granite_jax.train.step import chunked_cross_entropy  # noqa: E402
 
 VOCAB, HIDDEN, CHUNK = 100_352, 2_048, 1_024
 

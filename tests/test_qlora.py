@@ -14,7 +14,7 @@ from jax.sharding import AbstractMesh
 from qwix._src.core.numerics import get_nf4_buckets
 
 from granite_jax import GraniteForCausalLM, load_preset, save_hf_checkpoint
-from granite_jax.model.lora import LoRALinear, apply_lora
+from granite_jax.model.lora import LoRALinear, apply_lora, quantize_frozen_base
 from granite_jax.model.quantize import (
     NF4_BLOCK,
     QuantizedScale,
@@ -209,6 +209,6 @@ def test_a_bad_quantize_base_names_the_field(overrides, message):
 
 def test_quantize_base_without_adapters_is_refused_and_the_setting_parses():
     with pytest.raises(ValueError, match=r"lora.quantize_base='int8' needs LoRA adapters"):
-        quantize_base(_tiny_model(), "int8")
+        quantize_frozen_base(_tiny_model(), "int8")
     assert load_run_config(None, ["lora.quantize_base=nf4"]).lora.quantize_base == "nf4"
     assert load_run_config(None, ["lora.rank=4"]).lora.quantize_base is None

@@ -283,7 +283,7 @@ def test_chunked_cross_entropy_equals_the_whole_batch_loss(chunk, impl):
     import jax
     import jax.numpy as jnp
 
-    from granite_jax.train.step import chunked_cross_entropy
+    from granite_jax.model.head import chunked_cross_entropy
 
     rng = np.random.default_rng(0)
     B, T, H, V = 2, 13, 8, 11
@@ -319,8 +319,8 @@ def test_the_fused_head_loss_costs_three_head_matmuls_not_four(impl, head_matmul
     import jax
     import jax.numpy as jnp
 
+    from granite_jax.model.head import chunked_cross_entropy
     from granite_jax.train.dry_run import executed_matmul_flops
-    from granite_jax.train.step import chunked_cross_entropy
 
     B, T, H, V = 2, 64, 32, 512
     hidden, head = jnp.ones((B, T, H), jnp.float32), jnp.ones((V, H), jnp.float32)

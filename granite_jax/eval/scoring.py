@@ -25,10 +25,11 @@ import numpy as np
 from flax import nnx
 
 from granite_jax.data.sources import BadLines, DataError, data_lines, read_documents
+from granite_jax.model.context_layout import context_order, in_context_layout
 from granite_jax.model.granite import GraniteForCausalLM
+from granite_jax.model.head import chunked_token_scores
 from granite_jax.parallel.mesh import check_batch, check_sequence, parameter_shardings
 from granite_jax.parallel.plan import ShardingPlan
-from granite_jax.train.step import chunked_token_scores, context_order, in_context_layout
 
 
 def _with_plan(model: GraniteForCausalLM, plan: ShardingPlan) -> GraniteForCausalLM:

@@ -165,7 +165,7 @@ class GraniteModel(nnx.Module):
         _check_inputs(config, input_ids, segment_ids, positions)
         split = sequence_split(config.sharding)
         if split is not None and split.layout != "contiguous":
-            # The rows are in a context layout (train/step.py: in_context_layout): runs counted over the permuted
+            # The rows are in a context layout (model/context_layout.py): runs counted over the permuted
             # row would join pieces that are not neighbours, so the layers get the data's segment ids, which
             # the context-parallel conv, SSD and attention compare only between pieces adjacent in the row.
             runs = document_runs(None, input_ids.shape) if segment_ids is None else segment_ids

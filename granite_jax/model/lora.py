@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from granite_jax.model.quantize import QuantizedTensor, quantized_tensors
+from granite_jax.model.quantize import QuantizedTensor, quantize_base, quantized_tensors
 from granite_jax.parallel import partitioned
 from granite_jax.tree import path_names
 
@@ -122,6 +122,15 @@ def enable_dropout(model: nnx.Module, key: jax.Array) -> None:
 
 def has_lora(model: nnx.Module) -> bool:
     return any(isinstance(m, LoRALinear) for _, m in model.iter_modules())
+
+
+def quantize_frozen_base(model: nnx.Module, qtype: str, *, field: str = "lora.quantize_base") -> nnx.Module:
+    """QLoRA: the base weights under the adapters stored as `qtype` (`quantize.quantize_base`), in place. A model
+    without adapters is refused: a quantised base is frozen, and only adapters can be trained over it."""
+    if not has_lora(model):
+        raise ValueError(f"{field}={qtype!r} needs LoRA adapters on the model (set lora.rank / lora.targets): "
+                         "the quantised base weights are frozen")
+    return quantize_base(model, qtype, field=field)
 
 
 def adapters(model: nnx.Module) -> list[tuple[tuple, LoRALinear]]:

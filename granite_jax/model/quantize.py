@@ -110,16 +110,12 @@ def _compute_dtype(module, default):
 
 def quantize_base(model: nnx.Module, qtype: str, *, field: str = "lora.quantize_base") -> nnx.Module:
     """Replace, in place, the decoder layers' `nnx.Linear` kernels (router excepted) and routed-expert weights by
-    `QuantizedTensor`s of `qtype` ('int8' or 'nf4'); returns the model. See the module docstring."""
+    `QuantizedTensor`s of `qtype` ('int8' or 'nf4'); returns the model. See the module docstring. Training runs
+    call it through `lora.quantize_frozen_base`, which requires adapters over the (then frozen) base."""
     check_quantize_base(qtype, field)
     if qtype is None:
         raise ValueError(f"{field}=None: nothing to quantise")
-    from granite_jax.model.lora import has_lora
     from granite_jax.model.moe import MoE
-
-    if not has_lora(model):  # a quantised base is frozen: only adapters can be trained over it
-        raise ValueError(f"{field}={qtype!r} needs LoRA adapters on the model (set lora.rank / lora.targets): "
-                         "the quantised base weights are frozen")
 
     default_dtype = model.config.compute_dtype
     for path, module in list(model.iter_modules()):

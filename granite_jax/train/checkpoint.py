@@ -23,8 +23,7 @@ from granite_jax import storage
 from granite_jax.config import ModelConfig, load_preset
 from granite_jax.convert.hf import load_hf_checkpoint
 from granite_jax.model import GraniteForCausalLM
-from granite_jax.model.lora import apply_lora, merge_lora
-from granite_jax.model.quantize import quantize_base
+from granite_jax.model.lora import apply_lora, merge_lora, quantize_frozen_base
 from granite_jax.parallel.distributed import allgather_json
 from granite_jax.run_dir import RunDir
 from granite_jax.tree import path_names
@@ -378,7 +377,7 @@ def _lora_run_model(run_dir, step, meta, shardings, model_overrides, seen) -> Gr
     apply_lora(model, rank=lora["rank"], alpha=lora["alpha"], dropout=lora.get("dropout", 0.0),
                targets=lora["targets"], rngs=nnx.Rngs(0))
     if lora.get("quantize_base"):  # QLoRA: the adapters were trained over dequant(quant(W)); quantise again
-        quantize_base(model, lora["quantize_base"])
+        quantize_frozen_base(model, lora["quantize_base"])
     replicated = None
     if shardings is not None:
         replicated = NamedSharding(jax.tree.leaves(shardings)[0].mesh, PartitionSpec())

@@ -144,7 +144,7 @@ class RunConfig:
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2)
     loss_chunk_tokens: int = 1024  # logits exist for about this many tokens per device at a time (a slice of its rows)
     # the head loss's gradient: "recompute" (chunks under jax.checkpoint) or "fused" (computed in the forward pass;
-    # one head matmul per token fewer; see train/step.py: chunked_cross_entropy)
+    # one head matmul per token fewer; see model/head.py: chunked_cross_entropy)
     loss_impl: str = "recompute"
     log_every: int = 10
     eval_every: int = 100

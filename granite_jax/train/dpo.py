@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from granite_jax.model.context_layout import in_context_layout
+from granite_jax.model.head import chunked_token_log_probs
 from granite_jax.model.lora import enable_dropout
-from granite_jax.train.step import chunked_token_log_probs, in_context_layout
 
 PAIR_METRICS = ("loss", "reward_accuracy", "reward_chosen", "reward_rejected", "reward_margin")
 

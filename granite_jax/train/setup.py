@@ -22,8 +22,8 @@ from granite_jax.config import ModelConfig, load_preset
 from granite_jax.convert import load_hf_checkpoint
 from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.flops import training_flops_per_token
-from granite_jax.model.lora import apply_lora
-from granite_jax.model.quantize import parameter_count, quantize_base
+from granite_jax.model.lora import apply_lora, quantize_frozen_base
+from granite_jax.model.quantize import parameter_count
 from granite_jax.parallel.mesh import (
     batch_sharding,
     check_batch,
@@ -143,7 +143,7 @@ def with_lora(config: RunConfig, model: GraniteForCausalLM) -> GraniteForCausalL
         model = apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
                            rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), LORA_SEED_SALT)))
         # QLoRA: the frozen base stored quantised, after the adapters took their shapes and axes from it.
-        return model if lora.quantize_base is None else quantize_base(model, lora.quantize_base)
+        return model if lora.quantize_base is None else quantize_frozen_base(model, lora.quantize_base)
     except ValueError as e:
         raise RunConfigError(str(e)) from None
 
