@@ -112,7 +112,6 @@ def measure(case: Case, option: Option, steps: int) -> dict:
     import jax
     import numpy as np
 
-    sys.path.insert(0, ROOT)
     from granite_jax.model.flops import mean_keys_per_query, peak_tflops, training_flops_per_token
     from granite_jax.train import load_run_config
     from granite_jax.train.setup import BATCH_FIELDS, build_run

@@ -30,10 +30,8 @@ import collections
 import json
 import os
 import re
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -123,11 +121,11 @@ def breakdown(hlo_text: str) -> list[dict]:
     """One record per executed matmul instruction of a compiled module: flops (times executed), component,
     phase, source (file:function:line), op_name, in_unknown_loop. The flops add up to
     `executed_matmul_flops(hlo_text)[0]`."""
-    from granite_jax.train.dry_run import _PALLAS_TPU, HloModule, matmul_flops
+    from granite_jax.hlo import PALLAS_TPU_CALL, HloModule, matmul_flops
 
     module = HloModule(hlo_text)
     frames = stack_frames(hlo_text)
-    found, _ = module.executed(lambda line: " dot(" in line or " convolution(" in line or _PALLAS_TPU in line)
+    found, _ = module.executed(lambda line: " dot(" in line or " convolution(" in line or PALLAS_TPU_CALL in line)
     records = []
     for line, times, unknown in found:
         flops = times * matmul_flops(line, module.shapes)
@@ -136,7 +134,7 @@ def breakdown(hlo_text: str) -> list[dict]:
         source = source_of(chain)
         op = _OP_NAME.search(line)
         op_name = op.group(1) if op else ""
-        if _PALLAS_TPU in line and (name := re.search(r'kernel_name[\\"]*:[\\"]*([\w\-.]+)', line)):
+        if PALLAS_TPU_CALL in line and (name := re.search(r'kernel_name[\\"]*:[\\"]*([\w\-.]+)', line)):
             op_name += f" [kernel {name.group(1)}]"
         records.append({"flops": flops, "component": component(op_name, source[0]), "phase": phase(op_name),
                         "source": f"{source[0]}:{source[1]}:{source[2]}", "op_name": op_name,

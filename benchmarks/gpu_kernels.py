@@ -30,12 +30,10 @@ import functools
 import importlib.metadata
 import json
 import os
-import sys
 import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"  # the GPU compiler through deviceless devices; JAX itself stays on the CPU
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -43,11 +41,11 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from granite_jax.hlo import executed_matmul_flops  # noqa: E402
 from granite_jax.model.moe import grouped_matmul, grouped_swiglu  # noqa: E402
 from granite_jax.model.pallas_attention import pallas_attention  # noqa: E402
 from granite_jax.model.pallas_ssd import ssd_pallas  # noqa: E402
 from granite_jax.parallel.topology import gpu_topology_devices  # noqa: E402
-from granite_jax.train.dry_run import executed_matmul_flops  # noqa: E402
 from granite_jax.train.gpu_kernels import compile_options, triton_kernels  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "gpu_kernels.jsonl")

@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
+from granite_jax.hlo import executed_matmul_flops  # noqa: E402
 from granite_jax.model.head import chunked_cross_entropy  # noqa: E402
-from granite_jax.train.dry_run import executed_matmul_flops  # noqa: E402
 
 VOCAB, HIDDEN, CHUNK = 100_352, 2_048, 1_024
 

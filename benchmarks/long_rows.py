@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "recommended_meshes.jsonl")
 MODEL = "granite-4.0-h-tiny"
 LENGTHS = (8192, 131072, 524288)

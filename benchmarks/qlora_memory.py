@@ -24,8 +24,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from recommended_meshes import ENTRIES, ROOT, Entry, GiB, _identity, _overrides, scanned  # noqa: E402
+from recommended_meshes import ENTRIES, ROOT, Entry, GiB, entry_identity, scanned, train_overrides
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "qlora_memory.jsonl")
 LORA = "lora={rank: 8, alpha: 16}"
@@ -45,17 +44,16 @@ def run_one(model: str, variant: str, one_host: bool = False) -> dict:
     """Compile one (model, variant) in this process and return its figures."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    sys.path.insert(0, ROOT)
     from granite_jax.parallel.topology import tpu_topology_devices
     from granite_jax.train import load_run_config
     from granite_jax.train.dry_run import dry_run
 
     entry = entry_for(model, one_host)
-    overrides = _overrides(entry) + VARIANTS[variant]
+    overrides = train_overrides(entry) + VARIANTS[variant]
     start = time.time()
     report = dry_run(load_run_config(os.path.join(ROOT, "configs", "pretrain-tiny.yaml"), overrides),
                      tpu_topology_devices(entry.topology)[:entry.devices])  # one chip of a host's topology
-    return {**_identity(entry), "variant": variant, "overrides": overrides, "device": report.platform,
+    return {**entry_identity(entry), "variant": variant, "overrides": overrides, "device": report.platform,
             "parameters": report.parameters, "params_gib": report.params_bytes / GiB,
             "opt_state_gib": report.opt_state_bytes / GiB, "batch_gib": report.batch_bytes / GiB,
             "temp_gib": report.temp_bytes / GiB, "total_gib": report.peak_bytes / GiB,
@@ -125,7 +123,7 @@ def main() -> None:
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode or not lines:
                 error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-                row = {**_identity(entry_for(model, args.one_host)), "variant": variant,
+                row = {**entry_identity(entry_for(model, args.one_host)), "variant": variant,
                        "error": f"exit {proc.returncode}: {error}"}
             else:
                 row = json.loads(lines[-1])

@@ -136,7 +136,8 @@ GPU_LONG_ENTRIES = [
 ]
 
 
-def _overrides(entry: Entry) -> list[str]:
+def train_overrides(entry: Entry) -> list[str]:
+    """The `train.py` overrides (on configs/pretrain-tiny.yaml) that describe `entry`'s model, mesh and batch."""
     mesh = "{" + ", ".join(f"{k}: {v}" for k, v in entry.mesh.items()) + "}"
     compute = "{" + ", ".join(f"{k}: {v}" for k, v in (("remat_policy", "full"), *entry.model_overrides)) + "}"
     return [f"model={entry.model}", f"mesh={mesh}", f"data.seq_len={entry.seq_len}",
@@ -173,16 +174,15 @@ def run_one(index: int, scan_layers: bool = False, rows: int | None = None) -> d
     """Compile entry `index` of ALL in this process and return its figures (called in a subprocess)."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    sys.path.insert(0, ROOT)
     from granite_jax.parallel.topology import topology_devices
     from granite_jax.train import load_run_config
     from granite_jax.train.dry_run import dry_run
 
     entry = prepared(index, scan_layers, rows)
     start = time.time()
-    report = dry_run(load_run_config(os.path.join(ROOT, "configs", "pretrain-tiny.yaml"), _overrides(entry)),
+    report = dry_run(load_run_config(os.path.join(ROOT, "configs", "pretrain-tiny.yaml"), train_overrides(entry)),
                      topology_devices(entry.topology))
-    return {**_identity(entry), **_compiler(entry), "tokens_per_device": entry.tokens_per_device,
+    return {**entry_identity(entry), **_compiler(entry), "tokens_per_device": entry.tokens_per_device,
             "device": report.platform,
             "params_gib": report.params_bytes / GiB, "opt_state_gib": report.opt_state_bytes / GiB,
             "temp_gib": report.temp_bytes / GiB, "total_gib": report.peak_bytes / GiB,
@@ -194,7 +194,8 @@ def run_one(index: int, scan_layers: bool = False, rows: int | None = None) -> d
             "compile_s": round(time.time() - start, 1), "date": time.strftime("%Y-%m-%d")}
 
 
-def _identity(entry: Entry) -> dict:
+def entry_identity(entry: Entry) -> dict:
+    """The fields that name `entry` in a results row (model, topology, pod, mesh, rows, sequence length...)."""
     return {"model": entry.model, "topology": entry.topology, "pod": entry.pod, "mesh": entry.mesh,
             "rows_per_device": entry.rows_per_device, "seq_len": entry.seq_len,
             "model_overrides": dict(entry.model_overrides)}
@@ -331,7 +332,7 @@ def compile_entry(index: int, scan_layers: bool = False, rows: int | None = None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        row = {**_identity(entry), **({"date": time.strftime("%Y-%m-%d")} if entry.gpu else {}),
+        row = {**entry_identity(entry), **({"date": time.strftime("%Y-%m-%d")} if entry.gpu else {}),
                "error": f"exit {proc.returncode}: {error}"}
     else:
         row = json.loads(lines[-1])

@@ -31,8 +31,8 @@ def test_breakdown_of_the_tiny_models_step_adds_up_and_finds_the_projections():
     breakdown = importlib.util.module_from_spec(spec)
     sys.modules["flops_breakdown"] = breakdown
     spec.loader.exec_module(breakdown)
+    from granite_jax.hlo import executed_matmul_flops
     from granite_jax.train import load_run_config
-    from granite_jax.train.dry_run import executed_matmul_flops
     from granite_jax.train.setup import build_run
 
     config = load_run_config(os.path.join(ROOT, "configs", "pretrain-tiny.yaml"), [

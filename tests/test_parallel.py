@@ -102,7 +102,7 @@ def test_dry_run_counts_matmul_flops_in_loops_once_per_iteration():
     import jax
     import jax.numpy as jnp
 
-    from granite_jax.train.dry_run import executed_matmul_flops
+    from granite_jax.hlo import executed_matmul_flops
 
     def f(x, w, kernel, n):
         y = x @ w
@@ -122,7 +122,7 @@ def test_dry_run_counts_only_the_convolution_taps_on_input_elements():
     """The TPU compiler writes some matmuls as convolutions over a size-1 spatial dimension padded to the window
     (`size=32 pad=31_31`): each output position has one tap on the input, 31 on padding. Such a convolution is
     the batched matmul (8, 64) x (64, 16) for each of 32 windows; a base-dilated one counts one tap per window."""
-    from granite_jax.train.dry_run import matmul_flops
+    from granite_jax.hlo import matmul_flops
 
     shapes = {"x": [8, 64, 1], "w": [32, 16, 64]}
     padded = ("%c = bf16[8,32,16]{2,1,0} convolution(%x, %w), window={size=32 pad=31_31 rhs_reversal=1}, "
@@ -137,7 +137,7 @@ def test_dry_run_counts_only_the_convolution_taps_on_input_elements():
 def test_dry_run_counts_pallas_tpu_kernels_by_their_cost_estimate():
     """A Pallas TPU kernel is an opaque `tpu_custom_call` to the HLO: the dry run counts the FLOPs of the cost
     estimate it carries (megablox's grouped matmuls: 2·m·k·n), and nothing for other custom calls."""
-    from granite_jax.train.dry_run import executed_matmul_flops, matmul_flops
+    from granite_jax.hlo import executed_matmul_flops, matmul_flops
 
     kernel = ('%gmm = bf16[1024,256]{1,0} custom-call(%a, %b, %c), custom_call_target="tpu_custom_call", '
               'backend_config={"custom_call_config":{"body":"...","cost_estimate":{"flops":"268435456",'
@@ -162,7 +162,7 @@ def test_dry_run_reads_a_loop_counter_that_steps_by_two():
     """The TPU compiler's windowed einsums (a matmul by a weight sharded over the devices, multiplied shard by
     shard as the shards arrive from both neighbours) are loops whose counter starts at 0 and steps by 2 up to
     `i < 4` on 8 devices: 2 iterations, not 4 (counting 4 charged h-tiny's dense projections twice)."""
-    from granite_jax.train.dry_run import executed_matmul_flops
+    from granite_jax.hlo import executed_matmul_flops
 
     def module(start: int, step: int) -> str:
         return "\n".join([

@@ -319,8 +319,8 @@ def test_the_fused_head_loss_costs_three_head_matmuls_not_four(impl, head_matmul
     import jax
     import jax.numpy as jnp
 
+    from granite_jax.hlo import executed_matmul_flops
     from granite_jax.model.head import chunked_cross_entropy
-    from granite_jax.train.dry_run import executed_matmul_flops
 
     B, T, H, V = 2, 64, 32, 512
     hidden, head = jnp.ones((B, T, H), jnp.float32), jnp.ones((V, H), jnp.float32)

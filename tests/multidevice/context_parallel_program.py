@@ -5,8 +5,8 @@ import re
 
 import jax
 
+from granite_jax.hlo import COLLECTIVES
 from granite_jax.train.config import RunConfig, apply_overrides
-from granite_jax.train.dry_run import COLLECTIVES
 from granite_jax.train.setup import build_run
 from tests.multidevice import arguments, report
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from granite_jax.train.dry_run import collective_traffic
+from granite_jax.hlo import collective_traffic
 from tests.multidevice import report
 
 
