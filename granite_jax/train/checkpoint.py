@@ -219,8 +219,15 @@ class RunCheckpoints:
                                               f"checkpoint, {tuple(expected[name])} in the model")
 
     def close(self) -> None:
+        """Wait for the save in flight (bounded, `wait`), then release Orbax's manager."""
         self.wait()
         self.manager.close()
+
+    def __enter__(self) -> "RunCheckpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _check_writable(directory: str) -> None:
@@ -276,11 +283,8 @@ def _parameter_shapes(tree) -> dict[str, tuple]:
 def save_parameters(run_dir: str, model: GraniteForCausalLM, meta: dict) -> str:
     """Write `model`'s parameters alone (no optimizer state) as RUN_DIR's checkpoint at step 0, in the layout
     `load_run_model` restores (`state` = {"params": ...}); returns the checkpoint's directory."""
-    checkpoints = RunCheckpoints(run_dir, keep=1, async_save=False)
-    try:
+    with RunCheckpoints(run_dir, keep=1, async_save=False) as checkpoints:
         checkpoints.save(0, {"params": nnx.state(model, nnx.Param)}, {}, meta)
-    finally:
-        checkpoints.close()
     return os.path.join(checkpoints.directory, "0")
 
 

@@ -31,7 +31,6 @@ from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import (
     DATA_POSITION,
     IMPORTED_FROM,
-    CheckpointMismatchError,
     RunCheckpoints,
     abstract_like,
 )
@@ -306,35 +305,27 @@ def _check_resumable(checkpoints: RunCheckpoints, config: RunConfig) -> dict | N
 
 
 def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
-    checkpoints = RunCheckpoints(config.run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-                                 save_timeout_s=config.checkpoint.save_timeout_s)
-    try:
-        resumed_meta = _check_resumable(checkpoints, config)
-        run = build_run(config)
-    except BaseException:
-        checkpoints.close()
-        raise
+    with RunCheckpoints(config.run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                        save_timeout_s=config.checkpoint.save_timeout_s) as checkpoints:
+        return _train_with(checkpoints, config, run_dir)
+
+
+def _train_with(checkpoints: RunCheckpoints, config: RunConfig, run_dir: RunDir) -> list[float]:
+    """Resume or start the run and train it; `checkpoints` is closed by the caller (after the last save)."""
+    resumed_meta = _check_resumable(checkpoints, config)
+    run = build_run(config)
     model_config = run.model_config
     rows, positions = process_block(run.data_sharding, run.batch_shape)  # this process's block of every batch
     saved_streams = (resumed_meta or {}).get(DATA_POSITION, {}).get("count")
-    try:
-        train_data, eval_data = build_datasets(config, model_config.vocab_size, rows=rows, saved_streams=saved_streams)
-    except BaseException:
-        checkpoints.close()
-        raise
+    train_data, eval_data = build_datasets(config, model_config.vocab_size, rows=rows, saved_streams=saved_streams)
     state, run.state = run.state, None  # from here the loop owns the state (donated to every step)
     iterator = iter(train_data)
-    try:
-        restored = checkpoints.restore_latest(abstract_like(state))
-    except CheckpointMismatchError:
-        checkpoints.close()
-        raise
+    restored = checkpoints.restore_latest(abstract_like(state))
     if restored is not None:
         step, state, data_state, _ = restored
         iterator.set_state(data_state)
         print_line(f"resumed from {checkpoints.directory}/{step}")
     elif checkpoints.steps:
-        checkpoints.close()
         raise RuntimeError(
             f"none of the checkpoints in {checkpoints.directory} (steps {checkpoints.steps}) restores (see the "
             "warnings above); refusing to start over in the same directory. Pass --restart to move them to "
@@ -346,7 +337,6 @@ def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
         run_dir.open_logs()
     start = int(state.step)
     if start == config.steps:
-        checkpoints.close()
         print_line(f"{config.run_dir} is already at step {start} = steps: nothing to train (raise steps to go on)")
         return []
 
@@ -418,7 +408,6 @@ def _train(config: RunConfig, run_dir: RunDir) -> list[float]:
                 if config.steps > start:
                     checkpoints.save(config.steps, state, iterator.get_state(), meta)
         finally:
-            checkpoints.close()
             if writer:
                 writer.close()
             if metrics_file:
