@@ -23,7 +23,6 @@ from the odd segments, rejected from the even ones. Rows carry the SFT fields (`
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import grain
@@ -31,7 +30,7 @@ import numpy as np
 
 from granite_jax.data.chat import ChatFormatError, Conversation, Piece, parse_conversation
 from granite_jax.data.chat_template import ChatTemplateError
-from granite_jax.data.sft import OVERLONG_POLICIES, _lines, check_chat_tokenizer, tokenize_pieces
+from granite_jax.data.sft import chat_records, check_chat_inputs, tokenize_pieces
 from granite_jax.data.sources import BadLines, DataError
 from granite_jax.data.tokenizer import Tokenizer
 
@@ -173,51 +172,37 @@ def load_preference_samples(paths: list[str], chat_format, tokenizer: Tokenizer,
     ≤ seq_len tokens) and what was found. A malformed line is an error naming file, line and field (or skipped
     and counted under bad_lines=skip)."""
     bad = BadLines(bad_lines)
-    if overlong not in OVERLONG_POLICIES:
-        raise DataError(f"data.overlong={overlong!r}: expected one of {OVERLONG_POLICIES}")
-    check_chat_tokenizer(tokenizer, getattr(tokenizer, "path", "?"))
-    if tokenizer.vocab_size > vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+    check_chat_inputs(tokenizer, vocab_size, overlong)
     stats, samples, last_report = PreferenceStats(bad_lines=bad.skipped), [], time.monotonic()
-    for path in paths:
-        for number, line, problem in _lines(path):
-            if line is not None and not line.strip():
+
+    def tokenize_pair(record) -> list[tuple[np.ndarray, np.ndarray]]:
+        pair = parse_preference(record)
+        return [tokenize_pieces(reply_pieces(pair.prompt, reply, chat_format, tools=pair.tools,
+                                             documents=pair.documents), tokenizer)
+                for reply in (pair.chosen, pair.rejected)]
+
+    for path, number, sequences in chat_records(paths, bad, tokenize_pair):
+        keep = fit_pair(len(sequences[0][0]), len(sequences[1][0]), seq_len)
+        if keep != (len(sequences[0][0]), len(sequences[1][0])):
+            if overlong == "drop":
+                stats.dropped_overlong += 1
                 continue
-            try:
-                if line is None:
-                    raise ChatFormatError(problem)
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ChatFormatError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-                pair = parse_preference(record)
-                sequences = [tokenize_pieces(reply_pieces(pair.prompt, reply, chat_format, tools=pair.tools,
-                                                          documents=pair.documents), tokenizer)
-                             for reply in (pair.chosen, pair.rejected)]
-            except (ChatFormatError, ChatTemplateError) as e:
-                bad.found(f"{path}:{number}", str(e))
-                continue
-            keep = fit_pair(len(sequences[0][0]), len(sequences[1][0]), seq_len)
-            if keep != (len(sequences[0][0]), len(sequences[1][0])):
-                if overlong == "drop":
-                    stats.dropped_overlong += 1
-                    continue
-                sequences = [(ids[:n], trainable[:n]) for (ids, trainable), n in zip(sequences, keep)]
-                stats.truncated += 1
-            if not all(trainable[1:].any() for _, trainable in sequences):
-                stats.dropped_untrainable += 1
-                continue
-            top = max(int(ids.max()) for ids, _ in sequences)
-            if top >= vocab_size:
-                raise DataError(f"{path}:{number}: token id {top} is outside the model's vocabulary [0, {vocab_size})")
-            sample = pair_sample(*sequences)
-            samples.append(sample)
-            stats.pairs += 1
-            stats.tokens += len(sample["input_ids"])
-            stats.reply_tokens += int(sample["loss_weights"].sum())
-            if time.monotonic() - last_report > 10:
-                progress(f"  tokenized {stats.pairs:,} pairs ({path}:{number})")
-                last_report = time.monotonic()
+            sequences = [(ids[:n], trainable[:n]) for (ids, trainable), n in zip(sequences, keep)]
+            stats.truncated += 1
+        if not all(trainable[1:].any() for _, trainable in sequences):
+            stats.dropped_untrainable += 1
+            continue
+        top = max(int(ids.max()) for ids, _ in sequences)
+        if top >= vocab_size:
+            raise DataError(f"{path}:{number}: token id {top} is outside the model's vocabulary [0, {vocab_size})")
+        sample = pair_sample(*sequences)
+        samples.append(sample)
+        stats.pairs += 1
+        stats.tokens += len(sample["input_ids"])
+        stats.reply_tokens += int(sample["loss_weights"].sum())
+        if time.monotonic() - last_report > 10:
+            progress(f"  tokenized {stats.pairs:,} pairs ({path}:{number})")
+            last_report = time.monotonic()
     if not samples:
         raise DataError(f"no usable preference pairs in {paths}: " + stats.summary(seq_len))
     return samples, stats

@@ -88,7 +88,7 @@ def tokenize_pieces(pieces, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarra
     return np.asarray(ids, np.int32), np.asarray(trainable, bool)
 
 
-def _lines(path: str):
+def _json_lines(path: str):
     """The file's `Line`s (`sources.data_lines`: a line that is not UTF-8 has `text=None`)."""
     expected = "JSON lines (.jsonl or .jsonl.gz)"
     check_data_file(path, expected)
@@ -98,20 +98,21 @@ def _lines(path: str):
     return data_lines(path, expected)
 
 
-def load_sft_samples(paths: list[str], chat_format, tokenizer: Tokenizer, *, seq_len: int, vocab_size: int,
-                     bad_lines: str = "error", overlong: str = "truncate",
-                     progress=print) -> tuple[list[dict], SFTStats]:
-    """Read, check, render and tokenize every conversation of `paths`; returns per-sample
-    `{"input_ids", "targets", "loss_weights"}` (length ≤ seq_len) and what was found."""
-    bad = BadLines(bad_lines)
+def check_chat_inputs(tokenizer: Tokenizer, vocab_size: int, overlong: str) -> None:
+    """What every chat-format reader (SFT, preference) checks before reading a line."""
     if overlong not in OVERLONG_POLICIES:
         raise DataError(f"data.overlong={overlong!r}: expected one of {OVERLONG_POLICIES}")
     check_chat_tokenizer(tokenizer, getattr(tokenizer, "path", "?"))
     if tokenizer.vocab_size > vocab_size:
         raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
-    stats, samples, last_report = SFTStats(bad_lines=bad.skipped), [], time.monotonic()
+
+
+def chat_records(paths: list[str], bad: BadLines, parse):
+    """(path, line number, parse(record)) for every non-blank JSON line of `paths`, the one reader of the chat
+    formats. A line that is not UTF-8, not JSON, or that `parse` (or the chat template it renders with) refuses
+    is handed to `bad`: counted and skipped, or an error naming file, line and reason (data.bad_lines)."""
     for path in paths:
-        for number, line, problem in _lines(path):
+        for number, line, problem in _json_lines(path):
             if line is not None and not line.strip():
                 continue
             try:
@@ -121,30 +122,44 @@ def load_sft_samples(paths: list[str], chat_format, tokenizer: Tokenizer, *, seq
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ChatFormatError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-                ids, trainable = tokenize_conversation(parse_conversation(record), chat_format, tokenizer)
+                parsed = parse(record)
             except (ChatFormatError, ChatTemplateError) as e:
                 bad.found(f"{path}:{number}", str(e))
                 continue
-            if len(ids) > seq_len + 1:
-                if overlong == "drop":
-                    stats.dropped_overlong += 1
-                    continue
-                ids, trainable = ids[:seq_len + 1], trainable[:seq_len + 1]
-                stats.truncated += 1
-            if not trainable[1:].any():
-                stats.dropped_untrainable += 1
+            yield path, number, parsed
+
+
+def load_sft_samples(paths: list[str], chat_format, tokenizer: Tokenizer, *, seq_len: int, vocab_size: int,
+                     bad_lines: str = "error", overlong: str = "truncate",
+                     progress=print) -> tuple[list[dict], SFTStats]:
+    """Read, check, render and tokenize every conversation of `paths`; returns per-sample
+    `{"input_ids", "targets", "loss_weights"}` (length ≤ seq_len) and what was found."""
+    bad = BadLines(bad_lines)
+    check_chat_inputs(tokenizer, vocab_size, overlong)
+    stats, samples, last_report = SFTStats(bad_lines=bad.skipped), [], time.monotonic()
+    tokenized = chat_records(paths, bad, lambda record: tokenize_conversation(parse_conversation(record),
+                                                                             chat_format, tokenizer))
+    for path, number, (ids, trainable) in tokenized:
+        if len(ids) > seq_len + 1:
+            if overlong == "drop":
+                stats.dropped_overlong += 1
                 continue
-            if ids.max() >= vocab_size:
-                raise DataError(f"{path}:{number}: token id {int(ids.max())} is outside the model's vocabulary "
-                                f"[0, {vocab_size})")
-            samples.append({"input_ids": ids[:-1], "targets": ids[1:],
-                            "loss_weights": trainable[1:].astype(np.float32)})
-            stats.conversations += 1
-            stats.tokens += len(ids) - 1
-            stats.trainable_tokens += int(trainable[1:].sum())
-            if time.monotonic() - last_report > 10:
-                progress(f"  tokenized {stats.conversations:,} conversations ({path}:{number})")
-                last_report = time.monotonic()
+            ids, trainable = ids[:seq_len + 1], trainable[:seq_len + 1]
+            stats.truncated += 1
+        if not trainable[1:].any():
+            stats.dropped_untrainable += 1
+            continue
+        if ids.max() >= vocab_size:
+            raise DataError(f"{path}:{number}: token id {int(ids.max())} is outside the model's vocabulary "
+                            f"[0, {vocab_size})")
+        samples.append({"input_ids": ids[:-1], "targets": ids[1:],
+                        "loss_weights": trainable[1:].astype(np.float32)})
+        stats.conversations += 1
+        stats.tokens += len(ids) - 1
+        stats.trainable_tokens += int(trainable[1:].sum())
+        if time.monotonic() - last_report > 10:
+            progress(f"  tokenized {stats.conversations:,} conversations ({path}:{number})")
+            last_report = time.monotonic()
     if not samples:
         raise DataError(f"no usable conversations in {paths}: " + stats.summary(seq_len))
     return samples, stats
