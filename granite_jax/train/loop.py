@@ -136,9 +136,11 @@ def process_streams(rows: slice, batch_size: int, streams: int, *, saved: bool =
     if saved:
         splits = [n for n in range(1, streams + 1) if streams % n == 0]
         raise RunConfigError(
-            f"the checkpoint's data position has {streams} streams of {batch_size // streams} rows, and {where}: "
-            f"a process must read whole streams to keep the data order. Resume on a number of processes (or "
-            f"of groups of processes sharing rows along context) that divides {streams}: {splits}")
+            f"the checkpoint's data position has {streams} stream{'s' if streams > 1 else ''} of "
+            f"{batch_size // streams} rows, and {where}: a process must read whole streams to keep the data order. "
+            f"Resume on a number of processes (or of groups of processes sharing rows along context) that divides "
+            f"{streams}: {splits}; or, to go on in a new data order, start a new run from this one "
+            "(init_from=run:RUN_DIR, another run_dir)")
     raise RunConfigError(
         f"data.streams={streams} must divide data.batch_size={batch_size} into streams of whole rows that this "
         f"process's share of each batch consists of, and {where}; use a multiple of {batch_size // held} that "
