@@ -56,7 +56,8 @@ def configure_xla_flags() -> None:
 _NVIDIA_DRIVER = Path("/dev/nvidiactl")
 
 
-def _cuda_plugin_installed() -> bool:
+def cuda_plugin_installed() -> bool:
+    """Whether JAX's CUDA plugin (jax-cuda13-plugin) is installed: found without importing it."""
     try:
         return importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
     except ModuleNotFoundError:
@@ -66,7 +67,7 @@ def _cuda_plugin_installed() -> bool:
 def use_cpu_without_gpu_driver() -> None:
     """JAX_PLATFORMS=cpu when the CUDA plugin is installed, no NVIDIA driver is present and the user chose no
     platform. No effect once JAX has a backend."""
-    if "JAX_PLATFORMS" not in os.environ and not _NVIDIA_DRIVER.exists() and _cuda_plugin_installed():
+    if "JAX_PLATFORMS" not in os.environ and not _NVIDIA_DRIVER.exists() and cuda_plugin_installed():
         os.environ["JAX_PLATFORMS"] = "cpu"
         if "jax" in sys.modules:  # imported before granite_jax: its config has read the environment already
             sys.modules["jax"].config.update("jax_platforms", "cpu")

@@ -20,6 +20,8 @@ import importlib.metadata
 import re
 from pathlib import Path
 
+from granite_jax.runtime import cuda_plugin_installed
+
 GiB = 2**30
 # High-bandwidth memory per device (one JAX device per chip on these generations), for "does it fit".
 HBM_BYTES = {"TPU v4": 32 * GiB, "TPU v5": 95 * GiB, "TPU v5 lite": 16 * GiB, "TPU v6 lite": 32 * GiB}
@@ -74,11 +76,9 @@ def gpu_topology_devices(name: str) -> list:
                             f"e.g. {gpu or 'h100'}:8 or {gpu or 'h100'}:8x8")
     target = gpu_target(gpu.lower())
     per_host, hosts = int(match.group(1)), int(match.group(2) or 1)
-    try:
-        import jax_plugins.xla_cuda13  # noqa: F401
-    except ImportError:
+    if not cuda_plugin_installed():
         raise TopologyError(f"--topology {name} compiles with the GPU compiler, which needs the CUDA plugin "
-                            f"(no GPU needed): pip install {_cuda_plugin_pin()}") from None
+                            f"(no GPU needed): pip install {_cuda_plugin_pin()}")
     from jax.experimental import topologies
 
     try:
