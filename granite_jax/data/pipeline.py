@@ -98,7 +98,7 @@ class _Streams:
         return _StreamsIterator([iter(d) for d in self.datasets], self.first, self.count)
 
 
-def interleave_streams(datasets, first: int = 0, count: int | None = None):
+def interleave_streams(datasets, first: int, count: int):
     """One batch stream from this process's streams `first, first + 1, ...` of the run's `count` (each giving
     its share of the rows of every batch)."""
-    return _Streams(datasets, first, len(datasets) if count is None else count)
+    return _Streams(datasets, first, count)
