@@ -380,8 +380,8 @@ def eight_device_job(name: str):
 MESHES = {"data x fsdp": {"data": 2, "fsdp": 4}, "fsdp x tensor": {"fsdp": 4, "tensor": 2},
           "data x expert": {"data": 2, "expert": 4}, "fsdp x expert x tensor": {"fsdp": 2, "expert": 2, "tensor": 2}}
 # Context parallelism: the tiny model with chunks of 16 (8 tokens per device on context 8), on these meshes.
+# Expert x context runs in the zigzag layout only (the contiguous layout is trained with fsdp and alone): suite time.
 CONTEXT_MESHES = {"context 8": {"context": 8}, "fsdp 2 x context 4": {"fsdp": 2, "context": 4},
-                  "expert 2 x context 4": {"expert": 2, "context": 4},
                   "data 2 x tensor 2 x context 2": {"data": 2, "tensor": 2, "context": 2},
                   "expert 2 x context 4 zigzag": {"mesh": {"expert": 2, "context": 4}, "context_layout": "zigzag"}}
 
