@@ -39,7 +39,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _verify_spec(args):
     """The `VerifySpec` the --verify-* flags describe, or None when none was given."""
-    from granite_jax.convert.signing import VerifySpec
+    from granite_jax.formats.signing import VerifySpec
 
     given = [args.verify_key, args.verify_cert_chain, args.verify_identity, args.verify_issuer]
     if all(v is None for v in given):

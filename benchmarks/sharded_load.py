@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from granite_jax import GraniteForCausalLM, load_hf_checkpoint, load_preset, save_hf_checkpoint  # noqa: E402
-from granite_jax.convert.hf import ReadStats, safetensors_files  # noqa: E402
+from granite_jax.formats.hf import ReadStats, safetensors_files  # noqa: E402
 from granite_jax.parallel.distributed import free_local_port, initialize  # noqa: E402
 from granite_jax.parallel.mesh import make_mesh  # noqa: E402
 from granite_jax.train.config import RunConfig  # noqa: E402

@@ -7,7 +7,7 @@ use_cpu_without_gpu_driver()
 
 
 from granite_jax.config import ConfigError, ModelConfig, load_preset
-from granite_jax.convert import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from granite_jax.formats import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from granite_jax.model import CausalLMOutput, GraniteForCausalLM
 
 __all__ = [

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from granite_jax.config import PRESETS_DIR, ModelConfig, load_preset
-from granite_jax.convert import load_hf_checkpoint, save_hf_checkpoint
+from granite_jax.formats import load_hf_checkpoint, save_hf_checkpoint
 from granite_jax.model import GraniteForCausalLM
 
 

@@ -506,7 +506,7 @@ def checkpoint_tensors(directory) -> dict[str, np.ndarray]:
     """Every tensor of an HF safetensors checkpoint directory (one file or shards), by name."""
     from safetensors.numpy import load_file
 
-    from granite_jax.convert.hf import safetensors_files
+    from granite_jax.formats.hf import safetensors_files
 
     out = {}
     for path in safetensors_files(str(directory)):

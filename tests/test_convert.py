@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from granite_jax import CheckpointError, GraniteForCausalLM, ModelConfig, load_hf_checkpoint, save_hf_checkpoint
-from granite_jax.convert import hf
+from granite_jax.formats import hf
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(tie_word_embeddings=False, mamba_proj_bias=True, attention_bias=True)],
@@ -392,7 +392,7 @@ def test_signed_export_verifies_with_model_signing_and_with_us(signed_export):
 
     from model_signing import verifying
 
-    from granite_jax.convert.signing import VerifySpec
+    from granite_jax.formats.signing import VerifySpec
 
     directory, public = signed_export
     assert {"model.sig", "tokenizer.json", "config.json", "model.safetensors"} <= set(os.listdir(directory))
@@ -405,7 +405,7 @@ def test_signed_export_verifies_with_model_signing_and_with_us(signed_export):
 
 
 def test_changed_shard_is_refused_naming_it(signed_export):
-    from granite_jax.convert.signing import SignatureError, VerifySpec
+    from granite_jax.formats.signing import SignatureError, VerifySpec
 
     directory, public = signed_export
     path = os.path.join(directory, "model.safetensors")
@@ -421,7 +421,7 @@ def test_changed_shard_is_refused_naming_it(signed_export):
 
 
 def test_stray_file_is_refused(signed_export):
-    from granite_jax.convert.signing import SignatureError, VerifySpec
+    from granite_jax.formats.signing import SignatureError, VerifySpec
 
     directory, public = signed_export
     with open(os.path.join(directory, "extra.py"), "w") as f:
@@ -434,7 +434,7 @@ def test_another_key_is_refused(signed_export, tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from granite_jax.convert.signing import SignatureError, VerifySpec
+    from granite_jax.formats.signing import SignatureError, VerifySpec
 
     directory, _ = signed_export
     other = tmp_path / "other.pub"
@@ -445,7 +445,7 @@ def test_another_key_is_refused(signed_export, tmp_path):
 
 
 def test_unsigned_directory_is_refused_when_verification_is_asked(hf_checkpoint, key_pair):
-    from granite_jax.convert.signing import SignatureError, VerifySpec
+    from granite_jax.formats.signing import SignatureError, VerifySpec
 
     directory, _ = hf_checkpoint()
     with pytest.raises(SignatureError, match="has no model.sig, so it cannot be verified"):
@@ -454,20 +454,20 @@ def test_unsigned_directory_is_refused_when_verification_is_asked(hf_checkpoint,
 
 def test_unverified_load_says_so_only_for_signed_directories(signed_export, hf_checkpoint, caplog):
     directory, _ = signed_export
-    with caplog.at_level("WARNING", logger="granite_jax.convert"):
+    with caplog.at_level("WARNING", logger="granite_jax.formats"):
         load_hf_checkpoint(directory)
     assert [r.getMessage() for r in caplog.records] == [
         f"{directory} has a model.sig but was loaded unverified (pass a public key, certificate chain or "
         "Sigstore identity to verify it)"]
     caplog.clear()
     unsigned, _ = hf_checkpoint()
-    with caplog.at_level("WARNING", logger="granite_jax.convert"):
+    with caplog.at_level("WARNING", logger="granite_jax.formats"):
         load_hf_checkpoint(unsigned)
     assert caplog.records == []
 
 
 def test_init_verify_refuses_a_changed_checkpoint(signed_export, tmp_path):
-    from granite_jax.convert.signing import SignatureError
+    from granite_jax.formats.signing import SignatureError
     from granite_jax.train.config import RunConfigError, load_run_config
     from granite_jax.train.setup import initial_model
 
@@ -501,7 +501,8 @@ def _import(*args):
 def test_import_then_export_gives_the_same_checkpoint(hf_checkpoint, tmp_path):
     """HF → `convert import` → `convert export` → HF: every tensor byte-identical, config.json equal, the
     tokenizer files carried through RUN_DIR/tokenizer/; the checkpoint is step 0 and holds only parameters."""
-    from granite_jax.train.checkpoint import IMPORTED_FROM, RunCheckpoints
+    from granite_jax.formats.run import IMPORTED_FROM
+    from granite_jax.train.checkpoint import RunCheckpoints
 
     directory, _ = hf_checkpoint(tie_word_embeddings=False, mamba_proj_bias=True)
     with open(os.path.join(directory, "tokenizer.json"), "w") as f:

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, TOKENIZER, eval_cli, forward
 
-from granite_jax.convert import load_hf_checkpoint
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.eval.scoring import Request, Scorer, multiple_choice, perplexity, read_choice_task
+from granite_jax.formats import load_hf_checkpoint
 
 WITH_TOKENIZER = dict(vocab_size=4096, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=1)
 

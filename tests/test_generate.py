@@ -11,8 +11,8 @@ from conftest import forward, max_rel_error
 from flax import nnx
 
 from granite_jax.config import load_preset
-from granite_jax.convert import load_hf_checkpoint
 from granite_jax.eval.generate import GenerationError, Generator, SamplingConfig, sample_next
+from granite_jax.formats import load_hf_checkpoint
 from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.granite import init_cache
 

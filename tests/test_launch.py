@@ -26,9 +26,10 @@ from conftest import (
     virtual_cpu_devices,
 )
 
+from granite_jax.formats.run import checkpoint_meta
 from granite_jax.parallel.distributed import cluster_launcher, env_spec, free_local_port
 from granite_jax.parallel.supervise import PEER_LOST_EXIT
-from granite_jax.train.checkpoint import DATA_POSITION, checkpoint_meta
+from granite_jax.train.checkpoint import DATA_POSITION
 
 ROWS = ["data.streams=2", "data.batch_size=4", "data.seq_len=64", TINY_MODEL]
 SETTINGS = [*ROWS, "mesh={data: 2, fsdp: 2}"]

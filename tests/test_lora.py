@@ -86,7 +86,7 @@ def _batch(run, seed):
 
 @pytest.mark.slow
 def test_train_steps_change_only_the_adapters_and_the_optimizer_holds_only_their_shapes(tmp_path):
-    from granite_jax.convert import load_hf_checkpoint
+    from granite_jax.formats import load_hf_checkpoint
 
     run, hf_dir = _lora_run(tmp_path, dropout=0.1, targets=["q_proj", "v_proj", "in_proj", "out_proj"])
     state = run.state
@@ -118,8 +118,8 @@ def test_train_steps_change_only_the_adapters_and_the_optimizer_holds_only_their
         np.testing.assert_array_equal(frozen_after[name], frozen_before[name], err_msg=name)  # bit-identical
     # The evaluation sees the trained adapters (deterministic: no dropout), and the loss they lower.
     with run.activate():
-        total, tokens = run.eval_step(state.params, _batch(run, 0))
-    assert np.isfinite(float(total)) and float(tokens) == 2 * 16
+        sums, tokens = run.eval_step(state.params, _batch(run, 0))
+    assert np.isfinite(float(sums["loss"])) and float(tokens) == 2 * 16
 
 
 @pytest.mark.parametrize("override, message", [
@@ -180,10 +180,10 @@ def test_a_lora_run_resumes_with_identical_losses(tmp_path):
     # Its checkpoints hold adapters only; read back (eval.py, export, init_from=run:), the base is the preset
     # initialised from the run's seed again, as training made it, with the trained adapters on it.
     from granite_jax.model.lora import has_lora, merge_lora
-    from granite_jax.train.checkpoint import load_run_model
+    from granite_jax.sources import RunDirectory
     from granite_jax.train.setup import initial_model
 
-    model, _, step = load_run_model(str(tmp_path / "resumed"), merge=False)
+    model, _, step = RunDirectory(str(tmp_path / "resumed")).load_with_run(merge=False)
     assert step == 6 and has_lora(model)
     base = {".".join(path_names(p)): v for p, v in nnx.to_flat_state(nnx.state(initial_model(config(tmp_path, 6)),
                                                                                nnx.Param))}
@@ -193,7 +193,7 @@ def test_a_lora_run_resumes_with_identical_losses(tmp_path):
             assert name.endswith(("lora_a", "lora_b")) and np.any(variable[...]), name  # B trained away from 0
         else:
             np.testing.assert_array_equal(np.asarray(variable[...]), np.asarray(base[name][...]), err_msg=name)
-    merged = load_run_model(str(tmp_path / "resumed"))[0]
+    merged = RunDirectory(str(tmp_path / "resumed")).load()
     assert not has_lora(merged)
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(merged, nnx.Param)),
                                  nnx.to_flat_state(nnx.state(merge_lora(model), nnx.Param))):

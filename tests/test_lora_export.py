@@ -17,7 +17,8 @@ from safetensors.numpy import load_file
 
 from granite_jax import GraniteForCausalLM, ModelConfig, load_hf_checkpoint, save_hf_checkpoint
 from granite_jax.model.lora import LORA_TARGETS, adapters, apply_lora, has_lora, merge_lora
-from granite_jax.train.checkpoint import RunCheckpoints, load_run_model
+from granite_jax.sources import RunDirectory
+from granite_jax.train.checkpoint import RunCheckpoints
 from granite_jax.train.config import RunConfig, apply_overrides
 from granite_jax.train.step import TrainState
 from granite_jax.tree import path_names
@@ -98,10 +99,10 @@ def test_a_lora_run_loads_merged_or_with_its_adapters(lora_run):
     run_dir, base, model = lora_run
     ids = random_ids(4, (2, 12), vocab=96)
     adapted = np.asarray(forward(model, ids).logits)
-    merged, run, step = load_run_model(run_dir)
+    merged, run, step = RunDirectory(run_dir).load_with_run()
     assert step == 1 and run["lora"]["rank"] == RANK and not has_lora(merged)
     assert max_rel_error(forward(merged, ids).logits, adapted) <= 1e-5
-    unmerged = load_run_model(run_dir, merge=False)[0]
+    unmerged = RunDirectory(run_dir).load(merge=False)
     assert len(adapters(unmerged)) == N_ADAPTERS
     for name, value in _flat(model).items():  # the base from hf:BASE, the adapters from the checkpoint
         np.testing.assert_array_equal(_flat(unmerged)[name], value, err_msg=name)
@@ -121,10 +122,10 @@ def test_a_qlora_run_reads_back_quantised_and_merges_over_the_dequantised_base(t
     run_dir = _save_run(tmp_path / "qlora-run", model, run)
     ids = random_ids(5, (2, 12), vocab=96)
     trained = np.asarray(forward(model, ids).logits)
-    unmerged = load_run_model(run_dir, merge=False)[0]
+    unmerged = RunDirectory(run_dir).load(merge=False)
     assert len(quantized_tensors(unmerged)) == len(quantized_tensors(model)) > N_ADAPTERS  # experts too
     np.testing.assert_array_equal(forward(unmerged, ids).logits, trained)
-    merged = load_run_model(run_dir)[0]
+    merged = RunDirectory(run_dir).load()
     assert not quantized_tensors(merged) and not has_lora(merged)
     assert {v.dtype for v in _flat(merged).values()} == {np.dtype(np.float32)}
     assert max_rel_error(forward(merged, ids).logits, trained) <= 1e-5
@@ -211,7 +212,7 @@ def test_adapter_export_of_a_full_run_and_a_lora_run_without_its_base_are_named(
 
     shutil.move(base, tmp_path / "moved")
     with pytest.raises(FileNotFoundError) as error:
-        load_run_model(run_dir)
+        RunDirectory(run_dir).load()
     assert str(error.value).startswith(f"{run_dir!r} is a LoRA run: its checkpoints hold only the adapters, whose "
                                        f"base is init_from='hf:{base}', and '{base}' is not a directory")
     code, _, err = convert_cli("export", run_dir, tmp_path / "out")
@@ -222,4 +223,4 @@ def test_adapter_export_of_a_full_run_and_a_lora_run_without_its_base_are_named(
     with pytest.raises(ValueError, match="no longer holds the model the run trained on: "
                                          r"model.layers.0.shared_mlp.input_linear.kernel has shape \(32, 80\), the "
                                          r"run's model \(32, 48\)"):
-        load_run_model(run_dir)
+        RunDirectory(run_dir).load()

@@ -27,9 +27,10 @@ from conftest import (
 )
 
 from granite_jax import load_preset
+from granite_jax.formats.run import checkpoint_meta
 from granite_jax.parallel.distributed import free_local_port
 from granite_jax.parallel.mesh import RULES, MeshError, check_model_fits_mesh
-from granite_jax.train.checkpoint import DATA_POSITION, checkpoint_meta
+from granite_jax.train.checkpoint import DATA_POSITION
 from granite_jax.train.config import RunConfigError
 from granite_jax.train.loop import process_streams
 
@@ -392,7 +393,7 @@ def test_one_train_step_traced_under_two_plans_gives_two_programs(eight_devices)
 def test_sharded_hf_load_reads_only_each_devices_slices(eight_devices):
     """`load_hf_checkpoint(shardings=...)` on 8 devices equals the plain load for every parameter, places each
     as the rules say, and the bytes a device's slices take are about 1/8 of the checkpoint under fsdp=8. The
-    same checkpoint imported as a run (`convert import`) and restored onto the mesh by `load_run_model`
+    same checkpoint imported as a run (`convert import`) and restored onto the mesh by `RunDirectory.load`
     (`init_from=run:`) is equal and placed alike."""
     result = eight_devices("sharded_hf_load")
     for name in ("fsdp8", "fsdp2_tensor2_expert2"):

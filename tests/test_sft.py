@@ -60,7 +60,7 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from granite_jax.data.chat import parse_conversation, render_text
-    from granite_jax.train.checkpoint import load_run_model
+    from granite_jax.sources import RunDirectory
 
     source, _ = hf_checkpoint(vocab_size=4096, pad_token_id=0, bos_token_id=1, eos_token_id=1)
     for name in os.listdir(TOKENIZER):
@@ -85,7 +85,7 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
     assert "tokenizer files copied" in proc.stdout
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
 
-    ours, _, step = load_run_model(str(run_dir))
+    ours, _, step = RunDirectory(str(run_dir)).load_with_run()
     ids = np.random.default_rng(0).integers(0, 4096, (2, 48))
     expected = np.asarray(forward(ours, jnp.asarray(ids)).logits)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -449,13 +449,13 @@ def test_export_run_to_transformers(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from granite_jax.train.checkpoint import load_run_model
+    from granite_jax.sources import RunDirectory
 
     run_dir = str(tmp_path / "run")
     train_tiny(run_dir, "steps=3")
     proc = convert_cli("export", run_dir, tmp_path / "hf").ok()
     assert "exported step 3" in proc.stdout
-    ours, _, step = load_run_model(run_dir)
+    ours, _, step = RunDirectory(run_dir).load_with_run()
     ids = np.random.default_rng(0).integers(0, 4096, (1, 40))
     expected = np.asarray(forward(ours, jnp.asarray(ids)).logits)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -501,7 +501,7 @@ def test_full_remat_keeps_one_layer_of_activations_in_the_compiled_train_step():
     from granite_jax.model.granite import GraniteForCausalLM
     from granite_jax.train.config import OptimizerConfig
     from granite_jax.train.optim import make_optimizer
-    from granite_jax.train.step import TrainState, make_train_step
+    from granite_jax.train.step import LanguageModeling, TrainState, make_train_step
 
     T = 2048
     ids = jnp.zeros((1, T), jnp.int32)
@@ -516,7 +516,7 @@ def test_full_remat_keeps_one_layer_of_activations_in_the_compiled_train_step():
                                          nnx.Param)
             tx = make_optimizer(OptimizerConfig(), total_steps=10)
             state = TrainState(jnp.zeros((), jnp.int32), params, jax.eval_shape(tx.init, params))
-            step = make_train_step(tx, aux_coef=0.01, z_loss=0.0, chunk=T)
+            step = make_train_step(tx, LanguageModeling(aux_coef=0.01, z_loss=0.0, chunk=T))
             compiled = step.lower(graphdef, state, batch).compile()
             per_token[layers, policy] = compiled.memory_analysis().temp_size_in_bytes / T
     per_layer = (per_token[4, "full"] - per_token[1, "full"]) / 3

@@ -1,5 +1,2 @@
-"""Checkpoint conversion: Hugging Face safetensors ⇄ granite_jax parameters."""
-
-from granite_jax.convert.hf import CheckpointError, hf_tensor_name, load_hf_checkpoint, save_hf_checkpoint
-
-__all__ = ["CheckpointError", "hf_tensor_name", "load_hf_checkpoint", "save_hf_checkpoint"]
+"""`python -m granite_jax.convert`: the conversion command (export a run to a format, import a directory as a
+run). The formats themselves are `granite_jax.formats`."""

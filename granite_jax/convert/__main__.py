@@ -29,12 +29,14 @@ import sys
 
 import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
 from granite_jax import storage
-from granite_jax.convert.hf import load_hf_checkpoint, save_hf_checkpoint, weight_files
-from granite_jax.convert.peft import save_peft_adapter
-from granite_jax.convert.signing import SIGNATURE_FILE, check_signing_key, sign_directory
 from granite_jax.data.tokenizer import HF_TOKENIZER_FILES
+from granite_jax.formats.hf import save_hf_checkpoint, weight_files
+from granite_jax.formats.peft import save_peft_adapter
+from granite_jax.formats.run import IMPORTED_FROM, checkpoint_meta
+from granite_jax.formats.signing import SIGNATURE_FILE, check_signing_key, sign_directory
 from granite_jax.run_dir import RunDir, RunDirError
-from granite_jax.train.checkpoint import IMPORTED_FROM, checkpoint_meta, load_run_model, save_parameters
+from granite_jax.sources import HFDirectory, RunDirectory, hf_base_directory, run_source
+from granite_jax.train.checkpoint import save_parameters
 
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
@@ -101,10 +103,10 @@ def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | 
             raise ValueError(f"{flag} {path!r} is not a file")
     if sign_key is not None:
         check_signing_key(sign_key)
-    model, _, step = load_run_model(run_dir, step, merge=not adapter)
+    model, _, step = RunDirectory(run_dir, step).load_with_run(merge=not adapter)
     before = set(weight_files(out_dir))
     if adapter:
-        lora, base = run["lora"], adapter_base(run)
+        lora, base = run["lora"], hf_base_directory(run)
         written = save_peft_adapter(model, out_dir, rank=lora["rank"], alpha=lora["alpha"],
                                     dropout=lora.get("dropout", 0.0), base_model_name_or_path=base, dtype=dtype)
     else:
@@ -128,23 +130,16 @@ def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | 
     return "\n".join(lines)
 
 
-def adapter_base(run: dict) -> str | None:
-    """The HF directory a LoRA run's adapters go on (`base_model_name_or_path`): init_from=hf:DIR's, absolute;
-    None when the base is one of our runs or a fresh preset (it has no HF directory until exported)."""
-    kind, _, path = (run.get("init_from") or "").partition(":")
-    return os.path.abspath(path) if kind == "hf" else None
-
-
 def _adapter_base_note(run: dict, base: str | None) -> str:
     """Where the adapters' base is, and, when it is no HF directory, how to get one."""
     if base is not None:
         return f"PEFT base (base_model_name_or_path): {base}"
-    source = run.get("init_from")
-    if source:
-        return (f"base_model_name_or_path is null: the base is init_from={source!r}; export it with `python -m "
-                f"granite_jax.convert export {source.partition(':')[2]} BASE_DIR` and load the adapter over BASE_DIR")
-    return (f"base_model_name_or_path is null: the base is the preset {run.get('model')!r} initialised from seed "
-            f"{run.get('seed')} (no HF directory); export the merged model without --adapter instead")
+    source = run_source(run)
+    if isinstance(source, RunDirectory):
+        return (f"base_model_name_or_path is null: the base is init_from={run['init_from']!r}; export it with "
+                f"`python -m granite_jax.convert export {source.path} BASE_DIR` and load the adapter over BASE_DIR")
+    return (f"base_model_name_or_path is null: the base is {source.describe()} (no HF directory); export the "
+            "merged model without --adapter instead")
 
 
 def check_import_target(run_dir: str) -> None:
@@ -163,7 +158,7 @@ def import_checkpoint(hf_dir: str, run_dir: str, *, dtype: str = "float32") -> s
     config.json (`meta["model"]`, as training writes it), an empty run config and where the weights came from
     (`meta["imported_from"]`: training refuses to resume such a parameters-only checkpoint)."""
     check_import_target(run_dir)
-    model = load_hf_checkpoint(hf_dir, param_dtype=dtype)  # the source is checked before RUN_DIR is created
+    model = HFDirectory(hf_dir).load(param_dtype=dtype)  # the source is checked before RUN_DIR is created
     target = RunDir(run_dir)
     with target.lock():
         save_parameters(run_dir, model, {"model": model.config.to_hf(), "run": {},

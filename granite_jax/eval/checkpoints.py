@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
-from granite_jax import storage
-from granite_jax.convert import load_hf_checkpoint
 from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.model import GraniteForCausalLM
-from granite_jax.run_dir import RunDir
+from granite_jax.sources import RunDirectory, SourceError, checkpoint_source
 
 
 class EvalCheckpointError(ValueError):
@@ -21,26 +19,17 @@ def load_for_eval(checkpoint: str, *, dtype: str = "float32", tokenizer: str | N
     run directory (`checkpoints/`, newest step). The tokenizer defaults to the HF directory's own files or the
     run's own copy (RUN_DIR/tokenizer/); whichever it is, `check_tokenizer_fits` checks it against the model.
     `verify` (a `VerifySpec`): check an HF directory's `model.sig` before loading."""
-    if not storage.exists(checkpoint):
-        raise EvalCheckpointError(f"checkpoint {checkpoint!r} does not exist")
-    if storage.is_url(checkpoint) and storage.isfile(storage.join(checkpoint, "config.json")):
-        raise EvalCheckpointError(f"checkpoint {checkpoint!r}: HF checkpoint directories are read from local "
-                                  "paths only (copy it to local disk, e.g. gcloud storage cp -r); training "
-                                  "run directories may be gs:// URLs")
-    if os.path.isfile(os.path.join(checkpoint, "config.json")):
-        model = load_hf_checkpoint(checkpoint, dtype=dtype, verify=verify)
-        default_tokenizer = checkpoint if os.path.isfile(os.path.join(checkpoint, "tokenizer.json")) else None
-    elif RunDir(checkpoint).has_checkpoints():
-        if verify is not None:
-            raise EvalCheckpointError(f"checkpoint {checkpoint!r} is a training run directory; signature "
-                                      "verification (--verify-*) applies to HF checkpoint directories")
-        from granite_jax.train.checkpoint import load_run_model
-
-        model, _, _ = load_run_model(checkpoint, compute_dtype=dtype)
-        default_tokenizer = RunDir(checkpoint).tokenizer()
-    else:
-        raise EvalCheckpointError(f"checkpoint {checkpoint!r} is neither an HF directory (no config.json) nor a "
-                                  "training run directory (no checkpoints/)")
+    try:
+        source = checkpoint_source(checkpoint)
+    except SourceError as e:
+        raise EvalCheckpointError(str(e)) from None
+    if isinstance(source, RunDirectory) and verify is not None:
+        raise EvalCheckpointError(f"checkpoint {checkpoint!r} is a training run directory; signature "
+                                  "verification (--verify-*) applies to HF checkpoint directories")
+    if verify is not None:
+        source = dataclasses.replace(source, verify=verify)
+    model = source.load(compute_dtype=dtype)
+    default_tokenizer = source.tokenizer()
     path = tokenizer or default_tokenizer
     if path is None:
         raise EvalCheckpointError(f"checkpoint {checkpoint!r} has no tokenizer files; pass --tokenizer")

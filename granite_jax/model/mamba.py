@@ -182,7 +182,7 @@ class Mamba2Mixer(nnx.Module):
         if self.subpiece and state is None:
             return self._in_subpieces(u, runs, split)
         with jax.named_scope("in_proj"):
-            z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
+            z, xBC, dt = self._project(u)
         with jax.named_scope("conv"):
             if split is None:
                 xBC, conv_state = causal_depthwise_conv(xBC, self._conv_kernel(), self._conv_bias(), runs)
@@ -262,7 +262,7 @@ class Mamba2Mixer(nnx.Module):
         history = jnp.zeros((rows, K, self.conv_dim), self.dtype)
         history_counted, continues = jnp.zeros((rows, K), bool), jnp.zeros((rows,), bool)
         if axis is not None:
-            tail = jnp.split(self.in_proj(u[:, -K:]), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)[1]
+            tail = self._project(u[:, -K:])[1]
             tail_runs = document_runs(ids[:, -K:], (rows, K))
             history, history_counted, continues = (pieces_as_rows(a) for a in conv_inputs_from_previous_piece(
                 rows_as_pieces(tail, pieces), rows_as_pieces(tail_runs == tail_runs[:, -1:], pieces),
@@ -279,7 +279,7 @@ class Mamba2Mixer(nnx.Module):
             start): the next carry and the SSD's y, x and the gate z."""
             history, history_counted, state, decay = carry
             u, ids, continues = inputs
-            z, xBC, dt = jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
+            z, xBC, dt = self._project(u)
             runs = document_runs(ids, ids.shape)
             history_runs = jnp.where(continues[:, None] & history_counted, 0, -1).astype(runs.dtype)
             conv, _ = causal_depthwise_conv(xBC, kernel, bias, runs, initial_state=jnp.swapaxes(history, 1, 2),
@@ -317,7 +317,7 @@ class Mamba2Mixer(nnx.Module):
     def decode(self, u: jax.Array, state: MambaState) -> tuple[jax.Array, MambaState]:
         """One token per row: u (b, 1, hidden) → (out (b, 1, hidden), the next state)."""
         b = u.shape[0]
-        z, xBC, dt = jnp.split(self.in_proj(u[:, 0]), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
+        z, xBC, dt = self._project(u[:, 0])
         conv = jnp.concatenate([state.conv[:, :, 1:], xBC.astype(jnp.float32)[:, :, None]], axis=-1)
         xBC = jnp.einsum("bck,kc->bc", conv.astype(self.dtype), self._conv_kernel())
         if self.conv1d.bias is not None:
@@ -337,6 +337,11 @@ class Mamba2Mixer(nnx.Module):
             raise NotImplementedError("ssd_impl='pallas' is a GPU (Triton) kernel; it has no TPU (Mosaic) "
                                       "version yet: use ssd_impl='xla' on TPU")
         return ssd_pallas if in_shard_map else functools.partial(ssd_pallas_on_mesh, plan=self.plan)
+
+    def _project(self, u):
+        """in_proj, split into the gate z (..., d_inner), the conv's input [x | B | C] (..., conv_dim) and the
+        step dt (..., heads)."""
+        return jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
 
     def _conv_kernel(self):
         return self.conv1d.kernel[...].astype(self.dtype)

@@ -14,7 +14,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from granite_jax.config import ATTENTION, MAMBA, ModelConfig
 from granite_jax.parallel.plan import RULES, ShardingPlan, axes_size, fitted_spec, logical_to_spec, mesh_axes
 from granite_jax.parallel.sequence import pieces_per_shard
 
@@ -59,10 +58,11 @@ def parameter_shardings(params: nnx.State, mesh: Mesh, rules: dict):
     return jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def check_model_fits_mesh(config: ModelConfig, mesh: Mesh, rules: dict) -> None:
-    """Every model dimension the rules split must divide by its mesh axis; otherwise a MeshError naming the
+def check_model_fits_mesh(config, mesh: Mesh, rules: dict) -> None:
+    """Every model dimension the rules split (of `config`, a ModelConfig: read, not imported, since the model
+    config holds the sharding plan) must divide by its mesh axis; otherwise a MeshError naming the
     config field, the axis and its size (rather than a silently replicated or unevenly split weight)."""
-    has_attention, has_mamba = ATTENTION in config.layer_types, MAMBA in config.layer_types
+    has_attention, has_mamba = config.num_attention_layers > 0, config.num_mamba_layers > 0
     dimensions = [("num_local_experts", config.num_local_experts, "expert", config.num_local_experts > 0),
                   ("num_attention_heads", config.num_attention_heads, "heads", has_attention),
                   ("num_key_value_heads", config.num_key_value_heads, "kv_heads", has_attention),
@@ -92,9 +92,10 @@ def batch_sharding(mesh: Mesh, plan: ShardingPlan = ShardingPlan()) -> NamedShar
     return NamedSharding(mesh, logical_to_spec(("activation_batch", "activation_length"), plan.table))
 
 
-def check_sequence(seq_len: int, mesh: Mesh, plan: ShardingPlan, config: ModelConfig) -> None:
+def check_sequence(seq_len: int, mesh: Mesh, plan: ShardingPlan, config) -> None:
     """A sequence split over the context axis must split evenly, into shards the conv halo and the attention
-    blocks fit; a context axis the rules leave unused is an error (the sequence would stay whole)."""
+    blocks of `config` (a ModelConfig) fit; a context axis the rules leave unused is an error (the sequence
+    would stay whole)."""
     context = mesh.shape.get("context", 1)
     axes = plan.sequence_axes(mesh)
     if context > 1 and "context" not in axes:
@@ -111,11 +112,11 @@ def check_sequence(seq_len: int, mesh: Mesh, plan: ShardingPlan, config: ModelCo
                         f"use a multiple of {n}")
     piece = seq_len // n
     unit = "shard" if n == shards else "piece"
-    if MAMBA in config.layer_types and piece < config.mamba_d_conv:
+    if config.num_mamba_layers and piece < config.mamba_d_conv:
         raise MeshError(f"data.seq_len={seq_len} over {what} leaves {piece} tokens per {unit}, "
                         f"fewer than mamba_d_conv={config.mamba_d_conv}")
     block = min(config.attention_block_size, piece)
-    if ATTENTION in config.layer_types and piece % block:
+    if config.num_attention_layers and piece % block:
         raise MeshError(f"data.seq_len={seq_len} over {what} leaves {piece} tokens per {unit}, not "
                         f"a multiple of attention_block_size={config.attention_block_size}; use a seq_len that is a "
                         f"multiple of {n * config.attention_block_size}")

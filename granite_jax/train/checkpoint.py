@@ -6,7 +6,6 @@ one that fails (truncated, corrupted) is reported and the one before it is tried
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -17,20 +16,15 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from granite_jax import storage
-from granite_jax.config import ModelConfig, load_preset
-from granite_jax.convert.hf import load_hf_checkpoint
+from granite_jax.formats.run import quiet_orbax, read_meta
 from granite_jax.model import GraniteForCausalLM
-from granite_jax.model.lora import apply_lora, merge_lora, quantize_frozen_base
 from granite_jax.parallel.distributed import allgather_json
 from granite_jax.run_dir import RunDir
 from granite_jax.tree import path_names
 
 log = logging.getLogger("granite_jax.checkpoint")
-
-IMPORTED_FROM = "imported_from"  # meta key of a parameters-only checkpoint written by `convert import`
 
 
 class CheckpointMismatchError(ValueError):
@@ -136,8 +130,8 @@ class RunCheckpoints:
         steps = self.steps
         for step in reversed(steps):
             try:
-                with _quiet_orbax():
-                    return _checkpoint_meta(self.manager, steps, step)
+                with quiet_orbax():
+                    return read_meta(self.manager, steps, step)
             except Exception as e:  # noqa: BLE001 - unreadable: the restore will report it
                 log.debug("could not read the metadata of step %d: %s", step, e)
         return None
@@ -161,7 +155,7 @@ class RunCheckpoints:
             if legacy:
                 items["data"] = grain.checkpoint.CheckpointRestore(_LegacyDataPosition())
             try:
-                with _quiet_orbax():
+                with quiet_orbax():
                     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - any failure to read one checkpoint means: try the previous
                 log.warning("checkpoint at step %d could not be restored (%s: %s); trying the previous one",
@@ -202,7 +196,7 @@ class RunCheckpoints:
 
     def _check_parameters_fit(self, step: int, abstract_state) -> None:
         """Compare the stored parameter names and shapes with the model's, naming the first difference."""
-        with _quiet_orbax():  # Orbax warns that state/ has no _CHECKPOINT_METADATA of its own: it is the step's
+        with quiet_orbax():  # Orbax warns that state/ has no _CHECKPOINT_METADATA of its own: it is the step's
             metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
         stored = _parameter_shapes(getattr(metadata, "item_metadata", metadata))
         if not stored:  # unreadable metadata (e.g. a truncated checkpoint): the restore will report it
@@ -251,21 +245,6 @@ def _check_writable(directory: str) -> None:
                                   "choose a run_dir this user can write") from None
 
 
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Silence Orbax's own logging of a failed read (thousands of lines of asyncio / TensorStore traceback for
-    one truncated file): the caller reports the failure in one line."""
-    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
@@ -282,7 +261,7 @@ def _parameter_shapes(tree) -> dict[str, tuple]:
 
 def save_parameters(run_dir: str, model: GraniteForCausalLM, meta: dict) -> str:
     """Write `model`'s parameters alone (no optimizer state) as RUN_DIR's checkpoint at step 0, in the layout
-    `load_run_model` restores (`state` = {"params": ...}); returns the checkpoint's directory."""
+    `granite_jax.sources.RunDirectory` loads (`state` = {"params": ...}); returns the checkpoint's directory."""
     with RunCheckpoints(run_dir, keep=1, async_save=False) as checkpoints:
         checkpoints.save(0, {"params": nnx.state(model, nnx.Param)}, {}, meta)
     return os.path.join(checkpoints.directory, "0")
@@ -290,162 +269,3 @@ def save_parameters(run_dir: str, model: GraniteForCausalLM, meta: dict) -> str:
 
 def abstract_like(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
-
-def _open_run(run_dir: str) -> tuple[ocp.CheckpointManager, list[int]]:
-    directory = RunDir(run_dir).checkpoints
-    if not storage.isdir(directory):
-        raise FileNotFoundError(f"{run_dir!r} has no checkpoints directory")
-    manager = ocp.CheckpointManager(directory)
-    steps = sorted(manager.all_steps())
-    if not steps:
-        manager.close()
-        raise FileNotFoundError(f"{directory!r} holds no checkpoint")
-    return manager, steps
-
-
-def _checkpoint_meta(manager: ocp.CheckpointManager, steps: list[int], step: int | None) -> tuple[int, dict]:
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ValueError(f"--step {step}: the run has checkpoints at steps {steps}")
-    return step, manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-
-def checkpoint_meta(run_dir: str, step: int | None = None) -> tuple[int, dict]:
-    """(step, metadata) of a run's checkpoint (newest unless `step`): its model and run configs; no weights are
-    read."""
-    manager, steps = _open_run(run_dir)
-    try:
-        return _checkpoint_meta(manager, steps, step)
-    finally:
-        manager.close()
-
-
-def run_model_config(run_dir: str, step: int | None = None, **model_overrides) -> ModelConfig:
-    """The model configuration saved with a run's checkpoint (newest unless `step`); no weights are read."""
-    return ModelConfig.from_hf(checkpoint_meta(run_dir, step)[1]["model"], **model_overrides)
-
-
-def load_run_model(run_dir: str, step: int | None = None, *, shardings=None, merge: bool = True,
-                   **model_overrides) -> tuple[GraniteForCausalLM, dict, int]:
-    """The model of a run's checkpoint (newest unless `step`), its saved run config, and the step.
-
-    Only the parameters are read (not the optimizer state), so a parameters-only checkpoint (`convert import`)
-    restores too; `model_overrides` set compute-only fields such as `compute_dtype`, `remat_policy` or
-    `sharding`. `shardings`: NamedShardings like the model's parameters (`parameter_shardings` of its `nnx.Param`
-    state); each parameter is then restored straight onto its devices, every process reading only the shards
-    its devices hold, instead of whole onto one device.
-
-    A LoRA run's checkpoint holds only its adapters: the base weights are read again from its `init_from`
-    (`lora_base`), the adapters put on them and restored. With `merge` (the default, what evaluation, generation,
-    `convert export` and `init_from=run:` use) the adapters are folded into the kernels (`merge_lora`): a plain
-    model, exact up to float rounding since no dropout applies outside training. `merge=False` keeps the
-    `LoRALinear`s (to export the adapters themselves); it applies to LoRA runs only."""
-    return _load_run_model(run_dir, step, shardings, merge, model_overrides, seen=())
-
-
-def _load_run_model(run_dir, step, shardings, merge, model_overrides, seen):
-    step, meta = checkpoint_meta(run_dir, step)
-    run = meta.get("run", {})
-    if run.get("lora"):
-        model = _lora_run_model(run_dir, step, meta, shardings, model_overrides, seen)
-        return (merge_lora(model) if merge else model), run, step
-    config = ModelConfig.from_hf(meta["model"], **model_overrides)
-    abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract, nnx.Param)
-    restored = _restore_params(run_dir, step, params if shardings is None else with_shardings(params, shardings))
-    return nnx.merge(graphdef, restored), run, step
-
-
-def _restore_params(run_dir: str, step: int, target):
-    """The `params` of a checkpoint's train state, shaped and placed like `target`; the optimizer state is not
-    read."""
-    target = {"params": target}
-    restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(RunDir(run_dir).checkpoints, str(step), "state"),
-        args=ocp.args.PyTreeRestore(target, partial_restore=True,
-                                    restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
-    return restored["params"]
-
-
-def _lora_run_model(run_dir, step, meta, shardings, model_overrides, seen) -> GraniteForCausalLM:
-    """A LoRA run's model with its `LoRALinear`s: the base (`lora_base`) with the run's adapters (rank, alpha,
-    dropout and targets as saved) restored from the checkpoint. With `shardings`, the adapters are replicated on
-    the base's mesh (they are small)."""
-    run = meta["run"]
-    key = run_dir if storage.is_url(run_dir) else os.path.abspath(run_dir)
-    if key in seen:
-        raise ValueError(f"{run_dir!r}: its init_from chain of LoRA runs comes back to itself: {list(seen)}")
-    model = lora_base(run_dir, run, meta["model"], shardings, model_overrides, seen=(*seen, key))
-    lora = run["lora"]
-    apply_lora(model, rank=lora["rank"], alpha=lora["alpha"], dropout=lora.get("dropout", 0.0),
-               targets=lora["targets"], rngs=nnx.Rngs(0))
-    if lora.get("quantize_base"):  # QLoRA: the adapters were trained over dequant(quant(W)); quantise again
-        quantize_frozen_base(model, lora["quantize_base"])
-    replicated = None
-    if shardings is not None:
-        replicated = NamedSharding(jax.tree.leaves(shardings)[0].mesh, PartitionSpec())
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          nnx.state(model, nnx.LoRAParam))
-    nnx.update(model, _restore_params(run_dir, step, target))
-    return model
-
-
-def lora_base(run_dir: str, run: dict, saved_model: dict, shardings=None, model_overrides=None, *,
-              seen=()) -> GraniteForCausalLM:
-    """The base weights a LoRA run (saved run config `run`, saved model config `saved_model`) trained its
-    adapters over, read as training read them: init_from=hf:DIR's checkpoint, init_from=run:DIR's newest
-    checkpoint (merged, if that is a LoRA run too), or, without init_from, the preset initialised from the run's
-    seed. A base that is gone is a FileNotFoundError naming its path; one whose shapes are not those the run
-    saved (replaced since) a ValueError. A base read again cannot be told from a changed one of the same shapes
-    (e.g. a run:DIR that trained on): the adapters then apply to the weights found now."""
-    overrides = dict(model_overrides or {})
-    source = run.get("init_from")
-    kind, _, path = (source or "").partition(":")
-    where = f"{run_dir!r} is a LoRA run: its checkpoints hold only the adapters, whose base is init_from={source!r}"
-    if source is None:
-        config = load_preset(run["model"], **{**run.get("model_overrides", {}), **overrides})
-        base = GraniteForCausalLM(config, rngs=nnx.Rngs(run.get("seed", 0)))
-        if shardings is not None:
-            params = nnx.state(base, nnx.Param)
-            placed = [jax.device_put(x, s) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings),
-                                                            strict=True)]
-            nnx.update(base, jax.tree.unflatten(jax.tree.structure(params), placed))
-    elif kind == "hf":
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{where}, and {path!r} is not a directory (a relative path is read from the "
-                                    "current directory, as training read it)")
-        dtype = overrides.pop("compute_dtype", "float32")
-        base = load_hf_checkpoint(path, dtype=dtype, shardings=shardings, **overrides)
-    elif kind == "run":
-        if not RunDir(path).has_checkpoints():
-            raise FileNotFoundError(f"{where}, and {path!r} is not a run directory with checkpoints (a relative path "
-                                    "is read from the current directory, as training read it)")
-        base = _load_run_model(path, None, shardings, True, overrides, seen)[0]
-    else:
-        raise ValueError(f"{where}: expected 'hf:DIRECTORY' or 'run:RUN_DIR'")
-    _check_base_shapes(base, ModelConfig.from_hf(saved_model), where)
-    return base
-
-
-def _check_base_shapes(base: GraniteForCausalLM, saved: ModelConfig, where: str) -> None:
-    """The base must have the parameter shapes of the model the run saved (the one its adapters were trained on)."""
-    expected = nnx.eval_shape(lambda: GraniteForCausalLM(saved, rngs=nnx.Rngs(0)))
-    want = {".".join(path_names(p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(expected, nnx.Param))}
-    have = {".".join(path_names(p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(base, nnx.Param))}
-    if want != have:
-        differ = sorted(n for n in want.keys() | have.keys() if want.get(n) != have.get(n))
-        raise ValueError(f"{where}, which no longer holds the model the run trained on: {differ[0]} has shape "
-                         f"{have.get(differ[0])}, the run's model {want.get(differ[0])} ({len(differ)} parameters "
-                         "differ)")
-
-
-def with_shardings(abstract, shardings):
-    """`abstract` (a tree of shapes) with each leaf a `jax.ShapeDtypeStruct` carrying the matching leaf of
-    `shardings` (a tree of the same structure, e.g. from `parameter_shardings`)."""
-    leaves, treedef = jax.tree.flatten(abstract)
-    sharding_leaves = jax.tree.leaves(shardings)
-    if len(sharding_leaves) != len(leaves):
-        raise ValueError(f"{len(sharding_leaves)} shardings for {len(leaves)} parameters")
-    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                                        for x, s in zip(leaves, sharding_leaves)])

@@ -19,32 +19,11 @@ import yaml
 from granite_jax import storage
 from granite_jax.parallel.plan import ShardingPlan
 from granite_jax.run_dir import RunDir
+from granite_jax.sources import HFDirectory, Preset, SourceError, WeightSource, parse_init_from
 
 
 class RunConfigError(ValueError):
     """A run configuration key is unknown or its value has the wrong type or range."""
-
-
-@dataclasses.dataclass(frozen=True)
-class InitFrom:
-    """Where a run's first weights come from: `hf:DIR`, an HF checkpoint directory, or `run:DIR`, the newest
-    checkpoint of one of our runs."""
-
-    kind: str  # "hf" or "run"
-    path: str
-
-    @classmethod
-    def parse(cls, text: str) -> "InitFrom":
-        kind, _, path = text.partition(":")
-        if kind not in ("hf", "run") or not path:
-            raise RunConfigError(f"init_from={text!r}: expected 'hf:DIRECTORY' or 'run:RUN_DIR'")
-        if kind == "hf" and storage.is_url(path):
-            raise RunConfigError(f"init_from={text!r}: HF checkpoint directories are read from local paths only "
-                                 "(safetensors slices are memory-mapped); copy it to local disk, or import it once "
-                                 "(python -m granite_jax.convert import DIR gs://.../run) and use init_from=run:")
-        if problem := storage.checkpoint_location_problem(path):
-            raise RunConfigError(f"init_from={text!r}: {problem}")
-        return cls(kind, path)
 
 
 @dataclasses.dataclass
@@ -200,7 +179,7 @@ class RunConfig:
                                  f"{sorted(model_fields)}")
         if self.optimizer.schedule not in ("cosine", "wsd", "constant"):
             raise RunConfigError(f"optimizer.schedule={self.optimizer.schedule!r}: expected cosine, wsd or constant")
-        self.initial_weights  # noqa: B018 - parses init_from, raising on a malformed one
+        self.weight_source  # noqa: B018 - parses init_from, raising on a malformed one
         self.init_verify_spec  # noqa: B018 - parses init_verify, raising on a malformed one
         choices = {"data.format": (self.data.format, ("text", "chat", "preference")),
                    "data.bad_lines": (self.data.bad_lines, ("error", "skip")),
@@ -220,7 +199,6 @@ class RunConfig:
             raise RunConfigError("data.train is empty: give at least one training file")
         if problem := storage.checkpoint_location_problem(self.run_dir):
             raise RunConfigError(f"run_dir={self.run_dir!r}: {problem}")
-        self.initial_weights  # noqa: B018 - parses and checks init_from
         if self.dpo is not None and self.data.format != "preference":
             raise RunConfigError(f"dpo is set but data.format={self.data.format!r}: DPO trains on "
                                  "data.format=preference")
@@ -245,18 +223,25 @@ class RunConfig:
         return self.dpo or DPOConfig()
 
     @property
-    def initial_weights(self) -> InitFrom | None:
-        """`init_from` parsed (None: a fresh model from the preset)."""
-        return None if self.init_from is None else InitFrom.parse(self.init_from)
+    def weight_source(self) -> WeightSource:
+        """Where the run's first weights come from: `init_from` (with `init_verify` for an HF directory), or the
+        preset `model` with `model_overrides`, initialised from `seed`."""
+        if self.init_from is None:
+            return Preset(self.model, dict(self.model_overrides), self.seed)
+        try:
+            source = parse_init_from(self.init_from)
+        except SourceError as e:
+            raise RunConfigError(str(e)) from None
+        return dataclasses.replace(source, verify=self.init_verify_spec) if isinstance(source, HFDirectory) else source
 
     @property
     def init_verify_spec(self):
-        """`init_verify` parsed (a `granite_jax.convert.signing.VerifySpec`; None: no verification)."""
+        """`init_verify` parsed (a `granite_jax.formats.signing.VerifySpec`; None: no verification)."""
         if self.init_verify is None:
             return None
-        from granite_jax.convert.signing import SignatureError, VerifySpec
+        from granite_jax.formats.signing import SignatureError, VerifySpec
 
-        if self.initial_weights is None or self.initial_weights.kind != "hf":
+        if self.init_from is None or not self.init_from.startswith("hf:"):
             raise RunConfigError(f"init_verify is set but init_from={self.init_from!r}: verification applies to "
                                  "init_from=hf:DIR")
         try:

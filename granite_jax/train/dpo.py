@@ -18,7 +18,8 @@ with LoRA the same model with every adapter weight set to zero, which is exactly
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -124,13 +125,26 @@ def dpo_loss_fn(params, graphdef, batch, *, beta: float, label_smoothing: float 
         reward_margin=mean(chosen_rewards - rejected_rewards))
 
 
-def make_dpo_eval_step(*, beta: float, label_smoothing: float = 0.0, loss: str = "sigmoid", chunk: int):
-    """`eval_step(graphdef, params, batch, frozen=None, reference=None) -> ({metric: Σ over pairs}, pairs)`,
-    jitted with the graphdef static; no dropout."""
-    @functools.partial(jax.jit, static_argnums=0)
-    def eval_step(graphdef, params, batch, frozen=None, reference=None):
-        _, metrics = dpo_loss_fn(params, graphdef, batch, beta=beta, label_smoothing=label_smoothing, loss=loss,
-                                 chunk=chunk, frozen=frozen, reference=reference)
-        return {name: metrics[name] * metrics["pairs"] for name in PAIR_METRICS}, metrics["pairs"]
+@dataclasses.dataclass(frozen=True)
+class PreferenceOptimization:
+    """The DPO objective (`dpo_loss_fn`: `pair_loss` "sigmoid" or "ipo"); evaluated as the pair metrics'
+    means (PAIR_METRICS)."""
 
-    return eval_step
+    beta: float
+    label_smoothing: float
+    pair_loss: str
+    aux_coef: float
+    chunk: int
+    uses_reference: ClassVar[bool] = True  # the starting weights' log-probs, computed in the same step
+
+    def train_loss(self, params, graphdef, batch, *, frozen=None, reference=None, dropout_key=None):
+        """(total, metrics), differentiated in `params`."""
+        return dpo_loss_fn(params, graphdef, batch, beta=self.beta, label_smoothing=self.label_smoothing,
+                           loss=self.pair_loss, aux_coef=self.aux_coef, chunk=self.chunk, frozen=frozen,
+                           reference=reference, dropout_key=dropout_key)
+
+    def eval_sums(self, params, graphdef, batch, *, frozen=None, reference=None):
+        """({metric: Σ over pairs}, pairs)."""
+        _, metrics = dpo_loss_fn(params, graphdef, batch, beta=self.beta, label_smoothing=self.label_smoothing,
+                                 loss=self.pair_loss, chunk=self.chunk, frozen=frozen, reference=reference)
+        return {name: metrics[name] * metrics["pairs"] for name in PAIR_METRICS}, metrics["pairs"]

@@ -25,19 +25,15 @@ from granite_jax.data.preference import load_preference_samples, preference_data
 from granite_jax.data.sft import load_sft_samples, sft_dataset
 from granite_jax.data.sources import BadLines, load_documents
 from granite_jax.data.tokenizer import changed_tokenizer_files, load_tokenizer
+from granite_jax.formats.run import IMPORTED_FROM
 from granite_jax.model.flops import mean_keys_per_query, peak_tflops
 from granite_jax.parallel.distributed import process_block
 from granite_jax.run_dir import RunDir
-from granite_jax.train.checkpoint import (
-    DATA_POSITION,
-    IMPORTED_FROM,
-    RunCheckpoints,
-    abstract_like,
-)
+from granite_jax.train.checkpoint import DATA_POSITION, RunCheckpoints, abstract_like
 from granite_jax.train.config import RunConfig, RunConfigError, resume_differences, save_run_config
 from granite_jax.train.metrics import TensorBoardWriter, console_line, eval_line, print_line
 from granite_jax.train.optim import learning_rate_at
-from granite_jax.train.setup import build_run, existing_run_dir
+from granite_jax.train.setup import build_run, checked_source
 
 log = logging.getLogger("granite_jax.train")
 
@@ -111,14 +107,11 @@ def resolve_tokenizer(config: RunConfig) -> str:
     """`data.tokenizer`, or when it is null the tokenizer that came with `init_from`."""
     if config.data.tokenizer is not None:
         return config.data.tokenizer
-    source = config.initial_weights
-    if source.kind == "hf":
-        return source.path
-    run_dir = existing_run_dir(config)
-    tokenizer = RunDir(run_dir).tokenizer()
+    tokenizer = checked_source(config).tokenizer()
     if tokenizer is None:
-        raise RunConfigError(f"data.tokenizer is null (the tokenizer of init_from) but {run_dir!r} keeps no copy of "
-                             "its tokenizer (a run made by an earlier version): give data.tokenizer")
+        raise RunConfigError(f"data.tokenizer is null (the tokenizer of init_from) but init_from={config.init_from!r} "
+                             "holds no tokenizer (no tokenizer.json; a run made by an earlier version keeps no copy): "
+                             "give data.tokenizer")
     return tokenizer
 
 
@@ -238,7 +231,6 @@ def evaluate(run, params, dataset, batches: int, should_stop=lambda: False) -> d
             return done
         batch = global_batch(next(iterator), run.data_sharding, run.batch_shape, block[1])
         sums, n = run.eval_step(params, batch)
-        sums = sums if isinstance(sums, dict) else {"loss": sums}
         for name, value in _to_host(sums).items():
             totals[name] = totals.get(name, 0.0) + value
         count += float(n)

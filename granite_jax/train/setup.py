@@ -18,8 +18,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from granite_jax.config import ModelConfig, load_preset
-from granite_jax.convert import load_hf_checkpoint
+from granite_jax.config import ModelConfig
+from granite_jax.formats.run import with_shardings
 from granite_jax.model import GraniteForCausalLM
 from granite_jax.model.flops import training_flops_per_token
 from granite_jax.model.lora import apply_lora, quantize_frozen_base
@@ -32,12 +32,11 @@ from granite_jax.parallel.mesh import (
     make_mesh,
     parameter_shardings,
 )
-from granite_jax.run_dir import RunDir
-from granite_jax.train.checkpoint import load_run_model, run_model_config, with_shardings
+from granite_jax.sources import Preset, RunDirectory, WeightSource
 from granite_jax.train.config import RunConfig, RunConfigError
-from granite_jax.train.dpo import make_dpo_eval_step
+from granite_jax.train.dpo import PreferenceOptimization
 from granite_jax.train.optim import make_optimizer
-from granite_jax.train.step import TrainState, make_eval_step, make_train_step
+from granite_jax.train.step import LanguageModeling, TrainState, make_eval_step, make_train_step
 
 BATCH_FIELDS = (("input_ids", jnp.int32), ("segment_ids", jnp.int32), ("positions", jnp.int32),
                 ("targets", jnp.int32), ("loss_weights", jnp.float32))
@@ -56,6 +55,7 @@ class Run:
     state_shardings: TrainState
     data_sharding: NamedSharding
     tx: optax.GradientTransformation
+    objective: Any  # `run_objective`: LanguageModeling or PreferenceOptimization
     _train_step: Callable
     _eval_step: Callable
     # The model state that is not trained (LoRA: the base weights, placed like `state.params` would be), and its
@@ -69,14 +69,14 @@ class Run:
     adapter_parameters: int | None = None
 
     def _step_arguments(self) -> tuple:
-        return (self.frozen,) if self.config.preference_tuning is None else (self.frozen, self.reference)
+        return self.frozen, self.reference
 
     def flops_per_token(self, keys_per_query: float | None = None) -> float:
         """`training_flops_per_token` of what this run's step computes: with LoRA the base frozen and the
         adapters trained, with DPO the reference's forward pass too."""
         return training_flops_per_token(self.model_config, self.config.data.seq_len, keys_per_query,
                                         adapters=self.adapter_parameters,
-                                        reference=self.config.preference_tuning is not None)
+                                        reference=self.objective.uses_reference)
 
     def activate(self):
         """The context every step of this run is traced and run in: its mesh (`jax.set_mesh`)."""
@@ -108,29 +108,29 @@ def model_overrides(config: RunConfig) -> dict:
     return dict(config.model_overrides, compute_dtype=config.compute_dtype, sharding=config.sharding_plan)
 
 
+def checked_source(config: RunConfig) -> WeightSource:
+    """`config.weight_source`, which must exist (an HF directory, a run directory with checkpoints)."""
+    source = config.weight_source
+    try:
+        source.check()
+    except FileNotFoundError as e:
+        hint = (" (train it first, e.g. `python train.py` for runs/pretrain-tiny)"
+                if isinstance(source, RunDirectory) else "")
+        raise FileNotFoundError(f"init_from={config.init_from!r}: {e}{hint}") from None
+    return source
+
+
 def resolve_model_config(config: RunConfig) -> ModelConfig:
     """The model's configuration without its weights: `init_from`'s (an HF directory's config.json or a run's
     saved model) or the preset's, with the run's compute fields."""
-    source = config.initial_weights
-    if source is None:
-        return load_preset(config.model, **model_overrides(config))
-    if source.kind == "hf":
-        return ModelConfig.from_hf(source.path, **model_overrides(config))
-    return run_model_config(existing_run_dir(config), **model_overrides(config))
+    return checked_source(config).model_config(**model_overrides(config))
 
 
 def initial_model(config: RunConfig, shardings=None) -> GraniteForCausalLM:
     """A fresh model from the preset, or the weights named by `init_from` (hf:DIR or run:DIR). `shardings`
     (the parameters' NamedShardings, `initial_shardings`): read those weights straight onto their devices, each
     process reading only the shards its devices hold."""
-    source = config.initial_weights
-    if source is None:
-        return GraniteForCausalLM(load_preset(config.model, **model_overrides(config)), rngs=nnx.Rngs(config.seed))
-    if source.kind == "hf":
-        overrides = model_overrides(config)
-        return load_hf_checkpoint(source.path, dtype=overrides.pop("compute_dtype"), verify=config.init_verify_spec,
-                                  shardings=shardings, **overrides)
-    return load_run_model(existing_run_dir(config), shardings=shardings, **model_overrides(config))[0]
+    return checked_source(config).load(shardings, **model_overrides(config))
 
 
 def with_lora(config: RunConfig, model: GraniteForCausalLM) -> GraniteForCausalLM:
@@ -154,20 +154,12 @@ LORA_SEED_SALT = 0x10A
 
 
 def initial_shardings(config: RunConfig, model_config: ModelConfig, mesh: Mesh):
-    """Where the parameters of `init_from`'s weights will live on `mesh` (None for a fresh model)."""
-    if config.initial_weights is None:
+    """Where the parameters of `init_from`'s weights will live on `mesh` (None for a fresh model, which is
+    initialised whole and placed with the train state)."""
+    if isinstance(config.weight_source, Preset):
         return None
     abstract = nnx.eval_shape(lambda: GraniteForCausalLM(model_config, rngs=nnx.Rngs(0)))
     return parameter_shardings(nnx.state(abstract, nnx.Param), mesh, config.sharding_plan.table)
-
-
-def existing_run_dir(config: RunConfig) -> str:
-    """`init_from=run:DIR`'s directory, which must hold checkpoints."""
-    path = config.initial_weights.path
-    if not RunDir(path).has_checkpoints():
-        raise FileNotFoundError(f"init_from={config.init_from!r}: {path!r} is not a run directory with "
-                                "checkpoints (train it first, e.g. `python train.py` for runs/pretrain-tiny)")
-    return path
 
 
 def train_state_shardings(tx, params, mesh: Mesh, rules: dict) -> TrainState:
@@ -225,20 +217,24 @@ def build_run(config: RunConfig, devices=None, *, abstract: bool = False) -> Run
     if frozen is not None:
         frozen = (with_shardings(frozen, frozen_shardings) if abstract else
                   jax.device_put(frozen, frozen_shardings))
-    step_options = dict(chunk=config.loss_chunk_tokens, loss_impl=config.loss_impl)
+    objective = run_objective(config, model_config)
     dropout_seed = None if config.lora is None or config.lora.dropout == 0 else config.seed
-    dpo = config.preference_tuning
     reference = None
-    if dpo is not None and frozen is None:  # the starting parameters, kept apart from the donated train state
+    if objective.uses_reference and frozen is None:  # the starting parameters, apart from the donated state
         reference = (state.params if abstract else
                      jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(state.params))
-    eval_step = (make_eval_step(**step_options) if dpo is None else
-                 make_dpo_eval_step(beta=dpo.beta, label_smoothing=dpo.label_smoothing, loss=dpo.loss,
-                                    chunk=config.loss_chunk_tokens))
     return Run(config=config, mesh=mesh, model_config=model_config, graphdef=graphdef, state=state,
-               state_shardings=shardings, data_sharding=batch_sharding(mesh, plan), tx=tx,
-               _train_step=make_train_step(tx, aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,
-                                           dropout_seed=dropout_seed, dpo=dpo, **step_options),
-               _eval_step=eval_step, frozen=frozen, frozen_shardings=frozen_shardings, reference=reference,
-               adapter_parameters=None if frozen is None else parameter_count(params))
+               state_shardings=shardings, data_sharding=batch_sharding(mesh, plan), tx=tx, objective=objective,
+               _train_step=make_train_step(tx, objective, dropout_seed=dropout_seed),
+               _eval_step=make_eval_step(objective), frozen=frozen, frozen_shardings=frozen_shardings,
+               reference=reference, adapter_parameters=None if frozen is None else parameter_count(params))
 
+
+def run_objective(config: RunConfig, model_config: ModelConfig):
+    """What the run's step optimises, chosen once: DPO for preference data (`dpo`), else language modelling."""
+    dpo = config.preference_tuning
+    if dpo is None:
+        return LanguageModeling(aux_coef=model_config.router_aux_loss_coef, z_loss=config.z_loss,
+                                chunk=config.loss_chunk_tokens, loss_impl=config.loss_impl)
+    return PreferenceOptimization(beta=dpo.beta, label_smoothing=dpo.label_smoothing, pair_loss=dpo.loss,
+                                  aux_coef=model_config.router_aux_loss_coef, chunk=config.loss_chunk_tokens)

@@ -1,9 +1,11 @@
-"""Loss, train step and eval step (the chunked output head they use: `granite_jax.model.head`)."""
+"""The language-modelling objective (its loss over the chunked output head, `granite_jax.model.head`), and the
+train and eval steps of any objective (DPO's: `train/dpo.py`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,33 +49,46 @@ def loss_fn(params, graphdef, batch, *, aux_coef: float, z_loss: float, chunk: i
     return total, dict(loss=ce, aux_loss=aux, z=z_sum / tokens, tokens=jnp.sum(weights), moe_dropped=dropped)
 
 
+@dataclasses.dataclass(frozen=True)
+class LanguageModeling:
+    """The objective of pretraining and SFT: `loss_fn` (cross-entropy over the weighted tokens, the MoE
+    load-balancing loss, the z-loss); evaluated as the mean token cross-entropy."""
+
+    aux_coef: float
+    z_loss: float
+    chunk: int
+    loss_impl: str = "recompute"
+    uses_reference: ClassVar[bool] = False  # no reference model
+
+    def train_loss(self, params, graphdef, batch, *, frozen=None, reference=None, dropout_key=None):
+        """(total, metrics), differentiated in `params`."""
+        return loss_fn(params, graphdef, batch, aux_coef=self.aux_coef, z_loss=self.z_loss, chunk=self.chunk,
+                       loss_impl=self.loss_impl, frozen=frozen, dropout_key=dropout_key)
+
+    def eval_sums(self, params, graphdef, batch, *, frozen=None, reference=None):
+        """({"loss": Σ token losses}, tokens): summed over a validation set, then divided."""
+        _, metrics = loss_fn(params, graphdef, batch, aux_coef=0.0, z_loss=0.0, chunk=self.chunk,
+                             loss_impl=self.loss_impl, frozen=frozen)
+        return {"loss": metrics["loss"] * metrics["tokens"]}, metrics["tokens"]
+
+
 DROPOUT_STREAM = 0xD0  # the dropout keys are the run seed's key folded with this, then with the step
 
 
-def make_train_step(tx: optax.GradientTransformation, *, aux_coef: float, z_loss: float, chunk: int,
-                    loss_impl: str = "recompute", dropout_seed: int | None = None, dpo=None):
-    """`train_step(graphdef, state, batch, frozen=None, reference=None) -> (state, metrics)`, jitted with the
-    model's graphdef static: the model's configuration, its sharding plan included, is part of what is compiled,
-    as is the mesh set with `jax.set_mesh`. The state is donated. `frozen`: the model state that is not trained
-    (LoRA's base weights), not donated. `dropout_seed`: the LoRA adapters' dropout is on, its key for step s the seed's
-    key folded with DROPOUT_STREAM and s (a resumed run drops the same features). `dpo` (a `DPOConfig`): the
-    DPO loss over preference pairs (`train/dpo.py`) instead of the cross-entropy, `reference` the frozen starting
-    parameters (None with LoRA: the adapters turned off); z_loss and loss_impl do not apply to it."""
-    if dpo is None:
-        loss = functools.partial(loss_fn, aux_coef=aux_coef, z_loss=z_loss, chunk=chunk, loss_impl=loss_impl)
-    else:
-        from granite_jax.train.dpo import dpo_loss_fn
-
-        loss = functools.partial(dpo_loss_fn, beta=dpo.beta, label_smoothing=dpo.label_smoothing, loss=dpo.loss,
-                                 aux_coef=aux_coef, chunk=chunk)
-
+def make_train_step(tx: optax.GradientTransformation, objective, *, dropout_seed: int | None = None):
+    """`train_step(graphdef, state, batch, frozen=None, reference=None) -> (state, metrics)` of `objective`
+    (`LanguageModeling`, or `granite_jax.train.dpo.PreferenceOptimization`), jitted with the model's graphdef
+    static: the model's configuration, its sharding plan included, is part of what is compiled, as is the mesh
+    set with `jax.set_mesh`. The state is donated. `frozen`: the model state that is not trained (LoRA's base
+    weights), not donated; `reference`: the reference model's parameters of an objective that uses one (DPO;
+    None with LoRA: the adapters turned off). `dropout_seed`: the LoRA adapters' dropout is on, its key for step
+    s the seed's key folded with DROPOUT_STREAM and s (a resumed run drops the same features)."""
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
     def train_step(graphdef, state: TrainState, batch, frozen=None, reference=None):
         key = (None if dropout_seed is None else
                jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), DROPOUT_STREAM), state.step))
-        extra = {} if dpo is None else {"reference": reference}
-        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, graphdef, batch, frozen=frozen,
-                                                                     dropout_key=key, **extra)
+        (_, metrics), grads = jax.value_and_grad(objective.train_loss, has_aux=True)(
+            state.params, graphdef, batch, frozen=frozen, reference=reference, dropout_key=key)
         metrics["grad_norm"] = gradient_norm(grads)
         return apply_finite_update(tx, state, grads, metrics)
 
@@ -100,13 +115,11 @@ def apply_finite_update(tx: optax.GradientTransformation, state: TrainState, gra
                       unless_skipped(opt_state, state.opt_state)), metrics
 
 
-def make_eval_step(*, chunk: int, loss_impl: str = "recompute"):
-    """`eval_step(graphdef, params, batch, frozen=None) -> (Σ token losses, tokens)`, jitted with the graphdef
-    static; no dropout."""
+def make_eval_step(objective):
+    """`eval_step(graphdef, params, batch, frozen=None, reference=None) -> ({metric: sum}, count)` of
+    `objective` (its `eval_sums`), jitted with the graphdef static; no dropout."""
     @functools.partial(jax.jit, static_argnums=0)
-    def eval_step(graphdef, params, batch, frozen=None):
-        _, metrics = loss_fn(params, graphdef, batch, aux_coef=0.0, z_loss=0.0, chunk=chunk, loss_impl=loss_impl,
-                             frozen=frozen)
-        return metrics["loss"] * metrics["tokens"], metrics["tokens"]
+    def eval_step(graphdef, params, batch, frozen=None, reference=None):
+        return objective.eval_sums(params, graphdef, batch, frozen=frozen, reference=reference)
 
     return eval_step

@@ -1,7 +1,7 @@
 """Loading an HF checkpoint straight onto a mesh (`load_hf_checkpoint(shardings=...)`) against the plain load:
 every parameter equal, each placed as the rules say, and the bytes read per device about 1/N of the checkpoint
 where the rules split the tensors; and the same checkpoint imported as a run (`convert import`) restored onto
-the mesh by `load_run_model(shardings=...)` (what `init_from=run:` does). Argument: {"directory": HF_DIR,
+the mesh by `RunDirectory(...).load(shardings)` (what `init_from=run:` does). Argument: {"directory": HF_DIR,
 "run_dir": the import's run directory, "meshes": {name: [mesh sizes, rules]}}."""
 
 import os
@@ -11,9 +11,9 @@ import numpy as np
 from flax import nnx
 
 from granite_jax import GraniteForCausalLM, ModelConfig, load_hf_checkpoint
-from granite_jax.convert.hf import ReadStats
+from granite_jax.formats.hf import ReadStats
 from granite_jax.parallel.mesh import RULES, make_mesh, parameter_shardings
-from granite_jax.train.checkpoint import load_run_model
+from granite_jax.sources import RunDirectory
 from tests.multidevice import arguments, report
 
 
@@ -55,7 +55,7 @@ def check(directory: str, run_dir: str | None, plain: dict, sizes: dict, rules: 
     result |= {"parameters": len(plain), "checkpoint_bytes": total, "bytes_read": stats.bytes_read,
                "max_device_fraction": per_device[-1] / total, "min_device_fraction": per_device[0] / total}
     if run_dir is not None:
-        result["run"] = _compare(load_run_model(run_dir, shardings=shardings)[0], plain, shardings)
+        result["run"] = _compare(RunDirectory(run_dir).load(shardings), plain, shardings)
     return result
 
 

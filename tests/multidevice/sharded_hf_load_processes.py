@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from granite_jax import GraniteForCausalLM, ModelConfig, load_hf_checkpoint
-from granite_jax.convert.hf import ReadStats
+from granite_jax.formats.hf import ReadStats
 from granite_jax.parallel.distributed import initialize
 from granite_jax.parallel.mesh import RULES, make_mesh, parameter_shardings
 from tests.multidevice import arguments, report

@@ -27,8 +27,7 @@ def main():
         devices = jax.devices()[:setting.pop("devices", len(jax.devices()))]
         runs[name] = build_run(apply_overrides(RunConfig(), {**SMALL, **setting}), devices, abstract=True)
     first = next(iter(runs.values()))
-    shared_step = make_train_step(first.tx, aux_coef=first.model_config.router_aux_loss_coef, z_loss=0.0,
-                                  chunk=first.config.loss_chunk_tokens)
+    shared_step = make_train_step(first.tx, first.objective)
     programs, alone = {}, {}
     for name, run in runs.items():  # all through the same jitted function, one after another
         with run.activate():

@@ -17,7 +17,7 @@ import os
 import jax
 import numpy as np
 
-from granite_jax.convert.hf import _NUMPY_DTYPES, _resolve_dtype, _umask, hf_tensor_name, remove_stale_weights
+from granite_jax.formats.hf import _NUMPY_DTYPES, _resolve_dtype, _umask, hf_tensor_name, remove_stale_weights
 from granite_jax.model.lora import adapters
 
 ADAPTER_CONFIG = "adapter_config.json"

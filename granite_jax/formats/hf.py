@@ -28,10 +28,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from granite_jax.config import ModelConfig
-from granite_jax.convert.signing import SIGNATURE_FILE, VerifySpec, verify_directory
+from granite_jax.formats.signing import SIGNATURE_FILE, VerifySpec, verify_directory
 from granite_jax.model.granite import GraniteForCausalLM
 
-log = logging.getLogger("granite_jax.convert")
+log = logging.getLogger("granite_jax.formats")
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -166,7 +166,7 @@ def load_hf_checkpoint(directory: str | os.PathLike, dtype="float32", *, param_d
 
     `dtype` is the compute dtype (a dtype or its name); parameters are stored in `param_dtype` (float32 master
     weights by default; pass "bfloat16" to halve memory for inference). `verify`: check the directory's
-    `model.sig` first (`granite_jax.convert.signing.VerifySpec`; `SignatureError` when it does not verify).
+    `model.sig` first (`granite_jax.formats.signing.VerifySpec`; `SignatureError` when it does not verify).
 
     `shardings`: NamedShardings like the model's parameters (`parameter_shardings` of its `nnx.Param` state).
     Each parameter is then a global array on those devices, and this process reads from disk only the slices of
