@@ -46,6 +46,9 @@ class Preset:
     overrides: dict = dataclasses.field(default_factory=dict)
     seed: int = 0
 
+    def __str__(self) -> str:
+        return self.name
+
     def describe(self) -> str:
         return f"the preset {self.name!r} initialised from seed {self.seed}"
 
@@ -76,6 +79,9 @@ class HFDirectory:
     path: str
     verify: object = None
 
+    def __str__(self) -> str:  # as init_from names it
+        return f"hf:{self.path}"
+
     def describe(self) -> str:
         return f"the HF checkpoint {self.path!r}"
 
@@ -103,6 +109,9 @@ class RunDirectory:
 
     path: str
     step: int | None = None
+
+    def __str__(self) -> str:  # as init_from names it
+        return f"run:{self.path}"
 
     def describe(self) -> str:
         return f"the run {self.path!r}"

@@ -462,7 +462,7 @@ def test_export_run_to_transformers(tmp_path):
     with torch.no_grad():
         actual = hf(torch.tensor(ids), use_cache=False).logits.numpy()
     assert step == 3 and np.max(np.abs(actual - expected)) <= 1e-4 * np.max(np.abs(expected))
-    assert "has no checkpoints directory" in convert_cli("export", tmp_path / "nope", "x").error_line()
+    assert "nope' does not exist" in convert_cli("export", tmp_path / "nope", "x").error_line()
 
 
 def test_gradient_accumulation_averages_micro_steps():

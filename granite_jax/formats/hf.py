@@ -28,6 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from granite_jax.config import ModelConfig
+from granite_jax.formats import fp8
+from granite_jax.formats.errors import CheckpointError, naming_file
 from granite_jax.formats.signing import SIGNATURE_FILE, VerifySpec, verify_directory
 from granite_jax.model.granite import GraniteForCausalLM
 
@@ -37,10 +39,6 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing files or tensors, has unexpected ones, or has the wrong shapes."""
 
 
 # ---------------------------------------------------------------------------------------------- naming
@@ -179,6 +177,7 @@ def load_hf_checkpoint(directory: str | os.PathLike, dtype="float32", *, param_d
     check_signature(directory, verify)
     config = ModelConfig.from_hf(directory, compute_dtype=_resolve_dtype(dtype),
                                  param_dtype=_resolve_dtype(param_dtype), **config_overrides)
+    config, quantized = fp8.strip_quantization(directory, config)  # FP8 weights are read dequantized
     abstract = nnx.eval_shape(lambda: GraniteForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     expected = {}
@@ -186,35 +185,23 @@ def load_hf_checkpoint(directory: str | os.PathLike, dtype="float32", *, param_d
         hf_name, to_hf, from_hf = hf_tensor_name(path)
         hf_shape = to_hf(np.empty(variable.shape, np.bool_)).shape
         expected[hf_name] = (path, variable, hf_shape, from_hf)
-    located = _locate_tensors(directory, files, expected, config)
+    located = (fp8.locate_tensors if quantized else _locate_tensors)(directory, files, expected, config)
     by_path = None if shardings is None else dict(nnx.to_flat_state(shardings))
     stats = ReadStats() if stats is None else stats
     with contextlib.ExitStack() as stack:
         readers = {}
         for name, file in located.items():
             path, variable, _, from_hf = expected[name]
-            with _naming_file(file):
-                if file not in readers:
+            with naming_file(str(file)):
+                if isinstance(file, str) and file not in readers:
                     readers[file] = stack.enter_context(safe_open(file, framework="numpy"))
+                reader = readers[file] if isinstance(file, str) else file  # an fp8.Dequantized reads itself
                 if by_path is None:
-                    variable.set_value(jnp.asarray(from_hf(readers[file].get_tensor(name)), dtype=variable.dtype))
+                    variable.set_value(jnp.asarray(from_hf(reader.get_tensor(name)), dtype=variable.dtype))
                 else:
-                    variable.set_value(_sharded_parameter(readers[file].get_slice(name), variable, from_hf,
+                    variable.set_value(_sharded_parameter(reader.get_slice(name), variable, from_hf,
                                                           _sharding_of(by_path, path), stats))
     return nnx.merge(graphdef, state)
-
-
-@contextlib.contextmanager
-def _naming_file(file: str):
-    """Report safetensors' own errors (a truncated header or data), which name no file, as a CheckpointError
-    naming `file`."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - safetensors' errors (truncated header/data) name no file
-        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupted?): "
-                              f"{type(e).__name__}: {e}") from None
 
 
 def _locate_tensors(directory: str, files: list[str], expected: dict, config: ModelConfig) -> dict[str, str]:
@@ -222,7 +209,7 @@ def _locate_tensors(directory: str, files: list[str], expected: dict, config: Mo
     one or a shape other than the config implies is a CheckpointError naming it."""
     located, unexpected = {}, []
     for file in files:
-        with _naming_file(file), safe_open(file, framework="numpy") as reader:
+        with naming_file(file), safe_open(file, framework="numpy") as reader:
             for name in reader.keys():
                 if name not in expected:
                     if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -325,8 +312,16 @@ def _write_safetensors(arrays: dict, path: str) -> None:
         raise CheckpointError(f"could not write {path}: {reason}") from None
 
 
+def hf_tensors(model: GraniteForCausalLM):
+    """(HF name, numpy array in the parameter's dtype) for every parameter of `model`, in name order: the tensors
+    `save_hf_checkpoint` writes, one in host memory at a time (for other writers, e.g. GGUF)."""
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    for name, to_hf, variable in sorted(((*hf_tensor_name(path)[:2], v) for path, v in params), key=lambda t: t[0]):
+        yield name, np.ascontiguousarray(to_hf(np.asarray(jax.device_get(variable[...]))))
+
+
 def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, *, dtype=None,
-                       max_shard_size: int | str = "5GB") -> list[str]:
+                       max_shard_size: int | str = "5GB", quantize: str | None = None) -> list[str]:
     """Write `config.json` and safetensors that transformers' `from_pretrained` loads.
 
     dtype: tensor dtype on disk; default the `torch_dtype`/`dtype` recorded in the source config.json if any,
@@ -334,7 +329,10 @@ def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, 
     `model.safetensors.index.json`). Files are readable as the umask allows (like any other written file).
     Safetensors files and an index that this save did not write are removed afterwards (they would shadow or
     contradict it); no other file is touched. Returns the written safetensors paths.
+    quantize="fp8": the linear weights as compressed-tensors FP8_DYNAMIC (`granite_jax.formats.fp8`).
     """
+    if quantize not in (None, "fp8"):
+        raise ValueError(f"quantize={quantize!r}: expected None or 'fp8'")
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     config = model.config
@@ -345,9 +343,14 @@ def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, 
 
     tensors = sorted((*hf_tensor_name(path)[:2], variable)
                      for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    def quantized(name):
+        return quantize == "fp8" and fp8.is_quantized(name)
+
     shards, current, size = [], [], 0
     for name, to_hf, variable in tensors:
         nbytes = int(np.prod(variable.shape)) * np.dtype(np_dtype).itemsize
+        if quantized(name):
+            nbytes = fp8.stored_bytes(variable.shape, np.dtype(np_dtype).itemsize)
         if current and size + nbytes > limit:
             shards.append(current)
             current, size = [], 0
@@ -362,8 +365,11 @@ def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, 
         arrays = {}  # one shard in host memory at a time
         for name, to_hf, variable in shard:
             arrays[name] = np.ascontiguousarray(to_hf(np.asarray(jax.device_get(variable[...])))).astype(np_dtype)
+            if quantized(name):
+                arrays[name], arrays[f"{name}_scale"] = fp8.quantize(arrays[name])
+        for name, array in arrays.items():
             weight_map[name] = filename
-            total += arrays[name].nbytes
+            total += array.nbytes
         _write_safetensors(arrays, os.path.join(directory, filename))
         os.chmod(os.path.join(directory, filename), 0o666 & ~_umask())  # safetensors writes 0600
         written.append(os.path.join(directory, filename))
@@ -374,6 +380,9 @@ def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, 
     remove_stale_weights(directory, {os.path.basename(p) for p in written} | index)
     # transformers 5 records the dtype as "dtype", 4.x as "torch_dtype"; 5 reads both.
     dtype_keys = {"torch_dtype"} | ({"dtype"} & set(config.extra))
-    hf_config = config.replace(extra={**config.extra, **{k: _resolve_dtype(dtype) for k in dtype_keys}})
+    extra = {k: v for k, v in config.extra.items() if k != "quantization_config"}
+    if quantize == "fp8":
+        extra["quantization_config"] = fp8.quantization_config(config)
+    hf_config = config.replace(extra={**extra, **{k: _resolve_dtype(dtype) for k in dtype_keys}})
     hf_config.save_hf(directory)
     return written

@@ -155,7 +155,7 @@ def dry_run(config: RunConfig, devices=None) -> DryRunReport:
     matmul, data_dependent = executed_matmul_flops(hlo)
     host_bytes, host_rows = host_batch(run)
     return DryRunReport(
-        model=config.init_from or config.model, mesh=dict(mesh.shape), devices=devices,
+        model=str(config.weight_source), mesh=dict(mesh.shape), devices=devices,
         platform=_describe(mesh.devices.flat[0]),
         device_bytes=device_memory(mesh.devices.flat[0]),
         # With LoRA, the frozen base weights too (no optimizer state; QLoRA: quantised, counted once, scales aside).

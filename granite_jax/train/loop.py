@@ -107,9 +107,10 @@ def resolve_tokenizer(config: RunConfig) -> str:
     """`data.tokenizer`, or when it is null the tokenizer that came with `init_from`."""
     if config.data.tokenizer is not None:
         return config.data.tokenizer
-    tokenizer = checked_source(config).tokenizer()
+    source = checked_source(config)
+    tokenizer = source.tokenizer()
     if tokenizer is None:
-        raise RunConfigError(f"data.tokenizer is null (the tokenizer of init_from) but init_from={config.init_from!r} "
+        raise RunConfigError(f"data.tokenizer is null (the tokenizer of init_from) but init_from={str(source)!r} "
                              "holds no tokenizer (no tokenizer.json; a run made by an earlier version keeps no copy): "
                              "give data.tokenizer")
     return tokenizer
@@ -345,7 +346,7 @@ def _train_with(checkpoints: RunCheckpoints, config: RunConfig, run_dir: RunDir)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     frozen = ("" if run.frozen is None else
               f", LoRA adapters; {sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.frozen)):,} frozen")
-    print_line(f"training {config.model if not config.init_from else config.init_from} "
+    print_line(f"training {config.weight_source} "
                f"({n_params:,} trained parameters{frozen}) for steps {start + 1}..{config.steps}; "
                f"batch {config.data.batch_size} x {config.data.seq_len} tokens; run dir {config.run_dir}")
 

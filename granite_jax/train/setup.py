@@ -116,7 +116,7 @@ def checked_source(config: RunConfig) -> WeightSource:
     except FileNotFoundError as e:
         hint = (" (train it first, e.g. `python train.py` for runs/pretrain-tiny)"
                 if isinstance(source, RunDirectory) else "")
-        raise FileNotFoundError(f"init_from={config.init_from!r}: {e}{hint}") from None
+        raise FileNotFoundError(f"init_from={str(source)!r}: {e}{hint}") from None
     return source
 
 
