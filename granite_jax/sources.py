@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from granite_jax import storage
 from granite_jax.config import ModelConfig, load_preset
+from granite_jax.formats import fp8
 from granite_jax.formats.hf import load_hf_checkpoint
 from granite_jax.formats.run import checkpoint_meta, restore_params, with_shardings
 from granite_jax.model import GraniteForCausalLM
@@ -90,7 +91,9 @@ class HFDirectory:
             raise FileNotFoundError(f"{self.path!r} is not a directory")
 
     def model_config(self, **fields) -> ModelConfig:
-        return ModelConfig.from_hf(self.path, **fields)
+        """config.json's model; an FP8 checkpoint's `quantization_config` is dropped (its weights load
+        dequantized), so that a run started from it records the model it trains."""
+        return fp8.strip_quantization(self.path, ModelConfig.from_hf(self.path, **fields))[0]
 
     def tokenizer(self) -> str | None:
         """The directory itself when it holds a tokenizer.json (what `load_tokenizer` reads), else None."""
