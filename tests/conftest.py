@@ -395,7 +395,11 @@ def context_run(model: str) -> dict:
 
 
 def context_meshes(model: str) -> dict:
-    """CONTEXT_MESHES and the layers in sub-pieces of 4 tokens per device on fsdp 2 x context 4 (zigzag)."""
+    """tiny-hybrid-moe: CONTEXT_MESHES and the layers in sub-pieces of 4 tokens per device on fsdp 2 x context 4
+    (zigzag). tiny-dense-rope adds RoPE positions carried by the pieces, in both layouts: context 8 (contiguous)
+    and expert 2 x context 4 (zigzag); its attention and MLP on the other meshes are the hybrid's (suite time)."""
+    if model == "tiny-dense-rope":
+        return {name: CONTEXT_MESHES[name] for name in ("context 8", "expert 2 x context 4 zigzag")}
     return {**CONTEXT_MESHES, "fsdp 2 x context 4 zigzag in sub-pieces": {
         "mesh": {"fsdp": 2, "context": 4}, "context_layout": "zigzag",
         "model_overrides": {**context_run(model)["model_overrides"], "subpiece_tokens": 4}}}
@@ -434,7 +438,6 @@ EIGHT_DEVICE_JOBS = {
     "train meshes": _train_meshes(MESHES, TINY_MESH_RUN),
     "context meshes tiny-hybrid-moe": _train_meshes(context_meshes("tiny-hybrid-moe"), context_run("tiny-hybrid-moe")),
     "context meshes tiny-dense-rope": _train_meshes(context_meshes("tiny-dense-rope"), context_run("tiny-dense-rope")),
-    "context ops 2 shards": lambda root: ("context_parallel_ops", {"shards": 2}),
     "context ops 8 shards": lambda root: ("context_parallel_ops", {"shards": 8}),
     "context_parallel_program": lambda root: ("context_parallel_program", {"seq_len": 2048, "temporaries_at": 65536}),
     "long_row_memory": lambda root: ("long_row_memory", {"config": str(ROOT / "configs" / "pretrain-512k.yaml"),

@@ -8,9 +8,8 @@ import pytest
 from conftest import context_meshes, context_run, eight_device_job, metrics
 
 
-@pytest.mark.parametrize("shards", [pytest.param(n, marks=eight_device_job(f"context ops {n} shards"))
-                                    for n in (2, 8)])
-def test_context_parallel_ssd_conv_and_attention_equal_the_unsharded_functions(shards, eight_devices):
+@eight_device_job("context ops 8 shards")
+def test_context_parallel_ssd_conv_and_attention_equal_the_unsharded_functions(eight_devices):
     """Each shard runs the chunked SSD from a zero state; the shards' (decay, final state) summaries are
     all-gathered and scanned into each shard's entering state, added to its first document's outputs; the
     conv's halo is the previous shard's last inputs, counted only where their document continues; attention
@@ -19,7 +18,7 @@ def test_context_parallel_ssd_conv_and_attention_equal_the_unsharded_functions(s
     SSD's token-by-token oracle's), for document boundaries at, next to and away from shard and chunk edges,
     1-3 token documents, one-token documents, reused ids, trailing padding and random partitions (and 12 pairs
     of rows drawn by hypothesis per layout), with chunks that do and do not divide a shard."""
-    results = dict(eight_devices(f"context ops {shards} shards"))  # the first `shards` of the 8 devices
+    results = dict(eight_devices("context ops 8 shards"))
     for layout in ("contiguous", "zigzag"):  # 12 drawn pairs of rows per layout, each within tolerance
         drawn = results.pop(f"{layout} hypothesis partitions")
         assert "failed" not in drawn and len(drawn) == 8, drawn  # value and grad: ssd vs whole and oracle, conv, attn
