@@ -224,3 +224,40 @@ def test_adapter_export_of_a_full_run_and_a_lora_run_without_its_base_are_named(
                                          r"model.layers.0.shared_mlp.input_linear.kernel has shape \(32, 80\), the "
                                          r"run's model \(32, 48\)"):
         RunDirectory(run_dir).load()
+
+
+def test_fp8_and_gguf_exports_of_a_lora_run_are_the_merged_model(lora_run, tmp_path):
+    """`convert export --format fp8 | gguf` of a LoRA run writes the merged model (base + alpha/r·AB): the FP8
+    directory reads back within FP8 rounding of the merged logits, the GGUF file holds the merged kernels;
+    `--adapter` with either format, and an `--outtype` that does not exist, are one error line each (naming the
+    valid outtypes), writing nothing."""
+    from gguf import GGUFReader
+
+    run_dir, _, model = lora_run
+    ids = random_ids(4, (2, 12), vocab=96)
+    merged = merge_lora(model)
+    fp8 = convert_cli("export", run_dir, tmp_path / "fp8", "--format", "fp8")
+    assert "merged LoRA run" in fp8.ok().stdout
+    assert max_rel_error(forward(load_hf_checkpoint(tmp_path / "fp8"), ids).logits,
+                         forward(merged, ids).logits) <= 0.02
+    gguf = convert_cli("export", run_dir, tmp_path / "merged.gguf", "--format", "gguf", "--outtype", "f32")
+    assert "merged LoRA run" in gguf.ok().stdout
+    tensors = {t.name: np.asarray(t.data) for t in GGUFReader(tmp_path / "merged.gguf").tensors}
+    for name, layer in [("blk.1.attn_v.weight", merged.model.layers[1].self_attn.v_proj),
+                        ("blk.0.ssm_out.weight", merged.model.layers[0].mamba.out_proj)]:
+        kernel = np.asarray(layer.kernel[...])  # (in, out); a GGUF matrix's rows are the outputs
+        assert np.abs(kernel - np.asarray(model_kernel(model, name))).max() > 1e-3  # the adapters changed it
+        np.testing.assert_array_equal(tensors[name].reshape(kernel.T.shape), kernel.T, err_msg=name)
+    for argv, message in [(["--format", "gguf", "--adapter"], "--adapter writes a PEFT adapter directory"),
+                          (["--format", "fp8", "--adapter"], "--adapter writes a PEFT adapter directory"),
+                          (["--format", "gguf", "--outtype", "q5_k"], "--outtype 'q5_k': expected one of f32, f16, "
+                                                                      "bf16, q8_0, q4_k_m")]:
+        out = tmp_path / ("bad.gguf" if "gguf" in argv else "bad")
+        assert message in convert_cli("export", run_dir, out, *argv).error_line()
+        assert not out.exists()
+
+
+def model_kernel(model, gguf_name: str):
+    """The base kernel (adapters not folded in) of the LoRA model's layer that `gguf_name` names."""
+    layer = model.model.layers[int(gguf_name.split(".")[1])]
+    return (layer.self_attn.v_proj if "attn_v" in gguf_name else layer.mamba.out_proj).kernel[...]

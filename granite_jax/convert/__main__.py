@@ -284,7 +284,8 @@ def main(argv=None) -> int:
                      tokenizer=args.tokenizer, sign_key=args.sign_key, sign_cert=args.sign_cert,
                      sign_cert_chain=tuple(args.sign_cert_chain), adapter=args.adapter, format=args.format,
                      outtype=args.outtype))
-    except (ValueError, OSError, RunDirError) as e:  # OSError: e.g. a full disk while copying the tokenizer
+    except (ValueError, OSError, RunDirError, ImportError) as e:  # OSError: e.g. a full disk while copying the
+        # tokenizer; ImportError: --outtype q4_k_m without llama-cpp-python
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
