@@ -312,12 +312,22 @@ def _write_safetensors(arrays: dict, path: str) -> None:
         raise CheckpointError(f"could not write {path}: {reason}") from None
 
 
+def _hf_named_parameters(model: GraniteForCausalLM) -> list[tuple]:
+    """(HF name, ours→HF transform, parameter) for every parameter of `model`, in HF name order; nothing read."""
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return sorted(((*hf_tensor_name(path)[:2], v) for path, v in params), key=lambda t: t[0])
+
+
+def _hf_array(to_hf: Callable, variable) -> np.ndarray:
+    """One parameter on the host, in HF's layout and the parameter's dtype."""
+    return np.ascontiguousarray(to_hf(np.asarray(jax.device_get(variable[...]))))
+
+
 def hf_tensors(model: GraniteForCausalLM):
     """(HF name, numpy array in the parameter's dtype) for every parameter of `model`, in name order: the tensors
     `save_hf_checkpoint` writes, one in host memory at a time (for other writers, e.g. GGUF)."""
-    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    for name, to_hf, variable in sorted(((*hf_tensor_name(path)[:2], v) for path, v in params), key=lambda t: t[0]):
-        yield name, np.ascontiguousarray(to_hf(np.asarray(jax.device_get(variable[...]))))
+    for name, to_hf, variable in _hf_named_parameters(model):
+        yield name, _hf_array(to_hf, variable)
 
 
 def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, *, dtype=None,
@@ -341,8 +351,8 @@ def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, 
     np_dtype = _NUMPY_DTYPES[_resolve_dtype(dtype)]
     limit = _parse_size(max_shard_size)
 
-    tensors = sorted((*hf_tensor_name(path)[:2], variable)
-                     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tensors = _hf_named_parameters(model)
+
     def quantized(name):
         return quantize == "fp8" and fp8.is_quantized(name)
 
@@ -364,7 +374,7 @@ def save_hf_checkpoint(model: GraniteForCausalLM, directory: str | os.PathLike, 
         filename = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         arrays = {}  # one shard in host memory at a time
         for name, to_hf, variable in shard:
-            arrays[name] = np.ascontiguousarray(to_hf(np.asarray(jax.device_get(variable[...])))).astype(np_dtype)
+            arrays[name] = _hf_array(to_hf, variable).astype(np_dtype)
             if quantized(name):
                 arrays[name], arrays[f"{name}_scale"] = fp8.quantize(arrays[name])
         for name, array in arrays.items():
