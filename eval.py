@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
+from granite_jax.runtime import configure_process
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -224,6 +224,7 @@ def main(argv=None) -> int:
             p.add_argument("--num-fewshot", type=_integer(0), default=None)
 
     args = parser.parse_args(argv)
+    configure_process()  # our XLA defaults, before the first JAX computation
     run = {"generate": _generate, "perplexity": _perplexity, "choice": _choice, "lm-eval": _lm_eval}[args.command]
     try:
         result = run(args)

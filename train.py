@@ -72,7 +72,9 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.simulate_devices}").strip()
 
-    import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
+    from granite_jax.runtime import configure_process
+
+    configure_process()  # our XLA defaults, before JAX starts its backends
     from granite_jax.train import TrainingStopped, load_run_config, train
     from granite_jax.train.checkpoint import CheckpointSaveError
 

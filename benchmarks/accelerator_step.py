@@ -197,6 +197,9 @@ def main() -> None:
     parser.add_argument("--out", default=RESULTS, help="JSONL file the results are appended to")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, in this process
     args = parser.parse_args()
+    from granite_jax.runtime import configure_process
+
+    configure_process()  # our XLA defaults, before the first JAX computation
     if args.one:
         spec = json.loads(args.one)
         case, option = Case(**spec["case"]), Option(**spec["option"])

@@ -33,7 +33,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import granite_jax  # noqa: E402,F401  (XLA flags)
 from granite_jax.config import ATTENTION, load_preset  # noqa: E402
 from granite_jax.model import GraniteForCausalLM  # noqa: E402
 from granite_jax.model.granite import init_cache  # noqa: E402
@@ -108,6 +107,9 @@ def main(argv=None) -> None:
     parser.add_argument("--report-from", nargs="+", default=None,
                         help="skip measuring: print the table and plot from JSON lines written by earlier runs")
     args = parser.parse_args(argv)
+    from granite_jax.runtime import configure_process
+
+    configure_process()  # our XLA defaults, before the first JAX computation
     if args.report_from:
         rows = [json.loads(line) for path in args.report_from for line in open(path) if line.startswith("{")]
         args.batches = sorted({r["batch"] for r in rows})

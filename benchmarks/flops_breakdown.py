@@ -193,6 +193,9 @@ def main() -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.simulate_devices}").strip()
+    from granite_jax.runtime import configure_process
+
+    configure_process()  # our XLA defaults, before the first JAX computation
     from granite_jax.model.flops import training_flops_by_component
     from granite_jax.train import load_run_config
     from granite_jax.train.setup import build_run, resolve_model_config

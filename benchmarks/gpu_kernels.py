@@ -173,6 +173,9 @@ def report(resources, experts, attention) -> str:
 
 
 def main() -> None:
+    from granite_jax.runtime import configure_process
+
+    configure_process()  # our XLA defaults, before the first JAX computation
     resources, experts = kernel_resources(), expert_flops()
     attention = attention_flops(SEQ) + attention_flops(8 * SEQ)
     stamp = {"date": datetime.date.today().isoformat(), "device": "NVIDIA H100 80GB HBM3 (deviceless)",

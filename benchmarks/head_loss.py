@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--compiled-tokens", type=int, default=32_768, help="tokens of the compile-only figures")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    from granite_jax.runtime import configure_process
+
+    configure_process()  # our XLA defaults, before the first JAX computation
     results = []
     for name in ("recompute", "fused"):
         step = jax.jit(jax.value_and_grad(head_loss(name), argnums=(0, 1)))

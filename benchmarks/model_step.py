@@ -170,6 +170,9 @@ def main() -> None:
     parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from granite_jax.runtime import configure_process
+
+    configure_process()  # our XLA defaults, before the first JAX computation
     if args.worker:
         return _worker(args)
     print(json.dumps(dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),

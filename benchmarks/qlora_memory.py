@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: MODEL VARIANT
     args = parser.parse_args()
+    from granite_jax.runtime import configure_process
+
+    configure_process()  # our XLA defaults, before the first JAX computation
     if args.report:
         print(report())
         return

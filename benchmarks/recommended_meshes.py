@@ -379,6 +379,9 @@ def main() -> None:
                              "Pallas kernels ran out of a 24 GB host's memory compiling)")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one entry, JSON out
     args = parser.parse_args()
+    from granite_jax.runtime import configure_process
+
+    configure_process()  # our XLA defaults, before the first JAX computation
     if args.report:
         print(report(tpu=not args.gpu, gpu=not args.tpu))
         return

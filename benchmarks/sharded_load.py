@@ -195,6 +195,9 @@ def main():
                         help="stop a mode whose 2 processes hold more anonymous memory than this together")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # [directory, mode, coordinator, process]
     args = parser.parse_args()
+    from granite_jax.runtime import configure_process
+
+    configure_process()  # our XLA defaults, before the first JAX computation
     if args.worker:
         return worker(*json.loads(args.worker))
 

@@ -1,10 +1,7 @@
-"""granite_jax: train, tune, evaluate and convert IBM Granite 4.0 models in JAX/Flax."""
+"""granite_jax: train, tune, evaluate and convert IBM Granite 4.0 models in JAX/Flax.
 
-from granite_jax.runtime import configure_xla_flags, use_cpu_without_gpu_driver
-
-configure_xla_flags()  # before anything below imports jax
-use_cpu_without_gpu_driver()
-
+Importing it changes no environment variable; a program calls `granite_jax.runtime.configure_process()` at its
+start for our XLA defaults (train.py, eval.py and the converter do)."""
 
 from granite_jax.config import ConfigError, ModelConfig, load_preset
 from granite_jax.formats import CheckpointError, load_hf_checkpoint, save_hf_checkpoint

@@ -22,6 +22,7 @@ from flax import nnx
 from granite_jax.config import PRESETS_DIR, ModelConfig, load_preset
 from granite_jax.formats import load_hf_checkpoint, save_hf_checkpoint
 from granite_jax.model import GraniteForCausalLM
+from granite_jax.runtime import configure_process
 
 
 def parameter_counts(config: ModelConfig) -> tuple[int, int]:
@@ -72,6 +73,7 @@ def main(argv=None) -> None:
     parser.add_argument("presets", nargs="*", default=available, help=f"presets to count; default all: {available}")
     parser.add_argument("--no-demo", action="store_true", help="only print the parameter counts")
     args = parser.parse_args(argv)
+    configure_process()  # our XLA defaults, before the first JAX computation
     print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s))\n")
     _print_presets(args.presets)
     if not args.no_demo:

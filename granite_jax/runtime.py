@@ -1,4 +1,9 @@
-"""Process-wide XLA settings that must be in place before JAX initialises its backends."""
+"""Process-wide XLA settings that must be in place before JAX initialises its backends.
+
+A program sets them at its start with `configure_process()` (train.py, eval.py, `python -m granite_jax.convert`,
+the benchmarks, the test harness), before its first JAX computation; importing granite_jax changes no environment
+variable, so a program that imports it as a library keeps the settings it chose.
+"""
 
 from __future__ import annotations
 
@@ -71,3 +76,11 @@ def use_cpu_without_gpu_driver() -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
         if "jax" in sys.modules:  # imported before granite_jax: its config has read the environment already
             sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+def configure_process() -> None:
+    """The settings of a granite_jax program: our CPU defaults in XLA_FLAGS (`configure_xla_flags`) and the CPU
+    platform where the CUDA plugin is installed without a driver (`use_cpu_without_gpu_driver`). Call it before
+    the program's first JAX computation (importing jax first is fine: JAX reads them when its backends start)."""
+    configure_xla_flags()
+    use_cpu_without_gpu_driver()

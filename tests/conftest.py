@@ -46,6 +46,10 @@ TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitt
                   " --xla_cpu_experimental_ynn_fusion_type=")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
+from granite_jax.runtime import configure_process  # noqa: E402
+
+configure_process()  # what train.py does at its start (our CPU defaults), for this process and its subprocesses
+
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -60,13 +60,15 @@ def test_a_missing_cuda_plugin_says_what_to_install(monkeypatch):
         topology_devices("h100:8")
 
 
-def test_cpu_runs_ignore_the_installed_cuda_plugin():
-    """With the CUDA plugin installed (the test requirements install it) and no NVIDIA driver, importing
-    granite_jax leaves JAX on the CPU without the plugin's configuration-error traceback, whether jax was
-    imported first or not."""
+def test_cpu_programs_ignore_the_installed_cuda_plugin():
+    """With the CUDA plugin installed (the test requirements install it) and no NVIDIA driver, a program's
+    `configure_process()` (train.py, eval.py and the converter call it at their start) leaves JAX on the CPU
+    without the plugin's configuration-error traceback, whether jax was imported first or not."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    for script in ("import granite_jax, jax; print(jax.default_backend())",
-                   "import jax, granite_jax; print(jax.default_backend())"):
+    for script in ("from granite_jax.runtime import configure_process; configure_process(); import jax; "
+                   "print(jax.default_backend())",
+                   "import jax; from granite_jax.runtime import configure_process; configure_process(); "
+                   "print(jax.default_backend())"):
         done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0 and done.stdout.split() == ["cpu"], done.stderr

@@ -13,7 +13,7 @@ import pytest
 from conftest import finish, python_process
 
 from granite_jax.parallel.supervise import PEER_LOST_EXIT, job_of_several, lost_peer_line
-from granite_jax.train.loop import _StopSignal
+from granite_jax.train.hooks import StopSignal
 
 # What JAX 0.10.2's runtime writes before it aborts a survivor (abridged from real runs, test_launch.py).
 HEARTBEAT_ABORT = """F1206 21:42:17.146939   22448 client.h:80] Terminating process because the JAX distributed \
@@ -102,7 +102,7 @@ def test_the_same_signal_twice_at_once_is_one_request(monkeypatch):
     It stops after the step (saving), as for one signal; a later second signal would stop it at once."""
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.received == signal.SIGTERM and exits == []

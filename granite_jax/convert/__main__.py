@@ -36,7 +36,6 @@ import argparse
 import os
 import sys
 
-import granite_jax  # noqa: F401  (sets XLA flags before JAX starts)
 from granite_jax import storage
 from granite_jax.data.tokenizer import HF_TOKENIZER_FILES
 from granite_jax.formats.gguf import OUTTYPES as GGUF_OUTTYPES
@@ -46,6 +45,7 @@ from granite_jax.formats.peft import save_peft_adapter
 from granite_jax.formats.run import IMPORTED_FROM, checkpoint_meta
 from granite_jax.formats.signing import SIGNATURE_FILE, check_signing_key, sign_directory
 from granite_jax.run_dir import RunDir, RunDirError
+from granite_jax.runtime import configure_process
 from granite_jax.sources import HFDirectory, RunDirectory, checkpoint_source, hf_base_directory, run_source
 from granite_jax.train.checkpoint import save_parameters
 
@@ -276,6 +276,7 @@ def main(argv=None) -> int:
     im.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="parameter storage dtype (default float32: the master weights training keeps)")
     args = parser.parse_args(argv)
+    configure_process()  # our XLA defaults, before the first JAX computation
     try:
         if args.command == "import":
             print(import_checkpoint(args.hf_dir, args.run_dir, dtype=args.dtype))

@@ -26,6 +26,8 @@ import dataclasses
 import json
 from typing import Any
 
+from granite_jax.data.sources import RecordError
+
 START_OF_ROLE = "<|start_of_role|>"
 END_OF_ROLE = "<|end_of_role|>"
 END_OF_TEXT = "<|end_of_text|>"
@@ -49,7 +51,7 @@ DOCUMENTS_SUFFIX = ("\n</documents>\n\nWrite the response to the user's input by
                     "documents, inform the user that the question cannot be answered based on the available data.")
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(RecordError):
     """A conversation does not follow the chat convention; the message says which message and field."""
 
 

@@ -18,15 +18,14 @@ before any compilation (`SFTStats`); a 1M-conversation file takes minutes (progr
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import grain
 import numpy as np
 
-from granite_jax.data.chat import END_OF_TEXT, SPECIAL_TOKENS, ChatFormatError, parse_conversation
+from granite_jax.data.chat import END_OF_TEXT, SPECIAL_TOKENS, parse_conversation
 from granite_jax.data.chat_template import ChatTemplateError
-from granite_jax.data.sources import BadLines, DataError, check_data_file, data_lines
+from granite_jax.data.sources import BadLines, DataError, json_records
 from granite_jax.data.tokenizer import Tokenizer
 
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -88,16 +87,6 @@ def tokenize_pieces(pieces, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarra
     return np.asarray(ids, np.int32), np.asarray(trainable, bool)
 
 
-def _json_lines(path: str):
-    """The file's `Line`s (`sources.data_lines`: a line that is not UTF-8 has `text=None`)."""
-    expected = "JSON lines (.jsonl or .jsonl.gz)"
-    check_data_file(path, expected)
-    name = path[:-3] if path.endswith(".gz") else path
-    if not (name.endswith(".jsonl") or name.endswith(".json")):
-        raise DataError(f"SFT data file {path!r}: expected {expected}")
-    return data_lines(path, expected)
-
-
 def check_chat_inputs(tokenizer: Tokenizer, vocab_size: int, overlong: str) -> None:
     """What every chat-format reader (SFT, preference) checks before reading a line."""
     if overlong not in OVERLONG_POLICIES:
@@ -108,25 +97,9 @@ def check_chat_inputs(tokenizer: Tokenizer, vocab_size: int, overlong: str) -> N
 
 
 def chat_records(paths: list[str], bad: BadLines, parse):
-    """(path, line number, parse(record)) for every non-blank JSON line of `paths`, the one reader of the chat
-    formats. A line that is not UTF-8, not JSON, or that `parse` (or the chat template it renders with) refuses
-    is handed to `bad`: counted and skipped, or an error naming file, line and reason (data.bad_lines)."""
-    for path in paths:
-        for number, line, problem in _json_lines(path):
-            if line is not None and not line.strip():
-                continue
-            try:
-                if line is None:
-                    raise ChatFormatError(problem)
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ChatFormatError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-                parsed = parse(record)
-            except (ChatFormatError, ChatTemplateError) as e:
-                bad.found(f"{path}:{number}", str(e))
-                continue
-            yield path, number, parsed
+    """`sources.json_records` for the chat formats: a record that `parse` (or the chat template it renders
+    with) refuses is a bad line."""
+    return json_records(paths, parse, bad, also_refused=(ChatTemplateError,))
 
 
 def load_sft_samples(paths: list[str], chat_format, tokenizer: Tokenizer, *, seq_len: int, vocab_size: int,

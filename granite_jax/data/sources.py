@@ -112,22 +112,48 @@ def data_lines(path: str, expected: str = TEXT_FORMATS) -> Iterator[Line]:
         raise DataError(f"data file {path!r}: cannot be read ({e.strerror or e})") from None
 
 
+class RecordError(ValueError):
+    """A JSON record its reader cannot use; `json_records` hands it to `BadLines` with the file and line."""
+
+
+JSON_LINES = "JSON lines (.jsonl or .json, optionally .gz)"
+
+
+def json_records(paths: list[str], parse, bad: BadLines, expected: str = JSON_LINES,
+                 also_refused: tuple[type[Exception], ...] = ()) -> Iterator[tuple[str, int, object]]:
+    """(path, line number, parse(record)) for every non-blank JSON line of `paths`: the one reader of the JSONL
+    formats (pretraining text, chat, preference pairs, multiple-choice tasks). A line that is not UTF-8, not
+    JSON, or that `parse` refuses (raising a `RecordError` or one of `also_refused`) is handed to `bad`: an
+    error naming file, line and reason, or skipped and counted (data.bad_lines)."""
+    for path in paths:
+        check_data_file(path, expected)
+        name = path[:-3] if path.endswith(".gz") else path
+        if not name.endswith((".jsonl", ".json")):
+            raise DataError(f"data file {path!r}: expected {expected}")
+        for number, line, problem in data_lines(path, expected):
+            if line is not None and not line.strip():
+                continue
+            try:
+                if line is None:
+                    raise RecordError(problem)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RecordError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+                parsed = parse(record)
+            except (RecordError, *also_refused) as e:
+                bad.found(f"{path}:{number}", str(e))
+                continue
+            yield path, number, parsed
+
+
 def _jsonl_documents(path: str, text_field: str, bad: BadLines) -> Iterator[str]:
-    for number, line, problem in data_lines(path):
-        if line is None:
-            bad.found(f"{path}:{number}", problem)
-            continue
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.found(f"{path}:{number}", f"not valid JSON ({e.msg})")
-            continue
+    def text_of(record) -> str:
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            bad.found(f"{path}:{number}", f"expected an object with a string field {text_field!r}")
-            continue
-        yield record[text_field]
+            raise RecordError(f"expected an object with a string field {text_field!r}")
+        return record[text_field]
+
+    return (text for _, _, text in json_records([path], text_of, bad, TEXT_FORMATS))
 
 
 def _text_documents(path: str, bad: BadLines) -> Iterator[str]:

@@ -15,7 +15,6 @@ across them) into fixed-shape batches, so one compilation serves a whole task.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Iterable, Sequence
 
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from granite_jax.data.sources import BadLines, DataError, data_lines, read_documents
+from granite_jax.data.sources import BadLines, DataError, RecordError, json_records, read_documents
 from granite_jax.model.context_layout import context_order, in_context_layout
 from granite_jax.model.granite import GraniteForCausalLM
 from granite_jax.model.head import chunked_token_scores
@@ -200,29 +199,25 @@ class ChoiceResult:
     accuracy_norm: float  # argmax of log-likelihood per UTF-8 byte of the choice
 
 
+def _choice_item(item) -> dict:
+    """One multiple-choice question, checked (a `RecordError` says what is wrong)."""
+    if not (isinstance(item, dict) and isinstance(item.get("context"), str)
+            and isinstance(item.get("choices"), list) and len(item["choices"]) >= 2
+            and all(isinstance(c, str) and c for c in item["choices"])
+            and type(item.get("answer")) is int and 0 <= item["answer"] < len(item["choices"])):
+        raise RecordError("expected {\"context\": str, \"choices\": [at least two non-empty strings], \"answer\": "
+                          "index of the right choice (an integer)}")
+    if len(set(item["choices"])) < len(item["choices"]):
+        repeated = sorted({c for c in item["choices"] if item["choices"].count(c) > 1})
+        raise RecordError(f"choices {repeated} appear more than once: identical choices score alike, so the answer "
+                          "could never be picked alone")
+    return item
+
+
 def read_choice_task(path: str) -> list[dict]:
     """JSON lines of {"context": str, "choices": [str, ...], "answer": int}; errors name the line."""
-    items = []
-    for number, line, problem in data_lines(path, "JSON lines of questions (.jsonl, optionally .gz)"):
-        if line is None:
-            raise DataError(f"{path}:{number}: {problem}")
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not (isinstance(item, dict) and isinstance(item.get("context"), str)
-                and isinstance(item.get("choices"), list) and len(item["choices"]) >= 2
-                and all(isinstance(c, str) and c for c in item["choices"])
-                and type(item.get("answer")) is int and 0 <= item["answer"] < len(item["choices"])):
-            raise DataError(f"{path}:{number}: expected {{\"context\": str, \"choices\": [at least two non-empty "
-                            f"strings], \"answer\": index of the right choice (an integer)}}")
-        if len(set(item["choices"])) < len(item["choices"]):
-            repeated = sorted({c for c in item["choices"] if item["choices"].count(c) > 1})
-            raise DataError(f"{path}:{number}: choices {repeated} appear more than once: identical choices score "
-                            "alike, so the answer could never be picked alone")
-        items.append(item)
+    items = [item for _, _, item in json_records([path], _choice_item, BadLines("error", hint=""),
+                                                  "JSON lines of questions (.jsonl, optionally .gz)")]
     if not items:
         raise DataError(f"{path}: no questions")
     return items

@@ -2,6 +2,7 @@
 checkpoints, the loop and the ahead-of-time dry run."""
 
 from granite_jax.train.config import RunConfig, RunConfigError, load_run_config
-from granite_jax.train.loop import NonFiniteLossError, TrainingStopped, train
+from granite_jax.train.hooks import TrainingStopped
+from granite_jax.train.loop import NonFiniteLossError, train
 
 __all__ = ["NonFiniteLossError", "TrainingStopped", "RunConfig", "RunConfigError", "load_run_config", "train"]

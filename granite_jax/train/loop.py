@@ -8,12 +8,8 @@ checkpoint before exiting. A non-finite loss stops the run with a message; the l
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import signal
-import sys
-import time
 
 import jax
 import numpy as np
@@ -31,7 +27,16 @@ from granite_jax.parallel.distributed import process_block
 from granite_jax.run_dir import RunDir
 from granite_jax.train.checkpoint import DATA_POSITION, RunCheckpoints, abstract_like
 from granite_jax.train.config import RunConfig, RunConfigError, resume_differences, save_run_config
-from granite_jax.train.metrics import TensorBoardWriter, console_line, eval_line, print_line
+from granite_jax.train.hooks import (
+    CheckpointEvery,
+    EvaluateEvery,
+    Hook,
+    MetricsLog,
+    StepDone,
+    StopOnSignal,
+    StopSignal,
+)
+from granite_jax.train.metrics import print_line
 from granite_jax.train.optim import learning_rate_at
 from granite_jax.train.setup import build_run, checked_source
 
@@ -40,63 +45,6 @@ log = logging.getLogger("granite_jax.train")
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class TrainingStopped(Exception):
-    """SIGTERM or SIGINT stopped the run between two steps, after it saved a checkpoint. `exit_code` is the shell's
-    128 + the signal's number (130 for SIGINT, 143 for SIGTERM), so schedulers can tell it from a run that
-    finished."""
-
-    def __init__(self, signum: int, step: int, where: str):
-        super().__init__(f"received signal {signum}: saved step {step} to {where}")
-        self.exit_code = 128 + signum
-
-
-DUPLICATE_S = 1.0  # a repeat of the same signal within this is the same request, delivered twice
-
-
-class _StopSignal:
-    """Remembers SIGTERM/SIGINT so the loop can checkpoint and exit between steps. A second signal to this
-    process stops it at once (exit 128 + signal), whatever it is waiting on; the same signal again within
-    DUPLICATE_S is the first one delivered twice (a launcher that signals every process of a job reaches a
-    supervised process directly and through its parent, `parallel/supervise.py`)."""
-
-    def __init__(self):
-        self.received: int | None = None  # the signal that stops the run (this process's or another's)
-        self._own_at: float | None = None  # when this process itself received it
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def agreed(self) -> bool:
-        """Whether to stop now: this process received a signal, or (several processes) any of them did — they
-        must all stop at the same step, or the ones going on would wait in the next step's collectives. The
-        signal of the process that received one sets the exit code."""
-        if jax.process_count() == 1:
-            return self.received is not None
-        from jax.experimental import multihost_utils
-
-        received = int(np.max(multihost_utils.process_allgather(np.int32(self.received or 0))))
-        if received and self.received is None:
-            self.received = received
-        return received != 0
-
-    def _handle(self, signum, _frame):
-        if self._own_at is not None:
-            if signum == self.received and time.monotonic() - self._own_at < DUPLICATE_S:
-                return
-            print(f"received signal {signum} again: stopping now, without saving", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self._own_at = time.monotonic()
-        self.received = self.received or signum
-        print_line(f"received signal {signum}: stopping after this step (send it again to stop at once)")
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _peak_tflops(config: RunConfig) -> float | None:
@@ -335,14 +283,8 @@ def _train_with(checkpoints: RunCheckpoints, config: RunConfig, run_dir: RunDir)
         print_line(f"{config.run_dir} is already at step {start} = steps: nothing to train (raise steps to go on)")
         return []
 
-    writer = TensorBoardWriter(run_dir.tensorboard) if jax.process_index() == 0 else None
-    # Every step's metrics at full precision, appended across resumptions (the last line of a step wins).
-    metrics_file = open(run_dir.metrics_file, "a") if jax.process_index() == 0 else None
-    peak = _peak_tflops(config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    meta = dict(model=model_config.to_hf(), run=config.to_dict())
     losses: list[float] = []
-    skipped_updates = 0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     frozen = ("" if run.frozen is None else
               f", LoRA adapters; {sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.frozen)):,} frozen")
@@ -350,62 +292,49 @@ def _train_with(checkpoints: RunCheckpoints, config: RunConfig, run_dir: RunDir)
                f"({n_params:,} trained parameters{frozen}) for steps {start + 1}..{config.steps}; "
                f"batch {config.data.batch_size} x {config.data.seq_len} tokens; run dir {config.run_dir}")
 
-    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
-    with _StopSignal() as stop, run.activate():
+    with StopSignal() as stop, run.activate():
+        checkpoint, hooks = _hooks(config, run, run_dir, checkpoints, iterator, eval_data, stop)
         try:
             for step in range(start + 1, config.steps + 1):
                 batch = next(iterator)
-                window_flops += tokens_per_step * run.flops_per_token(mean_keys_per_query(batch.get("segment_ids")))
+                model_flops = tokens_per_step * run.flops_per_token(mean_keys_per_query(batch.get("segment_ids")))
                 state, metrics = run.train_step(
                     state, global_batch(batch, run.data_sharding, run.batch_shape, positions))
                 metrics = _to_host(metrics)
-                losses.append(metrics["loss"])
-                skipped_updates += int(metrics["skipped_update"])
                 if not np.isfinite(metrics["loss"]):
                     raise NonFiniteLossError(
                         f"loss is {metrics['loss']} at step {step}; stopping. The last good checkpoint is kept "
                         f"in {checkpoints.directory}; lower optimizer.lr or check the data.")
-                window_steps += 1
-                if metrics_file:
-                    metrics_file.write(json.dumps(dict(step=step, **metrics)) + "\n")
-                    metrics_file.flush()
-                if step % config.checkpoint.every_steps == 0:
-                    checkpoints.save(step, state, iterator.get_state(), meta)
-                    if metrics_file:
-                        run_dir.upload_logs()
-                if step % config.log_every == 0 or step == config.steps:
-                    elapsed = time.perf_counter() - window_start
-                    metrics["lr"] = learning_rate_at(config.optimizer, config.steps, step)
-                    metrics["skipped_updates"] = skipped_updates
-                    metrics["tokens_per_s"] = window_steps * tokens_per_step / elapsed
-                    if peak:  # the model FLOPs of the window's batches (attention over their documents)
-                        metrics["mfu"] = window_flops / elapsed / (peak * 1e12)
-                    eta = (config.steps - step) * elapsed / window_steps
-                    if writer:
-                        writer.scalars(step, metrics, prefix="train/")
-                    print_line(console_line(step, config.steps, metrics, eta))
-                    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
-                if eval_data is not None and (step % config.eval_every == 0 or step == config.steps):
-                    eval_metrics = evaluate(run, state.params, eval_data, config.eval_batches, stop.agreed)
-                    if isinstance(eval_metrics, int):
-                        print_line(f"eval step {step}: stopped after {eval_metrics} of {config.eval_batches} "
-                                   "batches by the signal")
-                    else:
-                        if writer:
-                            writer.scalars(step, eval_metrics, prefix="eval/")
-                        print_line(f"eval step {step}: {eval_line(eval_metrics)} ({config.eval_batches} batches)")
-                    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
-                if stop.agreed():
-                    checkpoints.save(step, state, iterator.get_state(), meta)
-                    checkpoints.wait()
-                    raise TrainingStopped(stop.received, step, checkpoints.directory)
-            else:
-                if config.steps > start:
-                    checkpoints.save(config.steps, state, iterator.get_state(), meta)
+                losses.append(metrics["loss"])
+                done = StepDone(step, state, metrics, model_flops)
+                for hook in hooks:
+                    hook.after_step(done)
+            checkpoint.save(config.steps, state)
         finally:
-            if writer:
-                writer.close()
-            if metrics_file:
-                metrics_file.close()
-                run_dir.upload_logs()
+            for hook in hooks:
+                hook.close()
     return losses
+
+
+def _hooks(config: RunConfig, run, run_dir: RunDir, checkpoints: RunCheckpoints, iterator, eval_data,
+           stop: StopSignal) -> tuple[CheckpointEvery, list[Hook]]:
+    """What follows every step, in this order: the metrics log, the checkpoint every N steps, the evaluation
+    every N steps (with validation data), the stop on a signal; and the checkpoint hook (which saves the last
+    step too)."""
+    logs = jax.process_index() == 0
+    log = MetricsLog(metrics_file=run_dir.metrics_file if logs else None,
+                     tensorboard_dir=run_dir.tensorboard if logs else None,
+                     upload=run_dir.upload_logs if logs else None, log_every=config.log_every, steps=config.steps,
+                     tokens_per_step=config.data.batch_size * config.data.seq_len,
+                     learning_rate=lambda step: learning_rate_at(config.optimizer, config.steps, step),
+                     peak_tflops=_peak_tflops(config))
+    meta = dict(model=run.model_config.to_hf(), run=config.to_dict())
+    checkpoint = CheckpointEvery(checkpoints, config.checkpoint.every_steps, iterator.get_state, meta,
+                                 after_save=log.upload)
+    hooks = [log, checkpoint]
+    if eval_data is not None:
+        hooks.append(EvaluateEvery(
+            lambda params, should_stop: evaluate(run, params, eval_data, config.eval_batches, should_stop),
+            every=config.eval_every, steps=config.steps, batches=config.eval_batches, log=log, should_stop=stop.agreed))
+    hooks.append(StopOnSignal(stop, checkpoint, checkpoints))
+    return checkpoint, hooks

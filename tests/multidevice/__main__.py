@@ -8,10 +8,12 @@ import sys
 import time
 import traceback
 
+from granite_jax.runtime import configure_process
 from tests import multidevice
 
 
 def main() -> int:
+    configure_process()  # what train.py does at its start: our CPU defaults, before JAX starts
     jobs = json.loads(sys.argv[1])
     failed = 0
     for name, (module, argument) in jobs.items():
