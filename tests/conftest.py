@@ -341,13 +341,16 @@ def reference_train(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ multi-device checks
-def run_multidevice(jobs: dict, devices: int, timeout: float = 1800) -> dict:
+def run_multidevice(jobs: dict, devices: int, timeout: float = 1800, times: Path | None = None) -> dict:
     """Run multi-device check modules in one subprocess on `devices` virtual CPU devices.
 
     `jobs`: {job name: (module name under tests/multidevice, JSON argument)}. Returns {job name: result}, where
-    a failed job's result is a `MultideviceFailure` carrying its traceback (the other jobs still ran)."""
+    a failed job's result is a `MultideviceFailure` carrying its traceback (the other jobs still ran). `times`:
+    a file to write each job's seconds to (pytest reports only the process's total, under its first test)."""
     proc = subprocess.run([sys.executable, "-m", "tests.multidevice", json.dumps(jobs)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=virtual_cpu_devices(devices))
+    if times is not None:
+        times.write_text("".join(f"{line}\n" for line in proc.stderr.splitlines() if line.startswith("job ")))
     results = {}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -482,7 +485,7 @@ def eight_devices(request, tmp_path_factory):
                 if EIGHT_DEVICE_PROCESS[job] == process:
                     root(job).mkdir()
                     jobs[job] = EIGHT_DEVICE_JOBS[job](root(job))
-            cache[process] = run_multidevice(jobs, devices=8)
+            cache[process] = run_multidevice(jobs, devices=8, times=base / f"{process}.times")
         return multidevice_result(cache[process], name)
 
     get.root = root
