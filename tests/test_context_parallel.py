@@ -32,8 +32,8 @@ def test_context_parallel_ssd_conv_and_attention_equal_the_unsharded_functions(e
 @pytest.mark.parametrize("model", [pytest.param(m, marks=eight_device_job(f"context meshes {m}"))
                                    for m in ("tiny-hybrid-moe", "tiny-dense-rope")])
 def test_context_parallel_training_gives_the_one_device_losses(model, eight_devices, reference_train):
-    """Two training steps of a 2-layer model with every row split over a context axis (alone and with fsdp,
-    expert, data x tensor; contiguous and zigzag layouts; the layers in sub-pieces of 4 tokens per device)
+    """Two training steps of a 2-layer model with every row split over a context axis (alone, with data x
+    tensor, with expert (zigzag), with fsdp in sub-pieces of 4 tokens per device; contiguous and zigzag layouts)
     give the one-device losses and gradient norms: the
     Mamba layer's halo and state passing, attention over the gathered keys, expert parallelism over rows x
     pieces, the loss over each device's tokens and the gradient reductions over context are all exact."""

@@ -251,8 +251,8 @@ def test_topology_without_libtpu_says_what_to_install():
 
 @eight_device_job("train meshes")
 def test_meshes_give_the_one_device_losses(eight_devices, reference_train):
-    """data x fsdp, fsdp x tensor, data x expert, fsdp x expert x tensor on 8 virtual devices: the losses of
-    a few steps of the small hybrid MoE equal the 1-device run's."""
+    """data x fsdp and fsdp x expert x tensor on 8 virtual devices: the losses of a few steps of the small hybrid
+    MoE equal the 1-device run's."""
     reference, reference_dir = reference_train(TINY_MESH_RUN)
     sharded = eight_devices("train meshes")
     assert len(reference) == 2 and set(sharded) == set(MESHES)
@@ -321,19 +321,18 @@ def test_each_process_reads_whole_saved_streams_or_the_resume_is_refused(rows, s
 
 
 @pytest.mark.slow
-def test_context_axis_across_two_processes_trains_and_resumes_like_one(tmp_path, reference_losses):
+def test_context_axis_across_two_processes_trains_like_one(tmp_path, reference_losses):
     """2 processes x 2 CPU devices with `context: 4` (zigzag) spanning both: every row is split over the
-    processes, each process reads the same rows (one stream) and keeps its slice of the positions. Trained 2
-    steps, then resumed to step 4 by one process holding the 4 devices, the losses equal one process training
-    the unsplit rows straight through."""
+    processes, each process reads the same rows (one stream) and keeps its slice of the positions; the losses
+    equal one process training the unsplit rows, and the checkpoint holds the one stream's position. (A
+    two-process run resumed by one process on another mesh: tests/test_launch.py, the lost-peer test.)"""
     rows = ["data.batch_size=2", "data.seq_len=128",
             "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 16}"]
-    one, _ = reference_losses("steps=4", *rows, *LAUNCH_RUN)
+    one, _ = reference_losses("steps=2", *rows, *LAUNCH_RUN)
     settings = [*rows, "mesh={context: 4}", "context_layout=zigzag"]
     launch_processes(tmp_path, steps=2, processes=2, settings=settings, devices=4)
-    launch_processes(tmp_path, steps=4, processes=1, settings=settings, devices=4)
     two = metrics(tmp_path)
-    assert len(one) == 4 and len(two) == 4
+    assert len(one) == 2 and len(two) == 2
     np.testing.assert_allclose(two, one, rtol=2e-5)
     assert list(_data_position(tmp_path, 2)["streams"]) == ["0"]  # both processes read the one stream
 

@@ -232,19 +232,21 @@ def partitions(T: int):
     return st.lists(row(), min_size=2, max_size=2).map(np.stack)
 
 
-def random_partitions(mesh, layout, T, chunk, rng, examples: int) -> dict:
+def random_partitions(compiled: list, rows: int, T: int, examples: int) -> dict:
     """Hypothesis-drawn partitions (2 rows per example, `examples` examples, shrunk to a minimal failing row
-    pair if one fails): the largest error of each comparison over all examples, or the failing example."""
-    compiled = checks(mesh, layout, 2, T, chunk, rng)
+    pair if one fails), run through the named cases' compiled functions of the same T and chunk (`compiled`,
+    for batches of `rows` rows: the pair is repeated to fill them): the largest error of each comparison over
+    all examples, or the failing example."""
     worst: dict[str, float] = {}
 
     @hyp.settings(max_examples=examples, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(hyp.HealthCheck))
     @hyp.given(partitions(T))
     def holds(segments):
+        batch = jnp.asarray(np.tile(segments, (rows // 2, 1)))
         for check, functions in compiled:
-            errors = errors_against(functions, check.args, jnp.asarray(segments), check.per_row,
-                                    {"rows": slice(0, 2)}, check.prefix)
+            errors = errors_against(functions, check.args, batch, check.per_row, {"rows": slice(0, 2)},
+                                    check.prefix)
             for name, error in {**errors["rows"], **errors["shared weights"]}.items():
                 worst[name] = max(worst.get(name, 0.0), error)
                 assert error < (1e-5 if "value" in name else 1e-4), (name, error, segments.tolist())
@@ -266,9 +268,11 @@ def main():
             named_rows = segment_cases(T, shards, chunk, rng)
             segments = jnp.asarray(np.concatenate(list(named_rows.values())))   # every case in one batch
             cases = {name: slice(2 * i, 2 * i + 2) for i, name in enumerate(named_rows)}
+            compiled = checks(mesh, layout, segments.shape[0], T, chunk, rng)
             errors = [errors_against(functions, check.args, segments, check.per_row, cases, check.prefix)
-                      for check, functions in checks(mesh, layout, segments.shape[0], T, chunk, rng)]
+                      for check, functions in compiled]
             for case in errors[0]:
                 results[f"{layout} T={T} chunk={chunk} {case}"] = {k: v for e in errors for k, v in e[case].items()}
-        results[f"{layout} hypothesis partitions"] = random_partitions(mesh, layout, shards * 12, 5, rng, examples=12)
+        # on the last (T, chunk): a chunk that does not divide a piece
+        results[f"{layout} hypothesis partitions"] = random_partitions(compiled, segments.shape[0], T, examples=12)
     report(results)
