@@ -170,37 +170,48 @@ class Mamba2Mixer(nnx.Module):
             jnp.zeros((batch, config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state), jnp.float32))
 
     def __call__(self, u: jax.Array, *, runs: jax.Array, state: MambaState | None = None):
-        """u (b, T, hidden); runs (b, T) document-run index of every token, counted over the whole row. Given a
-        `state` to fill (a prefill for decoding), also returns the `MambaState` after the row's last document in
-        its place. On a mesh whose rules split the sequence (context parallelism), the conv and the SSD run on
-        each device's piece of the rows and pass a halo and a state summary between pieces."""
-        b, T, _ = u.shape
+        """u (b, T, hidden); runs (b, T) document-run index of every token, counted over the whole row (segment
+        ids under the zigzag layout). Given a `state` to fill (a prefill for decoding), also returns the
+        `MambaState` after the row's last document in its place.
+
+        One mixing function serves every case (`_mix_local`): a row is a sequence of sub-pieces of
+        `subpiece_tokens` tokens (one sub-piece when it is 0, or for a prefill), each starting from the conv
+        inputs and SSM state the previous one left. On a mesh whose rules split the sequence (context
+        parallelism) it runs under `shard_map` on each device's pieces, which start from the previous piece's
+        conv inputs and the state entering them. One exception, for tensor parallelism: a context split without
+        sub-pieces keeps in_proj and out_proj outside `shard_map` (sharded by the plan's rules, as everywhere
+        else) and passes only the conv and the SSD through it (`_over_context_pieces`)."""
         split = sequence_split(self.plan)
         if split is not None and state is not None:
             raise NotImplementedError("a decoding prefill with the sequence split over devices (context > 1) is "
                                       "not supported; prefill on a mesh with context=1")
-        if self.subpiece and state is None:
-            return self._in_subpieces(u, runs, split)
+        if split is None:
+            return self._mix_local(u, runs, None, "contiguous", state=state)
+        if not self.subpiece:
+            return self._over_context_pieces(u, runs, split)
+        graphdef, weights = nnx.split(self)
+
+        def local(weights, u, ids):
+            return nnx.merge(graphdef, weights)._mix_local(u, ids, split.axis, split.layout)
+
+        weight_specs = jax.tree.map(lambda _: P(), weights)
+        return jax.shard_map(local, mesh=split.mesh, in_specs=(weight_specs, split.spec(None), split.spec()),
+                             out_specs=split.spec(None), check_vma=False)(weights, u, runs)
+
+    def _over_context_pieces(self, u, runs, split):
+        """The layer with each device holding pieces of every row and no sub-pieces: in_proj and out_proj under
+        the plan's shardings (tensor parallel where it says so), the conv and the SSD under `shard_map`."""
+        b, T, _ = u.shape
         with jax.named_scope("in_proj"):
             z, xBC, dt = self._project(u)
         with jax.named_scope("conv"):
-            if split is None:
-                xBC, conv_state = causal_depthwise_conv(xBC, self._conv_kernel(), self._conv_bias(), runs)
-            else:
-                xBC = self._conv_over_pieces(xBC, runs, split)
+            xBC = self._conv_over_pieces(xBC, runs, split)
         x, B, C, dt = self._ssm_inputs(jax.nn.silu(xBC), dt)
-        ssd_args = (x.reshape(b, T, self.n_heads, self.head_dim), dt, self._A(),
-                    B.reshape(b, T, self.n_groups, self.d_state), C.reshape(b, T, self.n_groups, self.d_state))
         with jax.named_scope("ssd"):
-            if split is None:
-                y, ssm_state = self._ssd(in_shard_map=False)(*ssd_args, chunk_size=self.chunk_size,
-                                                             segment_ids=runs)
-            else:
-                y = self._ssd_over_pieces(*ssd_args, runs, split)
-        out = self._output(y.reshape(b, T, self.d_inner), x, z)
-        if state is None:
-            return out
-        return out, MambaState(conv_state.astype(state.conv.dtype), ssm_state.astype(state.ssm.dtype))
+            y = self._ssd_over_pieces(x.reshape(b, T, self.n_heads, self.head_dim), dt, self._A(),
+                                      B.reshape(b, T, self.n_groups, self.d_state),
+                                      C.reshape(b, T, self.n_groups, self.d_state), runs, split)
+        return self._output(y.reshape(b, T, self.d_inner), x, z)
 
     def _conv_over_pieces(self, xBC, runs, split):
         """The causal conv with each device holding pieces of every row (context parallelism)."""
@@ -223,40 +234,62 @@ class Mamba2Mixer(nnx.Module):
                              in_specs=(per_head, split.spec(None), P(), per_head, per_head, split.spec()),
                              out_specs=per_head, check_vma=False)(x, dt, A, B, C, runs)
 
-    def _in_subpieces(self, u, ids, split):
-        """The layer over sub-pieces of `subpiece_tokens` tokens of each device's rows (of each context
-        piece), so that no buffer of the layer spans more than a sub-piece, forward or backward: a scan runs
-        in_proj, the conv, the SSD, the gated norm and out_proj sub-piece after sub-piece, carrying the last
-        conv inputs and the SSM state. A row (a context piece) starts from the conv inputs of the previous
-        piece (`from_previous_piece`) and, under context parallelism, from the state entering the piece: a
-        first scan computes only each piece's summary (its final state from a zero state and its decay), and
-        the pieces' summaries give each piece its entering state (`parallel/sequence.py`). That first scan
-        repeats in_proj, the conv and the SSD's state part rather than keep any per-token output for a second
-        pass (which would hold several hidden widths per token of the whole piece, forward and backward).
-        Equal to the whole-row computation."""
-        if split is None:
-            return self._subpieces_local(u, ids, None, "contiguous")
-        graphdef, weights = nnx.split(self)
-
-        def local(weights, u, ids):
-            return nnx.merge(graphdef, weights)._subpieces_local(u, ids, split.axis, split.layout)
-
-        weight_specs = jax.tree.map(lambda _: P(), weights)
-        return jax.shard_map(local, mesh=split.mesh, in_specs=(weight_specs, split.spec(None), split.spec()),
-                             out_specs=split.spec(None), check_vma=False)(weights, u, ids)
-
-    def _subpieces_local(self, u, ids, axis, layout):
-        """`_in_subpieces` on this device's rows u (b, L, hidden), ids (b, L): the data's segment ids (their
-        context pieces side by side when `axis` is the sequence axis, else whole rows)."""
-        K, sub = self.conv1d.kernel.shape[0], self.subpiece
+    def _mix_local(self, u, ids, axis, layout, state: MambaState | None = None):
+        """The layer on this device's rows u (b, L, hidden), ids (b, L) (their context pieces side by side when
+        `axis` names the sequence axis, else whole rows), sub-piece after sub-piece, so that no buffer of the
+        layer spans more than a sub-piece, forward or backward: a scan runs in_proj, the conv, the SSD, the gated
+        norm and out_proj on each, carrying the last conv inputs and the SSM state. A whole row with
+        `subpiece_tokens: 0` (or a prefill, which returns the `MambaState` after the row) is one sub-piece,
+        computed without the scan. Under context parallelism a piece starts from the conv inputs of the previous
+        piece (`from_previous_piece`) and from the state entering it: a first scan computes only each piece's
+        summary (its final state from a zero state and its decay), and the pieces' summaries give each piece
+        its entering state (`parallel/sequence.py`). That first scan repeats in_proj, the conv and the SSD's
+        state part rather than keep any per-token output for a second pass (which would hold several hidden
+        widths per token of the whole piece, forward and backward)."""
+        K = self.conv1d.kernel.shape[0]
         pieces = pieces_per_shard(layout)
         u, ids = (pieces_as_rows(to_pieces(a, layout)) for a in (u, ids))    # (rows, L, ...), a piece per row
         rows, L = ids.shape
+        sub = self.subpiece if self.subpiece and state is None else L
         if L % sub:
             raise ValueError(f"subpiece_tokens={sub} does not divide the {L} tokens of a row (or context "
                              f"piece) on a device; use a divisor of {L}")
         kernel, bias, A = self._conv_kernel(), self._conv_bias(), self._A()
         ssd = self._ssd(in_shard_map=axis is not None)
+
+        def step(carry, inputs):
+            """One sub-piece from the carry (last conv inputs, which of them count, SSM state, decay since the
+            last document start; None: nothing enters, a row's start): the next carry, the SSD's y, x and the
+            gate z, and the conv's final state (the decoding state's conv part)."""
+            u, ids, continues = inputs
+            z, xBC, dt = self._project(u)
+            runs = document_runs(ids, ids.shape)
+            if carry is None:
+                conv, conv_state = causal_depthwise_conv(xBC, kernel, bias, runs)
+            else:
+                history, history_counted, state, decay = carry
+                history_runs = jnp.where(continues[:, None] & history_counted, 0, -1).astype(runs.dtype)
+                conv, conv_state = causal_depthwise_conv(xBC, kernel, bias, runs,
+                                                         initial_state=jnp.swapaxes(history, 1, 2),
+                                                         initial_runs=history_runs)
+            x, B, C, dt = self._ssm_inputs(jax.nn.silu(conv), dt)
+            x = x.reshape(*ids.shape, self.n_heads, self.head_dim)
+            entering = None if carry is None else jnp.where(continues[:, None, None, None], state, 0.0)
+            y, state, sub_decay = ssd(x, dt, A, B.reshape(*ids.shape, self.n_groups, self.d_state),
+                                      C.reshape(*ids.shape, self.n_groups, self.d_state), chunk_size=self.chunk_size,
+                                      segment_ids=ids, initial_state=entering, return_decay=True)
+            decay = sub_decay if carry is None else jnp.where(continues[:, None], decay * sub_decay, sub_decay)
+            return (xBC[:, -K:], runs[:, -K:] == runs[:, -1:], state, decay), (y, x, z), conv_state
+
+        def output(y, x, z):
+            return self._output(y.reshape(*z.shape[:2], self.d_inner), x.reshape(z.shape), z)
+
+        if axis is None and sub == L:  # a whole row: one sub-piece, nothing entering it
+            (_, _, ssm_state, _), (y, x, z), conv_state = step(None, (u, ids, None))
+            out = output(y, x, z)
+            if state is None:
+                return out
+            return out, MambaState(conv_state.astype(state.conv.dtype), ssm_state.astype(state.ssm.dtype))
 
         # What enters each row (piece): the previous context piece's last conv inputs, or nothing.
         history = jnp.zeros((rows, K, self.conv_dim), self.dtype)
@@ -274,33 +307,14 @@ class Mamba2Mixer(nnx.Module):
         def by_subpiece(a):  # (rows, L, ...) -> (n, rows, sub, ...)
             return jnp.moveaxis(a.reshape(rows, L // sub, sub, *a.shape[2:]), 1, 0)
 
-        def step(carry, inputs):
-            """One sub-piece from the carry (last conv inputs, SSM state, decay since the last document
-            start): the next carry and the SSD's y, x and the gate z."""
-            history, history_counted, state, decay = carry
-            u, ids, continues = inputs
-            z, xBC, dt = self._project(u)
-            runs = document_runs(ids, ids.shape)
-            history_runs = jnp.where(continues[:, None] & history_counted, 0, -1).astype(runs.dtype)
-            conv, _ = causal_depthwise_conv(xBC, kernel, bias, runs, initial_state=jnp.swapaxes(history, 1, 2),
-                                            initial_runs=history_runs)
-            x, B, C, dt = self._ssm_inputs(jax.nn.silu(conv), dt)
-            x = x.reshape(*ids.shape, self.n_heads, self.head_dim)
-            entering = jnp.where(continues[:, None, None, None], state, 0.0)
-            y, state, sub_decay = ssd(x, dt, A, B.reshape(*ids.shape, self.n_groups, self.d_state),
-                                      C.reshape(*ids.shape, self.n_groups, self.d_state), chunk_size=self.chunk_size,
-                                      segment_ids=ids, initial_state=entering, return_decay=True)
-            decay = jnp.where(continues[:, None], decay * sub_decay, sub_decay)
-            return (xBC[:, -K:], runs[:, -K:] == runs[:, -1:], state, decay), (y, x, z)
-
         @jax.checkpoint
         def summarize(carry, inputs):
             return step(carry, inputs)[0], None
 
         @jax.checkpoint
         def mix(carry, inputs):
-            carry, (y, x, z) = step(carry, inputs)
-            return carry, self._output(y.reshape(*z.shape[:2], self.d_inner), x.reshape(z.shape), z)
+            carry, (y, x, z), _ = step(carry, inputs)
+            return carry, output(y, x, z)
 
         subpieces = (by_subpiece(u), by_subpiece(ids), subpiece_continues)
         state = jnp.zeros((rows, self.n_heads, self.head_dim, self.d_state), jnp.float32)
