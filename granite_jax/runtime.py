@@ -71,11 +71,14 @@ def cuda_plugin_installed() -> bool:
 
 def use_cpu_without_gpu_driver() -> None:
     """JAX_PLATFORMS=cpu when the CUDA plugin is installed, no NVIDIA driver is present and the user chose no
-    platform. No effect once JAX has a backend."""
+    platform; JAX's config follows JAX_PLATFORMS if jax was imported before it was set. No effect once JAX has a
+    backend."""
     if "JAX_PLATFORMS" not in os.environ and not _NVIDIA_DRIVER.exists() and cuda_plugin_installed():
         os.environ["JAX_PLATFORMS"] = "cpu"
-        if "jax" in sys.modules:  # imported before granite_jax: its config has read the environment already
-            sys.modules["jax"].config.update("jax_platforms", "cpu")
+    # JAX reads JAX_PLATFORMS when it is imported: a program that imported it before it chose (train.py imports
+    # granite_jax, hence jax, before `--topology` sets JAX_PLATFORMS=cpu) tells JAX's config too.
+    if "JAX_PLATFORMS" in os.environ and "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 
 
 def configure_process() -> None:

@@ -63,12 +63,13 @@ def test_a_missing_cuda_plugin_says_what_to_install(monkeypatch):
 def test_cpu_programs_ignore_the_installed_cuda_plugin():
     """With the CUDA plugin installed (the test requirements install it) and no NVIDIA driver, a program's
     `configure_process()` (train.py, eval.py and the converter call it at their start) leaves JAX on the CPU
-    without the plugin's configuration-error traceback, whether jax was imported first or not."""
+    without the plugin's configuration-error traceback, whether jax was imported first or not, and when the
+    program set JAX_PLATFORMS after importing jax (train.py --topology)."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    for script in ("from granite_jax.runtime import configure_process; configure_process(); import jax; "
-                   "print(jax.default_backend())",
-                   "import jax; from granite_jax.runtime import configure_process; configure_process(); "
-                   "print(jax.default_backend())"):
+    configure = "from granite_jax.runtime import configure_process; configure_process(); "
+    backend = "print(jax.default_backend())"
+    for script in (configure + "import jax; " + backend, "import jax; " + configure + backend,
+                   "import jax, os; os.environ['JAX_PLATFORMS'] = 'cpu'; " + configure + backend):
         done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0 and done.stdout.split() == ["cpu"], done.stderr
