@@ -248,7 +248,8 @@ class Mamba2Mixer(nnx.Module):
         widths per token of the whole piece, forward and backward)."""
         K = self.conv1d.kernel.shape[0]
         pieces = pieces_per_shard(layout)
-        u, ids = (pieces_as_rows(to_pieces(a, layout)) for a in (u, ids))    # (rows, L, ...), a piece per row
+        if axis is not None:  # (rows, L, ...), a piece per row
+            u, ids = (pieces_as_rows(to_pieces(a, layout)) for a in (u, ids))
         rows, L = ids.shape
         sub = self.subpiece if self.subpiece and state is None else L
         if L % sub:
@@ -259,8 +260,9 @@ class Mamba2Mixer(nnx.Module):
 
         def step(carry, inputs):
             """One sub-piece from the carry (last conv inputs, which of them count, SSM state, decay since the
-            last document start; None: nothing enters, a row's start): the next carry, the SSD's y, x and the
-            gate z, and the conv's final state (the decoding state's conv part)."""
+            last document start; None: nothing enters, a row's start, which carries only the SSM state on): the
+            next carry, the SSD's y, x and the gate z, and the conv's final state (the decoding state's conv
+            part)."""
             u, ids, continues = inputs
             z, xBC, dt = self._project(u)
             runs = document_runs(ids, ids.shape)
@@ -273,16 +275,19 @@ class Mamba2Mixer(nnx.Module):
                                                          initial_state=jnp.swapaxes(history, 1, 2),
                                                          initial_runs=history_runs)
             x, B, C, dt = self._ssm_inputs(jax.nn.silu(conv), dt)
-            x = x.reshape(*ids.shape, self.n_heads, self.head_dim)
-            entering = None if carry is None else jnp.where(continues[:, None, None, None], state, 0.0)
-            y, state, sub_decay = ssd(x, dt, A, B.reshape(*ids.shape, self.n_groups, self.d_state),
-                                      C.reshape(*ids.shape, self.n_groups, self.d_state), chunk_size=self.chunk_size,
-                                      segment_ids=ids, initial_state=entering, return_decay=True)
-            decay = sub_decay if carry is None else jnp.where(continues[:, None], decay * sub_decay, sub_decay)
+            heads = x.reshape(*ids.shape, self.n_heads, self.head_dim)  # x itself stays flat for the skip term
+            B, C = (a.reshape(*ids.shape, self.n_groups, self.d_state) for a in (B, C))
+            if carry is None:  # the row's start: no decay to carry on
+                y, state = ssd(heads, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=ids)
+                return (None, None, state, None), (y, x, z), conv_state
+            entering = jnp.where(continues[:, None, None, None], state, 0.0)
+            y, state, sub_decay = ssd(heads, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=ids,
+                                      initial_state=entering, return_decay=True)
+            decay = jnp.where(continues[:, None], decay * sub_decay, sub_decay)
             return (xBC[:, -K:], runs[:, -K:] == runs[:, -1:], state, decay), (y, x, z), conv_state
 
         def output(y, x, z):
-            return self._output(y.reshape(*z.shape[:2], self.d_inner), x.reshape(z.shape), z)
+            return self._output(y.reshape(*z.shape[:2], self.d_inner), x, z)
 
         if axis is None and sub == L:  # a whole row: one sub-piece, nothing entering it
             (_, _, ssm_state, _), (y, x, z), conv_state = step(None, (u, ids, None))
@@ -326,7 +331,7 @@ class Mamba2Mixer(nnx.Module):
             state = pieces_as_rows(entering_states(*summaries, axis, layout))
         _, out = jax.lax.scan(mix, (history, history_counted, state, no_decay), subpieces)
         out = jnp.moveaxis(out, 0, 1).reshape(rows, L, -1)
-        return from_pieces(rows_as_pieces(out, pieces))
+        return out if axis is None else from_pieces(rows_as_pieces(out, pieces))
 
     def decode(self, u: jax.Array, state: MambaState) -> tuple[jax.Array, MambaState]:
         """One token per row: u (b, 1, hidden) → (out (b, 1, hidden), the next state)."""
