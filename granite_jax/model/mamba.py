@@ -202,8 +202,7 @@ class Mamba2Mixer(nnx.Module):
         """The layer with each device holding pieces of every row and no sub-pieces: in_proj and out_proj under
         the plan's shardings (tensor parallel where it says so), the conv and the SSD under `shard_map`."""
         b, T, _ = u.shape
-        with jax.named_scope("in_proj"):
-            z, xBC, dt = self._project(u)
+        z, xBC, dt = self._project(u)
         with jax.named_scope("conv"):
             xBC = self._conv_over_pieces(xBC, runs, split)
         x, B, C, dt = self._ssm_inputs(jax.nn.silu(xBC), dt)
@@ -266,23 +265,26 @@ class Mamba2Mixer(nnx.Module):
             u, ids, continues = inputs
             z, xBC, dt = self._project(u)
             runs = document_runs(ids, ids.shape)
-            if carry is None:
-                conv, conv_state = causal_depthwise_conv(xBC, kernel, bias, runs)
-            else:
-                history, history_counted, state, decay = carry
-                history_runs = jnp.where(continues[:, None] & history_counted, 0, -1).astype(runs.dtype)
-                conv, conv_state = causal_depthwise_conv(xBC, kernel, bias, runs,
-                                                         initial_state=jnp.swapaxes(history, 1, 2),
-                                                         initial_runs=history_runs)
+            with jax.named_scope("conv"):
+                if carry is None:
+                    conv, conv_state = causal_depthwise_conv(xBC, kernel, bias, runs)
+                else:
+                    history, history_counted, state, decay = carry
+                    history_runs = jnp.where(continues[:, None] & history_counted, 0, -1).astype(runs.dtype)
+                    conv, conv_state = causal_depthwise_conv(xBC, kernel, bias, runs,
+                                                             initial_state=jnp.swapaxes(history, 1, 2),
+                                                             initial_runs=history_runs)
             x, B, C, dt = self._ssm_inputs(jax.nn.silu(conv), dt)
             heads = x.reshape(*ids.shape, self.n_heads, self.head_dim)  # x itself stays flat for the skip term
             B, C = (a.reshape(*ids.shape, self.n_groups, self.d_state) for a in (B, C))
             if carry is None:  # the row's start: no decay to carry on
-                y, state = ssd(heads, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=ids)
+                with jax.named_scope("ssd"):
+                    y, state = ssd(heads, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=ids)
                 return (None, None, state, None), (y, x, z), conv_state
             entering = jnp.where(continues[:, None, None, None], state, 0.0)
-            y, state, sub_decay = ssd(heads, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=ids,
-                                      initial_state=entering, return_decay=True)
+            with jax.named_scope("ssd"):
+                y, state, sub_decay = ssd(heads, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=ids,
+                                          initial_state=entering, return_decay=True)
             decay = jnp.where(continues[:, None], decay * sub_decay, sub_decay)
             return (xBC[:, -K:], runs[:, -K:] == runs[:, -1:], state, decay), (y, x, z), conv_state
 
@@ -360,7 +362,8 @@ class Mamba2Mixer(nnx.Module):
     def _project(self, u):
         """in_proj, split into the gate z (..., d_inner), the conv's input [x | B | C] (..., conv_dim) and the
         step dt (..., heads)."""
-        return jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
+        with jax.named_scope("in_proj"):
+            return jnp.split(self.in_proj(u), [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
 
     def _conv_kernel(self):
         return self.conv1d.kernel[...].astype(self.dtype)
