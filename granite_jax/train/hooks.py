@@ -34,6 +34,11 @@ class StepDone:
     model_flops: float
 
 
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a hook that acts every `every` steps and at the run's last step acts after `step`."""
+    return step % every == 0 or step == last
+
+
 class Hook(Protocol):
     def after_step(self, done: StepDone) -> None: ...
 
@@ -70,7 +75,7 @@ class MetricsLog:
         if self._file:
             self._file.write(json.dumps(dict(step=done.step, **metrics)) + "\n")
             self._file.flush()
-        if done.step % self._every and done.step != self._steps:
+        if not due(done.step, self._every, self._steps):
             return
         elapsed = time.perf_counter() - self._window_start
         metrics["lr"] = self._learning_rate(done.step)
@@ -130,7 +135,7 @@ class EvaluateEvery:
         self._log, self._should_stop = log, should_stop
 
     def after_step(self, done: StepDone) -> None:
-        if done.step % self._every and done.step != self._steps:
+        if not due(done.step, self._every, self._steps):
             return
         metrics = self._evaluate(done.state.params, self._should_stop)
         if isinstance(metrics, int):

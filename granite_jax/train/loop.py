@@ -293,7 +293,7 @@ def _train_with(checkpoints: RunCheckpoints, config: RunConfig, run_dir: RunDir)
                f"batch {config.data.batch_size} x {config.data.seq_len} tokens; run dir {config.run_dir}")
 
     with StopSignal() as stop, run.activate():
-        checkpoint, hooks = _hooks(config, run, run_dir, checkpoints, iterator, eval_data, stop)
+        checkpoint, hooks = _hooks(config, run, run_dir, checkpoints, iterator, eval_data, stop, tokens_per_step)
         try:
             for step in range(start + 1, config.steps + 1):
                 batch = next(iterator)
@@ -317,7 +317,7 @@ def _train_with(checkpoints: RunCheckpoints, config: RunConfig, run_dir: RunDir)
 
 
 def _hooks(config: RunConfig, run, run_dir: RunDir, checkpoints: RunCheckpoints, iterator, eval_data,
-           stop: StopSignal) -> tuple[CheckpointEvery, list[Hook]]:
+           stop: StopSignal, tokens_per_step: int) -> tuple[CheckpointEvery, list[Hook]]:
     """What follows every step, in this order: the metrics log, the checkpoint every N steps, the evaluation
     every N steps (with validation data), the stop on a signal; and the checkpoint hook (which saves the last
     step too)."""
@@ -325,7 +325,7 @@ def _hooks(config: RunConfig, run, run_dir: RunDir, checkpoints: RunCheckpoints,
     log = MetricsLog(metrics_file=run_dir.metrics_file if logs else None,
                      tensorboard_dir=run_dir.tensorboard if logs else None,
                      upload=run_dir.upload_logs if logs else None, log_every=config.log_every, steps=config.steps,
-                     tokens_per_step=config.data.batch_size * config.data.seq_len,
+                     tokens_per_step=tokens_per_step,
                      learning_rate=lambda step: learning_rate_at(config.optimizer, config.steps, step),
                      peak_tflops=_peak_tflops(config))
     meta = dict(model=run.model_config.to_hf(), run=config.to_dict())
