@@ -124,6 +124,28 @@ def test_template_pieces_equal_builtin_pieces(name):
     assert template.render(conversation) == render(conversation)
 
 
+def test_a_preference_pair_renders_each_distinct_prefix_once(monkeypatch):
+    """A pair's two replies share their prompt, and finding a reply's tokens renders the conversation's prefixes:
+    the template renders the 4 distinct texts (prompt, prompt + generation prompt, prompt + each reply) once
+    each, not 8 times, and gives the texts it gives uncached."""
+    from granite_jax.data.preference import reply_pieces
+
+    with open(BUILTIN_TEMPLATE_PATH) as f:
+        source = f.read()
+    prompt = [{"role": "user", "content": "Name a prime."}]
+    replies = [[{"role": "assistant", "content": "7"}], [{"role": "assistant", "content": "8"}]]
+    uncached = []
+    for reply in replies:
+        template = JinjaChatTemplate(source)  # a fresh template per reply: nothing to reuse
+        uncached.append(reply_pieces(prompt, reply, template))
+    template, renders = JinjaChatTemplate(source), []
+    real_render = template._render
+    monkeypatch.setattr(template, "_render", lambda *a: renders.append(a) or real_render(*a))
+    assert [reply_pieces(prompt, reply, template) for reply in replies] == uncached
+    assert len(renders) == 4
+    assert reply_pieces(prompt, [{"role": "assistant", "content": "9"}], template)[-2].text == "9<|end_of_text|>"
+    assert len(renders) == 5  # a new reply renders again
+
 def test_loss_mask_covers_exactly_the_assistant_tokens(tmp_path):
     sample = CONVERSATIONS["tools_calls_responses"]
     path = tmp_path / "chat.jsonl"

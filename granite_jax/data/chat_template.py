@@ -18,6 +18,7 @@ of values and of the output: `MAX_STEPS` and below), and anything that goes wron
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import datetime
 import functools
@@ -26,6 +27,7 @@ import itertools
 import json
 import os
 import re
+import threading
 import time
 
 from granite_jax.data import chat
@@ -382,11 +384,30 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
+# Rendering a conversation's turns renders its prefixes (`render`), and a preference pair's two replies share
+# their prompt: the texts of the last few conversations rendered are kept, so that each distinct prefix renders
+# once (a DPO pair: 4 renders instead of 8). Conversations of over a million characters are not kept.
+RECENT_RENDERS = 8
+RECENT_RENDER_CHARS = 2**20
+
+
+def _render_key(conversation: Conversation, add_generation_prompt: bool) -> str | None:
+    """What a render's text depends on, as one string (None when the conversation holds values JSON does not
+    write, which are then rendered every time)."""
+    try:
+        return json.dumps([conversation.messages, conversation.tools, conversation.documents, add_generation_prompt],
+                          ensure_ascii=False)
+    except (TypeError, ValueError):
+        return None
+
+
 class JinjaChatTemplate:
     def __init__(self, source: str, *, origin: str = "<string>"):
         import jinja2
 
         self.source, self.origin = source, origin
+        self._recent: collections.OrderedDict[str, str] = collections.OrderedDict()  # guarded by _recent_lock
+        self._recent_lock = threading.Lock()
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateSyntaxError as e:
@@ -399,14 +420,25 @@ class JinjaChatTemplate:
         naming the template and the cause (the limit, the template's `raise_exception`, or Python's error)."""
         import jinja2
 
+        key = _render_key(conversation, add_generation_prompt)
+        with self._recent_lock:
+            if key in self._recent:
+                self._recent.move_to_end(key)
+                return self._recent[key]
         try:
-            return self._render(conversation, add_generation_prompt)
+            text = self._render(conversation, add_generation_prompt)
         except _LimitExceeded as e:
             raise ChatTemplateError(f"chat template {self.origin} exceeds a limit: {e}") from None
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template {self.origin} failed: {e}") from None
         except Exception as e:  # the template's own arithmetic, types, recursion or memory
             raise ChatTemplateError(f"chat template {self.origin} failed: {_describe(e)}") from None
+        if key is not None and len(key) + len(text) <= RECENT_RENDER_CHARS:
+            with self._recent_lock:
+                self._recent[key] = text
+                if len(self._recent) > RECENT_RENDERS:
+                    self._recent.popitem(last=False)
+        return text
 
     def _render(self, conversation: Conversation, add_generation_prompt: bool) -> str:
         token = _BUDGET.set(_Budget((conversation.messages, conversation.tools, conversation.documents)))
