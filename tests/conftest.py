@@ -67,6 +67,7 @@ KJV_TRAIN = str(ROOT / "data" / "kjv" / "kjv.jsonl.gz")
 KJV_VALIDATION = str(ROOT / "data" / "kjv" / "kjv-validation.jsonl.gz")
 CHAT_TRAIN = str(ROOT / "data" / "chat" / "train.jsonl.gz")
 PREFERENCE_TRAIN = str(ROOT / "data" / "preferences" / "train.jsonl.gz")
+PREFERENCE_VALIDATION = str(ROOT / "data" / "preferences" / "validation.jsonl.gz")
 
 # ------------------------------------------------------------------------------------ the tiny run
 # The model every small training run uses: 2 layers of the tiny hybrid MoE (Mamba, attention).

@@ -3,6 +3,8 @@ alone, bad input and settings named, and short runs through the train loop (full
 
 from __future__ import annotations
 
+import gzip
+import itertools
 import json
 import re
 
@@ -10,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PREFERENCE_TRAIN, TOKENIZER
+from conftest import PREFERENCE_TRAIN, PREFERENCE_VALIDATION, TOKENIZER
 from flax import nnx
 
 from granite_jax import load_hf_checkpoint
@@ -266,14 +268,18 @@ def test_lora_reference_is_the_base_model(hf_checkpoint):
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_short_dpo_run_logs_reward_accuracy(tmp_path, lora, capsys):
-    """A few DPO steps through the train loop on the bundled preference set: the loss starts at log 2 (policy =
-    reference), reward accuracy and rewards are logged per step and evaluated; with LoRA too (no evaluation)."""
+    """A few DPO steps through the train loop on the bundled preference set (its first 300 pairs: 3 steps use
+    about 12) and its validation set: the loss starts at log 2 (policy = reference), reward accuracy and rewards
+    are logged per step and evaluated; with LoRA too (no evaluation)."""
     from granite_jax.train.loop import train
 
-    run_dir = tmp_path / "run"
+    run_dir, pairs = tmp_path / "run", tmp_path / "pairs.jsonl"
+    with gzip.open(PREFERENCE_TRAIN, "rt", encoding="utf-8") as f:
+        pairs.write_text("".join(itertools.islice(f, 300)))
     overrides = [
-        f"run_dir={run_dir}", "steps=3", "data.format=preference", f"data.train=[{PREFERENCE_TRAIN}]",
-        f"data.validation=[{PREFERENCE_TRAIN}]" if not lora else "data.validation=[]", f"data.tokenizer={TOKENIZER}",
+        f"run_dir={run_dir}", "steps=3", "data.format=preference", f"data.train=[{pairs}]",
+        f"data.validation=[{PREFERENCE_VALIDATION}]" if not lora else "data.validation=[]",
+        f"data.tokenizer={TOKENIZER}",
         "data.seq_len=192",
         "data.batch_size=2", "dpo={beta: 0.5}", "model_overrides={num_hidden_layers: 2, layer_types: [mamba, "
         "attention], mamba_chunk_size: 32}", "optimizer={lr: 3.0e-3, schedule: constant, warmup_steps: 0}",
