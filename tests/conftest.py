@@ -452,7 +452,7 @@ EIGHT_DEVICE_JOBS = {
     "context meshes tiny-hybrid-moe": _train_meshes(context_meshes("tiny-hybrid-moe"), context_run("tiny-hybrid-moe")),
     "context meshes tiny-dense-rope": _train_meshes(context_meshes("tiny-dense-rope"), context_run("tiny-dense-rope")),
     "context ops 8 shards": lambda root: ("context_parallel_ops", {"shards": 8}),
-    "context_parallel_program": lambda root: ("context_parallel_program", {"seq_len": 2048, "temporaries_at": 65536}),
+    "context_parallel_program": lambda root: ("context_parallel_program", {"seq_len": 65536}),
     "long_row_memory": lambda root: ("long_row_memory", {"config": str(ROOT / "configs" / "pretrain-512k.yaml"),
                                                          "seq_lens": [65536, 131072]}),
     "scoring_mesh": lambda root: ("scoring_mesh", None),

@@ -85,12 +85,12 @@ def test_zigzag_balances_causal_attention_over_the_shards():
 
 @eight_device_job("context_parallel_program")
 def test_compiled_context_parallel_step_moves_no_full_length_activations(eight_devices):
-    """The compiled train step of a 2-Mamba-layer tiny model, rows of 2K tokens split over 8 context devices:
+    """The compiled train step of a 2-Mamba-layer tiny model, rows of 64K tokens split over 8 context devices:
     no collective carries a float array with the sequence's full length (the halo and the SSM summaries are
     all that cross devices in a Mamba layer), the summaries are all-gathered as (8, rows, heads, head_dim,
-    d_state) once per layer forward (and its recomputation); and a 64K-token row's temporaries per device at
-    context 8 are at most a quarter of one device's."""
-    # 2048, not the vocabulary's 4096: the embedding's gradient would look like a full-length activation
+    d_state) once per layer forward (and its recomputation); and its temporaries per device are at most a
+    quarter of the same row's on one device. (The length must not be the vocabulary's 4096: the embedding's
+    gradient would look like a full-length activation.)"""
     result = eight_devices("context_parallel_program")
     assert result["full_length_float_collectives"] == [], result
     assert result["summary_all_gathers"] >= 2, result

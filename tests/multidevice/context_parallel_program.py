@@ -33,20 +33,18 @@ def collectives(hlo: str) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]
 
 
 def main():
-    args = arguments()
-    seq_len = args["seq_len"]
+    """One compile of the step at `seq_len` on context 8 gives its collectives and its temporaries; the same row
+    on one device, its temporaries."""
+    seq_len = arguments()["seq_len"]
     run, compiled = compile_step(seq_len, {"context": 8}, jax.devices())
     config = run.model_config
     found = collectives(compiled.as_text())
     full_length = [(kind, shapes) for kind, shapes in found
                    if any(dtype.startswith(("f", "bf")) and seq_len in shape for dtype, shape in shapes)]
     summary = (8, 1, 1, config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state)  # shards, pieces, rows
-    result = {"collectives": len(found), "full_length_float_collectives": [str(c) for c in full_length],
-              "summary_all_gathers": sum(kind == "all-gather" and any(shape == summary for _, shape in shapes)
-                                         for kind, shapes in found)}
-    if "temporaries_at" in args:
-        for name, mesh, devices in [("temp_context_8", {"context": 8}, jax.devices()),
-                                    ("temp_context_1", {"data": 1}, jax.devices()[:1])]:
-            compiled = compile_step(args["temporaries_at"], mesh, devices)[1]
-            result[name] = compiled.memory_analysis().temp_size_in_bytes
-    report(result)
+    one_device = compile_step(seq_len, {"data": 1}, jax.devices()[:1])[1]
+    report({"collectives": len(found), "full_length_float_collectives": [str(c) for c in full_length],
+            "summary_all_gathers": sum(kind == "all-gather" and any(shape == summary for _, shape in shapes)
+                                       for kind, shapes in found),
+            "temp_context_8": compiled.memory_analysis().temp_size_in_bytes,
+            "temp_context_1": one_device.memory_analysis().temp_size_in_bytes})
