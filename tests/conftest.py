@@ -69,6 +69,14 @@ CHAT_TRAIN = str(ROOT / "data" / "chat" / "train.jsonl.gz")
 PREFERENCE_TRAIN = str(ROOT / "data" / "preferences" / "train.jsonl.gz")
 PREFERENCE_VALIDATION = str(ROOT / "data" / "preferences" / "validation.jsonl.gz")
 
+
+def first_lines(path: str, count: int) -> list[str]:
+    """The first `count` lines of a gzipped JSON-lines file (a small corpus cut from a bundled one)."""
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [next(f) for _ in range(count)]
+
 # ------------------------------------------------------------------------------------ the tiny run
 # The model every small training run uses: 2 layers of the tiny hybrid MoE (Mamba, attention).
 TINY_LAYERS = {"num_hidden_layers": 2, "layer_types": ["mamba", "attention"], "mamba_chunk_size": 32}

@@ -3,8 +3,6 @@ alone, bad input and settings named, and short runs through the train loop (full
 
 from __future__ import annotations
 
-import gzip
-import itertools
 import json
 import re
 
@@ -12,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PREFERENCE_TRAIN, PREFERENCE_VALIDATION, TOKENIZER
+from conftest import PREFERENCE_TRAIN, PREFERENCE_VALIDATION, TOKENIZER, first_lines
 from flax import nnx
 
 from granite_jax import load_hf_checkpoint
@@ -274,8 +272,7 @@ def test_short_dpo_run_logs_reward_accuracy(tmp_path, lora, capsys):
     from granite_jax.train.loop import train
 
     run_dir, pairs = tmp_path / "run", tmp_path / "pairs.jsonl"
-    with gzip.open(PREFERENCE_TRAIN, "rt", encoding="utf-8") as f:
-        pairs.write_text("".join(itertools.islice(f, 300)))
+    pairs.write_text("".join(first_lines(PREFERENCE_TRAIN, 300)))
     overrides = [
         f"run_dir={run_dir}", "steps=3", "data.format=preference", f"data.train=[{pairs}]",
         f"data.validation=[{PREFERENCE_VALIDATION}]" if not lora else "data.validation=[]",

@@ -3,7 +3,6 @@ exported back loads in transformers with our logits and its tokenizer files."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -13,7 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from conftest import CHAT_TRAIN, TOKENIZER, convert_cli, eval_cli, forward, max_rel_error, train_cli, train_tiny
+from conftest import (
+    CHAT_TRAIN,
+    TOKENIZER,
+    convert_cli,
+    eval_cli,
+    first_lines,
+    forward,
+    max_rel_error,
+    train_cli,
+    train_tiny,
+)
 from flax import nnx
 
 from granite_jax.config import load_preset
@@ -24,8 +33,7 @@ from granite_jax.model import GraniteForCausalLM
 
 
 def _first_conversations(count: int) -> list[str]:
-    with gzip.open(CHAT_TRAIN, "rt", encoding="utf-8") as f:
-        return [next(f) for _ in range(count)]
+    return first_lines(CHAT_TRAIN, count)
 
 
 @pytest.mark.slow
