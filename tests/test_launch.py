@@ -1,6 +1,7 @@
 """Joining a job the way cluster launchers start one: no --coordinator-address flags, only the environment
-variables that Slurm's `srun` or a Kubernetes indexed Job sets. Two local processes x 2 virtual CPU devices
-(gloo, `{data: 2, fsdp: 2}`) train 2 steps and must give the losses of one process training the same rows."""
+variables that Slurm's `srun` or a Kubernetes indexed Job sets (two local processes x 2 virtual CPU devices,
+whose losses must be those of one process training the same rows); inconsistent variables; and what a job does
+when its coordinator cannot be reached or one of its processes is lost."""
 
 from __future__ import annotations
 
@@ -44,20 +45,6 @@ def _no_outer_launcher(monkeypatch):
             monkeypatch.delenv(name)
 
 
-@pytest.fixture
-def reference(reference_losses) -> list[float]:
-    """The losses of one process (this one, on its one device): what every 2-process launch must give."""
-    return reference_losses("steps=2", *ROWS, *LAUNCH_RUN)[0]
-
-
-def _assert_like_one_process(run_dir, reference: list[float]) -> None:
-    losses = metrics(run_dir)
-    assert len(losses) == len(reference) == 2
-    np.testing.assert_allclose(losses, reference, rtol=2e-5)
-    position = checkpoint_meta(str(run_dir), 2)[1][DATA_POSITION]  # both processes' streams, saved by process 0
-    assert sorted(position["streams"]) == ["0", "1"]
-
-
 def _free_slurm_port() -> int:
     """A free port in the range JAX's Slurm detection derives from the job id: 61440 + SLURM_JOB_ID % 4096."""
     for port in random.sample(range(65535 - 2**12 + 1, 65536), 200):
@@ -70,38 +57,41 @@ def _free_slurm_port() -> int:
     raise RuntimeError("no free port in 61440..65535")
 
 
-@pytest.mark.slow
-def test_slurm_srun_variables_join_one_job(tmp_path, reference):
-    """What `srun --ntasks=2` on one node sets, as JAX's SlurmCluster reads it (jax/_src/clusters/
-    slurm_cluster.py): the coordinator is the first host of SLURM_STEP_NODELIST, its port 61440 + the job id
-    mod 4096 (no JAX_COORDINATOR_PORT here: the job id is chosen to land on a free port)."""
-    port = _free_slurm_port()
-    job_id = 7 * 2**12 + port - (65535 - 2**12 + 1)
-
-    def srun(i):
-        return {"SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
-                "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_NODELIST": "localhost",
-                "SLURM_STEP_NUM_NODES": "1"}
-
-    outputs = launch_processes(tmp_path / "slurm", steps=2, processes=2, settings=SETTINGS, devices=4, launcher=srun)
-    assert "joined 2 processes (slurm): 4 devices, 2 per process" in outputs[0]
-    _assert_like_one_process(tmp_path / "slurm", reference)
+def srun_variables(tasks: int):
+    """Process index -> what `srun --ntasks=TASKS` on one node sets, as JAX's SlurmCluster reads it
+    (jax/_src/clusters/slurm_cluster.py): the coordinator is the first host of SLURM_STEP_NODELIST, its port
+    61440 + the job id mod 4096 (no JAX_COORDINATOR_PORT here: the job id is chosen to land on a free port)."""
+    job_id = 7 * 2**12 + _free_slurm_port() - (65535 - 2**12 + 1)
+    return lambda i: {"SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": str(tasks), "SLURM_PROCID": str(i),
+                      "SLURM_LOCALID": str(i), "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "localhost",
+                      "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_NUM_NODES": "1"}
 
 
 @pytest.mark.slow
-def test_kubernetes_indexed_job_variables_join_one_job(tmp_path, reference):
-    """An indexed Job's pods: Kubernetes sets JOB_COMPLETION_INDEX, the manifest the coordinator and the count
-    (scripts/launch/k8s-indexed-job.yaml); nothing asks the Kubernetes API."""
+def test_a_kubernetes_indexed_job_joins_with_a_context_axis_across_its_processes(tmp_path, reference_losses):
+    """An indexed Job's pods join with the variables the manifest and Kubernetes set (JOB_COMPLETION_INDEX, the
+    coordinator and the count: scripts/launch/k8s-indexed-job.yaml; nothing asks the Kubernetes API), as 2
+    processes x 2 CPU devices with `context: 4` (zigzag) spanning both: every row is split over the processes,
+    each process reads the same rows (one stream) and keeps its slice of the positions; the losses equal one
+    process training the unsplit rows, and the checkpoint holds the one stream's position."""
+    rows = ["data.batch_size=2", "data.seq_len=128",
+            "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 16}"]
+    one, _ = reference_losses("steps=2", *rows, *LAUNCH_RUN)
     port = free_local_port()
 
     def indexed_job(i):
         return {"JOB_COMPLETION_INDEX": str(i), "GRANITE_JAX_COORDINATOR": f"localhost:{port}",
                 "GRANITE_JAX_NUM_PROCESSES": "2"}
 
-    outputs = launch_processes(tmp_path / "k8s", steps=2, processes=2, settings=SETTINGS, devices=4,
-                               launcher=indexed_job)
+    outputs = launch_processes(tmp_path, steps=2, processes=2, settings=[*rows, "mesh={context: 4}",
+                                                                        "context_layout=zigzag"],
+                               devices=4, launcher=indexed_job)
     assert "joined 2 processes (GRANITE_JAX_COORDINATOR): 4 devices, 2 per process" in outputs[0]
-    _assert_like_one_process(tmp_path / "k8s", reference)
+    two = metrics(tmp_path)
+    assert len(one) == 2 and len(two) == 2
+    np.testing.assert_allclose(two, one, rtol=2e-5)
+    position = checkpoint_meta(str(tmp_path), 2)[1][DATA_POSITION]
+    assert list(position["streams"]) == ["0"]  # both processes read the one stream
 
 
 SRUN = {"SLURM_JOB_ID": "12", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
@@ -172,8 +162,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.mark.slow
-def test_a_process_lost_while_saving_ends_the_job_which_resumes_on_another_mesh(tmp_path, reference_losses):
-    """2 processes x 2 CPU devices (`{fsdp: 4}`, one data stream per process by default) train; process 1 is
+def test_an_srun_job_that_loses_a_process_while_saving_ends_and_resumes_on_another_mesh(tmp_path, reference_losses):
+    """2 processes x 2 CPU devices (`{fsdp: 4}`, one data stream per process by default) join with only the
+    variables `srun --ntasks=2` sets (`srun_variables`: no --coordinator-address flags) and train; process 1 is
     SIGKILLed as the save of step 4 begins. Process 0 does not wait in a collective: it exits 75 within
     --peer-timeout (5 s here) plus the time to notice, its last line naming the lost process and saying what to
     do (JAX's runtime aborts it; train.py's parent says why, `parallel/supervise.py`). The half-saved step 4 is
@@ -183,18 +174,18 @@ def test_a_process_lost_while_saving_ends_the_job_which_resumes_on_another_mesh(
     streams straight through (on its one device; meshes give the one-device losses)."""
     one, _ = reference_losses("steps=4", *TWO_STREAMS, *LAUNCH_RUN)
     rows = [r for r in TWO_STREAMS if not r.startswith("data.streams")]  # the default: one stream per process
-    port, run_dir = free_local_port(), tmp_path / "run"
-    flags = lambda i: [f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}",  # noqa: E731
-                       "--peer-timeout=5", f"run_dir={run_dir}", "steps=6", *rows, "mesh={fsdp: 4}", *LAUNCH_RUN]
-    env = {**virtual_cpu_devices(2), "PYTHONUNBUFFERED": "1"}
-    survivor = python_process(ROOT / "train.py", *flags(0), env=env)
+    run_dir, srun = tmp_path / "run", srun_variables(tasks=2)
+    flags = ["--peer-timeout=5", f"run_dir={run_dir}", "steps=6", *rows, "mesh={fsdp: 4}", *LAUNCH_RUN]
+    env = lambda i: {**virtual_cpu_devices(2), "PYTHONUNBUFFERED": "1", **srun(i)}  # noqa: E731
+    survivor = python_process(ROOT / "train.py", *flags, env=env(0))
     victim = python_process("-c", _DIE_WHEN.format(pattern=f"{run_dir}/checkpoints/4.orbax-checkpoint-tmp*"),
-                            ROOT / "train.py", *flags(1), env=env)
+                            ROOT / "train.py", *flags, env=env(1))
     # killed: train.py's parent (-9) or its child (the parent then exits 128 + 9), whichever saw the file first
     assert finish(victim, timeout=600).returncode in (-SIGKILL, 128 + SIGKILL)
     died = time.monotonic()
     done = finish(survivor, timeout=300)
     assert done.returncode == PEER_LOST_EXIT and time.monotonic() - died < 60, (done.returncode, done.stderr[-3000:])
+    assert "joined 2 processes (slurm): 4 devices, 2 per process" in done.output
     assert done.stderr.strip().splitlines()[-1] == (
         "error: process 1 of the job sent no heartbeat for --peer-timeout, so this process stopped too (JAX's "
         "distributed runtime ends the job when one process is lost). Re-submit the whole job: it resumes from its "

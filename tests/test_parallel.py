@@ -320,23 +320,6 @@ def test_each_process_reads_whole_saved_streams_or_the_resume_is_refused(rows, s
             process_streams(rows, 8, streams, saved=True)
 
 
-@pytest.mark.slow
-def test_context_axis_across_two_processes_trains_like_one(tmp_path, reference_losses):
-    """2 processes x 2 CPU devices with `context: 4` (zigzag) spanning both: every row is split over the
-    processes, each process reads the same rows (one stream) and keeps its slice of the positions; the losses
-    equal one process training the unsplit rows, and the checkpoint holds the one stream's position. (A
-    two-process run resumed by one process on another mesh: tests/test_launch.py, the lost-peer test.)"""
-    rows = ["data.batch_size=2", "data.seq_len=128",
-            "model_overrides={num_hidden_layers: 2, layer_types: [mamba, attention], mamba_chunk_size: 16}"]
-    one, _ = reference_losses("steps=2", *rows, *LAUNCH_RUN)
-    settings = [*rows, "mesh={context: 4}", "context_layout=zigzag"]
-    launch_processes(tmp_path, steps=2, processes=2, settings=settings, devices=4)
-    two = metrics(tmp_path)
-    assert len(one) == 2 and len(two) == 2
-    np.testing.assert_allclose(two, one, rtol=2e-5)
-    assert list(_data_position(tmp_path, 2)["streams"]) == ["0"]  # both processes read the one stream
-
-
 @eight_device_job("expert_parallel")
 def test_expert_parallel_moe_equals_the_unsharded_moe(eight_devices):
     """The shard_map MoE (all-to-all over the expert axis) against the plain MoE on the same inputs: dropless
