@@ -1,5 +1,7 @@
 """Model API, logical axis names, MoE grouped matmuls and input validation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,19 +175,21 @@ def test_bad_inputs_are_reported(kwargs, message):
         model(**kwargs)
 
 
+@functools.cache
+def _remat_gradients(remat_policy: str):
+    """Every parameter gradient of the tiny model on a packed row under `remat_policy` (once per policy)."""
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 4096, (1, 33)), jnp.int32)
+    segments = jnp.asarray([[1] * 20 + [2] * 13])
+    config = load_preset("tiny-hybrid-moe").replace(mamba_chunk_size=8, remat_policy=remat_policy)
+    model = GraniteForCausalLM(config, rngs=nnx.Rngs(0))
+    loss = lambda m: jnp.mean(m(ids, segments).logits ** 2)  # noqa: E731
+    return jax.tree.leaves(nnx.jit(nnx.grad(loss))(model))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "save_dots"])
 def test_remat_policies_change_memory_not_results(policy):
-    ids = jnp.asarray(np.random.default_rng(3).integers(0, 4096, (1, 33)), jnp.int32)
-    segments = jnp.asarray([[1] * 20 + [2] * 13])
-
-    def grads(remat_policy):
-        config = load_preset("tiny-hybrid-moe").replace(mamba_chunk_size=8, remat_policy=remat_policy)
-        model = GraniteForCausalLM(config, rngs=nnx.Rngs(0))
-        loss = lambda m: jnp.mean(m(ids, segments).logits ** 2)  # noqa: E731
-        return nnx.jit(nnx.grad(loss))(model)
-
-    for g, e in zip(jax.tree.leaves(grads(policy)), jax.tree.leaves(grads("none"))):
+    for g, e in zip(_remat_gradients(policy), _remat_gradients("none")):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
 
 
