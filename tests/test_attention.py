@@ -33,13 +33,13 @@ def test_flash_matches_dense(block, packed):
     q, k, v = _inputs()
     seg = jnp.asarray(np.repeat([[1, 2, 3, 4], [5, 5, 6, 0]], [10, 1, 17, 9], axis=1)) if packed else None
     runs = document_runs(seg, (2, 37))
-    np.testing.assert_allclose(flash_attention(q, k, v, runs, scale=0.3, block_size=block),
-                               dense_attention(q, k, v, runs, 0.3), rtol=1e-5, atol=1e-5)
+    flash = lambda q, k, v: flash_attention(q, k, v, runs, scale=0.3, block_size=block)  # noqa: E731
+    dense = lambda q, k, v: dense_attention(q, k, v, runs, 0.3)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(flash)(q, k, v), jax.jit(dense)(q, k, v), rtol=1e-5, atol=1e-5)
     w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
     loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * w)  # noqa: E731
-    grads = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, runs, scale=0.3, block_size=block)),
-                     argnums=(0, 1, 2))(q, k, v)
-    expected = jax.grad(loss(lambda q, k, v: dense_attention(q, k, v, runs, 0.3)), argnums=(0, 1, 2))(q, k, v)
+    grads = jax.jit(jax.grad(loss(flash), argnums=(0, 1, 2)))(q, k, v)
+    expected = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, k, v)
     for g, e in zip(grads, expected):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 
@@ -60,11 +60,11 @@ def test_pallas_kernels_match_dense_on_packed_rows(impl, packed):
     runs = document_runs(seg, (2, T))
     kernel = lambda q, k, v: pallas_attention(q, k, v, runs, impl=impl, scale=0.3, plan=None)  # noqa: E731
     dense = lambda q, k, v: dense_attention(q, k, v, runs, 0.3)  # noqa: E731
-    np.testing.assert_allclose(kernel(q, k, v), dense(q, k, v), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(kernel)(q, k, v), jax.jit(dense)(q, k, v), rtol=1e-5, atol=1e-5)
     w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
     loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * w)  # noqa: E731
-    grads = jax.grad(loss(kernel), argnums=(0, 1, 2))(q, k, v)
-    expected = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+    grads = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, k, v)
+    expected = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, k, v)
     for g, e in zip(grads, expected):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 

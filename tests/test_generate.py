@@ -38,6 +38,12 @@ def test_greedy_generation_equals_transformers(hf_checkpoint, overrides):
     assert result.tokens[0] == expected and result.finish_reasons == ["length"]
 
 
+@nnx.jit
+def prefill(model, ids, lengths, cache):
+    """`model.prefill` compiled (op by op, the tiny preset's prefill takes seconds of dispatch and compiles)."""
+    return model.prefill(ids, lengths, cache)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [HYBRID_MOE, DENSE_ROPE, HYBRID_TWO_GROUPS],
                          ids=["hybrid_moe", "dense_rope", "two_groups"])
@@ -47,7 +53,7 @@ def test_prefill_then_decode_steps_equal_a_full_forward(hf_checkpoint, overrides
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 128, (2, 29)), jnp.int32)
     full = np.asarray(forward(model, ids).logits)
     prompt = 13  # crosses the chunk size (8) of the test models
-    logits, cache = model.prefill(ids[:, :prompt], jnp.zeros((2,), jnp.int32), init_cache(model.config, 2, 32))
+    logits, cache = prefill(model, ids[:, :prompt], jnp.zeros((2,), jnp.int32), init_cache(model.config, 2, 32))
     steps = [np.asarray(logits)]
     decode = nnx.jit(lambda model, token, cache: model.decode(token, cache))  # one compilation, 16 steps
     for t in range(prompt, ids.shape[1]):
@@ -145,7 +151,7 @@ def test_generation_on_the_tiny_preset_in_bfloat16():
     model = GraniteForCausalLM(load_preset("tiny-hybrid-moe", compute_dtype="bfloat16"), rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.default_rng(4).integers(3, 4096, (1, 40)), jnp.int32)
     full = np.asarray(forward(model, ids).logits, np.float32)
-    logits, cache = model.prefill(ids[:, :30], jnp.zeros((1,), jnp.int32), init_cache(model.config, 1, 48))
+    logits, cache = prefill(model, ids[:, :30], jnp.zeros((1,), jnp.int32), init_cache(model.config, 1, 48))
     decode = nnx.jit(lambda model, token, cache: model.decode(token, cache))
     for t in range(30, 40):
         logits, cache = decode(model, ids[:, t], cache)
