@@ -279,6 +279,14 @@ def metrics(run_dir, name: str = "loss") -> list[float]:
     return [values[s] for s in sorted(values)]
 
 
+def data_position(run_dir, step: int) -> dict:
+    """The data position saved with checkpoint `step` of a run (every process's streams, saved by process 0)."""
+    from granite_jax.formats.run import checkpoint_meta
+    from granite_jax.train.checkpoint import DATA_POSITION
+
+    return checkpoint_meta(str(run_dir), step)[1][DATA_POSITION]
+
+
 def checkpoint_steps(run_dir) -> list[int]:
     """The steps of a run's committed checkpoints."""
     return sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())

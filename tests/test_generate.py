@@ -44,6 +44,12 @@ def prefill(model, ids, lengths, cache):
     return model.prefill(ids, lengths, cache)
 
 
+@nnx.jit
+def decode(model, token, cache):
+    """One `model.decode` step, compiled once per shape (every step of a loop reuses it)."""
+    return model.decode(token, cache)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [HYBRID_MOE, DENSE_ROPE, HYBRID_TWO_GROUPS],
                          ids=["hybrid_moe", "dense_rope", "two_groups"])
@@ -55,7 +61,6 @@ def test_prefill_then_decode_steps_equal_a_full_forward(hf_checkpoint, overrides
     prompt = 13  # crosses the chunk size (8) of the test models
     logits, cache = prefill(model, ids[:, :prompt], jnp.zeros((2,), jnp.int32), init_cache(model.config, 2, 32))
     steps = [np.asarray(logits)]
-    decode = nnx.jit(lambda model, token, cache: model.decode(token, cache))  # one compilation, 16 steps
     for t in range(prompt, ids.shape[1]):
         logits, cache = decode(model, ids[:, t], cache)
         steps.append(np.asarray(logits))
@@ -152,7 +157,6 @@ def test_generation_on_the_tiny_preset_in_bfloat16():
     ids = jnp.asarray(np.random.default_rng(4).integers(3, 4096, (1, 40)), jnp.int32)
     full = np.asarray(forward(model, ids).logits, np.float32)
     logits, cache = prefill(model, ids[:, :30], jnp.zeros((1,), jnp.int32), init_cache(model.config, 1, 48))
-    decode = nnx.jit(lambda model, token, cache: model.decode(token, cache))
     for t in range(30, 40):
         logits, cache = decode(model, ids[:, t], cache)
     assert max_rel_error(np.asarray(logits, np.float32), full[:, -1]) < 0.05

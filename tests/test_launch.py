@@ -20,6 +20,7 @@ from conftest import (
     TINY_RUN,
     TWO_STREAMS,
     checkpoint_steps,
+    data_position,
     finish,
     launch_processes,
     metrics,
@@ -27,10 +28,8 @@ from conftest import (
     virtual_cpu_devices,
 )
 
-from granite_jax.formats.run import checkpoint_meta
 from granite_jax.parallel.distributed import cluster_launcher, env_spec, free_local_port
 from granite_jax.parallel.supervise import PEER_LOST_EXIT
-from granite_jax.train.checkpoint import DATA_POSITION
 
 ROWS = ["data.streams=2", "data.batch_size=4", "data.seq_len=64", TINY_MODEL]
 SETTINGS = [*ROWS, "mesh={data: 2, fsdp: 2}"]
@@ -90,8 +89,7 @@ def test_a_kubernetes_indexed_job_joins_with_a_context_axis_across_its_processes
     two = metrics(tmp_path)
     assert len(one) == 2 and len(two) == 2
     np.testing.assert_allclose(two, one, rtol=2e-5)
-    position = checkpoint_meta(str(tmp_path), 2)[1][DATA_POSITION]
-    assert list(position["streams"]) == ["0"]  # both processes read the one stream
+    assert list(data_position(tmp_path, 2)["streams"]) == ["0"]  # both processes read the one stream
 
 
 SRUN = {"SLURM_JOB_ID": "12", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
@@ -192,7 +190,7 @@ def test_an_srun_job_that_loses_a_process_while_saving_ends_and_resumes_on_anoth
         "newest complete checkpoint")
     assert checkpoint_steps(run_dir) == [2]
     assert any(name.startswith("4.orbax-checkpoint-tmp") for name in os.listdir(run_dir / "checkpoints"))
-    position = checkpoint_meta(str(run_dir), 2)[1][DATA_POSITION]  # both processes' streams, saved by process 0
+    position = data_position(run_dir, 2)  # both processes' streams, saved by process 0
     assert position["count"] == 2 and sorted(position["streams"]) == ["0", "1"]
     assert not (run_dir / "checkpoints" / "2" / "data").exists()  # no per-process files
     output = launch_processes(run_dir, steps=4, processes=1, settings=[*rows, "mesh={fsdp: 2}"], devices=2)[0]

@@ -175,21 +175,27 @@ def test_bad_inputs_are_reported(kwargs, message):
         model(**kwargs)
 
 
-@functools.cache
-def _remat_gradients(remat_policy: str):
-    """Every parameter gradient of the tiny model on a packed row under `remat_policy` (once per policy)."""
+@pytest.fixture(scope="module")
+def remat_gradients():
+    """`remat_gradients(policy)`: every parameter gradient of the tiny model on a packed row under that
+    `remat_policy`, computed once per policy for this module's tests."""
     ids = jnp.asarray(np.random.default_rng(3).integers(0, 4096, (1, 33)), jnp.int32)
     segments = jnp.asarray([[1] * 20 + [2] * 13])
-    config = load_preset("tiny-hybrid-moe").replace(mamba_chunk_size=8, remat_policy=remat_policy)
-    model = GraniteForCausalLM(config, rngs=nnx.Rngs(0))
-    loss = lambda m: jnp.mean(m(ids, segments).logits ** 2)  # noqa: E731
-    return jax.tree.leaves(nnx.jit(nnx.grad(loss))(model))
+
+    @functools.cache
+    def gradients(remat_policy: str):
+        config = load_preset("tiny-hybrid-moe").replace(mamba_chunk_size=8, remat_policy=remat_policy)
+        model = GraniteForCausalLM(config, rngs=nnx.Rngs(0))
+        loss = lambda m: jnp.mean(m(ids, segments).logits ** 2)  # noqa: E731
+        return jax.tree.leaves(nnx.jit(nnx.grad(loss))(model))
+
+    return gradients
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "save_dots"])
-def test_remat_policies_change_memory_not_results(policy):
-    for g, e in zip(_remat_gradients(policy), _remat_gradients("none")):
+def test_remat_policies_change_memory_not_results(policy, remat_gradients):
+    for g, e in zip(remat_gradients(policy), remat_gradients("none")):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
 
 

@@ -27,10 +27,8 @@ from conftest import (
 )
 
 from granite_jax import load_preset
-from granite_jax.formats.run import checkpoint_meta
 from granite_jax.parallel.distributed import free_local_port
 from granite_jax.parallel.mesh import RULES, MeshError, check_model_fits_mesh
-from granite_jax.train.checkpoint import DATA_POSITION
 from granite_jax.train.config import RunConfigError
 from granite_jax.train.loop import process_streams
 
@@ -262,10 +260,6 @@ def test_meshes_give_the_one_device_losses(eight_devices, reference_train):
         np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=name)
         np.testing.assert_allclose(metrics(eight_devices.root("train meshes") / name.replace(" ", ""), "grad_norm"),
                                    reference_norms, rtol=1e-4, err_msg=name)
-
-
-def _data_position(run_dir, step: int) -> dict:
-    return checkpoint_meta(str(run_dir), step)[1][DATA_POSITION]
 
 
 def _resumable_copy(run_dir, into, step: int):

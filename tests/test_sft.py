@@ -32,15 +32,11 @@ from granite_jax.data.tokenizer import load_tokenizer
 from granite_jax.model import GraniteForCausalLM
 
 
-def _first_conversations(count: int) -> list[str]:
-    return first_lines(CHAT_TRAIN, count)
-
-
 @pytest.mark.slow
 def test_packed_conversations_do_not_see_each_other(tmp_path):
     """Logits of a packed SFT row equal each of its conversations run alone (attention and SSM state reset)."""
     path = tmp_path / "chat.jsonl"
-    path.write_text("".join(_first_conversations(24)))
+    path.write_text("".join(first_lines(CHAT_TRAIN, 24)))
     samples, _ = load_sft_samples([str(path)], chat_format("auto", TOKENIZER), load_tokenizer(TOKENIZER),
                                   seq_len=384, vocab_size=4096)
     rows = iter(sft_dataset(samples, seq_len=384, batch_size=1, seed=0, num_epochs=1))
@@ -74,7 +70,7 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
     for name in os.listdir(TOKENIZER):
         shutil.copy(os.path.join(TOKENIZER, name), source)
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(_first_conversations(40)))
+    data.write_text("".join(first_lines(CHAT_TRAIN, 40)))
     run_dir = tmp_path / "run"
     proc = train_cli("--config", "configs/sft-tiny.yaml", f"init_from=hf:{source}", f"run_dir={run_dir}",
                      f"data.train=[{data}]", f"data.validation=[{data}]", "steps=3", "eval_every=3", "eval_batches=1",
@@ -106,7 +102,7 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
         before = original(torch.tensor(ids), use_cache=False).logits.numpy()
     assert max_rel_error(actual, before) > 1e-3
 
-    conversation = json.loads(_first_conversations(1)[0])
+    conversation = json.loads(first_lines(CHAT_TRAIN, 1)[0])
     tokenizer = AutoTokenizer.from_pretrained(out)
     text = tokenizer.apply_chat_template(conversation["messages"], tools=conversation.get("tools"), tokenize=False)
     assert text == render_text(parse_conversation(conversation))
@@ -118,7 +114,7 @@ def test_sft_from_a_pretraining_run(tmp_path):
     pretrain = tmp_path / "pretrain"
     train_tiny(pretrain, "steps=2", "checkpoint.every_steps=2")
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(_first_conversations(10)))
+    data.write_text("".join(first_lines(CHAT_TRAIN, 10)))
     run_dir = tmp_path / "sft"
     proc = train_cli("--config", "configs/sft-tiny.yaml", f"init_from=run:{pretrain}", f"run_dir={run_dir}",
                      f"data.train=[{data}]", "data.validation=[]", "steps=2", "data.seq_len=256", "data.batch_size=2",
