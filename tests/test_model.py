@@ -273,7 +273,11 @@ def test_layers_in_subpieces_equal_the_whole_row(subpiece=16):
         config = load_preset("tiny-hybrid-moe", num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
                              mamba_chunk_size=8, subpiece_tokens=sub)
         model = GraniteForCausalLM(config, rngs=nnx.Rngs(0))
-        loss = lambda m: jnp.mean(jnp.sin(m(ids, segments).logits)) + m(ids, segments).aux_loss  # noqa: E731
+
+        def loss(m):
+            out = m(ids, segments)
+            return jnp.mean(jnp.sin(out.logits)) + out.aux_loss
+
         results[sub] = nnx.jit(nnx.value_and_grad(loss))(model)
     (loss_whole, grads_whole), (loss_pieces, grads_pieces) = results[0], results[subpiece]
     np.testing.assert_allclose(loss_pieces, loss_whole, rtol=1e-6)

@@ -97,20 +97,23 @@ def make_train_step(tx: optax.GradientTransformation, objective, *, dropout_seed
 
 def apply_finite_update(tx: optax.GradientTransformation, state: TrainState, grads, metrics: dict):
     """The state after `tx`'s update with `grads`, or the state as it was (parameters and optimizer state,
-    accumulated gradients included) when the gradients or the update are not finite; `skipped_update` is 1
-    then. A loss can be finite while its gradient or Adam's update overflows: such an update is never applied,
-    so no checkpoint holds non-finite weights (large-scale trainers skip and count such steps too). The step
-    counter advances either way: it counts the batches read."""
+    accumulated gradients included) when the gradients or the update are not finite; `skipped_update` (a
+    boolean) is true then. A loss can be finite while its gradient or Adam's update overflows: such an update is
+    never applied, so no checkpoint holds non-finite weights (large-scale trainers skip and count such steps
+    too). The step counter advances either way: it counts the batches read."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Element-wise: the norm of a huge but finite update (1e30 per entry) overflows float32.
-    finite = jnp.isfinite(metrics["grad_norm"]) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+    skipped = ~jnp.isfinite(metrics["grad_norm"]) | jnp.any(jnp.asarray(
+        [~jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
 
     def unless_skipped(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        return jax.tree.map(lambda n, o: jnp.where(skipped, o, n), new, old)
 
-    metrics["skipped_update"] = 1.0 - finite.astype(jnp.float32)
+    # The flag itself is an output of the step: XLA then computes it once. Were every output a function of it
+    # (`1.0 - finite`), XLA would fuse a copy of the chain that combines the leaves' flags into each of the
+    # 3 x leaves selects: a third of the tiny model's train step, whose compile took 3.9 s instead of 2.6 s.
+    metrics["skipped_update"] = skipped
     return TrainState(state.step + 1, unless_skipped(params, state.params),
                       unless_skipped(opt_state, state.opt_state)), metrics
 
