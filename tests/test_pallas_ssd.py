@@ -125,16 +125,17 @@ def test_pallas_ssd_lowers_to_triton_for_cuda():
     assert 'name = "ssd_forward"' in module and 'name = "ssd_backward"' in module
 
 
-def _tiny_hybrid(**overrides):
-    return load_preset("tiny-hybrid-moe").replace(num_hidden_layers=2, layer_types=("mamba", "attention"),
-                                                  moe_impl="tiled", **overrides)
+def _tiny_mamba(**overrides):
+    """One Mamba layer of the tiny hybrid MoE (what an SSD implementation changes)."""
+    return load_preset("tiny-hybrid-moe").replace(num_hidden_layers=1, layer_types=("mamba",), moe_impl="tiled",
+                                                  **overrides)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("subpiece_tokens", [0, 32])
 def test_the_model_with_the_pallas_ssd_equals_the_xla_ssd(subpiece_tokens):
-    """`ssd_impl: pallas` in the tiny hybrid model, whole rows and sub-pieces: logits and every parameter
-    gradient of a packed batch equal the XLA SSD's."""
+    """`ssd_impl: pallas` in a Mamba layer of the tiny hybrid model, whole rows and sub-pieces: logits and every
+    parameter gradient of a packed batch equal the XLA SSD's."""
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, 1000, (2, 96)), jnp.int32)
     segment_ids = jnp.asarray([[1] * 30 + [2] * 1 + [3] * 65, [1] * 96], jnp.int32)
@@ -145,7 +146,7 @@ def test_the_model_with_the_pallas_ssd_equals_the_xla_ssd(subpiece_tokens):
 
     results = {}
     for impl in ("xla", "pallas"):
-        model = GraniteForCausalLM(_tiny_hybrid(ssd_impl=impl, subpiece_tokens=subpiece_tokens), rngs=nnx.Rngs(3))
+        model = GraniteForCausalLM(_tiny_mamba(ssd_impl=impl, subpiece_tokens=subpiece_tokens), rngs=nnx.Rngs(3))
         (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
         results[impl] = logits, jax.tree.leaves(grads)
     np.testing.assert_allclose(results["pallas"][0], results["xla"][0], rtol=1e-5, atol=1e-5)
@@ -155,8 +156,8 @@ def test_the_model_with_the_pallas_ssd_equals_the_xla_ssd(subpiece_tokens):
 
 def test_pallas_ssd_is_refused_on_tpu_and_unknown_impls_are_errors(monkeypatch):
     with pytest.raises(ConfigError, match="ssd_impl='triton' is not one of"):
-        _tiny_hybrid(ssd_impl="triton")
+        _tiny_mamba(ssd_impl="triton")
     monkeypatch.setattr(mamba, "target_platform", lambda: "tpu")
-    model = GraniteForCausalLM(_tiny_hybrid(ssd_impl="pallas"), rngs=nnx.Rngs(0))
+    model = GraniteForCausalLM(_tiny_mamba(ssd_impl="pallas"), rngs=nnx.Rngs(0))
     with pytest.raises(NotImplementedError, match="use ssd_impl='xla' on TPU"):
         model(jnp.zeros((1, 16), jnp.int32), jnp.ones((1, 16), jnp.int32))

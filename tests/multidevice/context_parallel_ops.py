@@ -69,8 +69,8 @@ def inputs(b: int, T: int, rng):
 
 
 def relative_error(a, b, floor: float = 0.0) -> float:
-    """max |a - b| over max |b|, the denominator at least `floor` (and never zero)."""
-    return float(jnp.max(jnp.abs(a - b)) / max(float(jnp.max(jnp.abs(b))), floor, 1e-30))
+    """max |a - b| over max |b|, the denominator at least `floor` (and never zero); NumPy arrays."""
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), floor, 1e-30))
 
 
 def loss_of(f):
@@ -107,20 +107,22 @@ def errors_against(compiled: dict, args, segments, per_row: tuple, cases: dict, 
     A gradient is measured against at least 1% of the largest gradient of the same function: one that is zero
     in exact arithmetic (the keys' gradient when every document is one token, whose softmax is constant) is
     float32 rounding noise on both sides, and noise over noise is no relative error."""
-    values = {name: value(*args, segments) for name, (value, _) in compiled.items()}
-    grads = {name: grad(*args, segments) for name, (_, grad) in compiled.items()}
+    # On the host: slicing and reducing device arrays of each shape (sharded ones included) would compile a
+    # program per operation and shape.
+    values = {name: np.asarray(value(*args, segments)) for name, (value, _) in compiled.items()}
+    grads = {name: [np.asarray(g) for g in grad(*args, segments)] for name, (_, grad) in compiled.items()}
     errors = {case: {} for case in [*cases, "shared weights"]}
     for name in compiled:
         if name == "sharded":
             continue
         pairs = list(zip(grads["sharded"], grads[name], per_row))
         for case, rows in cases.items():
-            floor = 1e-2 * max(float(jnp.max(jnp.abs(b[rows] if row else b))) for _, b, row in pairs)
+            floor = 1e-2 * max(float(np.max(np.abs(b[rows] if row else b))) for _, b, row in pairs)
             errors[case][f"{prefix}_value_vs_{name}"] = relative_error(values["sharded"][rows], values[name][rows])
             errors[case][f"{prefix}_grad_vs_{name}"] = max(
                 relative_error(a[rows], b[rows], floor) for a, b, row in pairs if row)
         if not all(per_row):
-            floor = 1e-2 * max(float(jnp.max(jnp.abs(b))) for _, b, _ in pairs)
+            floor = 1e-2 * max(float(np.max(np.abs(b))) for _, b, _ in pairs)
             errors["shared weights"][f"{prefix}_grad_vs_{name}"] = max(
                 relative_error(a, b, floor) for a, b, row in pairs if not row)
     return errors

@@ -1,6 +1,6 @@
 """The Pallas SSD kernels (interpret mode) on meshes: under `shard_map` with rows over data x fsdp and heads over
-tensor, and inside the context-parallel SSD with the sequence over context, the tiny hybrid
-model's logits and loss gradients equal those of the XLA SSD on the same mesh."""
+tensor, and inside the context-parallel SSD with the sequence over context, a Mamba layer of the tiny
+hybrid model: its logits and loss gradients equal those of the XLA SSD on the same mesh."""
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,8 @@ def main():
         mesh = make_mesh(axes, jax.devices())
         results = {}
         for impl in ("xla", "pallas"):
-            config = load_preset("tiny-hybrid-moe").replace(
-                num_hidden_layers=2, layer_types=("mamba", "attention"), moe_impl="tiled", ssd_impl=impl)
+            config = load_preset("tiny-hybrid-moe").replace(  # one Mamba layer: what the SSD changes
+                num_hidden_layers=1, layer_types=("mamba",), moe_impl="tiled", ssd_impl=impl)
             model = GraniteForCausalLM(config, rngs=nnx.Rngs(3))
             with jax.set_mesh(mesh):
                 (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)

@@ -1,5 +1,6 @@
 """The splash attention kernel (interpret mode) on a mesh: under `shard_map`, rows over data x fsdp and heads
-over tensor, the tiny hybrid model's logits and loss gradients equal those of the blockwise attention."""
+over tensor, an attention layer of the tiny hybrid model: its logits and loss gradients equal those of the
+blockwise attention."""
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,8 @@ from tests.multidevice import report
 
 
 def main():
-    config = load_preset("tiny-hybrid-moe").replace(num_hidden_layers=2, layer_types=("mamba", "attention"),
-                                                    moe_impl="tiled")
+    config = load_preset("tiny-hybrid-moe").replace(num_hidden_layers=1, layer_types=("attention",),
+                                                    moe_impl="tiled")  # one attention layer: what splash changes
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, config.vocab_size, (4, 64)), jnp.int32)
     segment_ids = jnp.asarray([[1] * 30 + [2] * 34, [1] * 64, [1] * 5 + [2] * 59, [1] * 63 + [2]], jnp.int32)
