@@ -19,7 +19,7 @@ import grain
 import numpy as np
 
 from granite_jax.data.packing import PackedRows
-from granite_jax.data.sources import DataError
+from granite_jax.data.sources import DataError, shuffled_stream
 from granite_jax.data.tokenizer import Tokenizer
 
 
@@ -45,10 +45,8 @@ def pretraining_dataset(documents, tokenizer: Tokenizer, *, vocab_size: int, seq
         raise DataError(f"seq_len={seq_len} must be at least 2")
     if tokenizer.vocab_size > vocab_size:
         raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
-    source = grain.MapDataset.source(documents)[shard_index::shard_count]
-    if len(source) == 0:
-        raise DataError(f"host {shard_index} of {shard_count} has no documents: fewer documents than hosts")
-    documents = source.shuffle(seed=seed).repeat(num_epochs).to_iter_dataset()
+    documents = shuffled_stream(documents, seed=seed, shard_index=shard_index, shard_count=shard_count,
+                                num_epochs=num_epochs, what="documents")
     rows = PackedRows(documents, tokenizer, vocab_size, seq_len)
     return rows.map(add_targets).batch(batch_size, drop_remainder=True)
 

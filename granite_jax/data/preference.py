@@ -31,7 +31,7 @@ import numpy as np
 from granite_jax.data.chat import ChatFormatError, Conversation, Piece, parse_conversation
 from granite_jax.data.chat_template import ChatTemplateError
 from granite_jax.data.sft import chat_records, check_chat_inputs, tokenize_pieces
-from granite_jax.data.sources import BadLines, DataError
+from granite_jax.data.sources import BadLines, DataError, shuffled_stream
 from granite_jax.data.tokenizer import Tokenizer
 
 
@@ -221,10 +221,8 @@ def preference_dataset(samples: list[dict], *, seq_len: int, batch_size: int, se
                        packing_bins: int = 16) -> grain.IterDataset:
     """Batches of rows of packed pairs for this host (numpy, leading dim `batch_size`); infinite unless
     `num_epochs`."""
-    source = grain.MapDataset.source(samples)[shard_index::shard_count]
-    if len(source) == 0:
-        raise DataError(f"host {shard_index} of {shard_count} has no preference pairs: fewer pairs than hosts")
-    stream = source.shuffle(seed=seed).repeat(num_epochs).to_iter_dataset()
+    stream = shuffled_stream(samples, seed=seed, shard_index=shard_index, shard_count=shard_count,
+                             num_epochs=num_epochs, what="preference pairs")
     lengths = {name: seq_len for name in samples[0]}
     rows = grain.experimental.FirstFitPackIterDataset(stream, length_struct=lengths, num_packing_bins=packing_bins,
                                                       seed=seed)

@@ -25,7 +25,7 @@ import numpy as np
 
 from granite_jax.data.chat import END_OF_TEXT, SPECIAL_TOKENS, parse_conversation
 from granite_jax.data.chat_template import ChatTemplateError
-from granite_jax.data.sources import BadLines, DataError, json_records
+from granite_jax.data.sources import BadLines, DataError, json_records, shuffled_stream
 from granite_jax.data.tokenizer import Tokenizer
 
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -147,10 +147,8 @@ def _to_row(packed: dict) -> dict:
 def sft_dataset(samples: list[dict], *, seq_len: int, batch_size: int, seed: int, shard_index: int = 0,
                 shard_count: int = 1, num_epochs: int | None = None, packing_bins: int = 16) -> grain.IterDataset:
     """Batches of packed SFT rows for this host (numpy, leading dim `batch_size`); infinite unless `num_epochs`."""
-    source = grain.MapDataset.source(samples)[shard_index::shard_count]
-    if len(source) == 0:
-        raise DataError(f"host {shard_index} of {shard_count} has no conversations: fewer conversations than hosts")
-    stream = source.shuffle(seed=seed).repeat(num_epochs).to_iter_dataset()
+    stream = shuffled_stream(samples, seed=seed, shard_index=shard_index, shard_count=shard_count,
+                             num_epochs=num_epochs, what="conversations")
     lengths = {"input_ids": seq_len, "targets": seq_len, "loss_weights": seq_len}
     rows = grain.experimental.FirstFitPackIterDataset(stream, length_struct=lengths, num_packing_bins=packing_bins,
                                                       seed=seed)
