@@ -488,7 +488,7 @@ def test_gradient_accumulation_averages_micro_steps():
 
 @pytest.mark.slow
 def test_full_remat_keeps_one_layer_of_activations_in_the_compiled_train_step():
-    """The train step of a 4-Mamba-layer stack compiled on XLA:CPU at 2K tokens: with `remat_policy: full`
+    """The train step of a 3-Mamba-layer stack compiled on XLA:CPU at 2K tokens: with `remat_policy: full`
     its temporaries grow by a few hidden-width buffers per layer (before the recomputation was tied to the
     backward pass and the gradient norm summed in backward order: 43 KB per token per layer, as without
     remat). Also: the clipping transform equals optax's."""
@@ -508,7 +508,7 @@ def test_full_remat_keeps_one_layer_of_activations_in_the_compiled_train_step():
     batch = dict(input_ids=ids, segment_ids=jnp.ones((1, T), jnp.int32), positions=None, targets=ids,
                  loss_weights=jnp.ones((1, T), jnp.float32))
     per_token = {}
-    for layers in (1, 4):
+    for layers in (1, 3):
         for policy in ("full",):
             config = load_preset("tiny-hybrid-moe", num_hidden_layers=layers, layer_types=["mamba"] * layers,
                                  remat_policy=policy, compute_dtype="float32")
@@ -519,8 +519,8 @@ def test_full_remat_keeps_one_layer_of_activations_in_the_compiled_train_step():
             step = make_train_step(tx, LanguageModeling(aux_coef=0.01, z_loss=0.0, chunk=T))
             compiled = step.lower(graphdef, state, batch).compile()
             per_token[layers, policy] = compiled.memory_analysis().temp_size_in_bytes / T
-    per_layer = (per_token[4, "full"] - per_token[1, "full"]) / 3
-    assert per_layer < 16_000, per_token  # bytes per token per extra layer; 43 KB before
+    per_layer = (per_token[3, "full"] - per_token[1, "full"]) / 2
+    assert per_layer < 16_000, per_token  # bytes per token per extra layer: 13.3 KB; 43 KB before
 
     from granite_jax.train.optim import clip_by_gradient_norm
 
