@@ -97,17 +97,6 @@ def test_compiled_context_parallel_step_moves_no_full_length_activations(eight_d
     assert result["temp_context_8"] <= result["temp_context_1"] / 4, result
 
 
-@eight_device_job("context_parallel_program")
-def test_the_embedding_lookup_on_expert_x_context_keeps_each_devices_tokens(eight_devices):
-    """On expert 2 x context 4 (zigzag) the embedding table's model width is split over both axes, and the lookup
-    leaves its output split that way; the residual stream wants rows over expert and tokens over context. XLA's
-    partitioner made that move by holding the residual stream of every row and token on every device (16 such
-    (2, 1024, hidden) arrays in the tiny step: "involuntary full rematerialization", 24 MB more temporaries per
-    device at 2 x 64K tokens on the 512K config): two moves of one axis each hold none."""
-    count, hidden = eight_devices("context_parallel_program")["whole_batch_residuals_expert_x_context"]
-    assert count == 0, f"{count} arrays f32[2,1024,{hidden}] in the compiled step"
-
-
 @eight_device_job("scoring_mesh")
 def test_scoring_over_a_context_axis_equals_one_device(eight_devices):
     """eval.py's scorer (perplexity, multiple choice) on `--mesh '{context: 8}'` and on data 2 x context 4 with

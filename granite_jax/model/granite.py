@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from granite_jax.config import MAMBA, ModelConfig
 from granite_jax.model.attention import Attention
@@ -21,15 +20,7 @@ from granite_jax.model.linear import make_linear
 from granite_jax.model.mamba import Mamba2Mixer
 from granite_jax.model.moe import MoE, RouterStats, SharedMLP, load_balancing_loss
 from granite_jax.model.norms import RMSNorm
-from granite_jax.parallel.plan import (
-    RESIDUAL,
-    axes_size,
-    constrain,
-    current_mesh,
-    logical_param,
-    mesh_axes,
-    sequence_split,
-)
+from granite_jax.parallel.plan import RESIDUAL, constrain, current_mesh, logical_param, sequence_split
 
 
 class CausalLMOutput(NamedTuple):
@@ -184,8 +175,7 @@ class GraniteModel(nnx.Module):
             positions = positions_within_documents(runs)
         token_mask = None if segment_ids is None else segment_ids > 0
 
-        h = constrain(_tokens_over_the_sequence_axes(self.embed(input_ids), config.sharding), RESIDUAL,
-                      config.sharding)
+        h = constrain(self.embed(input_ids), RESIDUAL, config.sharding)
         run_layer = _with_remat(config.remat_policy)
         if cache is None and config.scan_layers and config.layer_period < len(self.layers):
             h, stats_sum = self._scan_layers(h, runs, positions, token_mask, run_layer)
@@ -239,26 +229,6 @@ class GraniteModel(nnx.Module):
             h, state = layer.decode(h, index=cache.index, start=cache.start, positions=positions, state=state)
             states.append(state)
         return self.norm(h[:, 0]), DecodeCache(tuple(states), cache.index + 1, cache.start)
-
-
-def _tokens_over_the_sequence_axes(h, plan):
-    """The embedding lookup's output h (b, T, hidden) with its tokens split over the sequence (context) axes and
-    its width over the other axes that split the table's model width, when the table's width is split over both.
-
-    The lookup leaves h split like the table's width (over fsdp, expert and context together); the residual
-    stream wants rows over the batch axes and tokens over the context axes. XLA's SPMD partitioner makes that
-    move with one all-to-all when one axis is involved, but not when two are (e.g. expert 2 x context 4): it
-    replicates h on every device, every token of every row, and slices it ("involuntary full
-    rematerialization"), forward and backward. Two moves of one axis each, the context axes first, are two
-    all-to-alls."""
-    mesh = current_mesh()
-    if mesh is None:
-        return h
-    tokens, width = plan.sequence_axes(mesh), mesh_axes(plan.spec(("embed",), h.shape[-1:], mesh)[0])
-    rest = tuple(a for a in width if a not in tokens)
-    if not set(tokens) & set(width) or axes_size(mesh, rest) == 1:
-        return h
-    return jax.lax.with_sharding_constraint(h, P(None, tokens, rest))
 
 
 def _call_layer(layer, h, runs, positions, token_mask, state):

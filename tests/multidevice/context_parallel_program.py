@@ -1,6 +1,5 @@
 """The compiled train step of a Mamba-only tiny model with its rows split over 8 context devices: the
-collectives it runs and their shapes, and its temporaries next to the same row on one device. And a small step
-on expert 2 x context 4: whether any device holds the residual stream of the whole batch."""
+collectives it runs and their shapes, and its temporaries next to the same row on one device."""
 
 import re
 
@@ -33,22 +32,9 @@ def collectives(hlo: str) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]
     return found
 
 
-def whole_batch_residuals(devices) -> tuple[int, int]:
-    """(arrays holding the residual stream of every row and token, hidden size) in the compiled step of a
-    1-Mamba-layer model whose 2 rows of 1,024 tokens are split over expert 2 x context 4 (zigzag): the model
-    width of the embedding table is split over both axes, so the lookup's output has to move two axes."""
-    overrides = {"model_overrides": {"num_hidden_layers": 1, "layer_types": ["mamba"], "mamba_chunk_size": 16},
-                 "data": {"seq_len": 1024, "batch_size": 2}, "mesh": {"expert": 2, "context": 4},
-                 "context_layout": "zigzag"}
-    run = build_run(apply_overrides(RunConfig(), overrides), devices, abstract=True)
-    hidden = run.model_config.hidden_size
-    hlo = run.lower_train_step().compile().as_text()
-    return len(re.findall(rf"f32\[2,1024,{hidden}\]", hlo)), hidden
-
-
 def main():
     """One compile of the step at `seq_len` on context 8 gives its collectives and its temporaries; the same row
-    on one device, its temporaries; and a small step on expert 2 x context 4, its whole-batch residuals."""
+    on one device, its temporaries."""
     seq_len = arguments()["seq_len"]
     run, compiled = compile_step(seq_len, {"context": 8}, jax.devices())
     config = run.model_config
@@ -61,5 +47,4 @@ def main():
             "summary_all_gathers": sum(kind == "all-gather" and any(shape == summary for _, shape in shapes)
                                        for kind, shapes in found),
             "temp_context_8": compiled.memory_analysis().temp_size_in_bytes,
-            "temp_context_1": one_device.memory_analysis().temp_size_in_bytes,
-            "whole_batch_residuals_expert_x_context": whole_batch_residuals(jax.devices())})
+            "temp_context_1": one_device.memory_analysis().temp_size_in_bytes})
