@@ -509,14 +509,14 @@ def test_full_remat_keeps_one_layer_of_activations_in_the_compiled_train_step():
                  loss_weights=jnp.ones((1, T), jnp.float32))
     per_token = {}
     few, many = 1, 3
+    tx = make_optimizer(OptimizerConfig(), total_steps=10)
+    step = make_train_step(tx, LanguageModeling(aux_coef=0.01, z_loss=0.0, chunk=T))
     for layers in (few, many):
         config = load_preset("tiny-hybrid-moe", num_hidden_layers=layers, layer_types=["mamba"] * layers,
                              remat_policy="full", compute_dtype="float32")
         graphdef, params = nnx.split(nnx.eval_shape(lambda c=config: GraniteForCausalLM(c, rngs=nnx.Rngs(0))),
                                      nnx.Param)
-        tx = make_optimizer(OptimizerConfig(), total_steps=10)
         state = TrainState(jnp.zeros((), jnp.int32), params, jax.eval_shape(tx.init, params))
-        step = make_train_step(tx, LanguageModeling(aux_coef=0.01, z_loss=0.0, chunk=T))
         compiled = step.lower(graphdef, state, batch).compile()
         per_token[layers] = compiled.memory_analysis().temp_size_in_bytes / T
     per_layer = (per_token[many] - per_token[few]) / (many - few)
