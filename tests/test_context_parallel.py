@@ -112,16 +112,11 @@ def test_scoring_over_a_context_axis_equals_one_device(eight_devices):
 
 
 @eight_device_job("long_row_memory")
-def test_the_512k_steps_memory_per_token_stays_bounded(eight_devices):
-    """configs/pretrain-512k.yaml's compiled train step at rows of 64K and 128K tokens (8 context devices): its
-    temporaries grow by at most 18 KB per local token, and extrapolated to the 524,288-token row they stay
-    under 1.25 GB per device, so that 8 devices plus the process's ~2 GB stay under 12 GB of host memory.
-    (All-gathered keys and values and a second Mamba scan over kept per-token outputs grew it by 33 KB per
-    token: 2.2 GB per device at 512K by the same extrapolation.)"""
+def test_the_512k_steps_temporaries_fit_the_host(eight_devices):
+    """configs/pretrain-512k.yaml's train step compiled at its 524,288-token rows on 8 context devices (one
+    compile: XLA:CPU's compile time does not depend on the row's length): at most 1.25 GB of temporaries per
+    device, so that 8 devices plus the process's ~2 GB stay under 12 GB of host memory (1.21 GB when written;
+    all-gathered keys and values and a second Mamba scan over kept per-token outputs made it 2.2 GB)."""
     result = eight_devices("long_row_memory")
-    (short, short_bytes), (long, long_bytes) = sorted((int(k), v) for k, v in result["temporaries"].items())
-    local_tokens = (long - short) / result["devices"]
-    per_token = (long_bytes - short_bytes) / local_tokens
-    at_512k = long_bytes + per_token * (524288 - long) / result["devices"]
-    assert per_token <= 18_000, result
-    assert at_512k <= 1.25e9, (at_512k, result)
+    assert result["seq_len"] == 524288 and result["devices"] == 8, result
+    assert result["temporaries"] <= 1.25e9, result
