@@ -141,25 +141,6 @@ def test_moe_stats_skip_padding():
     assert float(stats.tokens) == 3 and float(stats.assignments.sum()) == 3 * config.num_experts_per_tok
 
 
-@pytest.mark.slow
-def test_gradients_are_finite_with_packing_and_padding():
-    config = load_preset("tiny-hybrid-moe").replace(mamba_chunk_size=8, attention_block_size=8)
-    model = GraniteForCausalLM(config, rngs=nnx.Rngs(0))
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 21)), jnp.int32)
-    segments = jnp.asarray([[1] * 9 + [2] * 8 + [0] * 4, [3] * 21])
-
-    @nnx.jit
-    def loss_and_grad(model):
-        def loss(model):
-            out = model(ids, segments)
-            return jnp.mean(jax.nn.log_softmax(out.logits)[..., 0]) + out.aux_loss
-        return nnx.value_and_grad(loss)(model)
-
-    value, grads = loss_and_grad(model)
-    assert np.isfinite(float(value))
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(input_ids=jnp.zeros((5,), jnp.int32)), r"input_ids must have shape \(batch, seq_len\); got shape \(5,\)"),
     (dict(input_ids=jnp.zeros((1, 5))), "input_ids must be integers; got dtype float32"),
@@ -177,25 +158,41 @@ def test_bad_inputs_are_reported(kwargs, message):
 
 @pytest.fixture(scope="module")
 def remat_gradients():
-    """`remat_gradients(policy)`: every parameter gradient of the tiny model on a packed row under that
-    `remat_policy`, computed once per policy for this module's tests."""
-    ids = jnp.asarray(np.random.default_rng(3).integers(0, 4096, (1, 33)), jnp.int32)
-    segments = jnp.asarray([[1] * 20 + [2] * 13])
+    """`remat_gradients(policy)`: the loss and every parameter gradient of the tiny model's two layer kinds
+    (Mamba, attention) on two packed rows with trailing padding, several chunks and attention blocks, and the
+    MoE's aux loss, under that `remat_policy`; computed once per policy for this module's tests."""
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 4096, (2, 21)), jnp.int32)
+    segments = jnp.asarray([[1] * 9 + [2] * 8 + [0] * 4, [3] * 21])
 
     @functools.cache
     def gradients(remat_policy: str):
-        config = load_preset("tiny-hybrid-moe").replace(mamba_chunk_size=8, remat_policy=remat_policy)
+        config = load_preset("tiny-hybrid-moe").replace(
+            num_hidden_layers=2, layer_types=("mamba", "attention"), mamba_chunk_size=8, attention_block_size=8,
+            remat_policy=remat_policy)
         model = GraniteForCausalLM(config, rngs=nnx.Rngs(0))
-        loss = lambda m: jnp.mean(m(ids, segments).logits ** 2)  # noqa: E731
-        return jax.tree.leaves(nnx.jit(nnx.grad(loss))(model))
+
+        def loss(model):
+            out = model(ids, segments)
+            return jnp.mean(jax.nn.log_softmax(out.logits)[..., 0]) + out.aux_loss
+
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+        return float(value), jax.tree.leaves(grads)
 
     return gradients
+
+
+def test_gradients_are_finite_with_packing_and_padding(remat_gradients):
+    value, grads = remat_gradients("none")
+    assert np.isfinite(value)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "save_dots"])
 def test_remat_policies_change_memory_not_results(policy, remat_gradients):
-    for g, e in zip(remat_gradients(policy), remat_gradients("none")):
+    (value, grads), (expected_value, expected) = remat_gradients(policy), remat_gradients("none")
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    for g, e in zip(grads, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
 
 
@@ -270,7 +267,7 @@ def test_layers_in_subpieces_equal_the_whole_row(subpiece=16):
     segments = jnp.asarray([[1] * 30 + [2] * 2 + [3] * 32 + [1] * 32, [5] * 96], jnp.int32)
     results = {}
     for sub in (0, subpiece):
-        config = load_preset("tiny-hybrid-moe", num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+        config = load_preset("tiny-hybrid-moe", num_hidden_layers=2, layer_types=["mamba", "attention"],
                              mamba_chunk_size=8, subpiece_tokens=sub)
         model = GraniteForCausalLM(config, rngs=nnx.Rngs(0))
 

@@ -37,28 +37,33 @@ LAYOUTS = {
 }
 
 
-def _functions(inputs, segment_ids, initial_state):
-    """The three implementations as (inputs, state) -> (y, final state, decay) with the same arguments."""
-    kwargs = dict(chunk_size=16, segment_ids=segment_ids)
-
-    def chunked(inputs, state):
-        return ssd.ssd_chunked(**inputs, initial_state=state, return_decay=True, **kwargs)
-
-    def kernel(inputs, state):
-        return pallas_ssd.ssd_pallas(**inputs, initial_state=state, return_decay=True, **kwargs)
-
-    def reference(inputs, state):
-        y, final = ssd.ssd_reference(**inputs, segment_ids=segment_ids, initial_state=state)
-        return y, final, chunked(inputs, state)[2]  # the oracle has no decay output
-
-    return {"chunked": chunked, "pallas": kernel, "reference": reference}
+def _chunked(inputs, segment_ids, state):
+    return ssd.ssd_chunked(**inputs, segment_ids=segment_ids, initial_state=state, return_decay=True, chunk_size=16)
 
 
-def _loss_and_gradients(fn, inputs, state, cotangents):
-    def loss(inputs, state):
-        return sum(jnp.sum(out * ct) for out, ct in zip(fn(inputs, state), cotangents))
+def _kernel(inputs, segment_ids, state):
+    return pallas_ssd.ssd_pallas(**inputs, segment_ids=segment_ids, initial_state=state, return_decay=True,
+                                 chunk_size=16)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(inputs, state)
+
+def _reference(inputs, segment_ids, state):
+    y, final = ssd.ssd_reference(**inputs, segment_ids=segment_ids, initial_state=state)
+    return y, final, _chunked(inputs, segment_ids, state)[2]  # the oracle has no decay output
+
+
+def _loss_and_gradients(fn):
+    """(inputs, segment_ids, state, cotangents) -> (loss, (d_inputs, d_state)) of the outputs against cotangents."""
+    def loss(inputs, segment_ids, state, cotangents):
+        return sum(jnp.sum(out * ct) for out, ct in zip(fn(inputs, segment_ids, state), cotangents))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))
+
+
+# The three implementations as (inputs, segment_ids, state) -> (y, final state, decay), compiled once per module
+# for every layout and state (one trace for a row without segment ids, one for the rest).
+FORWARD = {name: jax.jit(fn) for name, fn in (("chunked", _chunked), ("pallas", _kernel), ("reference", _reference))}
+GRADIENTS = {name: _loss_and_gradients(fn)
+             for name, fn in (("chunked", _chunked), ("pallas", _kernel), ("reference", _reference))}
 
 
 def _relative_error(got, want) -> float:
@@ -71,17 +76,17 @@ def _relative_error(got, want) -> float:
 def test_pallas_ssd_equals_chunked_and_reference(layout, with_initial_state):
     inputs, state0 = _inputs(0, T=T, H=4, P=24, G=2, N=6)  # three blocks of 8 channels per head
     state = state0 if with_initial_state else jnp.zeros_like(state0)
-    fns = _functions(inputs, LAYOUTS[layout], state)
-    outputs = {name: jax.jit(fn)(inputs, state) for name, fn in fns.items()}
+    segment_ids = LAYOUTS[layout]
+    outputs = {name: fn(inputs, segment_ids, state) for name, fn in FORWARD.items()}
     for want in ("chunked", "reference"):
         for got, expected in zip(outputs["pallas"], outputs[want]):
             assert _relative_error(got, expected) < 1e-5, (want, layout)
 
     rng = np.random.default_rng(1)
     cotangents = [jnp.asarray(rng.normal(size=o.shape), jnp.float32) for o in outputs["chunked"]]
-    _, (d_inputs, d_state) = _loss_and_gradients(fns["pallas"], inputs, state, cotangents)
+    _, (d_inputs, d_state) = GRADIENTS["pallas"](inputs, segment_ids, state, cotangents)
     for want in ("chunked", "reference"):
-        _, (want_inputs, want_state) = _loss_and_gradients(fns[want], inputs, state, cotangents)
+        _, (want_inputs, want_state) = GRADIENTS[want](inputs, segment_ids, state, cotangents)
         for name in inputs:
             assert _relative_error(d_inputs[name], want_inputs[name]) < 2e-5, (want, name)
         assert _relative_error(d_state, want_state) < 2e-5, want
