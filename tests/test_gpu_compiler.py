@@ -33,10 +33,12 @@ def test_each_gpu_description_gives_deviceless_gpus(name):
 
 
 def test_the_dry_run_on_h100s_is_the_gpu_compilers():
-    """`train.py --dry-run --topology h100:8` (the tiny run on fsdp 8): the first line names 8 H100s and the
-    GPU compiler, the memory is checked against the H100's 79 GiB, and the FLOPs come from the HLO (XLA's cost
-    analysis is not offered without a device)."""
-    ran = train_cli("--dry-run", "--topology", "h100:8", *TINY_RUN, "data.batch_size=8", "mesh={fsdp: 8}").ok()
+    """`train.py --dry-run --topology h100:8` (the tiny run on fsdp 8, one attention layer: the Pallas SSD
+    kernels' GPU compile is test_gpu_kernels'): the first line names 8 H100s and the GPU compiler, the memory is
+    checked against the H100's 79 GiB, and the FLOPs come from the HLO (XLA's cost analysis is not offered
+    without a device)."""
+    ran = train_cli("--dry-run", "--topology", "h100:8", *TINY_RUN, "data.batch_size=8", "mesh={fsdp: 8}",
+                    "model_overrides={num_hidden_layers: 1, layer_types: [attention]}").ok()
     first = ran.stdout.splitlines()[0]
     assert "= 8 devices (NVIDIA H100 80GB HBM3, deviceless topology: the GPU compiler's figures)" in first, first
     assert "(fits in 79 GiB per device)" in ran.stdout
