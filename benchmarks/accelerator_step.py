@@ -74,7 +74,7 @@ CASES = {
     "accelerator": [Case("h-1b 4K", "granite-4.0-h-1b", 4096, 8),
                     Case("h-1b 32K", "granite-4.0-h-1b", 32768, 1),
                     Case("h-tiny group 4K", "granite-4.0-h-tiny", 4096, 8, H_TINY_GROUP, moe=True)],
-    "smoke": [Case("tiny MoE 256", "tiny-hybrid-moe", 256, 2, "{num_hidden_layers: 2, layer_types: [mamba, attention]}",
+    "smoke": [Case("tiny MoE 128", "tiny-hybrid-moe", 128, 2, "{num_hidden_layers: 1, layer_types: [mamba]}",
                    moe=True)],
 }
 OPTIONS = {
