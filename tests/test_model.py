@@ -280,27 +280,3 @@ def test_layers_in_subpieces_equal_the_whole_row(subpiece=16):
     np.testing.assert_allclose(loss_pieces, loss_whole, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_pieces), jax.tree.leaves(grads_whole)):
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b))) + 1e-12
-
-
-@pytest.mark.slow
-def test_the_model_with_the_splash_kernel_equals_blockwise_attention():
-    """`attention_impl: splash` (interpret mode) in an attention layer of the tiny hybrid model: logits and every
-    parameter gradient of a packed batch equal those of the blockwise attention."""
-    config = load_preset("tiny-hybrid-moe").replace(num_hidden_layers=1, layer_types=("attention",),
-                                                    moe_impl="tiled")
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(0, config.vocab_size, (2, 96)), jnp.int32)
-    segment_ids = jnp.asarray([[1] * 30 + [2] * 1 + [3] * 65, [1] * 96], jnp.int32)
-
-    def loss(model):
-        out = model(ids, segment_ids)
-        return jnp.mean(jax.nn.logsumexp(out.logits, axis=-1) - out.logits[..., 0]), out.logits
-
-    results = {}
-    for impl in ("blockwise", "splash"):
-        model = GraniteForCausalLM(config.replace(attention_impl=impl), rngs=nnx.Rngs(3))
-        (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
-        results[impl] = logits, jax.tree.leaves(grads)
-    np.testing.assert_allclose(results["splash"][0], results["blockwise"][0], rtol=1e-5, atol=1e-5)
-    for got, want in zip(results["splash"][1], results["blockwise"][1]):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

@@ -137,10 +137,10 @@ def _tiny_mamba(**overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("subpiece_tokens", [0, 32])
-def test_the_model_with_the_pallas_ssd_equals_the_xla_ssd(subpiece_tokens):
-    """`ssd_impl: pallas` in a Mamba layer of the tiny hybrid model, whole rows and sub-pieces: logits and every
-    parameter gradient of a packed batch equal the XLA SSD's."""
+def test_the_model_with_the_pallas_ssd_in_subpieces_equals_the_xla_ssd(subpiece_tokens=32):
+    """`ssd_impl: pallas` in a Mamba layer of the tiny hybrid model, in sub-pieces: logits and every parameter
+    gradient of a packed batch equal the XLA SSD's. (Whole rows: tests/multidevice/pallas_ssd_mesh.py, on
+    meshes.)"""
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, 1000, (2, 96)), jnp.int32)
     segment_ids = jnp.asarray([[1] * 30 + [2] * 1 + [3] * 65, [1] * 96], jnp.int32)

@@ -17,7 +17,7 @@ MESHES = {"rows_and_heads": {"data": 2, "fsdp": 2, "tensor": 2}, "context": {"da
 def main():
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, 1000, (4, 64)), jnp.int32)
-    segment_ids = jnp.asarray([[1] * 30 + [2] * 34, [1] * 64, [1] * 5 + [2] * 59, [1] * 63 + [2]], jnp.int32)
+    segment_ids = jnp.asarray([[1] * 30 + [2] * 1 + [3] * 33, [1] * 64, [1] * 5 + [2] * 59, [1] * 63 + [2]], jnp.int32)
 
     def loss(model):
         logits = model(ids, segment_ids).logits

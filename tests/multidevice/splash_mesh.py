@@ -17,7 +17,7 @@ def main():
                                                     moe_impl="tiled")  # one attention layer: what splash changes
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, config.vocab_size, (4, 64)), jnp.int32)
-    segment_ids = jnp.asarray([[1] * 30 + [2] * 34, [1] * 64, [1] * 5 + [2] * 59, [1] * 63 + [2]], jnp.int32)
+    segment_ids = jnp.asarray([[1] * 30 + [2] * 1 + [3] * 33, [1] * 64, [1] * 5 + [2] * 59, [1] * 63 + [2]], jnp.int32)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices())
 
     def loss(model):
