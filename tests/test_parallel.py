@@ -15,6 +15,7 @@ import pytest
 from conftest import (
     LAUNCH_RUN,
     MESHES,
+    TINY_LAYERS,
     TINY_MESH_RUN,
     TWO_STREAMS,
     eight_device_job,
@@ -65,16 +66,24 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say(eight_devic
     assert "scalars {()}" in out
 
 
+# The tiny run's 2 layers (half the preset's compile time) with a vocabulary of 24576 instead of 4096: 10.45M
+# parameters, about the preset's 9.58M, so that the memory figures, printed to 0.01 GiB, still tell Adam's 2x
+# apart (the 5.2M of 2 layers at vocabulary 4096 print 0.01 GiB for the parameters and for Adam's state alike).
+DRY_RUN_MODEL = "model_overrides=" + json.dumps({**TINY_LAYERS, "vocab_size": 24576})
+
+
 @pytest.mark.slow
 def test_dry_run_reports_per_device_memory_without_training(tmp_path):
     proc = finish(python_process("train.py", "--dry-run", "--simulate-devices", "8",
                                  "mesh={data: 2, fsdp: 2, tensor: 2}", "data.batch_size=8", "data.seq_len=128",
-                                 f"run_dir={tmp_path / 'run'}")).ok()
+                                 DRY_RUN_MODEL, f"run_dir={tmp_path / 'run'}")).ok()
     out = proc.output
-    assert "on mesh {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1, 'context': 1} = 8 devices" in out
+    assert "(10,447,448 parameters) on mesh {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1, 'context': 1} = 8 " \
+           "devices" in out
     params = float(re.search(r"parameters\s+([\d.]+) GiB", out).group(1))
     optimizer = float(re.search(r"optimizer state\s+([\d.]+) GiB", out).group(1))
-    # 9.58M float32 parameters split 4 ways (fsdp x tensor; the rest replicated): about 0.01 GiB; Adam: 2x.
+    # 10.45M float32 parameters (0.039 GiB) split 4 ways (fsdp x tensor; the rest replicated): about 0.01 GiB;
+    # Adam: 2x.
     assert 0.005 < params < 0.02 and 1.5 * params <= optimizer <= 2.5 * params
     assert re.search(r"all-reduce\s+\d+ runs", out) and "FLOPs per step" in out
     # the host side: one process reads all 8 rows of 128 tokens, 5 arrays of 4-byte values each

@@ -31,9 +31,11 @@ def _run(run_dir, *overrides):
 def test_changed_settings_are_refused_and_restart_moves_the_earlier_run_aside(tmp_path):
     """A resume with other data or optimizer settings than the checkpoint's (here seq_len and gradient
     accumulation, whose optimizer state no longer restores) is refused with every difference named, before
-    anything in the run directory changes; `steps` below the checkpoint is refused; `--restart` moves the earlier
-    run to previous/ (nothing deleted) and starts over at step 1. The run keeps its own tokenizer copy and its
-    config names the tokenizer by absolute path; a tokenizer whose files no longer equal that copy is refused."""
+    anything in the run directory changes; `steps` below the checkpoint is refused. The run keeps its own
+    tokenizer copy and its config names the tokenizer by absolute path; a tokenizer whose files no longer equal
+    that copy is refused. When no checkpoint restores, training refuses to start again at step 1 (its saves
+    would rotate the unreadable checkpoints away). `--restart` moves the earlier run to previous/ (nothing
+    deleted, the unreadable checkpoints kept) and starts over at step 1. (One trained run for all of it.)"""
     run_dir = str(tmp_path / "run")
     train_tiny(run_dir, "steps=4", "checkpoint.every_steps=2", "data.tokenizer=data/tokenizer")  # relative
     config_before = open(os.path.join(run_dir, "config.yaml")).read()
@@ -55,6 +57,14 @@ def test_changed_settings_are_refused_and_restart_moves_the_earlier_run_aside(tm
     assert "the tokenizer's tokenizer.json differ from the copy the run trained with" in error, error
     open(kept_json, "wb").write(original)
 
+    # No checkpoint restores (the same settings): refused, not started over.
+    for step in (2, 4):
+        _truncate_state(run_dir, step)
+    refused = _run(run_dir, "steps=6")
+    assert "none of the checkpoints" in refused.error_line() and "steps [2, 4]" in refused.stderr
+    assert checkpoint_steps(run_dir) == [2, 4]
+    assert open(os.path.join(run_dir, "config.yaml")).read() == config_before
+
     restarted = _run(run_dir, "steps=2", "checkpoint.every_steps=2", "optimizer.grad_accum_steps=2", "--restart")
     assert restarted.returncode == 0, restarted.stderr
     assert "for steps 1..2" in restarted.stdout and "moved the earlier run to" in restarted.stdout
@@ -67,19 +77,6 @@ def test_changed_settings_are_refused_and_restart_moves_the_earlier_run_aside(tm
     assert yaml.safe_load(config_before)["data"]["tokenizer"] == TOKENIZER  # given as data/tokenizer
     assert RunDir(run_dir).tokenizer() == RunDir(run_dir).tokenizer_dir
     assert sorted(os.listdir(RunDir(run_dir).tokenizer_dir)) == ["tokenizer.json", "tokenizer_config.json"]
-
-
-@pytest.mark.slow
-def test_a_run_whose_checkpoints_do_not_restore_is_not_started_over(tmp_path):
-    """When no checkpoint restores, training refuses to start again at step 1 (its saves would rotate the
-    unreadable checkpoints away); --restart does, keeping them in previous/."""
-    run_dir = str(tmp_path)
-    train_tiny(run_dir, "steps=2", "checkpoint.every_steps=2")
-    _truncate_state(run_dir, 2)
-    refused = _run(run_dir, "steps=4")
-    assert "none of the checkpoints" in refused.error_line() and "steps [2]" in refused.stderr
-    assert checkpoint_steps(run_dir) == [2]
-    assert _run(run_dir, "steps=2", "--restart").returncode == 0
 
 
 def _truncate_state(run_dir, step):

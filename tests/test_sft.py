@@ -21,7 +21,6 @@ from conftest import (
     forward,
     max_rel_error,
     train_cli,
-    train_tiny,
 )
 from flax import nnx
 
@@ -46,9 +45,16 @@ def test_packed_conversations_do_not_see_each_other(tmp_path):
     model = GraniteForCausalLM(load_preset("tiny-hybrid-moe", mamba_chunk_size=16), rngs=nnx.Rngs(0))
     packed = np.asarray(forward(model, jnp.asarray(row["input_ids"])[None], jnp.asarray(segments)[None],
                                 jnp.asarray(row["positions"])[None]).logits[0])
-    for segment in range(1, int(segments.max()) + 1):
-        where = np.flatnonzero(segments == segment)
-        alone = np.asarray(forward(model, jnp.asarray(row["input_ids"][where])[None]).logits[0])
+    # Each conversation alone, all in one batch (one compiled forward, not one per conversation length): row i
+    # is conversation i + 1 at positions 0.., right-padded. The model is causal, so a row's padding comes after
+    # every token compared and changes none of their logits; no segment ids, positions or masks are given.
+    conversations = [np.flatnonzero(segments == segment) for segment in range(1, int(segments.max()) + 1)]
+    alone_ids = np.zeros((len(conversations), max(map(len, conversations))), np.int32)
+    for i, where in enumerate(conversations):
+        alone_ids[i, :len(where)] = row["input_ids"][where]
+    alone_logits = np.asarray(forward(model, jnp.asarray(alone_ids)).logits)
+    for segment, where in enumerate(conversations, start=1):
+        alone = alone_logits[segment - 1, :len(where)]
         assert max_rel_error(packed[where], alone) < 1e-5, segment
         # Targets stay inside the conversation: each one is the next input of the same segment, or unweighted.
         inside = row["targets"][where][:-1] == row["input_ids"][where][1:]
@@ -109,10 +115,10 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
 
 
 @pytest.mark.slow
-def test_sft_from_a_pretraining_run(tmp_path):
-    """init_from=run:DIR starts from our own run's newest checkpoint and takes its tokenizer."""
-    pretrain = tmp_path / "pretrain"
-    train_tiny(pretrain, "steps=2", "checkpoint.every_steps=2")
+def test_sft_from_a_pretraining_run(tmp_path, reference_losses):
+    """init_from=run:DIR starts from our own run's newest checkpoint and takes its tokenizer. The pretraining run
+    is the suite's shared 8-step tiny run (test_train.py's; only read here)."""
+    _, pretrain = reference_losses("steps=8")
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(first_lines(CHAT_TRAIN, 10)))
     run_dir = tmp_path / "sft"

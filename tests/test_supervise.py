@@ -12,6 +12,7 @@ import time
 import pytest
 from conftest import finish, python_process
 
+from granite_jax.parallel import supervise
 from granite_jax.parallel.supervise import PEER_LOST_EXIT, job_of_several, lost_peer_line
 from granite_jax.train.hooks import StopSignal
 
@@ -47,9 +48,13 @@ def test_a_job_of_several_is_told_from_flags_and_launcher_variables():
 
 
 def _supervise(child: str):
-    """A parent (`run_supervised`, as train.py runs it) of `python -c CHILD`."""
-    parent = ("import sys; from granite_jax.parallel.supervise import run_supervised; "
-              f"sys.exit(run_supervised([sys.executable, '-c', {child!r}]))")
+    """A parent (`run_supervised`, as train.py runs it) of `python -c CHILD`. The parent loads supervise.py by its
+    path (it needs only the standard library): importing it as granite_jax.parallel.supervise would import the
+    whole package (JAX included) first, some 4 s per parent on the 2-core machine."""
+    parent = ("import importlib.util, sys; "
+              f"spec = importlib.util.spec_from_file_location('supervise', {supervise.__file__!r}); "
+              "supervise = importlib.util.module_from_spec(spec); spec.loader.exec_module(supervise); "
+              f"sys.exit(supervise.run_supervised([sys.executable, '-c', {child!r}]))")
     return python_process("-c", parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
