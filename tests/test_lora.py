@@ -1,5 +1,7 @@
-"""LoRA: adapters start equal to the base model, compute W + alpha/r·AB, train alone (the base frozen, no optimizer
-state for it), work from init_from=hf:DIR, reject bad settings naming the field, and resume bit for bit."""
+"""LoRA: adapters start equal to the base model (B = 0), split like their kernels, drop out in training only (a key
+per adapter and step), shard and train on a mesh like on one device, and bad settings are refused naming the field.
+Elsewhere: W + alpha/r·AB in test_lora_export.py (merge_lora, PEFT); training only the adapters from
+init_from=hf:DIR in test_qlora.py (its float LoRA run); the bit-for-bit resume in test_train.py (SIGKILL)."""
 
 import functools
 
@@ -7,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import LORA_MESH, LORA_ON_A_MESH, TINY_MESH_RUN, eight_device_job, forward, metrics, tiny_config
+from conftest import LORA_MESH, LORA_ON_A_MESH, TINY_MESH_RUN, eight_device_job, forward, metrics
 from flax import nnx
 
-from granite_jax import GraniteForCausalLM, load_preset, save_hf_checkpoint
+from granite_jax import GraniteForCausalLM, load_preset
 from granite_jax.model.lora import LORA_TARGETS, LoRALinear, apply_lora
 from granite_jax.train.config import RunConfig, RunConfigError, apply_overrides, load_run_config
 from granite_jax.tree import path_names
@@ -27,7 +29,7 @@ def _ids(B=2, T=16, vocab=128, seed=0):
 
 
 @pytest.mark.slow
-def test_zero_b_adapters_equal_the_base_model_and_nonzero_ones_add_alpha_over_r_ab():
+def test_adapters_start_with_b_zero_equal_to_the_base_model_split_like_their_kernels():
     model = _tiny_model()
     ids = _ids(vocab=model.config.vocab_size)
     base_logits = np.asarray(model(ids)[0])
@@ -45,81 +47,7 @@ def test_zero_b_adapters_equal_the_base_model_and_nonzero_ones_add_alpha_over_r_
     # The base weights keep their paths: a converter or checkpoint reader sees the same names.
     names = {".".join(path_names(p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert set(kernels) < names and all("lora" in n for n in names - set(kernels))
-    np.testing.assert_array_equal(np.asarray(model(ids)[0]), base_logits)  # B = 0 (and no dropout outside training)
-
-    # Nonzero B: the adapted model is the base model with every kernel W + alpha/r · A B (alpha/r = 2).
-    rng = np.random.default_rng(1)
-    merged = _tiny_model()
-    for path, module in model.iter_modules():
-        if isinstance(module, LoRALinear):
-            module.lora.lora_b[...] = jnp.asarray(rng.normal(0, 0.02, module.lora.lora_b.shape), jnp.float32)
-            target = merged
-            for step in path:
-                target = target[step] if isinstance(step, int) else getattr(target, step)
-            target.kernel[...] = module.kernel[...] + 2.0 * module.lora.lora_a[...] @ module.lora.lora_b[...]
-    adapted_logits = np.asarray(forward(model, ids)[0])  # jitted: compared within a tolerance
-    assert np.abs(adapted_logits - base_logits).max() > 1e-3
-    np.testing.assert_allclose(adapted_logits, np.asarray(forward(merged, ids)[0]), rtol=2e-4, atol=2e-4)
-
-
-def _lora_run(tmp_path, **lora):
-    """A run of the tiny model with adapters, its weights from an HF directory (init_from=hf:DIR)."""
-    from granite_jax.train.setup import build_run
-
-    hf_dir = tmp_path / "hf"
-    save_hf_checkpoint(_tiny_model(seed=42), hf_dir)
-    config = apply_overrides(RunConfig(), {
-        "init_from": f"hf:{hf_dir}", "run_dir": str(tmp_path / "run"), "steps": 10,
-        "data": {"seq_len": 16, "batch_size": 2, "validation": []},
-        "optimizer": {"warmup_steps": 0, "lr": 1e-2, "schedule": "constant"},
-        "lora": {"rank": 4, "alpha": 8.0, **lora}})
-    return build_run(config, jax.devices()[:1]), hf_dir
-
-
-def _batch(run, seed):
-    B, T = run.batch_shape
-    ids = np.random.default_rng(seed).integers(0, run.model_config.vocab_size, (B, T + 1))
-    return dict(input_ids=jnp.asarray(ids[:, :-1], jnp.int32), segment_ids=jnp.ones((B, T), jnp.int32),
-                positions=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-                targets=jnp.asarray(ids[:, 1:], jnp.int32), loss_weights=jnp.ones((B, T), jnp.float32))
-
-
-@pytest.mark.slow
-def test_train_steps_change_only_the_adapters_and_the_optimizer_holds_only_their_shapes(tmp_path):
-    from granite_jax.formats import load_hf_checkpoint
-
-    run, hf_dir = _lora_run(tmp_path, dropout=0.1, targets=["q_proj", "v_proj", "in_proj", "out_proj"])
-    state = run.state
-    trained = {".".join(path_names(p)): x.shape for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
-    assert trained and all(n.endswith(("lora.lora_a.value", "lora.lora_b.value")) for n in trained), trained
-    assert len(trained) == 2 * (2 + 2)  # A and B of q, v (1 attention layer) and in_proj, out_proj (1 Mamba layer)
-    # The optimizer state: Adam's two moments of each adapter, nothing the size of a base weight.
-    moments = [x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
-    assert sorted(moments) == sorted(list(trained.values()) * 2)
-
-    # The frozen part is the HF checkpoint's weights as loaded (init_from=hf:DIR).
-    loaded = nnx.state(load_hf_checkpoint(str(hf_dir), dtype="float32"), nnx.Param)
-    frozen_before = {".".join(path_names(p)): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(run.frozen)}
-    for path, x in jax.tree_util.tree_leaves_with_path(loaded):
-        np.testing.assert_array_equal(frozen_before[".".join(path_names(path))], np.asarray(x))
-    before = {n: np.asarray(x) for n, x in zip(trained, jax.tree.leaves(state.params))}
-
-    with run.activate():
-        losses = []
-        for step in range(3):
-            state, metrics = run.train_step(state, _batch(run, step))
-            losses.append(float(metrics["loss"]))
-    assert all(np.isfinite(losses)) and int(state.step) == 3
-    after = {n: np.asarray(x) for n, x in zip(trained, jax.tree.leaves(state.params))}
-    assert all(np.any(after[n] != before[n]) for n in trained)  # every adapter matrix moved (B first, then A)
-    frozen_after = {".".join(path_names(p)): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(run.frozen)}
-    assert frozen_after.keys() == frozen_before.keys()
-    for name in frozen_before:
-        np.testing.assert_array_equal(frozen_after[name], frozen_before[name], err_msg=name)  # bit-identical
-    # The evaluation sees the trained adapters (deterministic: no dropout), and the loss they lower.
-    with run.activate():
-        sums, tokens = run.eval_step(state.params, _batch(run, 0))
-    assert np.isfinite(float(sums["loss"])) and float(tokens) == 2 * 16
+    np.testing.assert_array_equal(np.asarray(model(ids)[0]), base_logits)  # B = 0
 
 
 @pytest.mark.parametrize("override, message", [
@@ -160,47 +88,6 @@ def test_a_target_this_model_lacks_is_refused_listing_the_ones_it_has(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_lora_run_resumes_with_identical_losses(tmp_path):
-    """Six steps straight, or three then a resume from the checkpoint at 3: the same losses, bit for bit (the
-    adapters' dropout keys follow the step)."""
-    from granite_jax.train.loop import train
-
-    def config(run_dir, steps):
-        return tiny_config(f"run_dir={run_dir}", f"steps={steps}", "optimizer.schedule=constant",
-                           "optimizer.warmup_steps=1", "checkpoint.every_steps=3", "checkpoint.async_save=false",
-                           "log_every=3", "lora={rank: 4, alpha: 8, dropout: 0.2, targets: [q_proj, o_proj, in_proj, "
-                           "out_proj]}")
-
-    straight = train(config(tmp_path / "straight", 6))
-    first = train(config(tmp_path / "resumed", 3))
-    second = train(config(tmp_path / "resumed", 6))
-    assert len(straight) == 6 and len(first) == 3 and len(second) == 3
-    assert first + second == straight
-    assert len(set(straight)) > 1
-    # Its checkpoints hold adapters only; read back (eval.py, export, init_from=run:), the base is the preset
-    # initialised from the run's seed again, as training made it, with the trained adapters on it.
-    from granite_jax.model.lora import has_lora, merge_lora
-    from granite_jax.sources import RunDirectory
-    from granite_jax.train.setup import initial_model
-
-    model, _, step = RunDirectory(str(tmp_path / "resumed")).load_with_run(merge=False)
-    assert step == 6 and has_lora(model)
-    base = {".".join(path_names(p)): v for p, v in nnx.to_flat_state(nnx.state(initial_model(config(tmp_path, 6)),
-                                                                               nnx.Param))}
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = ".".join(path_names(path))
-        if isinstance(variable, nnx.LoRAParam):
-            assert name.endswith(("lora_a", "lora_b")) and np.any(variable[...]), name  # B trained away from 0
-        else:
-            np.testing.assert_array_equal(np.asarray(variable[...]), np.asarray(base[name][...]), err_msg=name)
-    merged = RunDirectory(str(tmp_path / "resumed")).load()
-    assert not has_lora(merged)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(merged, nnx.Param)),
-                                 nnx.to_flat_state(nnx.state(merge_lora(model), nnx.Param))):
-        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=".".join(path_names(path)))
-
-
-@pytest.mark.slow
 def test_adapter_dropout_is_on_in_training_only_with_a_key_per_adapter_and_step():
     """Under the hardest layout for it: the layers' weights (the dropout keys with them) stacked under lax.scan,
     each layer recomputed in the backward pass (custom_vjp)."""
@@ -223,14 +110,20 @@ def test_adapter_dropout_is_on_in_training_only_with_a_key_per_adapter_and_step(
                              frozen=frozen)
     loss_and_grad = jax.jit(lambda params, key: jax.value_and_grad(lambda p: loss(p, dropout_key=key)[0])(params))
 
-    plain = jax.jit(lambda params: loss(params)[0])(params)
     one, grads = loss_and_grad(params, jax.random.key(1))
     again, _ = loss_and_grad(params, jax.random.key(1))
     other, _ = loss_and_grad(params, jax.random.key(2))
-    assert float(one) == float(again) and float(one) != float(other) and float(one) != float(plain)
+    assert float(one) == float(again) and float(one) != float(other)
     assert all(np.isfinite(np.asarray(g)).all() and np.any(g) for g in jax.tree.leaves(grads))
-    # outside training (no dropout key) nothing is dropped: the same logits twice
-    np.testing.assert_array_equal(np.asarray(forward(model, ids)[0]), np.asarray(forward(model, ids)[0]))
+    # outside training (no dropout key) nothing is dropped: the same logits twice, and their mean cross-entropy
+    # (the loss without dropout, within 1e-6 of loss_fn's) is not the dropped-out losses (they differ by ~1e-2)
+    logits = np.asarray(forward(model, ids)[0])
+    np.testing.assert_array_equal(np.asarray(forward(model, ids)[0]), logits)
+    logits = logits.astype(np.float64)
+    top = logits.max(-1)
+    log_z = top + np.log(np.exp(logits - top[..., None]).sum(-1))
+    plain = np.mean(log_z - np.take_along_axis(logits, np.asarray(batch["targets"])[..., None], -1)[..., 0])
+    assert min(abs(float(one) - plain), abs(float(other) - plain)) > 1e-3, (float(one), float(other), plain)
 
     enable_dropout(model, jax.random.key(3))
     keys = [tuple(np.asarray(m.dropout_key[...])) for _, m in model.iter_modules() if isinstance(m, LoRALinear)]

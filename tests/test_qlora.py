@@ -1,6 +1,7 @@
 """QLoRA (`lora.quantize_base`): the frozen base stored as int8 / nf4 (qwix), dequantised on the fly: logits close to
 the float model's (int8 closer than nf4), per-element round-trip bounds, real int8 / 4-bit storage sharded like
-the float kernels, training that moves only the adapters, bit-for-bit resume, and bad settings naming the field."""
+the float kernels, training that moves only the adapters (of a float LoRA run and of a QLoRA run), bit-for-bit
+resume, and bad settings naming the field."""
 
 
 import jax
@@ -53,10 +54,11 @@ def test_quantised_forward_is_within_the_documented_tolerance_of_the_float_one_i
     overrides = dict(num_hidden_layers=4, layer_types=("mamba", "attention") * 2, scan_layers=True)
     ids = _ids()
     forward = nnx.jit(lambda model, ids: model(ids)[0])
-    reference = np.asarray(forward(_tiny_model(**overrides), ids))
+    base = _tiny_model(**overrides)  # initialised once (eagerly: slow), each quantised model a copy of it
+    reference = np.asarray(forward(base, ids))
     errors = {}
     for qtype in ("int8", "nf4"):
-        model = apply_lora(_tiny_model(**overrides), rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "in_proj"],
+        model = apply_lora(nnx.clone(base), rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "in_proj"],
                            rngs=nnx.Rngs(1))
         logits = np.asarray(forward(quantize_base(model, qtype), ids))
         errors[qtype] = _relative_error(logits, reference)
@@ -156,24 +158,49 @@ def _batch(run, seed):
 
 
 @pytest.mark.slow
-def test_qlora_train_steps_change_only_the_adapters_and_the_loss_follows_the_float_lora_run(tmp_path):
+def test_lora_and_qlora_train_steps_change_only_the_adapters_and_the_nf4_loss_follows_the_float_one(tmp_path):
+    """A float LoRA run and an nf4 QLoRA run from init_from=hf:DIR: only the adapters are trained (the optimizer
+    holds their moments only), the frozen base is the HF checkpoint as loaded (or its nf4 storage) and stays
+    bit-identical, and the nf4 run's losses stay near the float run's."""
+    from granite_jax.formats import load_hf_checkpoint
+
     losses = {}
     for quantize in (None, "nf4"):
-        run = _qlora_run(tmp_path / str(quantize), quantize, dropout=0.1, targets=["q_proj", "in_proj", "out_proj"])
+        root = tmp_path / str(quantize)
+        run = _qlora_run(root, quantize, dropout=0.1, targets=["q_proj", "in_proj", "out_proj"])
         state = run.state
-        frozen_before = [np.asarray(x) for x in jax.tree.leaves(run.frozen)]
-        params_before = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+        trained = {".".join(path_names(p)): x.shape for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+        assert trained and all(n.endswith(("lora.lora_a.value", "lora.lora_b.value")) for n in trained), trained
+        assert len(trained) == 2 * (1 + 2)  # A and B of q (1 attention layer) and in_proj, out_proj (1 Mamba layer)
+        # The optimizer state: Adam's two moments of each adapter, nothing the size of a base weight.
+        moments = [x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+        assert sorted(moments) == sorted(list(trained.values()) * 2)
+        frozen_before = {".".join(path_names(p)): np.asarray(x)
+                         for p, x in jax.tree_util.tree_leaves_with_path(run.frozen)}
         if quantize:
-            assert any(x.dtype == jnp.uint4 for x in frozen_before)
+            assert any(x.dtype == jnp.uint4 for x in frozen_before.values())
+        else:  # the frozen part is the HF checkpoint's weights as loaded (init_from=hf:DIR)
+            loaded = nnx.state(load_hf_checkpoint(str(root / "hf"), dtype="float32"), nnx.Param)
+            for path, x in jax.tree_util.tree_leaves_with_path(loaded):
+                np.testing.assert_array_equal(frozen_before[".".join(path_names(path))], np.asarray(x))
+        params_before = {n: np.asarray(x) for n, x in zip(trained, jax.tree.leaves(state.params))}
         with run.activate():
             losses[quantize] = []
             for step in range(3):
                 state, metrics = run.train_step(state, _batch(run, step))
                 losses[quantize].append(float(metrics["loss"]))
         assert all(np.isfinite(losses[quantize])) and int(state.step) == 3
-        assert all(np.any(np.asarray(a) != b) for a, b in zip(jax.tree.leaves(state.params), params_before))
-        for after, before in zip(jax.tree.leaves(run.frozen), frozen_before):
-            np.testing.assert_array_equal(np.asarray(after), before)  # the quantised base is untouched
+        after = {n: np.asarray(x) for n, x in zip(trained, jax.tree.leaves(state.params))}
+        assert all(np.any(after[n] != params_before[n]) for n in trained)  # every adapter matrix moved
+        frozen_after = {".".join(path_names(p)): np.asarray(x)
+                        for p, x in jax.tree_util.tree_leaves_with_path(run.frozen)}
+        assert frozen_after.keys() == frozen_before.keys()
+        for name in frozen_before:  # bit-identical (the quantised base too)
+            np.testing.assert_array_equal(frozen_after[name], frozen_before[name], err_msg=name)
+        if not quantize:  # the evaluation sees the trained adapters (deterministic: no dropout)
+            with run.activate():
+                sums, tokens = run.eval_step(state.params, _batch(run, 0))
+            assert np.isfinite(float(sums["loss"])) and float(tokens) == 2 * 16
     # Same adapters' init, dropout and data: the nf4 run's losses stay near the float LoRA run's.
     np.testing.assert_allclose(losses["nf4"], losses[None], rtol=2e-2)
     assert losses["nf4"] != losses[None]
