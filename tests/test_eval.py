@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +17,9 @@ from granite_jax.eval.scoring import Request, Scorer, multiple_choice, perplexit
 from granite_jax.formats import load_hf_checkpoint
 
 WITH_TOKENIZER = dict(vocab_size=4096, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+# The scorer shape of every test (and eval.py run) on that checkpoint: one compiled program, which the persistent
+# compilation cache serves to each new Scorer after the first.
+SEQ_LEN, BATCH_SIZE = 256, 4
 
 
 @pytest.fixture
@@ -29,12 +31,20 @@ def checkpoint_with_tokenizer(hf_checkpoint):
     return directory
 
 
+def _padded_logits(model, tokens) -> np.ndarray:
+    """The logits (len(tokens), vocab) of one plain forward pass. The row is padded to a multiple of 128 tokens
+    (one compilation for every request of these tests): the model is causal, so what follows cannot change these
+    logits."""
+    ids = jnp.asarray([list(tokens) + [0] * (-len(tokens) % 128)], jnp.int32)
+    return np.asarray(forward(model, ids).logits, np.float64)[0, :len(tokens)]
+
+
 def _direct_logprob(model, context, continuation) -> float:
-    """log p(continuation | context) from one plain forward pass. The row is padded to a multiple of 64 tokens
-    (one compilation for many requests): the model is causal, so what follows cannot change these logits."""
-    tokens = list(context) + list(continuation)
-    ids = jnp.asarray([tokens + [0] * (-len(tokens) % 64)], jnp.int32)
-    logprobs = jax.nn.log_softmax(np.asarray(forward(model, ids).logits, np.float64)[0], axis=-1)
+    """log p(continuation | context) from one plain forward pass, normalised in float64 with NumPy (JAX would
+    compile its log-softmax and indexing again for every request length)."""
+    logits = _padded_logits(model, list(context) + list(continuation))
+    top = logits.max(axis=-1, keepdims=True)
+    logprobs = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
     n = len(context)
     return float(sum(logprobs[n - 1 + i, t] for i, t in enumerate(continuation)))
 
@@ -46,13 +56,14 @@ def test_packed_scores_equal_one_request_at_a_time(hf_checkpoint):
     rng = np.random.default_rng(0)
     requests = [Request(tuple(rng.integers(0, 128, rng.integers(1, 9)).tolist()),
                         tuple(rng.integers(0, 128, rng.integers(1, 7)).tolist())) for _ in range(11)]
-    scores = Scorer(model, seq_len=32, batch_size=2).score(requests)  # several requests per row, several batches
+    scorer = Scorer(model, seq_len=32, batch_size=2)
+    scores = scorer.score(requests)  # several requests per row, several batches
     for request, (logprob, _) in zip(requests, scores):
         assert logprob == pytest.approx(_direct_logprob(model, request.context, request.continuation), rel=1e-4)
     # is_greedy: a continuation made of the argmax tokens is greedy.
     context = (5, 6, 7)
-    greedy = int(np.argmax(np.asarray(forward(model, jnp.asarray([context])).logits)[0, -1]))
-    assert Scorer(model, seq_len=16, batch_size=1).score([Request(context, (greedy,))])[0][1] is True
+    greedy = int(np.argmax(_padded_logits(model, context)[-1]))
+    assert scorer.score([Request(context, (greedy,))])[0][1] is True
 
 
 @pytest.mark.slow
@@ -60,7 +71,7 @@ def test_perplexity_and_bits_per_byte(checkpoint_with_tokenizer):
     model = load_hf_checkpoint(checkpoint_with_tokenizer)
     tokenizer = load_tokenizer(checkpoint_with_tokenizer)
     documents = ["In the beginning God created the heaven and the earth.", "And God said, Let there be light."]
-    result = perplexity(Scorer(model, seq_len=64, batch_size=2), documents, tokenizer)
+    result = perplexity(Scorer(model, seq_len=SEQ_LEN, batch_size=BATCH_SIZE), documents, tokenizer)
     expected = -sum(_direct_logprob(model, [tokenizer.eos_id], tokenizer.encode(d) + [tokenizer.eos_id])
                     for d in documents)
     assert result.nats == pytest.approx(expected, rel=1e-4)
@@ -74,7 +85,7 @@ def test_multiple_choice_accuracy(checkpoint_with_tokenizer):
     model = load_hf_checkpoint(checkpoint_with_tokenizer)
     tokenizer = load_tokenizer(checkpoint_with_tokenizer)
     items = read_choice_task(os.path.join(ROOT, "data", "eval", "kjv-next-verse.jsonl"))[:6]
-    scorer = Scorer(model, seq_len=256, batch_size=4)
+    scorer = Scorer(model, seq_len=SEQ_LEN, batch_size=BATCH_SIZE)
     result = multiple_choice(scorer, items, tokenizer)
     right = norm_right = 0
     for item in items:
@@ -104,7 +115,7 @@ def test_lm_eval_adapter_runs_local_tasks(checkpoint_with_tokenizer, tmp_path, m
 
     from granite_jax.eval.lm_eval_adapter import GraniteLM
 
-    lm = GraniteLM(checkpoint_with_tokenizer, seq_len=256, batch_size=4, max_gen_toks=8)
+    lm = GraniteLM(checkpoint_with_tokenizer, seq_len=SEQ_LEN, batch_size=BATCH_SIZE, max_gen_toks=8)
     # Our tasks only: indexing lm-eval's thousands of built-in task YAMLs took 20 of this test's 26 s.
     tasks = TaskManager(include_path=_task_dir(tmp_path), include_defaults=False)
     results = lm_eval.simple_evaluate(model=lm, tasks=["kjv_next_verse", "kjv_complete"], limit=4, task_manager=tasks,
@@ -115,7 +126,8 @@ def test_lm_eval_adapter_runs_local_tasks(checkpoint_with_tokenizer, tmp_path, m
     # The multiple-choice answers lm-eval scored are the ones our Scorer gives.
     tokenizer = load_tokenizer(checkpoint_with_tokenizer)
     items = read_choice_task(os.path.join(ROOT, "data", "eval", "kjv-next-verse.jsonl"))[:4]
-    ours = multiple_choice(Scorer(load_hf_checkpoint(checkpoint_with_tokenizer), seq_len=256), items, tokenizer)
+    ours = multiple_choice(Scorer(load_hf_checkpoint(checkpoint_with_tokenizer), seq_len=SEQ_LEN,
+                                  batch_size=BATCH_SIZE), items, tokenizer)
     assert choice["acc,none"] == ours.accuracy
     # Generations went through our generator: each is what greedy generation gives for the prompt.
     sample = results["samples"]["kjv_complete"][0]
@@ -129,16 +141,23 @@ def test_lm_eval_adapter_runs_local_tasks(checkpoint_with_tokenizer, tmp_path, m
 
 @pytest.mark.slow
 def test_eval_command_line(checkpoint_with_tokenizer, tmp_path, hf_checkpoint):
+    # A cache of 96 tokens: the prefill and decode shapes of the lm-eval test's generation (64 + 32 new tokens).
     out = eval_cli("generate", "--checkpoint", checkpoint_with_tokenizer, "--chat", "--prompt", "What is 2 + 2?",
-                "--max-new-tokens", "6", "--ignore-eos")
+                "--max-new-tokens", "6", "--ignore-eos", "--max-len", "96")
     assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
     out = eval_cli("perplexity", "--checkpoint", checkpoint_with_tokenizer, "--data",
-                os.path.join(ROOT, "data", "eval", "kjv-complete.jsonl"), "--text-field", "prompt", "--seq-len", "128")
+                os.path.join(ROOT, "data", "eval", "kjv-complete.jsonl"), "--text-field", "prompt",
+                "--seq-len", SEQ_LEN, "--batch-size", BATCH_SIZE)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 0 and result["documents"] == 50 and result["bits_per_byte"] > 0
-    out = eval_cli("choice", "--checkpoint", checkpoint_with_tokenizer, "--task",
-                os.path.join(ROOT, "data", "eval", "kjv-next-verse.jsonl"), "--seq-len", "256")
-    assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["questions"] == 100
+    # The task's first 8 questions (32 requests, 2 batches): running the model on all 100 took 17 of this
+    # test's seconds. Every line of the task is read and checked by test_multiple_choice_accuracy.
+    task = tmp_path / "next-verse.jsonl"
+    with open(os.path.join(ROOT, "data", "eval", "kjv-next-verse.jsonl")) as f:
+        task.write_text("".join(f.readlines()[:8]))
+    out = eval_cli("choice", "--checkpoint", checkpoint_with_tokenizer, "--task", task, "--seq-len", SEQ_LEN,
+                   "--batch-size", BATCH_SIZE)
+    assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["questions"] == 8
 
     missing = eval_cli("generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
