@@ -408,12 +408,14 @@ def eight_device_job(name: str):
 # Every axis of data / fsdp / expert / tensor in two meshes (fsdp x tensor and data x expert alone were dropped
 # for suite time: their axes are in these; the LoRA mesh is fsdp x expert x tensor too).
 MESHES = {"data x fsdp": {"data": 2, "fsdp": 4}, "fsdp x expert x tensor": {"fsdp": 2, "expert": 2, "tensor": 2}}
-# Context parallelism: the tiny model with chunks of 16 on these meshes: pieces of one chunk (tensor x context,
-# contiguous), zigzag half-pieces of half a chunk (expert x context), sub-pieces (fsdp x context, zigzag); the
-# attention model also on context 8 (contiguous). Context 8 with Mamba: the context ops job, the scoring job.
+# Context parallelism: the tiny model with chunks of 16. The attention model on context 8 (contiguous) and on
+# expert 2 x context 4 (zigzag); the hybrid on expert 2 x tensor 2 x context 2 (zigzag, whole rows: half-pieces
+# of one chunk) and fsdp 2 x context 4 (zigzag, sub-pieces: half-pieces shorter than a chunk). Contiguous pieces
+# of Mamba: the context ops job (values and gradients), the scoring job (context 8).
 CONTEXT_MESHES = {"context 8": {"context": 8},
-                  "tensor 2 x context 4": {"tensor": 2, "context": 4},
-                  "expert 2 x context 4 zigzag": {"mesh": {"expert": 2, "context": 4}, "context_layout": "zigzag"}}
+                  "expert 2 x context 4 zigzag": {"mesh": {"expert": 2, "context": 4}, "context_layout": "zigzag"},
+                  "expert 2 x tensor 2 x context 2 zigzag": {"mesh": {"expert": 2, "tensor": 2, "context": 2},
+                                                             "context_layout": "zigzag"}}
 
 
 def context_run(model: str) -> dict:
@@ -425,15 +427,14 @@ def context_run(model: str) -> dict:
 
 
 def context_meshes(model: str) -> dict:
-    """tiny-hybrid-moe: tensor 2 x context 4, expert 2 x context 4 (zigzag) and the layers in sub-pieces of 4
+    """tiny-hybrid-moe: expert 2 x tensor 2 x context 2 (zigzag, whole rows) and the layers in sub-pieces of 4
     tokens per device on fsdp 2 x context 4 (zigzag). tiny-dense-rope: RoPE positions carried by the pieces, in
-    both layouts: context 8 (contiguous) and expert 2 x context 4 (zigzag); its attention and MLP on the other
-    meshes are the hybrid's (suite time)."""
+    both layouts: context 8 (contiguous) and expert 2 x context 4 (zigzag)."""
     if model == "tiny-dense-rope":
         return {name: CONTEXT_MESHES[name] for name in ("context 8", "expert 2 x context 4 zigzag")}
     subpieces = {"mesh": {"fsdp": 2, "context": 4}, "context_layout": "zigzag",
                  "model_overrides": {**context_run(model)["model_overrides"], "subpiece_tokens": 4}}
-    return {**{name: CONTEXT_MESHES[name] for name in ("tensor 2 x context 4", "expert 2 x context 4 zigzag")},
+    return {"expert 2 x tensor 2 x context 2 zigzag": CONTEXT_MESHES["expert 2 x tensor 2 x context 2 zigzag"],
             "fsdp 2 x context 4 zigzag in sub-pieces": subpieces}
 
 

@@ -33,11 +33,11 @@ def test_context_parallel_ssd_conv_and_attention_equal_the_unsharded_functions(e
 @pytest.mark.parametrize("model", [pytest.param(m, marks=eight_device_job(f"context meshes {m}"))
                                    for m in ("tiny-hybrid-moe", "tiny-dense-rope")])
 def test_context_parallel_training_gives_the_one_device_losses(model, eight_devices, reference_train):
-    """Two training steps of a 2-layer model with every row split over a context axis (with tensor, with expert
-    (zigzag), with fsdp in sub-pieces of 4 tokens per device; the attention model also alone on context 8)
-    give the one-device losses and gradient norms: the Mamba layer's halo and state passing, attention over
-    the gathered keys, expert parallelism over rows x pieces, the loss over each device's tokens and the
-    gradient reductions over context are all exact."""
+    """Two training steps of a 2-layer model with every row split over a context axis (the hybrid with expert
+    and tensor, and with fsdp in sub-pieces of 4 tokens per device, zigzag; the attention model alone on
+    context 8 and with expert, contiguous and zigzag) give the one-device losses and gradient norms: the Mamba
+    layer's halo and state passing, attention over the gathered keys, expert parallelism over rows x pieces,
+    the loss over each device's tokens and the gradient reductions over context are all exact."""
     reference, reference_dir = reference_train(context_run(model))
     job = f"context meshes {model}"
     sharded = eight_devices(job)

@@ -266,7 +266,7 @@ def main():
     rng = np.random.default_rng(shards)
     results = {}
     # A chunk that does not divide a piece in the contiguous layout, one that does in zigzag (the training on
-    # meshes has the other two: contiguous pieces of one chunk, zigzag half-pieces shorter than a chunk).
+    # meshes runs zigzag half-pieces of one chunk and shorter than a chunk).
     sizes = {"contiguous": (shards * 12, 5), "zigzag": (shards * 16, 8)}
     for layout in LAYOUTS:
         T, chunk = sizes[layout]
