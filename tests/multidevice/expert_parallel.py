@@ -18,15 +18,18 @@ def moe_with(plan: ShardingPlan | None = None) -> MoE:
     return MoE(load_preset("tiny-hybrid-moe", **overrides), rngs=nnx.Rngs(0))
 
 
+# Compiled once per process for each MoE structure and mesh: the one-device reference serves this job and the
+# ragged-exchange job, which run in the same process.
+_forward = nnx.jit(lambda m, u: m(u))
+_gradients = nnx.jit(nnx.grad(lambda m, u: jnp.sum(jnp.sin(m(u)[0])), argnums=(0, 1)))
+
+
 def forward(moe, u):
-    return nnx.jit(lambda m, u: m(u))(moe, u)
+    return _forward(moe, u)
 
 
 def gradients(moe, u):
-    def loss(m, u):
-        return jnp.sum(jnp.sin(m(u)[0]))
-
-    return jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(moe, u))
+    return jax.tree.leaves(_gradients(moe, u))
 
 
 def against_one_device(dropless: ShardingPlan, capped: ShardingPlan):
