@@ -502,10 +502,10 @@ def test_gradient_accumulation_averages_micro_steps():
 
 @pytest.mark.slow
 def test_full_remat_keeps_one_layer_of_activations_in_the_compiled_train_step():
-    """The train step of a 3-Mamba-layer stack compiled on XLA:CPU at 2K tokens: with `remat_policy: full`
-    its temporaries grow by a few hidden-width buffers per layer (before the recomputation was tied to the
-    backward pass and the gradient norm summed in backward order: 43 KB per token per layer, as without
-    remat). Also: the clipping transform equals optax's."""
+    """The train step of a 1- and a 2-Mamba-layer stack compiled on XLA:CPU at 2K tokens: with `remat_policy:
+    full` the second layer adds a few hidden-width buffers of temporaries (15.0 KB per token; 54.8 KB without
+    remat, and 43 KB before the recomputation was tied to the backward pass and the gradient norm summed in
+    backward order). Also: the clipping transform equals optax's."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -522,7 +522,7 @@ def test_full_remat_keeps_one_layer_of_activations_in_the_compiled_train_step():
     batch = dict(input_ids=ids, segment_ids=jnp.ones((1, T), jnp.int32), positions=None, targets=ids,
                  loss_weights=jnp.ones((1, T), jnp.float32))
     per_token = {}
-    few, many = 1, 3
+    few, many = 1, 2
     tx = make_optimizer(OptimizerConfig(), total_steps=10)
     step = make_train_step(tx, LanguageModeling(aux_coef=0.01, z_loss=0.0, chunk=T))
     for layers in (few, many):
@@ -534,7 +534,7 @@ def test_full_remat_keeps_one_layer_of_activations_in_the_compiled_train_step():
         compiled = step.lower(graphdef, state, batch).compile()
         per_token[layers] = compiled.memory_analysis().temp_size_in_bytes / T
     per_layer = (per_token[many] - per_token[few]) / (many - few)
-    assert per_layer < 16_000, per_token  # bytes per token per extra layer: 13.3 KB; 43 KB before
+    assert per_layer < 20_000, per_token  # bytes per token for the second layer: 15.0 KB; 43 KB before
 
     from granite_jax.train.optim import clip_by_gradient_norm
 
