@@ -29,12 +29,11 @@ def main():
               "data 2 x context 4 zigzag": ({"data": 2, "context": 4}, "zigzag")}
     result = {}
     for name, (sizes, layout) in meshes.items():
-        plan = ShardingPlan(context_layout=layout)
-        scores = Scorer(model, mesh=make_mesh(sizes), plan=plan, **options).score(requests)
+        scorer = Scorer(model, mesh=make_mesh(sizes), plan=ShardingPlan(context_layout=layout), **options)
+        scores = scorer.score(requests)
         result[name] = {"max_abs_difference": max(abs(a[0] - b[0]) for a, b in zip(scores, reference)),
                         "greedy_equal": [a[1] for a in scores] == [b[1] for b in reference]}
-        if layout == "contiguous":  # each request alone in its row (and padding), on the same mesh
-            scorer = Scorer(model, mesh=make_mesh(sizes), plan=plan, **options)
+        if layout == "contiguous":  # each request alone in its row (and padding), on the same mesh and program
             alone = [scorer.score([request])[0] for request in requests]
             result[name]["packed_vs_alone"] = max(abs(a[0] - b[0]) for a, b in zip(scores, alone))
     try:
