@@ -482,7 +482,7 @@ EIGHT_DEVICE_JOBS = {
 
 
 # The 8-device jobs run in two processes, one per pytest worker, balanced by their measured times (about
-# 6 minutes each on the 2-core machine): the training on meshes in one, everything else in the other.
+# 4 minutes each on the 2-core machine): the training on meshes in one, everything else in the other.
 EIGHT_DEVICE_PROCESS = {name: "eight-devices-training" if name in (
     "train meshes", "context meshes tiny-hybrid-moe", "context meshes tiny-dense-rope", "lora mesh training",
     "lora_mesh", "sharded_state", "two_plans", "loss_chunks") else "eight-devices-ops" for name in EIGHT_DEVICE_JOBS}
