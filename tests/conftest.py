@@ -11,7 +11,7 @@ How the suite stays fast on 2 cores:
   (`eight_devices`), each check reported under its own name;
 - XLA:CPU's backend compiles at -O0 in the test processes (below);
 - tests that take 12 s or more, and the multi-process and 8-device ones, are marked `slow`: `pytest -m "not slow"`
-  is the edit loop (about 3 minutes), the test command runs everything;
+  is the edit loop (about 4.5 minutes), the test command runs everything;
 - reference runs (the losses an interrupted or sharded run must repeat) are computed once per pytest run and
   shared by every worker (`reference_losses`), keyed by their overrides.
 """
