@@ -287,6 +287,14 @@ def data_position(run_dir, step: int) -> dict:
     return checkpoint_meta(str(run_dir), step)[1][DATA_POSITION]
 
 
+def copy_of_run(run_dir, into):
+    """A copy of a shared run directory (a reference run: its DONE marker left out) to train or refuse in."""
+    import shutil
+
+    shutil.copytree(run_dir, into, ignore=shutil.ignore_patterns("DONE"), dirs_exist_ok=True)
+    return into
+
+
 def checkpoint_steps(run_dir) -> list[int]:
     """The steps of a run's committed checkpoints."""
     return sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())

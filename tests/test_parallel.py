@@ -18,6 +18,7 @@ from conftest import (
     TINY_LAYERS,
     TINY_MESH_RUN,
     TWO_STREAMS,
+    copy_of_run,
     eight_device_job,
     finish,
     launch_processes,
@@ -273,7 +274,7 @@ def test_meshes_give_the_one_device_losses(eight_devices, reference_train):
 
 def _resumable_copy(run_dir, into, step: int):
     """A copy of a finished run directory as it was at checkpoint `step`: later checkpoints and metrics gone."""
-    shutil.copytree(run_dir, into, ignore=shutil.ignore_patterns("DONE"))
+    copy_of_run(run_dir, into)
     for later in (s for s in os.listdir(into / "checkpoints") if s.isdigit() and int(s) > step):
         shutil.rmtree(into / "checkpoints" / later)
     lines = (into / "metrics.jsonl").read_text().splitlines()

@@ -4,7 +4,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import time
 
 import numpy as np
@@ -18,6 +17,7 @@ from conftest import (
     TINY_RUN,
     checkpoint_steps,
     convert_cli,
+    copy_of_run,
     forward,
     metrics,
     tiny_config,
@@ -249,7 +249,7 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path, reference_losses):
     traceback), moves the unreadable one to corrupt/, saves its step again when it gets there, and repeats the
     uninterrupted run's losses."""
     reference, reference_dir = reference_losses(RESUMED)
-    shutil.copytree(reference_dir, tmp_path, ignore=shutil.ignore_patterns("DONE"), dirs_exist_ok=True)
+    copy_of_run(reference_dir, tmp_path)
     with open(tmp_path / "metrics.jsonl") as f:  # the steps after checkpoint 4 must be trained again
         kept = [line for line in f if json.loads(line)["step"] <= 4]
     (tmp_path / "metrics.jsonl").write_text("".join(kept))
@@ -289,7 +289,7 @@ def test_killed_during_an_asynchronous_save_resumes_from_the_previous_checkpoint
 
 
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path, reference_losses):
-    shutil.copytree(reference_losses(RESUMED)[1], tmp_path, ignore=shutil.ignore_patterns("DONE"), dirs_exist_ok=True)
+    copy_of_run(reference_losses(RESUMED)[1], tmp_path)
     other = TINY_MODEL.replace("}", ", shared_intermediate_size: 128}")
     error = train_cli(f"run_dir={tmp_path}", *TINY_RUN, other, "steps=8").error_line()
     assert "does not fit this model" in error and "shared_mlp" in error, error
