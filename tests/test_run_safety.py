@@ -29,20 +29,23 @@ def _run(run_dir, *overrides):
 # ----------------------------------------------------------------------------- resume checks, restart
 @pytest.mark.slow
 def test_changed_settings_are_refused_and_restart_moves_the_earlier_run_aside(tmp_path):
-    """A resume with other data or optimizer settings than the checkpoint's (here seq_len and gradient
-    accumulation, whose optimizer state no longer restores) is refused with every difference named, before
-    anything in the run directory changes; `steps` below the checkpoint is refused. The run keeps its own
-    tokenizer copy and its config names the tokenizer by absolute path; a tokenizer whose files no longer equal
-    that copy is refused. When no checkpoint restores, training refuses to start again at step 1 (its saves
-    would rotate the unreadable checkpoints away). `--restart` moves the earlier run to previous/ (nothing
-    deleted, the unreadable checkpoints kept) and starts over at step 1. (One trained run for all of it.)"""
+    """A resume with other data or optimizer settings than the checkpoint's (here seq_len, gradient
+    accumulation, whose optimizer state no longer restores, and the shuffle seed) is refused with every
+    difference named, before anything in the run directory changes; `steps` below the checkpoint is refused.
+    The run keeps its own tokenizer copy and its config names the tokenizer by absolute path; a tokenizer whose
+    files no longer equal that copy is refused. When no checkpoint restores, training refuses to start again at
+    step 1 (its saves would rotate the unreadable checkpoints away). `--restart` moves the earlier run to
+    previous/ (nothing deleted, the unreadable checkpoints kept) and starts over at step 1, here with another
+    shuffle seed, which a resume refuses (a setting that leaves the train step's program as it was, so the
+    restart compiles nothing new). (One trained run for all of it.)"""
     run_dir = str(tmp_path / "run")
     train_tiny(run_dir, "steps=4", "checkpoint.every_steps=2", "data.tokenizer=data/tokenizer")  # relative
     config_before = open(os.path.join(run_dir, "config.yaml")).read()
 
-    changed = _run(run_dir, "steps=6", "data.seq_len=32", "optimizer.grad_accum_steps=2")
+    changed = _run(run_dir, "steps=6", "data.seq_len=32", "optimizer.grad_accum_steps=2", "data.shuffle_seed=1")
     error = changed.error_line()
     assert "data.seq_len: 64 in the checkpoint, 32 now" in error and "optimizer.grad_accum_steps: 1" in error
+    assert "data.shuffle_seed: 0 in the checkpoint, 1 now" in error
     assert "--restart" in error
     assert open(os.path.join(run_dir, "config.yaml")).read() == config_before  # a refused resume changes nothing
     assert checkpoint_steps(run_dir) == [2, 4]
@@ -65,14 +68,14 @@ def test_changed_settings_are_refused_and_restart_moves_the_earlier_run_aside(tm
     assert checkpoint_steps(run_dir) == [2, 4]
     assert open(os.path.join(run_dir, "config.yaml")).read() == config_before
 
-    restarted = _run(run_dir, "steps=2", "checkpoint.every_steps=2", "optimizer.grad_accum_steps=2", "--restart")
+    restarted = _run(run_dir, "steps=4", "data.shuffle_seed=1", "--restart")
     assert restarted.returncode == 0, restarted.stderr
-    assert "for steps 1..2" in restarted.stdout and "moved the earlier run to" in restarted.stdout
+    assert "for steps 1..4" in restarted.stdout and "moved the earlier run to" in restarted.stdout
     (previous,) = os.listdir(os.path.join(run_dir, "previous"))
     kept = os.path.join(run_dir, "previous", previous)
     assert sorted(os.listdir(os.path.join(kept, "checkpoints"))) == ["2", "4"]
     assert open(os.path.join(kept, "config.yaml")).read() == config_before
-    assert checkpoint_steps(run_dir) == [2]
+    assert checkpoint_steps(run_dir) == [4]  # checkpoint.every_steps=4: the new run's, not the earlier [2, 4]
 
     assert yaml.safe_load(config_before)["data"]["tokenizer"] == TOKENIZER  # given as data/tokenizer
     assert RunDir(run_dir).tokenizer() == RunDir(run_dir).tokenizer_dir
