@@ -26,6 +26,9 @@ from granite_jax.tree import path_names
 RANK, ALPHA = 2, 6.0  # scale 3
 # Two layers (Mamba, attention), each with a shared MLP beside 4 routed experts: all 8 targets, 10 adapters.
 N_ADAPTERS = 2 + 4 + 2 * 2
+# The shape of every test's token ids (11: not a multiple of the Mamba chunk of 4), so that the tests share the
+# forwards compiled for it (of the adapted model, of the plain one).
+IDS_SHAPE = (2, 11)
 
 
 def _config():
@@ -61,21 +64,26 @@ def _save_run(run_dir, model, run: dict):
     return str(run_dir)
 
 
-@pytest.fixture
-def lora_run(tmp_path):
+def _lora_run(root):
     """(run dir, base HF dir, the adapted model): a LoRA run over init_from=hf:BASE with nonzero adapters."""
-    base = tmp_path / "base"
+    base = root / "base"
     save_hf_checkpoint(GraniteForCausalLM(_config(), rngs=nnx.Rngs(7)), base)
     model = _with_trained_adapters(load_hf_checkpoint(base))
     run = apply_overrides(RunConfig(), {"init_from": f"hf:{base}", "lora": {
         "rank": RANK, "alpha": ALPHA, "dropout": 0.1, "targets": list(LORA_TARGETS)}}).to_dict()
-    return _save_run(tmp_path / "lora-run", model, run), str(base), model
+    return _save_run(root / "lora-run", model, run), str(base), model
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """`_lora_run`, shared by the tests that only read it (the run, its base and the model): they also share
+    the compiled forwards of the adapted and of the plain model (the merged ones, the base)."""
+    return _lora_run(tmp_path_factory.mktemp("lora"))
 
 
 @pytest.mark.slow
-def test_merge_lora_folds_alpha_over_r_ab_into_the_kernels_and_leaves_the_model_unchanged():
-    base = GraniteForCausalLM(_config(), rngs=nnx.Rngs(0))
-    model = _with_trained_adapters(nnx.clone(base))
+def test_merge_lora_folds_alpha_over_r_ab_into_the_kernels_and_leaves_the_model_unchanged(lora_run):
+    _, base_dir, model = lora_run
     before = _flat(model)
     merged = merge_lora(model)
     assert type(merged) is GraniteForCausalLM and not has_lora(merged)
@@ -90,15 +98,15 @@ def test_merge_lora_folds_alpha_over_r_ab_into_the_kernels_and_leaves_the_model_
     for name in set(weights) - {".".join(path_names(p)) + ".kernel" for p, _ in adapters(model)}:
         np.testing.assert_array_equal(weights[name], before[name], err_msg=name)  # not adapted: the same weights
     assert all(np.array_equal(before[n], v) for n, v in _flat(model).items())  # the input is untouched
-    ids = random_ids(3, (2, 12), vocab=96)
+    ids = random_ids(3, IDS_SHAPE, vocab=96)
     adapted = np.asarray(forward(model, ids).logits)
-    assert max_rel_error(adapted, forward(base, ids).logits) > 1e-3
+    assert max_rel_error(adapted, forward(load_hf_checkpoint(base_dir), ids).logits) > 1e-3
     assert max_rel_error(forward(merged, ids).logits, adapted) <= 1e-5
 
 
 def test_a_lora_run_loads_merged_or_with_its_adapters(lora_run):
     run_dir, base, model = lora_run
-    ids = random_ids(4, (2, 12), vocab=96)
+    ids = random_ids(4, IDS_SHAPE, vocab=96)
     adapted = np.asarray(forward(model, ids).logits)
     merged, run, step = RunDirectory(run_dir).load_with_run()
     assert step == 1 and run["lora"]["rank"] == RANK and not has_lora(merged)
@@ -110,19 +118,19 @@ def test_a_lora_run_loads_merged_or_with_its_adapters(lora_run):
 
 
 @pytest.mark.slow
-def test_a_qlora_run_reads_back_quantised_and_merges_over_the_dequantised_base(tmp_path):
+def test_a_qlora_run_reads_back_quantised_and_merges_over_the_dequantised_base(lora_run, tmp_path):
     """A QLoRA run's adapters were trained over dequant(quant(W)): read back, the base is quantised again (the
-    trained model exactly), and merged, every kernel is dequant(W) (+ alpha/r·AB where adapted) in float32."""
+    trained model exactly), and merged, every kernel is dequant(W) (+ alpha/r·AB where adapted) in float32.
+    (The LoRA run's base and adapted model, its base quantised.)"""
     from granite_jax.model.quantize import quantize_base, quantized_tensors
 
-    base = tmp_path / "base"
-    save_hf_checkpoint(GraniteForCausalLM(_config(), rngs=nnx.Rngs(7)), base)
-    float_model = _with_trained_adapters(load_hf_checkpoint(base))
+    _, base, float_model = lora_run
     model = quantize_base(nnx.clone(float_model), "int8")
     run = apply_overrides(RunConfig(), {"init_from": f"hf:{base}", "lora": {
-        "rank": RANK, "alpha": ALPHA, "targets": list(LORA_TARGETS), "quantize_base": "int8"}}).to_dict()
+        "rank": RANK, "alpha": ALPHA, "dropout": 0.1, "targets": list(LORA_TARGETS),
+        "quantize_base": "int8"}}).to_dict()
     run_dir = _save_run(tmp_path / "qlora-run", model, run)
-    ids = random_ids(5, (2, 12), vocab=96)
+    ids = random_ids(5, IDS_SHAPE, vocab=96)
     trained = np.asarray(forward(model, ids).logits)
     unmerged = RunDirectory(run_dir).load(merge=False)
     assert len(quantized_tensors(unmerged)) == len(quantized_tensors(model)) > N_ADAPTERS  # experts too
@@ -158,7 +166,7 @@ def test_export_of_a_lora_run_is_the_merged_model_transformers_loads(lora_run, t
     assert code == 0, err
     assert "exported merged LoRA run step 1" in out
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    ids = random_ids(5, (2, 11), vocab=96)
+    ids = random_ids(5, IDS_SHAPE, vocab=96)
     assert max_rel_error(hf_logits(hf_model, ids), forward(model, ids).logits) <= 1e-4
 
 
@@ -195,7 +203,7 @@ def test_adapter_export_is_a_peft_adapter_with_our_logits(lora_run, tmp_path):
         assert layer.scaling["default"] == 3.0
         np.testing.assert_array_equal(layer.lora_A["default"].weight.detach().numpy(), ours[f"{key}.lora.lora_a"].T)
         np.testing.assert_array_equal(layer.lora_B["default"].weight.detach().numpy(), ours[f"{key}.lora.lora_b"].T)
-    ids = random_ids(6, (2, 11), vocab=96)
+    ids = random_ids(6, IDS_SHAPE, vocab=96)
     with torch.no_grad():
         peft_logits = hf_model(input_ids=torch.tensor(np.asarray(ids)), use_cache=False).logits.numpy()
     adapted = np.asarray(forward(model, ids).logits)
@@ -203,8 +211,8 @@ def test_adapter_export_is_a_peft_adapter_with_our_logits(lora_run, tmp_path):
     assert max_rel_error(peft_logits, adapted) <= 1e-4
 
 
-def test_adapter_export_of_a_full_run_and_a_lora_run_without_its_base_are_named(lora_run, tmp_path):
-    run_dir, base, _ = lora_run
+def test_adapter_export_of_a_full_run_and_a_lora_run_without_its_base_are_named(tmp_path):
+    run_dir, base, _ = _lora_run(tmp_path)  # its own: its base is moved away, then replaced
     full = _save_run(tmp_path / "full-run", GraniteForCausalLM(_config(), rngs=nnx.Rngs(0)), {})
     code, _, err = convert_cli("export", full, tmp_path / "out", "--adapter")
     assert code == 2 and err.strip() == (f"error: --adapter: {full!r} is not a LoRA run (its saved config has no "
@@ -236,7 +244,7 @@ def test_fp8_and_gguf_exports_of_a_lora_run_are_the_merged_model(lora_run, tmp_p
     from gguf import GGUFReader
 
     run_dir, _, model = lora_run
-    ids = random_ids(4, (2, 12), vocab=96)
+    ids = random_ids(4, IDS_SHAPE, vocab=96)
     merged = merge_lora(model)
     fp8 = convert_cli("export", run_dir, tmp_path / "fp8", "--format", "fp8")
     assert "merged LoRA run" in fp8.ok().stdout

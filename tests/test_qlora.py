@@ -4,12 +4,14 @@ the float kernels, training that moves only the adapters (of a float LoRA run an
 resume, and bad settings naming the field."""
 
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import qwix
-from conftest import tiny_config
+from conftest import checkpoint_steps, tiny_config
 from flax import nnx
 from jax.sharding import AbstractMesh
 from qwix._src.core.numerics import get_nf4_buckets
@@ -40,6 +42,12 @@ def _tiny_model(seed=0, **overrides):
     return GraniteForCausalLM(load_preset("tiny-hybrid-moe").replace(**{**TINY, **overrides}), rngs=nnx.Rngs(seed))
 
 
+@pytest.fixture(scope="module")
+def tiny_model():
+    """`_tiny_model()`, initialised (eagerly: about a second) once for the tests that adapt or quantise a copy."""
+    return _tiny_model()
+
+
 def _ids(B=2, T=16, vocab=4096, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (B, T)), jnp.int32)
 
@@ -50,17 +58,20 @@ def _relative_error(a, b):
 
 @pytest.mark.slow
 def test_quantised_forward_is_within_the_documented_tolerance_of_the_float_one_int8_closer_than_nf4():
-    """With the layer stack scanned (the quantised weights stacked per layer pattern, as on a pod)."""
+    """With the layer stack scanned (the quantised weights stacked per layer pattern, as on a pod). Each model is
+    quantised and run in one compiled program: qwix's quantisation run eagerly, op by op, takes longer than
+    compiling it with the forward."""
     overrides = dict(num_hidden_layers=4, layer_types=("mamba", "attention") * 2, scan_layers=True)
     ids = _ids()
     forward = nnx.jit(lambda model, ids: model(ids)[0])
+    quantised_forward = nnx.jit(lambda model, ids, qtype: quantize_base(model, qtype)(ids)[0], static_argnums=2)
     base = _tiny_model(**overrides)  # initialised once (eagerly: slow), each quantised model a copy of it
     reference = np.asarray(forward(base, ids))
     errors = {}
     for qtype in ("int8", "nf4"):
         model = apply_lora(nnx.clone(base), rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "in_proj"],
                            rngs=nnx.Rngs(1))
-        logits = np.asarray(forward(quantize_base(model, qtype), ids))
+        logits = np.asarray(quantised_forward(model, ids, qtype))
         errors[qtype] = _relative_error(logits, reference)
         assert 0 < errors[qtype] < LOGIT_TOLERANCE[qtype], (qtype, errors[qtype])
     assert errors["int8"] < errors["nf4"] / 4, errors
@@ -93,8 +104,8 @@ def test_dequantised_weights_are_within_the_per_element_bounds():
 
 
 @pytest.mark.parametrize("qtype, bits", [("int8", 8), ("nf4", 4)])
-def test_the_base_is_stored_quantised_sharded_like_the_float_kernels(qtype, bits):
-    model = _tiny_model()
+def test_the_base_is_stored_quantised_sharded_like_the_float_kernels(tiny_model, qtype, bits):
+    model = nnx.clone(tiny_model)
     float_weights = {".".join(path_names(p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     apply_lora(model, rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "v_proj", "in_proj"], rngs=nnx.Rngs(1))
     quantize_base(model, qtype)
@@ -136,13 +147,11 @@ def test_the_base_is_stored_quantised_sharded_like_the_float_kernels(qtype, bits
                                                             nnx.to_flat_state(trained)))
 
 
-def _qlora_run(tmp_path, quantize, **lora):
+def _qlora_run(run_dir, hf_dir, quantize, **lora):
     from granite_jax.train.setup import build_run
 
-    hf_dir = tmp_path / "hf"
-    save_hf_checkpoint(_tiny_model(seed=42), hf_dir)
     config = apply_overrides(RunConfig(), {
-        "init_from": f"hf:{hf_dir}", "run_dir": str(tmp_path / "run"), "steps": 10,
+        "init_from": f"hf:{hf_dir}", "run_dir": str(run_dir), "steps": 10,
         "data": {"seq_len": 16, "batch_size": 2, "validation": []},
         "optimizer": {"warmup_steps": 0, "lr": 1e-2, "schedule": "constant"},
         "lora": {"rank": 4, "alpha": 8.0, "quantize_base": quantize, **lora}})
@@ -164,10 +173,12 @@ def test_lora_and_qlora_train_steps_change_only_the_adapters_and_the_nf4_loss_fo
     bit-identical, and the nf4 run's losses stay near the float run's."""
     from granite_jax.formats import load_hf_checkpoint
 
+    hf_dir = tmp_path / "hf"  # the base of both runs
+    save_hf_checkpoint(_tiny_model(seed=42), hf_dir)
     losses = {}
     for quantize in (None, "nf4"):
-        root = tmp_path / str(quantize)
-        run = _qlora_run(root, quantize, dropout=0.1, targets=["q_proj", "in_proj", "out_proj"])
+        run = _qlora_run(tmp_path / str(quantize), hf_dir, quantize, dropout=0.1,
+                         targets=["q_proj", "in_proj", "out_proj"])
         state = run.state
         trained = {".".join(path_names(p)): x.shape for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
         assert trained and all(n.endswith(("lora.lora_a.value", "lora.lora_b.value")) for n in trained), trained
@@ -180,7 +191,7 @@ def test_lora_and_qlora_train_steps_change_only_the_adapters_and_the_nf4_loss_fo
         if quantize:
             assert any(x.dtype == jnp.uint4 for x in frozen_before.values())
         else:  # the frozen part is the HF checkpoint's weights as loaded (init_from=hf:DIR)
-            loaded = nnx.state(load_hf_checkpoint(str(root / "hf"), dtype="float32"), nnx.Param)
+            loaded = nnx.state(load_hf_checkpoint(str(hf_dir), dtype="float32"), nnx.Param)
             for path, x in jax.tree_util.tree_leaves_with_path(loaded):
                 np.testing.assert_array_equal(frozen_before[".".join(path_names(path))], np.asarray(x))
         params_before = {n: np.asarray(x) for n, x in zip(trained, jax.tree.leaves(state.params))}
@@ -208,20 +219,19 @@ def test_lora_and_qlora_train_steps_change_only_the_adapters_and_the_nf4_loss_fo
 
 @pytest.mark.slow
 def test_a_qlora_run_resumes_with_identical_losses(tmp_path):
-    """Six steps straight, or three then a resume: the base is re-read from the preset and quantised again,
-    deterministically, so the losses match bit for bit."""
+    """Six steps straight, then its checkpoint 6 removed and the run resumed from checkpoint 3: the base is
+    re-read from the preset and quantised again, deterministically, so steps 4-6 repeat the losses bit for bit."""
     from granite_jax.train.loop import train
 
-    def config(run_dir, steps):
-        return tiny_config(f"run_dir={run_dir}", f"steps={steps}", "optimizer.schedule=constant",
-                           "optimizer.warmup_steps=1", "checkpoint.every_steps=3", "checkpoint.async_save=false",
-                           "log_every=3", "lora={rank: 4, alpha: 8, dropout: 0.2, targets: [q_proj, in_proj], "
-                           "quantize_base: nf4}")
-
-    straight = train(config(tmp_path / "straight", 6))
-    first = train(config(tmp_path / "resumed", 3))
-    second = train(config(tmp_path / "resumed", 6))
-    assert first + second == straight and len(straight) == 6 and len(set(straight)) > 1
+    config = tiny_config(f"run_dir={tmp_path}", "steps=6", "optimizer.schedule=constant",
+                         "optimizer.warmup_steps=1", "checkpoint.every_steps=3", "checkpoint.async_save=false",
+                         "log_every=3", "lora={rank: 4, alpha: 8, dropout: 0.2, targets: [q_proj, in_proj], "
+                         "quantize_base: nf4}")
+    straight = train(config)
+    assert checkpoint_steps(tmp_path) == [3, 6]
+    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    resumed = train(config)
+    assert resumed == straight[3:] and len(straight) == 6 and len(set(straight)) > 1
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -234,8 +244,8 @@ def test_a_bad_quantize_base_names_the_field(overrides, message):
     assert message in str(error.value)
 
 
-def test_quantize_base_without_adapters_is_refused_and_the_setting_parses():
+def test_quantize_base_without_adapters_is_refused_and_the_setting_parses(tiny_model):
     with pytest.raises(ValueError, match=r"lora.quantize_base='int8' needs LoRA adapters"):
-        quantize_frozen_base(_tiny_model(), "int8")
+        quantize_frozen_base(nnx.clone(tiny_model), "int8")
     assert load_run_config(None, ["lora.quantize_base=nf4"]).lora.quantize_base == "nf4"
     assert load_run_config(None, ["lora.rank=4"]).lora.quantize_base is None
