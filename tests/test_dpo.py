@@ -3,6 +3,7 @@ alone, bad input and settings named, and short runs through the train loop (full
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PREFERENCE_TRAIN, PREFERENCE_VALIDATION, TOKENIZER, first_lines
+from conftest import PREFERENCE_TRAIN, PREFERENCE_VALIDATION, TOKENIZER, first_lines, make_hf_model
 from flax import nnx
 
 from granite_jax import load_hf_checkpoint
@@ -39,12 +40,17 @@ def _random_pairs(seed: int, count: int) -> list[tuple]:
     return pairs
 
 
-def _packed_batch(pairs, seq_len: int) -> dict:
-    """All pairs packed into rows of seq_len (first-fit), every row the pipeline makes, as jnp arrays."""
+def _packed_batch(pairs, seq_len: int = 64, rows: int | None = None) -> dict:
+    """All pairs packed into rows of seq_len (first-fit), every row the pipeline makes, as jnp arrays; with
+    `rows`, rows of padding (segment 0, no weight) fill it to that many, so that batches of several tests and
+    checks have one shape (one compilation of each program for all)."""
     samples = [pair_sample(*p) for p in pairs]
-    rows = list(preference_dataset(samples, seq_len=seq_len, batch_size=1, seed=0, num_epochs=1, packing_bins=2))
-    batch = {k: jnp.asarray(np.concatenate([r[k] for r in rows])) for k in rows[0]}
+    made = list(preference_dataset(samples, seq_len=seq_len, batch_size=1, seed=0, num_epochs=1, packing_bins=2))
+    batch = {k: jnp.asarray(np.concatenate([r[k] for r in made])) for k in made[0]}
     assert int((batch["segment_ids"].max(axis=1) // 2).sum()) == len(pairs)
+    if rows is not None:
+        assert batch["segment_ids"].shape[0] <= rows
+        batch = {k: jnp.pad(v, [(0, rows - v.shape[0]), (0, 0)]) for k, v in batch.items()}
     return batch
 
 
@@ -58,19 +64,35 @@ def _pair_order(batch, pairs) -> np.ndarray:
     return np.asarray([where[chosen[0][:-1].tobytes()] for chosen, _ in pairs])
 
 
-_jitted_loss = jax.jit(dpo_loss_fn, static_argnums=1, static_argnames=("beta", "label_smoothing", "loss", "chunk"))
+# The batch shape of every check on the HF models below: 5 rows of 64 tokens (5 pairs, each alone in its row).
+ROWS = 5
+BETA = 0.1
 
 
-def _loss(model, reference, batch, **dpo):
-    """dpo_loss_fn of the model against a reference model's parameters (beta 0.1 unless given), jitted."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    return _jitted_loss(params, graphdef, batch, chunk=16, reference=nnx.state(reference, nnx.Param),
-                        **{"beta": 0.1, **dpo})
+@functools.partial(jax.jit, static_argnums=1)
+def _loss_and_grads(params, graphdef, batch, reference):
+    """dpo_loss_fn's (loss, metrics) and gradients for the model `graphdef`+`params` against a reference model's
+    parameters: the one compiled DPO step of the packing and parity checks."""
+    return jax.value_and_grad(lambda p: dpo_loss_fn(p, graphdef, batch, beta=BETA, chunk=16, reference=reference),
+                              has_aux=True)(params)
 
 
 @nnx.jit(static_argnames="chunk")
 def _reply_log_probs(model, batch, chunk: int = 16):
     return reply_log_probs(token_log_probs(model, batch, chunk=chunk)[0], batch)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """{"policy", "reference"}: (directory, transformers model, our model loaded from it), random tiny HF
+    checkpoints (seeds 0 and 1), shared by the checks below."""
+    root = tmp_path_factory.mktemp("dpo-hf")
+    models = {}
+    for seed, name in enumerate(("policy", "reference")):
+        hf_model = make_hf_model(seed)
+        hf_model.save_pretrained(root / name)
+        models[name] = (str(root / name), hf_model, load_hf_checkpoint(str(root / name)))
+    return models
 
 
 def _torch_reply_log_probs(hf_model, pairs):
@@ -91,84 +113,67 @@ def _torch_reply_log_probs(hf_model, pairs):
 
 
 @pytest.mark.slow
-def test_log_probs_and_loss_match_transformers_and_trl(hf_checkpoint):
-    """Reply log-probs of packed pairs (policy and reference) equal transformers' per sequence; the DPO loss and
-    rewards equal TRL 1.16's sigmoid / IPO formulas (DPOTrainer._compute_loss, written out in torch: it is a
-    method of a full trainer) and cDPO's smoothed loss."""
+def test_log_probs_loss_and_packing_match_transformers_trl_and_pairs_alone(hf_models):
+    """One DPO step program (loss, metrics, gradients) checked two ways on 5 random pairs:
+    - reply log-probs of the packed pairs (policy and reference) equal transformers' per sequence; the DPO loss and
+      rewards equal TRL 1.16's sigmoid / IPO formulas (DPOTrainer._compute_loss, written out in torch: it is a
+      method of a full trainer) and cDPO's smoothed loss;
+    - pairs packed several to a row give the loss, pair metrics and gradients of each pair in a row of its own.
+    One test for both: they share the models and the compiled step."""
     import torch
     import torch.nn.functional as F
 
-    policy_dir, policy_hf = hf_checkpoint(seed=0, name="policy")
-    reference_dir, reference_hf = hf_checkpoint(seed=1, name="reference")
-    policy, reference = load_hf_checkpoint(policy_dir), load_hf_checkpoint(reference_dir)
-    pairs = _random_pairs(0, 5)
-    batch = _packed_batch(pairs, seq_len=48)
+    (_, policy_hf, policy), (_, reference_hf, reference) = hf_models["policy"], hf_models["reference"]
+    pairs = _random_pairs(0, ROWS)
+    made = _packed_batch(pairs)
+    assert made["segment_ids"].shape[0] < len(pairs), "several pairs should share a row"
+    batch = _packed_batch(pairs, rows=ROWS)
     expected = {"policy": _torch_reply_log_probs(policy_hf, pairs),
                 "reference": _torch_reply_log_probs(reference_hf, pairs)}
     order = _pair_order(batch, pairs)
+    log_probs = {}
     for name, model in (("policy", policy), ("reference", reference)):
-        chosen, rejected = _reply_log_probs(model, batch)
-        ours = np.stack([np.asarray(chosen)[order[:, 0], order[:, 1]], np.asarray(rejected)[order[:, 0], order[:, 1]]],
-                        -1)
+        log_probs[name] = _reply_log_probs(model, batch)
+        ours = np.stack([np.asarray(x)[order[:, 0], order[:, 1]] for x in log_probs[name]], -1)
         np.testing.assert_allclose(ours, expected[name], rtol=1e-5, atol=1e-5)
 
-    beta = 0.1
+    graphdef, params = nnx.split(policy, nnx.Param)
+    reference_params = nnx.state(reference, nnx.Param)
+    (_, metrics), grads = _loss_and_grads(params, graphdef, batch, reference_params)
     pc, pr = (torch.tensor(expected["policy"][:, i]) for i in (0, 1))
     rc, rr = (torch.tensor(expected["reference"][:, i]) for i in (0, 1))
     delta = (pc - rc) - (pr - rr)
     lengths = torch.tensor([[t[1:].sum() for _, t in p] for p in pairs], dtype=torch.float64)
-    trl = {"sigmoid": -F.logsigmoid(beta * delta),
-           "ipo": ((pc - rc) / lengths[:, 0] - (pr - rr) / lengths[:, 1] - 1 / (2 * beta)) ** 2}
-    _, metrics = _loss(policy, reference, batch, beta=beta)
+    trl = {"sigmoid": -F.logsigmoid(BETA * delta),
+           "ipo": ((pc - rc) / lengths[:, 0] - (pr - rr) / lengths[:, 1] - 1 / (2 * BETA)) ** 2}
     np.testing.assert_allclose(float(metrics["loss"]), float(trl["sigmoid"].mean()), rtol=1e-5, atol=1e-6)
     # The other losses, from our log-probs of the packed pairs (one compiled step is enough for the plumbing).
-    policy_lp, reference_lp = (_reply_log_probs(m, batch) for m in (policy, reference))
     tokens = [np.asarray(t)[order[:, 0], order[:, 1]] for t in pair_sums(batch["loss_weights"], batch["segment_ids"])]
-    cdpo = -(0.9 * F.logsigmoid(beta * delta) + 0.1 * F.logsigmoid(-beta * delta))
+    cdpo = -(0.9 * F.logsigmoid(BETA * delta) + 0.1 * F.logsigmoid(-BETA * delta))
     for settings, expected_loss in ((dict(loss="ipo"), trl["ipo"]), (dict(label_smoothing=0.1), cdpo)):
-        losses, _, _ = dpo_pair_losses(*(np.asarray(x)[order[:, 0], order[:, 1]] for x in (*policy_lp, *reference_lp)),
-                                       beta=beta, chosen_tokens=tokens[0], rejected_tokens=tokens[1], **settings)
+        losses, _, _ = dpo_pair_losses(
+            *(np.asarray(x)[order[:, 0], order[:, 1]] for x in (*log_probs["policy"], *log_probs["reference"])),
+            beta=BETA, chosen_tokens=tokens[0], rejected_tokens=tokens[1], **settings)
         np.testing.assert_allclose(np.asarray(losses), expected_loss.numpy(), rtol=1e-5, atol=1e-6)
-    chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
+    chosen_rewards, rejected_rewards = BETA * (pc - rc), BETA * (pr - rr)
     np.testing.assert_allclose(float(metrics["reward_chosen"]), float(chosen_rewards.mean()), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["reward_margin"]), float((chosen_rewards - rejected_rewards).mean()),
                                rtol=1e-5, atol=1e-6)
     accuracy = float((chosen_rewards > rejected_rewards).double().mean())
     assert float(metrics["reward_accuracy"]) == pytest.approx(accuracy)
-    assert float(metrics["pairs"]) == 5
+    assert float(metrics["pairs"]) == ROWS and float(metrics["loss"]) > 0
 
-
-@pytest.mark.slow
-def test_packed_pairs_equal_pairs_alone(hf_checkpoint):
-    """Pairs packed several to a row give the loss, pair metrics and gradients of each pair in a row of its own."""
-    policy_dir, _ = hf_checkpoint(seed=0, name="policy")
-    reference_dir, _ = hf_checkpoint(seed=1, name="reference")
-    policy, reference = load_hf_checkpoint(policy_dir), load_hf_checkpoint(reference_dir)
-    pairs = _random_pairs(1, 4)
-    packed = _packed_batch(pairs, seq_len=64)
-    alone = {k: jnp.concatenate([_packed_batch([p], seq_len=64)[k] for p in pairs]) for k in packed}
-    rows = packed["segment_ids"].shape[0]
-    assert rows < len(pairs) == alone["segment_ids"].shape[0]
-    # Rows of padding (segment 0, no weight) fill the packed batch to the same shape: one compilation for both.
-    packed = {k: jnp.pad(v, [(0, len(pairs) - rows), (0, 0)]) for k, v in packed.items()}
-    graphdef, params = nnx.split(policy, nnx.Param)
-    reference_params = nnx.state(reference, nnx.Param)
-
-    @jax.jit
-    def loss_and_grads(params, batch):
-        return jax.value_and_grad(lambda p: dpo_loss_fn(p, graphdef, batch, beta=0.5, chunk=16,
-                                                        reference=reference_params), has_aux=True)(params)
-
-    (_, packed_metrics), packed_grads = loss_and_grads(params, packed)
-    (_, alone_metrics), alone_grads = loss_and_grads(params, alone)
+    # Each pair alone in its row: the same batch shape, so the same compiled step.
+    alone = {k: jnp.concatenate([_packed_batch([p])[k] for p in pairs]) for k in batch}
+    assert alone["segment_ids"].shape == batch["segment_ids"].shape
+    (_, alone_metrics), alone_grads = _loss_and_grads(params, graphdef, alone, reference_params)
     for name in ("loss", "reward_accuracy", "reward_chosen", "reward_rejected", "reward_margin", "pairs", "tokens"):
-        np.testing.assert_allclose(float(packed_metrics[name]), float(alone_metrics[name]), rtol=1e-5, atol=1e-7,
+        np.testing.assert_allclose(float(metrics[name]), float(alone_metrics[name]), rtol=1e-5, atol=1e-7,
                                    err_msg=name)
-    assert float(packed_metrics["pairs"]) == 4 and float(packed_metrics["loss"]) > 0
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(packed_grads), jax.tree.leaves(alone_grads)):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(alone_grads)):
         scale = max(float(jnp.abs(b).max()), 1e-6)
         assert float(jnp.abs(a - b).max()) / scale < 1e-4, jax.tree_util.keystr(path)
-    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(packed_grads))
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 
 
 def _write_lines(path, records) -> str:
@@ -243,15 +248,15 @@ def test_dpo_settings_default_for_preference_data():
 
 
 @pytest.mark.slow
-def test_lora_reference_is_the_base_model(hf_checkpoint):
+def test_lora_reference_is_the_base_model(hf_models):
     """With LoRA the reference is the model with its adapters off: its log-probs equal the base model's exactly,
     while the adapted policy's differ."""
     from granite_jax.model.lora import apply_lora
     from granite_jax.train.dpo import reference_model
 
-    directory, _ = hf_checkpoint(seed=0)
-    batch = _packed_batch(_random_pairs(2, 3), seq_len=64)
-    base = _reply_log_probs(load_hf_checkpoint(directory), batch)
+    directory, _, base_model = hf_models["policy"]
+    batch = _packed_batch(_random_pairs(2, 3), rows=ROWS)
+    base = _reply_log_probs(base_model, batch)
     model = apply_lora(load_hf_checkpoint(directory), rank=4, alpha=8.0, dropout=0.0,
                        targets=["q_proj", "v_proj", "in_proj", "out_proj"], rngs=nnx.Rngs(0))
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
@@ -266,32 +271,32 @@ def test_lora_reference_is_the_base_model(hf_checkpoint):
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_short_dpo_run_logs_reward_accuracy(tmp_path, lora, capsys):
-    """A few DPO steps through the train loop on the bundled preference set (its first 300 pairs: 3 steps use
-    about 12) and its validation set: the loss starts at log 2 (policy = reference), reward accuracy and rewards
-    are logged per step and evaluated; with LoRA too (no evaluation)."""
+    """Two DPO steps through the train loop on the bundled preference set (its first 40 pairs: 2 steps use about
+    4) and its validation set: the loss starts at log 2 (policy = reference), reward accuracy and rewards are
+    logged per step and evaluated; with LoRA too (no evaluation)."""
     from granite_jax.train.loop import train
 
     run_dir, pairs = tmp_path / "run", tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(first_lines(PREFERENCE_TRAIN, 300)))
+    pairs.write_text("".join(first_lines(PREFERENCE_TRAIN, 40)))
     overrides = [
-        f"run_dir={run_dir}", "steps=3", "data.format=preference", f"data.train=[{pairs}]",
+        f"run_dir={run_dir}", "steps=2", "data.format=preference", f"data.train=[{pairs}]",
         f"data.validation=[{PREFERENCE_VALIDATION}]" if not lora else "data.validation=[]",
         f"data.tokenizer={TOKENIZER}",
-        "data.seq_len=192",
+        "data.seq_len=128",
         "data.batch_size=2", "dpo={beta: 0.5}", "model_overrides={num_hidden_layers: 2, layer_types: [mamba, "
         "attention], mamba_chunk_size: 32}", "optimizer={lr: 3.0e-3, schedule: constant, warmup_steps: 0}",
-        "checkpoint.every_steps=3", "checkpoint.async_save=false", "log_every=1", "eval_every=3", "eval_batches=1"]
+        "checkpoint.every_steps=2", "checkpoint.async_save=false", "log_every=1", "eval_every=2", "eval_batches=1"]
     if lora:
         overrides.append("lora={rank: 4, alpha: 8}")
     losses = train(load_run_config(None, overrides))
-    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert len(losses) == 2 and all(np.isfinite(losses))
     assert losses[0] == pytest.approx(np.log(2.0), abs=1e-5)  # the first step's policy is the reference
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2]
     # policy = reference: no margin (to float rounding: the adapters' zero product is added in another fusion)
     assert records[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
     assert all(0.0 <= r["reward_accuracy"] <= 1.0 and r["pairs"] >= 2 for r in records)
-    assert any(abs(r["reward_margin"]) > 1e-3 for r in records[1:])  # the policy moved away from the reference
+    assert abs(records[1]["reward_margin"]) > 1e-3  # the policy moved away from the reference
     out = capsys.readouterr().out
     assert "preference pairs" in out and "reward acc " in out
-    assert lora or re.search(r"eval step 3: loss [0-9.]+ \| reward acc [0-9.]+ chosen", out)
+    assert lora or re.search(r"eval step 2: loss [0-9.]+ \| reward acc [0-9.]+ chosen", out)

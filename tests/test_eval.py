@@ -50,9 +50,10 @@ def _direct_logprob(model, context, continuation) -> float:
 
 
 @pytest.mark.slow
-def test_packed_scores_equal_one_request_at_a_time(hf_checkpoint):
-    directory, _ = hf_checkpoint(tie_word_embeddings=False)
-    model = load_hf_checkpoint(directory)
+def test_packed_scores_equal_one_request_at_a_time(checkpoint_with_tokenizer):
+    """Requests packed several to a row, over several batches, score as each alone; on the checkpoint (and the
+    scorer shape, seq_len 32 x 2) of the perplexity test, whose programs it shares."""
+    model = load_hf_checkpoint(checkpoint_with_tokenizer)
     rng = np.random.default_rng(0)
     requests = [Request(tuple(rng.integers(0, 128, rng.integers(1, 9)).tolist()),
                         tuple(rng.integers(0, 128, rng.integers(1, 7)).tolist())) for _ in range(11)]
@@ -77,8 +78,10 @@ def test_perplexity_and_bits_per_byte(checkpoint_with_tokenizer):
     assert result.nats == pytest.approx(expected, rel=1e-4)
     assert result.tokens == sum(len(tokenizer.encode(d)) + 1 for d in documents) and result.windows == 2
     assert result.bits_per_byte == pytest.approx(expected / math.log(2) / sum(len(d) for d in documents), rel=1e-4)
-    # A document longer than the window is scored in several windows.
-    assert perplexity(Scorer(model, seq_len=8, batch_size=2), documents, tokenizer).windows > 2
+    # A document longer than the window is scored in several windows (the packing test's scorer shape).
+    long = " ".join(documents * 3)
+    assert len(tokenizer.encode(long)) > 32
+    assert perplexity(Scorer(model, seq_len=32, batch_size=2), [long], tokenizer).windows > 1
 
 
 def test_multiple_choice_accuracy(checkpoint_with_tokenizer):
@@ -108,7 +111,8 @@ def _task_dir(tmp_path):
 
 @pytest.mark.slow
 def test_lm_eval_adapter_runs_local_tasks(checkpoint_with_tokenizer, tmp_path, monkeypatch):
-    """lm-eval's own evaluator drives our model through a local multiple-choice and a local generation task."""
+    """lm-eval's own evaluator drives our model through a local multiple-choice and a local generation task (their
+    first 2 documents: each greedy generation runs 32 decode steps on the random model)."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -118,14 +122,14 @@ def test_lm_eval_adapter_runs_local_tasks(checkpoint_with_tokenizer, tmp_path, m
     lm = GraniteLM(checkpoint_with_tokenizer, seq_len=SEQ_LEN, batch_size=BATCH_SIZE, max_gen_toks=8)
     # Our tasks only: indexing lm-eval's thousands of built-in task YAMLs took 20 of this test's 26 s.
     tasks = TaskManager(include_path=_task_dir(tmp_path), include_defaults=False)
-    results = lm_eval.simple_evaluate(model=lm, tasks=["kjv_next_verse", "kjv_complete"], limit=4, task_manager=tasks,
+    results = lm_eval.simple_evaluate(model=lm, tasks=["kjv_next_verse", "kjv_complete"], limit=2, task_manager=tasks,
                                       log_samples=True, bootstrap_iters=0)
     choice, generation = results["results"]["kjv_next_verse"], results["results"]["kjv_complete"]
     assert 0.0 <= choice["acc,none"] <= 1.0 and 0.0 <= choice["acc_norm,none"] <= 1.0
     assert generation["exact_match,none"] == 0.0  # a random model does not complete verses
     # The multiple-choice answers lm-eval scored are the ones our Scorer gives.
     tokenizer = load_tokenizer(checkpoint_with_tokenizer)
-    items = read_choice_task(os.path.join(ROOT, "data", "eval", "kjv-next-verse.jsonl"))[:4]
+    items = read_choice_task(os.path.join(ROOT, "data", "eval", "kjv-next-verse.jsonl"))[:2]
     ours = multiple_choice(Scorer(load_hf_checkpoint(checkpoint_with_tokenizer), seq_len=SEQ_LEN,
                                   batch_size=BATCH_SIZE), items, tokenizer)
     assert choice["acc,none"] == ours.accuracy

@@ -33,7 +33,8 @@ from granite_jax.model import GraniteForCausalLM
 
 @pytest.mark.slow
 def test_packed_conversations_do_not_see_each_other(tmp_path):
-    """Logits of a packed SFT row equal each of its conversations run alone (attention and SSM state reset)."""
+    """Logits of a packed SFT row equal each of its conversations run alone (attention and SSM state reset), on
+    the tiny model cut to one Mamba and one attention layer: each kind of layer once is what the property needs."""
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(first_lines(CHAT_TRAIN, 24)))
     samples, _ = load_sft_samples([str(path)], chat_format("auto", TOKENIZER), load_tokenizer(TOKENIZER),
@@ -42,7 +43,9 @@ def test_packed_conversations_do_not_see_each_other(tmp_path):
     row = max(({k: v[0] for k, v in batch.items()} for batch in rows), key=lambda r: r["segment_ids"].max())
     segments = row["segment_ids"]
     assert segments.max() >= 3, "the row should pack several conversations"
-    model = GraniteForCausalLM(load_preset("tiny-hybrid-moe", mamba_chunk_size=16), rngs=nnx.Rngs(0))
+    config = load_preset("tiny-hybrid-moe", mamba_chunk_size=16, num_hidden_layers=2,
+                         layer_types=["mamba", "attention"])
+    model = GraniteForCausalLM(config, rngs=nnx.Rngs(0))
     packed = np.asarray(forward(model, jnp.asarray(row["input_ids"])[None], jnp.asarray(segments)[None],
                                 jnp.asarray(row["positions"])[None]).logits[0])
     # Each conversation alone, all in one batch (one compiled forward, not one per conversation length): row i
@@ -64,29 +67,31 @@ def test_packed_conversations_do_not_see_each_other(tmp_path):
 
 @pytest.mark.slow
 def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkpoint):
-    """Random tiny HF checkpoint (+ the bundled tokenizer) → SFT a few steps → export → transformers loads
-    the directory, its logits equal ours, and its tokenizer renders the chat template as we do."""
+    """Random tiny HF checkpoint (+ the bundled tokenizer) → SFT 2 steps → export → transformers loads the
+    directory, its logits equal ours, and its tokenizer renders the chat template as we do. The checkpoint has one
+    Mamba and one attention layer (each kind of layer once, for a smaller train step to compile)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from granite_jax.data.chat import parse_conversation, render_text
     from granite_jax.sources import RunDirectory
 
-    source, _ = hf_checkpoint(vocab_size=4096, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    source, _ = hf_checkpoint(vocab_size=4096, pad_token_id=0, bos_token_id=1, eos_token_id=1, num_hidden_layers=2,
+                              layer_types=["mamba", "attention"])
     for name in os.listdir(TOKENIZER):
         shutil.copy(os.path.join(TOKENIZER, name), source)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(first_lines(CHAT_TRAIN, 40)))
     run_dir = tmp_path / "run"
     proc = train_cli("--config", "configs/sft-tiny.yaml", f"init_from=hf:{source}", f"run_dir={run_dir}",
-                     f"data.train=[{data}]", f"data.validation=[{data}]", "steps=3", "eval_every=3", "eval_batches=1",
-                     "data.seq_len=256", "data.batch_size=2", "checkpoint.every_steps=3").ok()
+                     f"data.train=[{data}]", f"data.validation=[{data}]", "steps=2", "eval_every=2", "eval_batches=1",
+                     "data.seq_len=128", "data.batch_size=2", "checkpoint.every_steps=2").ok()
     assert "chat format: " + os.path.join(source, "tokenizer_config.json") in proc.stdout
-    # 40 lines: some truncated to 257 tokens, those cut before their first assistant token dropped; counted.
+    # 40 lines: some truncated to 129 tokens, those cut before their first assistant token dropped; counted.
     report = re.search(r"train data: (\d+) conversations.*; (\d+) truncated.* (\d+) dropped with no assistant",
                        proc.stdout)
     kept, truncated, dropped = map(int, report.groups())
-    assert kept + dropped == 40 and truncated > 0 and "eval step 3" in proc.stdout
+    assert kept + dropped == 40 and truncated > 0 and dropped > 0 and "eval step 2" in proc.stdout
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["data"]["tokenizer"] == source  # data.tokenizer: null → the checkpoint directory's
 
@@ -101,7 +106,7 @@ def test_sft_from_hf_checkpoint_exports_back_to_transformers(tmp_path, hf_checkp
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         actual = hf(torch.tensor(ids), use_cache=False).logits.numpy()
-    assert step == 3 and max_rel_error(actual, expected) <= 1e-4
+    assert step == 2 and max_rel_error(actual, expected) <= 1e-4
     # The weights moved away from the source checkpoint (training happened).
     original = AutoModelForCausalLM.from_pretrained(source).eval()
     with torch.no_grad():
@@ -123,7 +128,7 @@ def test_sft_from_a_pretraining_run(tmp_path, reference_losses):
     data.write_text("".join(first_lines(CHAT_TRAIN, 10)))
     run_dir = tmp_path / "sft"
     proc = train_cli("--config", "configs/sft-tiny.yaml", f"init_from=run:{pretrain}", f"run_dir={run_dir}",
-                     f"data.train=[{data}]", "data.validation=[]", "steps=2", "data.seq_len=256", "data.batch_size=2",
+                     f"data.train=[{data}]", "data.validation=[]", "steps=2", "data.seq_len=128", "data.batch_size=2",
                      "checkpoint.every_steps=2").ok()
     assert f"training run:{pretrain}" in proc.stdout
     # the pretraining run's own copy of its tokenizer, by absolute path
