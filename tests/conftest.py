@@ -11,7 +11,7 @@ How the suite stays fast on 2 cores:
   (`eight_devices`), each check reported under its own name;
 - XLA:CPU's backend compiles at -O0 in the test processes (below);
 - tests that take 12 s or more, and the multi-process and 8-device ones, are marked `slow`: `pytest -m "not slow"`
-  is the edit loop (about 4.5 minutes), the test command runs everything;
+  is the edit loop (2.3 minutes; 4.5 on a slow day), the test command runs everything;
 - reference runs (the losses an interrupted or sharded run must repeat) are computed once per pytest run and
   shared by every worker (`reference_losses`), keyed by their overrides.
 """
@@ -489,8 +489,8 @@ EIGHT_DEVICE_JOBS = {
 }
 
 
-# The 8-device jobs run in two processes, one per pytest worker, balanced by their measured times (about
-# 4 minutes each on the 2-core machine): the training on meshes in one, everything else in the other.
+# The 8-device jobs run in two processes, one per pytest worker, balanced by their measured times (2.2-2.3
+# minutes each on the 2-core machine on 2026-12-08): the training on meshes in one, everything else in the other.
 EIGHT_DEVICE_PROCESS = {name: "eight-devices-training" if name in (
     "train meshes", "context meshes tiny-hybrid-moe", "context meshes tiny-dense-rope", "lora mesh training",
     "lora_mesh", "sharded_state", "two_plans", "loss_chunks") else "eight-devices-ops" for name in EIGHT_DEVICE_JOBS}
