@@ -42,9 +42,9 @@ def _padded_logits(model, tokens) -> np.ndarray:
 def _direct_logprob(model, context, continuation) -> float:
     """log p(continuation | context) from one plain forward pass, normalised in float64 with NumPy (JAX would
     compile its log-softmax and indexing again for every request length)."""
-    logits = _padded_logits(model, list(context) + list(continuation))
-    top = logits.max(axis=-1, keepdims=True)
-    logprobs = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+    from scipy.special import log_softmax  # SciPy: a dependency of JAX
+
+    logprobs = log_softmax(_padded_logits(model, list(context) + list(continuation)), axis=-1)
     n = len(context)
     return float(sum(logprobs[n - 1 + i, t] for i, t in enumerate(continuation)))
 

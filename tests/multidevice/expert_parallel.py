@@ -20,15 +20,12 @@ def moe_with(plan: ShardingPlan | None = None) -> MoE:
 
 # Compiled once per process for each MoE structure and mesh: the one-device reference serves this job and the
 # ragged-exchange job, which run in the same process.
-_forward = nnx.jit(lambda m, u: m(u))
+forward = nnx.jit(lambda m, u: m(u))
 _gradients = nnx.jit(nnx.grad(lambda m, u: jnp.sum(jnp.sin(m(u)[0])), argnums=(0, 1)))
 
 
-def forward(moe, u):
-    return _forward(moe, u)
-
-
 def gradients(moe, u):
+    """Every gradient (the weights', then the input's) of a scalar of the MoE's output, as a flat list."""
     return jax.tree.leaves(_gradients(moe, u))
 
 
